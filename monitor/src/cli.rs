@@ -1,0 +1,143 @@
+//! Command-line interface. The `///` comments are the `--help` text; every daemon flag can
+//! also come from a `TCPMON_*` environment variable (the flag wins).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// tcpmon: TCP handshake, teardown and connection-outcome metrics from the kernel's
+/// sock:inet_sock_set_state tracepoint, for Prometheus.
+#[derive(Debug, Parser)]
+#[command(name = "tcpmon", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the eBPF program and serve Prometheus metrics until SIGINT/SIGTERM (needs root).
+    Run(RunArgs),
+}
+
+/// Options of `tcpmon run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Address to serve /metrics and /healthz on.
+    #[arg(long, env = "TCPMON_LISTEN", default_value = "127.0.0.1:9979")]
+    pub listen: SocketAddr,
+
+    /// Ring buffer size between kernel and daemon: a power of two of at least 4KiB
+    /// (suffixes KiB, MiB accepted). Each transition takes 104 bytes.
+    #[arg(long, env = "TCPMON_RING_BYTES", default_value = "8MiB", value_parser = parse_ring_bytes)]
+    pub ring_bytes: u32,
+
+    /// Longest time a transition waits in the ring before the daemon reads it
+    /// (e.g. 100ms, 1s). The kernel also wakes the daemon when a quarter of the ring is full.
+    #[arg(long, env = "TCPMON_DRAIN_INTERVAL", default_value = "100ms", value_parser = parse_interval)]
+    pub drain_interval: Duration,
+
+    /// Wake the daemon for every transition instead of batching (lowest latency, more CPU).
+    #[arg(long, env = "TCPMON_LOW_LATENCY")]
+    pub low_latency: bool,
+
+    /// Most sockets tracked at once; beyond it the least recently active are evicted
+    /// (counted in tcpmon_tracker_evictions_total). About 100 bytes each.
+    #[arg(long, env = "TCPMON_MAX_SOCKETS", default_value_t = crate::tracker::DEFAULT_MAX_SOCKETS,
+          value_parser = clap::value_parser!(usize))]
+    pub max_sockets: usize,
+}
+
+impl RunArgs {
+    /// Bytes waiting in the ring at which the kernel wakes the daemon (0: every event).
+    pub fn wakeup_bytes(&self) -> u64 {
+        if self.low_latency {
+            0
+        } else {
+            u64::from(self.ring_bytes) / 4
+        }
+    }
+}
+
+/// Parses a ring size such as `8MiB`, `256KiB` or `4096`.
+pub fn parse_ring_bytes(text: &str) -> Result<u32, String> {
+    let trimmed = text.trim();
+    let (digits, unit) = match trimmed.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => trimmed.split_at(at),
+        None => (trimmed, ""),
+    };
+    let number: u64 = digits.parse().map_err(|_| format!("`{text}` is not a size like 8MiB"))?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" | "m" => 1 << 20,
+        "G" | "GiB" | "g" => 1 << 30,
+        other => return Err(format!("unknown unit `{other}` in `{text}` (use KiB, MiB or GiB)")),
+    };
+    let bytes = number.checked_mul(multiplier).ok_or_else(|| format!("`{text}` is too large"))?;
+    if bytes < 4096 || !bytes.is_power_of_two() {
+        return Err(format!("`{text}` must be a power of two of at least 4KiB (e.g. 1MiB, 8MiB)"));
+    }
+    u32::try_from(bytes).map_err(|_| format!("`{text}` is too large: at most 2GiB"))
+}
+
+/// Parses a drain interval between 1 ms and 10 s.
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    let interval =
+        humantime::parse_duration(text).map_err(|e| format!("`{text}`: {e} (e.g. 100ms)"))?;
+    if interval < Duration::from_millis(1) || interval > Duration::from_secs(10) {
+        return Err(format!("`{text}` must be between 1ms and 10s"));
+    }
+    Ok(interval)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ring_sizes() {
+        assert_eq!(parse_ring_bytes("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_ring_bytes("4096"), Ok(4096));
+        assert_eq!(parse_ring_bytes("256KiB"), Ok(256 << 10));
+        assert!(parse_ring_bytes("3MiB").unwrap_err().contains("power of two"));
+        assert!(parse_ring_bytes("1024").unwrap_err().contains("at least 4KiB"));
+        assert!(parse_ring_bytes("8XB").unwrap_err().contains("unknown unit"));
+        assert!(parse_ring_bytes("lots").is_err());
+        assert!(parse_ring_bytes("4GiB").unwrap_err().contains("too large"));
+        assert!(parse_ring_bytes("99999999999999999999").is_err());
+    }
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_interval("100ms"), Ok(Duration::from_millis(100)));
+        assert!(parse_interval("0s").is_err());
+        assert!(parse_interval("1h").is_err());
+        assert!(parse_interval("soon").is_err());
+    }
+
+    #[test]
+    fn bad_flags_are_usage_errors() {
+        for args in [
+            &["tcpmon", "run", "--listen", "nowhere"][..],
+            &["tcpmon", "run", "--ring-bytes", "3MiB"],
+            &["tcpmon", "run", "--max-sockets", "-1"],
+            &["tcpmon", "bogus"],
+        ] {
+            let err = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+        let Command::Run(run) = Cli::try_parse_from(["tcpmon", "run"]).unwrap().command;
+        assert_eq!(run.listen, "127.0.0.1:9979".parse().unwrap());
+        assert_eq!(run.wakeup_bytes(), 2 << 20);
+    }
+}

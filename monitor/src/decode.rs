@@ -1,0 +1,364 @@
+//! Ring-buffer bytes → typed [`Event`]s.
+//!
+//! The kernel side writes [`monitor_common::StateEvent`] records; nothing here trusts them.
+//! Every malformed record becomes a [`DecodeError`] value (the daemon counts them), never a
+//! panic. Decoding allocates nothing: an [`Event`] is `Copy` and keeps addresses and the
+//! task name as raw bytes until something wants to print them.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use monitor_common::{StateEvent, SOCK_ERR_UNKNOWN, STATE_EVENT_SIZE};
+
+/// `AF_INET` from `<sys/socket.h>`.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6` from `<sys/socket.h>`.
+pub const AF_INET6: u16 = 10;
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum TcpState {
+    /// `TCP_ESTABLISHED`
+    Established = 1,
+    /// `TCP_SYN_SENT`
+    SynSent = 2,
+    /// `TCP_SYN_RECV`
+    SynRecv = 3,
+    /// `TCP_FIN_WAIT1`
+    FinWait1 = 4,
+    /// `TCP_FIN_WAIT2`
+    FinWait2 = 5,
+    /// `TCP_TIME_WAIT` (never the new state of a full socket; see DESIGN.md)
+    TimeWait = 6,
+    /// `TCP_CLOSE`
+    Close = 7,
+    /// `TCP_CLOSE_WAIT`
+    CloseWait = 8,
+    /// `TCP_LAST_ACK`
+    LastAck = 9,
+    /// `TCP_LISTEN`
+    Listen = 10,
+    /// `TCP_CLOSING`
+    Closing = 11,
+    /// `TCP_NEW_SYN_RECV` (request sockets; not reported by the tracepoint in practice)
+    NewSynRecv = 12,
+}
+
+impl TcpState {
+    /// Every state, in kernel order.
+    pub const ALL: [TcpState; 12] = [
+        TcpState::Established,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::TimeWait,
+        TcpState::Close,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Listen,
+        TcpState::Closing,
+        TcpState::NewSynRecv,
+    ];
+
+    /// The name `ss` and the kernel's tracepoint use, e.g. `"ESTABLISHED"`, `"SYN_SENT"`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            TcpState::Established => "ESTABLISHED",
+            TcpState::SynSent => "SYN_SENT",
+            TcpState::SynRecv => "SYN_RECV",
+            TcpState::FinWait1 => "FIN_WAIT1",
+            TcpState::FinWait2 => "FIN_WAIT2",
+            TcpState::TimeWait => "TIME_WAIT",
+            TcpState::Close => "CLOSE",
+            TcpState::CloseWait => "CLOSE_WAIT",
+            TcpState::LastAck => "LAST_ACK",
+            TcpState::Listen => "LISTEN",
+            TcpState::Closing => "CLOSING",
+            TcpState::NewSynRecv => "NEW_SYN_RECV",
+        }
+    }
+
+    /// Index into per-state arrays (`0..12`).
+    pub const fn index(self) -> usize {
+        self as usize - 1
+    }
+}
+
+impl TryFrom<i32> for TcpState {
+    type Error = DecodeError;
+
+    fn try_from(value: i32) -> Result<Self, Self::Error> {
+        match value {
+            1..=12 => Ok(TcpState::ALL[value as usize - 1]),
+            _ => Err(DecodeError::UnknownState(value)),
+        }
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a ring-buffer record could not be decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The record is not the size of a `StateEvent` (truncated or from another program).
+    #[error("record is {actual} bytes, expected {expected}")]
+    WrongSize {
+        /// Bytes received.
+        actual: usize,
+        /// Bytes a record must have.
+        expected: usize,
+    },
+    /// A state number outside the kernel's `TCP_*` range.
+    #[error("unknown TCP state number {0}")]
+    UnknownState(i32),
+    /// An address family other than `AF_INET`/`AF_INET6`.
+    #[error("unknown address family {0}")]
+    UnknownFamily(u16),
+}
+
+/// The value of `sk->sk_err` the kernel had set when a socket reached `TCP_CLOSE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockErr {
+    /// No error recorded (0): the socket was closed without an error (FIN or local abort).
+    None,
+    /// An errno value such as `ECONNREFUSED`.
+    Errno(i32),
+    /// The eBPF program could not read it (no BTF, or the read failed).
+    Unknown,
+}
+
+/// One decoded TCP state transition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_MONOTONIC nanoseconds at the transition.
+    pub timestamp_ns: u64,
+    /// Kernel address of the socket: its identity for its whole life.
+    pub skaddr: u64,
+    /// Process id (tgid) of the task that was current; meaningless in softirq context.
+    pub pid: u32,
+    /// Thread id of the task that was current.
+    pub tid: u32,
+    /// State before.
+    pub old: TcpState,
+    /// State after.
+    pub new: TcpState,
+    /// `sk_err` when `new` is `Close`, otherwise [`SockErr::None`].
+    pub sock_err: SockErr,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Local port (0 before the kernel picked one).
+    pub sport: u16,
+    /// Remote port.
+    pub dport: u16,
+    /// Local address as the tracepoint stores it (IPv4-mapped for `AF_INET`).
+    pub saddr: [u8; 16],
+    /// Remote address, same encoding.
+    pub daddr: [u8; 16],
+    /// NUL-padded task name.
+    pub comm: [u8; 16],
+}
+
+impl Event {
+    fn ip(&self, raw: [u8; 16]) -> IpAddr {
+        let v6 = Ipv6Addr::from(raw);
+        match (self.family, v6.to_ipv4_mapped()) {
+            (AF_INET, Some(v4)) => IpAddr::V4(v4),
+            (AF_INET, None) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            _ => IpAddr::V6(v6),
+        }
+    }
+
+    /// Local address and port.
+    pub fn local(&self) -> SocketAddr {
+        SocketAddr::new(self.ip(self.saddr), self.sport)
+    }
+
+    /// Remote address and port.
+    pub fn remote(&self) -> SocketAddr {
+        SocketAddr::new(self.ip(self.daddr), self.dport)
+    }
+
+    /// The task name, lossily decoded, without the NUL padding.
+    pub fn comm(&self) -> String {
+        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
+        String::from_utf8_lossy(&self.comm[..end]).into_owned()
+    }
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    if bytes.len() != STATE_EVENT_SIZE {
+        return Err(DecodeError::WrongSize { actual: bytes.len(), expected: STATE_EVENT_SIZE });
+    }
+    // SAFETY: the length was checked; StateEvent is plain integers (any bit pattern is valid)
+    // and read_unaligned makes no alignment assumption about the ring's memory.
+    let raw: StateEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    decode_record(&raw)
+}
+
+/// Validates and converts a raw record.
+pub fn decode_record(raw: &StateEvent) -> Result<Event, DecodeError> {
+    let old = TcpState::try_from(raw.oldstate)?;
+    let new = TcpState::try_from(raw.newstate)?;
+    if raw.family != AF_INET && raw.family != AF_INET6 {
+        return Err(DecodeError::UnknownFamily(raw.family));
+    }
+    let sock_err = match raw.sock_err {
+        0 => SockErr::None,
+        SOCK_ERR_UNKNOWN => SockErr::Unknown,
+        errno => SockErr::Errno(errno),
+    };
+    Ok(Event {
+        timestamp_ns: raw.timestamp_ns,
+        skaddr: raw.skaddr,
+        pid: (raw.pid_tgid >> 32) as u32,
+        tid: raw.pid_tgid as u32,
+        old,
+        new,
+        sock_err,
+        family: raw.family,
+        sport: raw.sport,
+        dport: raw.dport,
+        saddr: raw.saddr,
+        daddr: raw.daddr,
+        comm: raw.comm,
+    })
+}
+
+/// Builds raw records, for tests, fixtures and benchmarks.
+pub mod fixture {
+    use super::*;
+
+    /// An IPv4 record `old -> new` for socket `skaddr` at `timestamp_ns`, between
+    /// 127.0.0.1:`sport` and 127.0.0.1:`dport`, with the given `sk_err`.
+    pub fn v4(
+        timestamp_ns: u64,
+        skaddr: u64,
+        old: TcpState,
+        new: TcpState,
+        sport: u16,
+        dport: u16,
+        sock_err: i32,
+    ) -> StateEvent {
+        let mapped = |ip: Ipv4Addr| ip.to_ipv6_mapped().octets();
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"test");
+        StateEvent {
+            timestamp_ns,
+            skaddr,
+            pid_tgid: (4242u64 << 32) | 4243,
+            oldstate: old as i32,
+            newstate: new as i32,
+            sock_err,
+            sport,
+            dport,
+            family: AF_INET,
+            _pad0: 0,
+            _pad1: 0,
+            saddr: mapped(Ipv4Addr::LOCALHOST),
+            daddr: mapped(Ipv4Addr::LOCALHOST),
+            comm,
+        }
+    }
+
+    /// The record's bytes, as the ring buffer delivers them.
+    pub fn bytes(raw: &StateEvent) -> Vec<u8> {
+        // SAFETY: StateEvent is repr(C) plain data with explicit padding.
+        unsafe {
+            std::slice::from_raw_parts((raw as *const StateEvent).cast::<u8>(), STATE_EVENT_SIZE)
+        }
+        .to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::{bytes, v4};
+    use super::*;
+
+    #[test]
+    fn decodes_an_ipv4_record() {
+        let raw =
+            v4(10, 0xffff_8880_1234_5600, TcpState::SynSent, TcpState::Established, 40000, 80, 0);
+        let event = decode(&bytes(&raw)).unwrap();
+        assert_eq!(event.old, TcpState::SynSent);
+        assert_eq!(event.new, TcpState::Established);
+        assert_eq!(event.local(), "127.0.0.1:40000".parse().unwrap());
+        assert_eq!(event.remote(), "127.0.0.1:80".parse().unwrap());
+        assert_eq!((event.pid, event.tid), (4242, 4243));
+        assert_eq!(event.comm(), "test");
+        assert_eq!(event.sock_err, SockErr::None);
+    }
+
+    #[test]
+    fn decodes_an_ipv6_record_and_sock_errors() {
+        let mut raw = v4(10, 1, TcpState::SynSent, TcpState::Close, 1, 2, 111);
+        raw.family = AF_INET6;
+        raw.daddr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
+        let event = decode(&bytes(&raw)).unwrap();
+        assert_eq!(event.remote(), "[2001:db8::1]:2".parse().unwrap());
+        assert_eq!(event.sock_err, SockErr::Errno(111));
+        raw.sock_err = SOCK_ERR_UNKNOWN;
+        assert_eq!(decode(&bytes(&raw)).unwrap().sock_err, SockErr::Unknown);
+    }
+
+    #[test]
+    fn rejects_malformed_records() {
+        let raw = v4(10, 1, TcpState::Close, TcpState::SynSent, 1, 2, 0);
+        let good = bytes(&raw);
+        assert_eq!(
+            decode(&good[..50]),
+            Err(DecodeError::WrongSize { actual: 50, expected: STATE_EVENT_SIZE })
+        );
+        assert!(matches!(decode(&[]), Err(DecodeError::WrongSize { .. })));
+        let mut long = good.clone();
+        long.push(0);
+        assert!(matches!(decode(&long), Err(DecodeError::WrongSize { .. })));
+
+        for bad_state in [0, 13, -5, i32::MAX] {
+            let mut r = raw;
+            r.newstate = bad_state;
+            assert_eq!(decode(&bytes(&r)), Err(DecodeError::UnknownState(bad_state)));
+        }
+        let mut r = raw;
+        r.family = 1;
+        assert_eq!(decode(&bytes(&r)), Err(DecodeError::UnknownFamily(1)));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        // A deterministic sweep of pseudo-random records of every nearby length.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for len in 0..=(STATE_EVENT_SIZE + 8) {
+            for _ in 0..200 {
+                let buf: Vec<u8> = (0..len)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        seed as u8
+                    })
+                    .collect();
+                if let Ok(event) = decode(&buf) {
+                    let _ = (event.local(), event.remote(), event.comm());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn state_names_match_the_kernel() {
+        for (i, state) in TcpState::ALL.iter().enumerate() {
+            assert_eq!(TcpState::try_from(i as i32 + 1), Ok(*state));
+            assert_eq!(state.index(), i);
+        }
+        assert_eq!(TcpState::CloseWait.name(), "CLOSE_WAIT");
+        assert_eq!(TcpState::FinWait2.to_string(), "FIN_WAIT2");
+    }
+}

@@ -1,0 +1,15 @@
+//! tcpmon: TCP connection-state monitoring with eBPF.
+//!
+//! Data flows kernel → [`loader`] (attach) → [`source`] (ring buffer) → [`decode`] (bytes →
+//! events) → [`tracker`] (per-socket state machine → observations) → [`aggregate`]
+//! (Prometheus metrics) → [`metrics`] (HTTP). Only `loader` and `source` touch the kernel;
+//! everything else is plain Rust driven by unit tests with recorded events.
+
+pub mod aggregate;
+pub mod cli;
+pub mod daemon;
+pub mod decode;
+pub mod loader;
+pub mod metrics;
+pub mod source;
+pub mod tracker;

@@ -1,0 +1,362 @@
+//! The only module that talks to aya: prepares the kernel (tracefs), checks that the running
+//! kernel matches what the eBPF program expects, loads and attaches it, and hands out its
+//! maps. Dropping [`Loaded`] detaches the program.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader};
+use log::{info, warn};
+use monitor_common::{counter, names, tracepoint_layout, TRANSITION_SLOTS};
+
+/// The eBPF object built by `build.rs` (aya-build) from `monitor-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
+
+/// Where tracefs is mounted by default, and where we mount it when nobody did.
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+/// The older location under debugfs.
+const TRACEFS_DEBUGFS: &str = "/sys/kernel/debug/tracing";
+/// Where the kernel exposes its own BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// What can go wrong while loading; each variant says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Not enough privilege to load BPF programs.
+    #[error(
+        "permission denied while {what}: tcpmon needs root, or CAP_BPF + CAP_PERFMON \
+         (+ CAP_SYS_ADMIN to mount tracefs)"
+    )]
+    Permission {
+        /// What was being done.
+        what: &'static str,
+    },
+    /// tracefs is not mounted and could not be mounted.
+    #[error(
+        "tracefs is not mounted and mounting it at {TRACEFS} failed ({source}); mount it with \
+         `mount -t tracefs tracefs {TRACEFS}`"
+    )]
+    Tracefs {
+        /// The mount error.
+        source: nix::Error,
+    },
+    /// The tracepoint is missing (kernel too old, or not built with it).
+    #[error("the kernel has no sock:inet_sock_set_state tracepoint ({path}): Linux 4.16 or newer is needed")]
+    MissingTracepoint {
+        /// The format file that was looked for.
+        path: PathBuf,
+    },
+    /// The tracepoint's record layout is not the one the program was built for.
+    #[error("sock:inet_sock_set_state has an unexpected layout on this kernel: {0}")]
+    Layout(String),
+    /// Loading or attaching failed for another reason.
+    #[error("{what}: {source}")]
+    Aya {
+        /// What was being done.
+        what: &'static str,
+        /// aya's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn aya_error(
+    what: &'static str,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> LoadError {
+    LoadError::Aya { what, source: Box::new(source) }
+}
+
+/// Knobs of the kernel side.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub ring_bytes: u32,
+    /// Wake userspace once this many bytes wait in the ring; 0 wakes it for every event.
+    pub wakeup_bytes: u64,
+}
+
+/// The loaded, attached program and its maps.
+pub struct Loaded {
+    /// Keeps the program (and its link) alive; dropping it detaches.
+    pub ebpf: Ebpf,
+    /// The ring buffer of [`monitor_common::StateEvent`] records.
+    pub ring: RingBuf<MapData>,
+    /// The in-kernel counters.
+    pub counters: KernelCounters,
+    /// Whether `sk_err` is read (close reasons); false without kernel BTF.
+    pub reads_sock_err: bool,
+}
+
+/// In-kernel per-CPU counters, summed over CPUs when read.
+pub struct KernelCounters {
+    transitions: PerCpuArray<MapData, u64>,
+    events: PerCpuArray<MapData, u64>,
+}
+
+/// One read of the kernel counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounts {
+    /// `(old state, new state, count)` for every pair with a non-zero count.
+    pub transitions: Vec<(i32, i32, u64)>,
+    /// Records lost because the ring was full.
+    pub ring_reserve_failed: u64,
+}
+
+impl KernelCounts {
+    /// Total TCP transitions the kernel saw.
+    pub fn total_transitions(&self) -> u64 {
+        self.transitions.iter().map(|(_, _, n)| n).sum()
+    }
+}
+
+impl KernelCounters {
+    /// Reads and sums every counter.
+    pub fn read(&self) -> Result<KernelCounts, aya::maps::MapError> {
+        let mut counts = KernelCounts::default();
+        for index in 0..TRANSITION_SLOTS {
+            let total: u64 = self.transitions.get(&index, 0)?.iter().sum();
+            if total > 0 {
+                let slots = monitor_common::STATE_SLOTS;
+                counts.transitions.push(((index / slots) as i32, (index % slots) as i32, total));
+            }
+        }
+        counts.ring_reserve_failed =
+            self.events.get(&counter::RING_RESERVE_FAILED, 0)?.iter().sum();
+        Ok(counts)
+    }
+}
+
+/// Mounts tracefs at [`TRACEFS`] unless it is already available. Returns whether it mounted.
+pub fn ensure_tracefs() -> Result<bool, LoadError> {
+    let populated =
+        |dir: &str| fs::read_dir(dir).map(|mut entries| entries.next().is_some()).unwrap_or(false);
+    if populated(TRACEFS) || populated(TRACEFS_DEBUGFS) {
+        return Ok(false);
+    }
+    nix::mount::mount(
+        Some("tracefs"),
+        TRACEFS,
+        Some("tracefs"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|source| match source {
+        nix::Error::EPERM => LoadError::Permission { what: "mounting tracefs" },
+        source => LoadError::Tracefs { source },
+    })?;
+    Ok(true)
+}
+
+fn tracefs_root() -> &'static str {
+    if Path::new(TRACEFS).join("events").exists() {
+        TRACEFS
+    } else {
+        TRACEFS_DEBUGFS
+    }
+}
+
+/// One `field:` line of a tracepoint `format` file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FormatField {
+    /// The field's name, e.g. `saddr_v6` (array brackets removed).
+    pub name: String,
+    /// Byte offset in the record.
+    pub offset: usize,
+    /// Size in bytes.
+    pub size: usize,
+}
+
+/// Parses the `field:` lines of a tracepoint `format` file. Lines that do not parse are
+/// skipped; [`check_layout`] then reports the fields it needed and did not find.
+pub fn parse_format(text: &str) -> Vec<FormatField> {
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.trim().split(';').map(str::trim);
+            let declaration = parts.next()?.strip_prefix("field:")?;
+            let name = declaration.rsplit(' ').next()?;
+            let name = name.split('[').next()?.to_owned();
+            let mut offset = None;
+            let mut size = None;
+            for part in parts {
+                if let Some(v) = part.strip_prefix("offset:") {
+                    offset = v.parse().ok();
+                } else if let Some(v) = part.strip_prefix("size:") {
+                    size = v.parse().ok();
+                }
+            }
+            Some(FormatField { name, offset: offset?, size: size? })
+        })
+        .collect()
+}
+
+/// Checks that every field the program reads is where it expects it, with the size it
+/// expects. Returns a description of every difference.
+pub fn check_layout(fields: &[FormatField]) -> Result<(), String> {
+    let mut problems = Vec::new();
+    for (name, offset, size) in tracepoint_layout::FIELDS {
+        match fields.iter().find(|f| f.name == name) {
+            None => problems.push(format!("field `{name}` is missing")),
+            Some(f) if f.offset != offset || f.size != size => problems.push(format!(
+                "field `{name}` is at offset {} size {}, expected offset {offset} size {size}",
+                f.offset, f.size
+            )),
+            Some(_) => {}
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Reads the offset of `sk_err` in `struct sock` from the kernel's BTF.
+pub fn sk_err_offset(btf_path: &Path) -> Result<u32, String> {
+    let btf = btf_rs::Btf::from_file(btf_path)
+        .map_err(|e| format!("reading {}: {e}", btf_path.display()))?;
+    let types = btf.resolve_types_by_name("sock").map_err(|e| format!("struct sock: {e}"))?;
+    for ty in types {
+        let btf_rs::Type::Struct(sock) = ty else { continue };
+        for member in &sock.members {
+            if btf.resolve_name(member).ok().as_deref() == Some("sk_err") {
+                if member.bitfield_size().is_some_and(|bits| bits != 0)
+                    || member.bit_offset() % 8 != 0
+                {
+                    return Err("struct sock.sk_err is a bitfield".into());
+                }
+                return Ok(member.bit_offset() / 8);
+            }
+        }
+    }
+    Err("struct sock has no sk_err member".into())
+}
+
+/// Prepares the kernel, loads the program with `options` and attaches it.
+pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
+    if ensure_tracefs()? {
+        info!("tracefs was not mounted; mounted it at {TRACEFS} (the tracepoint attach needs it)");
+    }
+    let format_path = Path::new(tracefs_root()).join("events/sock/inet_sock_set_state/format");
+    let format = match fs::read_to_string(&format_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(LoadError::Permission { what: "reading the tracepoint format" });
+        }
+        Err(_) => return Err(LoadError::MissingTracepoint { path: format_path }),
+    };
+    check_layout(&parse_format(&format)).map_err(LoadError::Layout)?;
+
+    let sk_err = match sk_err_offset(Path::new(VMLINUX_BTF)) {
+        Ok(offset) => Some(offset),
+        Err(e) => {
+            warn!("close reasons limited to what TCP states tell: cannot locate sk_err ({e})");
+            None
+        }
+    };
+    // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; harmless on newer ones.
+    let _ = nix::sys::resource::setrlimit(
+        nix::sys::resource::Resource::RLIMIT_MEMLOCK,
+        nix::sys::resource::RLIM_INFINITY,
+        nix::sys::resource::RLIM_INFINITY,
+    );
+
+    let sk_err_global = sk_err.unwrap_or(u32::MAX);
+    let mut ebpf = EbpfLoader::new()
+        .override_global(names::SK_ERR_OFFSET_GLOBAL, &sk_err_global, true)
+        .override_global(names::WAKEUP_BYTES_GLOBAL, &options.wakeup_bytes, true)
+        .map_max_entries(names::EVENTS_MAP, options.ring_bytes)
+        .load(EBPF_OBJECT)
+        .map_err(|e| aya_error("loading the eBPF object", e))?;
+
+    let program: &mut TracePoint = ebpf
+        .program_mut(names::STATE_PROGRAM)
+        .ok_or_else(|| LoadError::Layout("program missing from the eBPF object".into()))?
+        .try_into()
+        .map_err(|e| aya_error("finding the tracepoint program", e))?;
+    program.load().map_err(|e| aya_error("loading the program into the kernel", e))?;
+    program
+        .attach("sock", "inet_sock_set_state")
+        .map_err(|e| aya_error("attaching to sock:inet_sock_set_state", e))?;
+
+    let mut take = |name: &'static str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| LoadError::Layout(format!("map {name} missing from the eBPF object")))
+    };
+    let ring = RingBuf::try_from(take(names::EVENTS_MAP)?)
+        .map_err(|e| aya_error("opening the ring buffer", e))?;
+    let transitions = PerCpuArray::try_from(take(names::TRANSITIONS_MAP)?)
+        .map_err(|e| aya_error("opening the transition counters", e))?;
+    let events = PerCpuArray::try_from(take(names::EVENT_COUNTERS_MAP)?)
+        .map_err(|e| aya_error("opening the event counters", e))?;
+    Ok(Loaded {
+        ebpf,
+        ring,
+        counters: KernelCounters { transitions, events },
+        reads_sock_err: sk_err.is_some(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORMAT_6_18: &str = "name: inet_sock_set_state
+ID: 2287
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+\tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;
+\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;
+\tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;
+\tfield:__u8 saddr[4];\toffset:32;\tsize:4;\tsigned:0;
+\tfield:__u8 daddr[4];\toffset:36;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
+\tfield:__u8 daddr_v6[16];\toffset:56;\tsize:16;\tsigned:0;
+
+print fmt: \"family=%s\"";
+
+    #[test]
+    fn accepts_the_layout_of_the_kernels_we_run_on() {
+        let fields = parse_format(FORMAT_6_18);
+        assert_eq!(fields.len(), 13);
+        assert_eq!(fields[2], FormatField { name: "skaddr".into(), offset: 8, size: 8 });
+        assert_eq!(fields[11], FormatField { name: "saddr_v6".into(), offset: 40, size: 16 });
+        assert_eq!(check_layout(&fields), Ok(()));
+    }
+
+    #[test]
+    fn names_every_field_that_moved_or_vanished() {
+        let moved = FORMAT_6_18
+            .replace("sport;\toffset:24", "sport;\toffset:64")
+            .replace("\tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;\n", "");
+        let err = check_layout(&parse_format(&moved)).unwrap_err();
+        assert!(
+            err.contains("field `sport` is at offset 64 size 2, expected offset 24 size 2"),
+            "{err}"
+        );
+        assert!(err.contains("field `protocol` is missing"), "{err}");
+        assert!(check_layout(&parse_format("garbage\n\nfield:;;;")).is_err());
+    }
+
+    #[test]
+    fn finds_sk_err_in_the_running_kernels_btf() {
+        let path = Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("skipped: no {VMLINUX_BTF} on this machine");
+            return;
+        }
+        let offset = sk_err_offset(path).unwrap();
+        // struct sock is several hundred bytes; sk_err lives well inside it.
+        assert!((100..1024).contains(&offset), "offset {offset}");
+        assert!(sk_err_offset(Path::new("/nonexistent")).is_err());
+    }
+}

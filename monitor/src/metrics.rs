@@ -1,0 +1,248 @@
+//! The Prometheus registry's kernel-backed metrics and the HTTP endpoint serving them.
+//!
+//! Metrics are encoded only when scraped. The in-kernel counters (per state transition, and
+//! ring-buffer losses) are read at scrape time, so they are exact even when userspace lags.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use log::{debug, warn};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+use tokio::net::TcpListener;
+
+use crate::decode::TcpState;
+use crate::loader::{KernelCounters, KernelCounts};
+
+/// Something that can read the in-kernel counters (the real maps, or a fake in tests).
+pub trait CounterSource: Send + 'static {
+    /// Reads every counter.
+    fn read(&self) -> Result<KernelCounts, String>;
+}
+
+impl CounterSource for KernelCounters {
+    fn read(&self) -> Result<KernelCounts, String> {
+        KernelCounters::read(self).map_err(|e| e.to_string())
+    }
+}
+
+fn state_name(number: i32) -> &'static str {
+    TcpState::try_from(number).map(TcpState::name).unwrap_or("UNKNOWN")
+}
+
+/// Exposes the kernel counters as `tcpmon_state_transitions_total{from,to}` and
+/// `tcpmon_events_lost_total`, read fresh at every scrape.
+pub struct KernelCollector<S: CounterSource> {
+    source: Mutex<S>,
+    transitions: IntCounterVec,
+    lost: IntCounter,
+    read_errors: IntCounter,
+    descs: Vec<Desc>,
+}
+
+impl<S: CounterSource> KernelCollector<S> {
+    /// Wraps `source`.
+    pub fn new(source: S) -> prometheus::Result<Self> {
+        let transitions = IntCounterVec::new(
+            Opts::new(
+                "tcpmon_state_transitions_total",
+                "TCP state transitions counted in the kernel (exact even when events are lost).",
+            ),
+            &["from", "to"],
+        )?;
+        let lost = IntCounter::new(
+            "tcpmon_events_lost_total",
+            "Transitions the kernel could not queue because the ring buffer was full.",
+        )?;
+        let read_errors = IntCounter::new(
+            "tcpmon_kernel_counter_read_errors_total",
+            "Scrapes at which the in-kernel counters could not be read.",
+        )?;
+        let descs = [transitions.desc(), lost.desc(), read_errors.desc()]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        Ok(KernelCollector { source: Mutex::new(source), transitions, lost, read_errors, descs })
+    }
+
+    /// Ring-buffer losses as of the last read.
+    pub fn lost_so_far(&self) -> u64 {
+        self.refresh();
+        self.lost.get()
+    }
+
+    fn refresh(&self) {
+        let Ok(source) = self.source.lock() else { return };
+        match source.read() {
+            Ok(counts) => {
+                for (old, new, total) in counts.transitions {
+                    let counter =
+                        self.transitions.with_label_values(&[state_name(old), state_name(new)]);
+                    // Kernel counts only grow; publish the growth since the last scrape.
+                    counter.inc_by(total.saturating_sub(counter.get()));
+                }
+                self.lost.inc_by(counts.ring_reserve_failed.saturating_sub(self.lost.get()));
+            }
+            Err(e) => {
+                warn!("reading the in-kernel counters failed: {e}");
+                self.read_errors.inc();
+            }
+        }
+    }
+}
+
+impl<S: CounterSource> Collector for KernelCollector<S> {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.refresh();
+        let mut families = self.transitions.collect();
+        families.extend(self.lost.collect());
+        families.extend(self.read_errors.collect());
+        families
+    }
+}
+
+/// Encodes every metric of `registry` in the Prometheus text format.
+pub fn encode(registry: &Registry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 * 1024);
+    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut out) {
+        warn!("encoding metrics failed: {e}");
+    }
+    out
+}
+
+/// Serves `/metrics` and `/healthz` until the task is dropped. Each connection is its own
+/// task with a header-read timeout, so a slow or broken client delays nobody else.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    health: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!("accepting a metrics connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let response = respond(&request, &registry, health.as_ref());
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let result = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = result {
+                debug!("metrics connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+fn respond(
+    request: &Request<Incoming>,
+    registry: &Registry,
+    health: &(dyn Fn() -> Result<(), String> + Send + Sync),
+) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: Vec<u8>| {
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+    };
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"use GET\n".to_vec());
+    }
+    match request.uri().path() {
+        "/metrics" => reply(StatusCode::OK, prometheus::TEXT_FORMAT, encode(registry)),
+        "/healthz" => match health() {
+            Ok(()) => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{why}\n").into_bytes(),
+            ),
+        },
+        "/" => reply(
+            StatusCode::OK,
+            "text/html",
+            b"<html><body><h1>tcpmon</h1><p><a href=\"/metrics\">/metrics</a> \
+              <a href=\"/healthz\">/healthz</a></p></body></html>\n"
+                .to_vec(),
+        ),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", b"not found; try /metrics\n".to_vec()),
+    }
+}
+
+/// Binds the metrics listener, with an error that says what to do when the port is taken.
+pub async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+            "cannot listen on {address}: the address is in use (is another tcpmon running? \
+             choose another with --listen)"
+        ),
+        _ => anyhow::anyhow!("cannot listen on {address}: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fake(Arc<Mutex<KernelCounts>>);
+
+    impl CounterSource for Fake {
+        fn read(&self) -> Result<KernelCounts, String> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+    }
+
+    #[test]
+    fn kernel_counters_are_read_at_every_scrape() {
+        let counts = Arc::new(Mutex::new(KernelCounts {
+            transitions: vec![(7, 2, 5), (2, 1, 4)],
+            ring_reserve_failed: 0,
+        }));
+        let registry = Registry::new();
+        registry.register(Box::new(KernelCollector::new(Fake(counts.clone())).unwrap())).unwrap();
+        let text = String::from_utf8(encode(&registry)).unwrap();
+        assert!(
+            text.contains("tcpmon_state_transitions_total{from=\"CLOSE\",to=\"SYN_SENT\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcpmon_state_transitions_total{from=\"SYN_SENT\",to=\"ESTABLISHED\"} 4")
+        );
+        assert!(text.contains("tcpmon_events_lost_total 0"));
+
+        *counts.lock().unwrap() =
+            KernelCounts { transitions: vec![(7, 2, 9), (2, 1, 4)], ring_reserve_failed: 3 };
+        let text = String::from_utf8(encode(&registry)).unwrap();
+        assert!(
+            text.contains("tcpmon_state_transitions_total{from=\"CLOSE\",to=\"SYN_SENT\"} 9"),
+            "{text}"
+        );
+        assert!(text.contains("tcpmon_events_lost_total 3"));
+    }
+}

@@ -1,0 +1,752 @@
+//! Per-socket state machine: turns TCP state transitions into [`Observation`]s.
+//!
+//! Pure logic, no kernel access: the daemon feeds it decoded events, tests feed it recorded
+//! sequences. Sockets are keyed by their kernel address (`skaddr`), never by the 4-tuple,
+//! because an active open first reports source port 0 (see DESIGN.md).
+//!
+//! What the kernel's `sock:inet_sock_set_state` tracepoint shows, and what we derive:
+//!
+//! | sequence                                         | observation                          |
+//! |--------------------------------------------------|--------------------------------------|
+//! | CLOSE → SYN_SENT → ESTABLISHED                   | active open, handshake = SYN → SYN-ACK |
+//! | LISTEN → SYN_RECV → ESTABLISHED (child socket)   | passive open (no handshake: see below) |
+//! | SYN_SENT → CLOSE                                 | connect failure (reason from `sk_err`) |
+//! | ESTABLISHED → FIN_WAIT1 → FIN_WAIT2 → CLOSE      | active teardown (we sent the first FIN) |
+//! | ESTABLISHED → FIN_WAIT1 → CLOSING → CLOSE        | simultaneous close, active teardown  |
+//! | ESTABLISHED → CLOSE_WAIT → LAST_ACK → CLOSE      | passive teardown; CLOSE_WAIT → LAST_ACK is the application's close-wait time |
+//! | ESTABLISHED/CLOSE_WAIT/… → CLOSE, `sk_err` set   | reset, timeout, …                    |
+//!
+//! Kernel facts this relies on:
+//! - A passive child socket reports LISTEN → SYN_RECV and SYN_RECV → ESTABLISHED microseconds
+//!   apart, both when the final ACK arrives (`tcp_check_req` → `inet_csk_clone_lock`): the
+//!   request socket's life emits nothing. SYN_RECV → ESTABLISHED is therefore *not* the passive
+//!   handshake, and we do not report it as one.
+//! - An orphaned active closer leaves FIN_WAIT2 for CLOSE as soon as its FIN is acknowledged
+//!   (`tcp_rcv_state_process` → `tcp_time_wait`): the peer's FIN is handled by the timewait
+//!   mini-socket, which the tracepoint does not show. Active teardown therefore ends when the
+//!   full socket is handed to TIME_WAIT (or, if the application still holds it, when the peer's
+//!   FIN arrives).
+//! - `tcp_done_with_error()` stores `sk_err` *before* `tcp_done()` sets TCP_CLOSE, so the error
+//!   read at the CLOSE transition tells refused (ECONNREFUSED) from timed out (ETIMEDOUT) from
+//!   reset (ECONNRESET, or EPIPE in CLOSE_WAIT). An application close that sends RST instead of
+//!   FIN (unread data, SO_LINGER 0) leaves `sk_err` at 0.
+
+use rustc_hash::FxHashMap;
+
+use crate::decode::{Event, SockErr, TcpState};
+
+/// Which end started something: the open (connect vs accept) or the teardown (first FIN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// This host: `connect()` for an open, the first FIN for a teardown.
+    Active,
+    /// The peer: an accepted connection, or the peer's FIN first.
+    Passive,
+}
+
+impl Side {
+    /// Label value: `"active"` or `"passive"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Side::Active => "active",
+            Side::Passive => "passive",
+        }
+    }
+}
+
+/// How a connection (or a connection attempt) ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// Orderly FIN exchange.
+    Fin,
+    /// Reset received from the peer (ECONNRESET, or EPIPE in CLOSE_WAIT).
+    Reset,
+    /// Closed locally without a FIN exchange: RST sent on close (unread data, SO_LINGER 0),
+    /// `connect()` abandoned, or killed (ECONNABORTED, e.g. `ss -K`).
+    Abort,
+    /// Retransmission, SYN or keepalive timeout (ETIMEDOUT).
+    Timeout,
+    /// Connect refused: RST in answer to our SYN (ECONNREFUSED).
+    Refused,
+    /// ICMP unreachable (EHOSTUNREACH, ENETUNREACH, …).
+    Unreachable,
+    /// Any other socket error.
+    Error,
+    /// The error could not be read and the states do not tell.
+    Unknown,
+}
+
+impl CloseReason {
+    /// Every reason, for pre-creating metric label sets.
+    pub const ALL: [CloseReason; 8] = [
+        CloseReason::Fin,
+        CloseReason::Reset,
+        CloseReason::Abort,
+        CloseReason::Timeout,
+        CloseReason::Refused,
+        CloseReason::Unreachable,
+        CloseReason::Error,
+        CloseReason::Unknown,
+    ];
+
+    /// Label value, e.g. `"fin"`, `"refused"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Fin => "fin",
+            CloseReason::Reset => "reset",
+            CloseReason::Abort => "abort",
+            CloseReason::Timeout => "timeout",
+            CloseReason::Refused => "refused",
+            CloseReason::Unreachable => "unreachable",
+            CloseReason::Error => "error",
+            CloseReason::Unknown => "unknown",
+        }
+    }
+
+    /// Classifies a transition to CLOSE from `old` with the socket error the kernel had set.
+    pub fn classify(old: TcpState, err: SockErr) -> CloseReason {
+        use TcpState::*;
+        let orderly = matches!(old, FinWait2 | Closing | LastAck | TimeWait);
+        match err {
+            SockErr::Errno(libc::ECONNREFUSED) => CloseReason::Refused,
+            SockErr::Errno(libc::ECONNRESET | libc::EPIPE) => CloseReason::Reset,
+            SockErr::Errno(libc::ETIMEDOUT) => CloseReason::Timeout,
+            SockErr::Errno(libc::ECONNABORTED) => CloseReason::Abort,
+            SockErr::Errno(
+                libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN,
+            ) => CloseReason::Unreachable,
+            SockErr::Errno(_) => CloseReason::Error,
+            SockErr::None if orderly => CloseReason::Fin,
+            SockErr::None => CloseReason::Abort,
+            SockErr::Unknown if orderly => CloseReason::Fin,
+            SockErr::Unknown => CloseReason::Unknown,
+        }
+    }
+}
+
+/// Something worth a metric or a tail line, derived from one transition.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Observation {
+    /// A connection reached ESTABLISHED.
+    Opened {
+        /// Active (connect) or passive (accept).
+        side: Side,
+    },
+    /// An active open finished its handshake: SYN sent → SYN-ACK received.
+    Handshake {
+        /// Always [`Side::Active`] until passive handshakes are measured with kernel fields.
+        side: Side,
+        /// Nanoseconds from CLOSE → SYN_SENT to SYN_SENT → ESTABLISHED.
+        duration_ns: u64,
+    },
+    /// An active open failed before ESTABLISHED.
+    ConnectFailed {
+        /// Refused, timeout, unreachable, abort, …
+        reason: CloseReason,
+        /// Nanoseconds since the SYN was sent, when known.
+        duration_ns: Option<u64>,
+    },
+    /// The application closed a socket the peer had closed: CLOSE_WAIT → LAST_ACK.
+    CloseWait {
+        /// Nanoseconds the socket sat in CLOSE_WAIT.
+        duration_ns: u64,
+    },
+    /// An established connection reached CLOSE.
+    Closed {
+        /// How it was opened; `None` for sockets first seen mid-life.
+        side: Option<Side>,
+        /// How it ended.
+        reason: CloseReason,
+        /// ESTABLISHED → CLOSE, when the establishment was seen.
+        lifetime_ns: Option<u64>,
+        /// For orderly closes whose first FIN was seen: who sent it, and the nanoseconds from
+        /// that FIN (ESTABLISHED → FIN_WAIT1 or → CLOSE_WAIT) to CLOSE.
+        teardown: Option<(Side, u64)>,
+    },
+}
+
+/// Receives observations; implemented by the aggregator, and by `Vec` for tests.
+pub trait ObservationSink {
+    /// Called once per observation, in order.
+    fn observe(&mut self, observation: &Observation);
+}
+
+impl ObservationSink for Vec<Observation> {
+    fn observe(&mut self, observation: &Observation) {
+        self.push(*observation);
+    }
+}
+
+/// Counters about the tracker itself (exported as self-observability metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackerStats {
+    /// Sockets whose first event was not their birth (open before start, or events lost).
+    pub first_seen_midlife: u64,
+    /// Events whose old state differed from the tracked state (events lost in between).
+    pub inconsistent: u64,
+    /// Entries evicted because the table was full.
+    pub evicted_capacity: u64,
+    /// Entries replaced by a new socket at the same address (the old CLOSE was lost).
+    pub replaced_stale: u64,
+    /// Passive children that closed before ESTABLISHED (not a connect failure of ours).
+    pub passive_open_aborted: u64,
+}
+
+/// What the tracker remembers per socket: timestamps of the transitions that start the
+/// intervals we measure. Every anchor is a transition actually seen, so a lost event can only
+/// remove an observation, never produce a wrong one.
+#[derive(Clone, Copy, Debug)]
+struct SocketEntry {
+    state: TcpState,
+    /// How the connection was opened, when known.
+    open_side: Option<Side>,
+    /// CLOSE → SYN_SENT time (active opens only).
+    syn_sent_ns: Option<u64>,
+    established_ns: Option<u64>,
+    /// First FIN (sent or received) and who sent it.
+    teardown: Option<(Side, u64)>,
+    close_wait_ns: Option<u64>,
+    last_seen_ns: u64,
+}
+
+impl SocketEntry {
+    fn new(state: TcpState, open_side: Option<Side>, now: u64) -> Self {
+        SocketEntry {
+            state,
+            open_side,
+            syn_sent_ns: None,
+            established_ns: None,
+            teardown: None,
+            close_wait_ns: None,
+            last_seen_ns: now,
+        }
+    }
+}
+
+/// Where a state sits in a connection's life; a transition that starts from an earlier phase
+/// than the tracked state means a new socket now lives at the same address.
+fn phase(state: TcpState) -> u8 {
+    use TcpState::*;
+    match state {
+        Close | Listen | SynSent | SynRecv | NewSynRecv => 0,
+        Established => 1,
+        FinWait1 | CloseWait => 2,
+        FinWait2 | Closing | LastAck | TimeWait => 3,
+    }
+}
+
+fn elapsed(from: u64, to: u64) -> u64 {
+    to.saturating_sub(from)
+}
+
+/// Default table capacity: ~4× the sockets of a very busy host, ~100 bytes each.
+pub const DEFAULT_MAX_SOCKETS: usize = 1 << 20;
+
+/// The per-socket table.
+#[derive(Debug)]
+pub struct Tracker {
+    table: FxHashMap<u64, SocketEntry>,
+    per_state: [u64; 12],
+    max_sockets: usize,
+    stats: TrackerStats,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker::new(DEFAULT_MAX_SOCKETS)
+    }
+}
+
+impl Tracker {
+    /// A tracker that holds at most `max_sockets` sockets (at least 1).
+    pub fn new(max_sockets: usize) -> Self {
+        Tracker {
+            table: FxHashMap::default(),
+            per_state: [0; 12],
+            max_sockets: max_sockets.max(1),
+            stats: TrackerStats::default(),
+        }
+    }
+
+    /// Sockets currently tracked.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// True when no socket is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Tracked sockets per state, indexed by [`TcpState::index`].
+    pub fn per_state(&self) -> &[u64; 12] {
+        &self.per_state
+    }
+
+    /// The tracker's own counters.
+    pub fn stats(&self) -> TrackerStats {
+        self.stats
+    }
+
+    /// Applies one transition and reports what it completes to `sink`.
+    pub fn on_event(&mut self, event: &Event, sink: &mut impl ObservationSink) {
+        use TcpState::*;
+        let now = event.timestamp_ns;
+
+        // A socket's birth: connect(), listen(), or a passive child cloned from a listener.
+        let born = event.old == Close || (event.old == Listen && event.new == SynRecv);
+        if born {
+            if self.remove(event.skaddr).is_some() {
+                self.stats.replaced_stale += 1;
+            }
+            let entry = match event.new {
+                Close => return,
+                SynSent => {
+                    let mut entry = SocketEntry::new(SynSent, Some(Side::Active), now);
+                    entry.syn_sent_ns = Some(now);
+                    entry
+                }
+                SynRecv => SocketEntry::new(SynRecv, Some(Side::Passive), now),
+                other => SocketEntry::new(other, None, now),
+            };
+            self.insert(event.skaddr, entry);
+            return;
+        }
+
+        let mut entry = match self.table.get(&event.skaddr) {
+            Some(entry) if entry.state == event.old => *entry,
+            Some(entry) if phase(event.old) >= phase(entry.state) => {
+                // Events were lost in between; every anchor kept is still a real time.
+                self.stats.inconsistent += 1;
+                *entry
+            }
+            tracked => {
+                // Unknown socket, or a new socket at a reused address whose birth was lost:
+                // start from what this event shows, with no anchors.
+                if tracked.is_some() {
+                    self.stats.inconsistent += 1;
+                    self.stats.replaced_stale += 1;
+                } else {
+                    self.stats.first_seen_midlife += 1;
+                }
+                let side = match event.old {
+                    SynSent => Some(Side::Active),
+                    SynRecv => Some(Side::Passive),
+                    _ => None,
+                };
+                SocketEntry::new(event.old, side, now)
+            }
+        };
+        entry.last_seen_ns = now;
+
+        match (event.old, event.new) {
+            (_, Established) => {
+                if let Some(side) = entry.open_side {
+                    sink.observe(&Observation::Opened { side });
+                }
+                if let (Some(Side::Active), Some(sent)) = (entry.open_side, entry.syn_sent_ns) {
+                    let duration_ns = elapsed(sent, now);
+                    sink.observe(&Observation::Handshake { side: Side::Active, duration_ns });
+                }
+                entry.established_ns = Some(now);
+            }
+            (Established, FinWait1) => entry.teardown = Some((Side::Active, now)),
+            (Established, CloseWait) => {
+                entry.teardown = Some((Side::Passive, now));
+                entry.close_wait_ns = Some(now);
+            }
+            (CloseWait, LastAck) => {
+                if let Some(since) = entry.close_wait_ns {
+                    sink.observe(&Observation::CloseWait { duration_ns: elapsed(since, now) });
+                }
+            }
+            (_, Close) => {
+                self.close(event, &entry, sink);
+                self.remove(event.skaddr);
+                return;
+            }
+            _ => {}
+        }
+        entry.state = event.new;
+        self.upsert(event.skaddr, entry);
+    }
+
+    fn close(&mut self, event: &Event, entry: &SocketEntry, sink: &mut impl ObservationSink) {
+        let now = event.timestamp_ns;
+        let reason = CloseReason::classify(event.old, event.sock_err);
+        let pre_established = matches!(event.old, TcpState::SynSent | TcpState::SynRecv)
+            && entry.established_ns.is_none();
+        if event.old == TcpState::Listen {
+            return;
+        }
+        if pre_established {
+            match entry.open_side {
+                Some(Side::Passive) => self.stats.passive_open_aborted += 1,
+                _ => sink.observe(&Observation::ConnectFailed {
+                    reason,
+                    duration_ns: entry.syn_sent_ns.map(|sent| elapsed(sent, now)),
+                }),
+            }
+            return;
+        }
+        let teardown = match (reason, entry.teardown) {
+            (CloseReason::Fin, Some((side, since))) => Some((side, elapsed(since, now))),
+            _ => None,
+        };
+        sink.observe(&Observation::Closed {
+            side: entry.open_side,
+            reason,
+            lifetime_ns: entry.established_ns.map(|since| elapsed(since, now)),
+            teardown,
+        });
+    }
+
+    fn remove(&mut self, skaddr: u64) -> Option<SocketEntry> {
+        let entry = self.table.remove(&skaddr)?;
+        self.per_state[entry.state.index()] -= 1;
+        Some(entry)
+    }
+
+    fn insert(&mut self, skaddr: u64, entry: SocketEntry) {
+        if self.table.len() >= self.max_sockets {
+            self.evict_oldest();
+        }
+        self.per_state[entry.state.index()] += 1;
+        self.table.insert(skaddr, entry);
+    }
+
+    fn upsert(&mut self, skaddr: u64, entry: SocketEntry) {
+        match self.table.get_mut(&skaddr) {
+            Some(slot) => {
+                self.per_state[slot.state.index()] -= 1;
+                self.per_state[entry.state.index()] += 1;
+                *slot = entry;
+            }
+            None => self.insert(skaddr, entry),
+        }
+    }
+
+    /// Makes room by evicting the least recently updated 1/16 of the table (at least one).
+    /// A scan, but only when the table is full, and it frees many slots at once.
+    fn evict_oldest(&mut self) {
+        let count = (self.table.len() / 16).max(1);
+        let mut ages: Vec<(u64, u64)> =
+            self.table.iter().map(|(key, entry)| (entry.last_seen_ns, *key)).collect();
+        ages.select_nth_unstable(count - 1);
+        for &(_, key) in &ages[..count] {
+            self.remove(key);
+        }
+        self.stats.evicted_capacity += count as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{decode_record, fixture::v4};
+    use TcpState::*;
+
+    const MS: u64 = 1_000_000;
+
+    /// Replays `(ms, skaddr, old, new, sk_err)` steps and returns the observations.
+    fn replay(
+        tracker: &mut Tracker,
+        steps: &[(u64, u64, TcpState, TcpState, i32)],
+    ) -> Vec<Observation> {
+        let mut out = Vec::new();
+        for &(ms, sk, old, new, err) in steps {
+            let event = decode_record(&v4(ms * MS, sk, old, new, 40000, 80, err)).unwrap();
+            tracker.on_event(&event, &mut out);
+        }
+        out
+    }
+
+    fn run(steps: &[(u64, u64, TcpState, TcpState, i32)]) -> (Vec<Observation>, Tracker) {
+        let mut tracker = Tracker::default();
+        let out = replay(&mut tracker, steps);
+        (out, tracker)
+    }
+
+    #[test]
+    fn active_open_and_active_close() {
+        let (out, tracker) = run(&[
+            (100, 1, Close, SynSent, 0),
+            (103, 1, SynSent, Established, 0),
+            (1103, 1, Established, FinWait1, 0),
+            (1143, 1, FinWait1, FinWait2, 0),
+            (1143, 1, FinWait2, Close, 0),
+        ]);
+        assert_eq!(
+            out,
+            vec![
+                Observation::Opened { side: Side::Active },
+                Observation::Handshake { side: Side::Active, duration_ns: 3 * MS },
+                Observation::Closed {
+                    side: Some(Side::Active),
+                    reason: CloseReason::Fin,
+                    lifetime_ns: Some(1040 * MS),
+                    teardown: Some((Side::Active, 40 * MS)),
+                },
+            ]
+        );
+        assert!(tracker.is_empty());
+        assert_eq!(tracker.per_state(), &[0; 12]);
+    }
+
+    #[test]
+    fn passive_open_and_passive_close_with_close_wait() {
+        let (out, _) = run(&[
+            (0, 9, Close, Listen, 0),
+            (10, 2, Listen, SynRecv, 0),
+            (10, 2, SynRecv, Established, 0),
+            (500, 2, Established, CloseWait, 0),
+            (800, 2, CloseWait, LastAck, 0),
+            (801, 2, LastAck, Close, 0),
+        ]);
+        assert_eq!(
+            out,
+            vec![
+                // No handshake: SYN_RECV → ESTABLISHED is not the passive handshake.
+                Observation::Opened { side: Side::Passive },
+                Observation::CloseWait { duration_ns: 300 * MS },
+                Observation::Closed {
+                    side: Some(Side::Passive),
+                    reason: CloseReason::Fin,
+                    lifetime_ns: Some(791 * MS),
+                    teardown: Some((Side::Passive, 301 * MS)),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn simultaneous_close_is_an_active_teardown() {
+        let (out, _) = run(&[
+            (0, 1, Close, SynSent, 0),
+            (1, 1, SynSent, Established, 0),
+            (10, 1, Established, FinWait1, 0),
+            (11, 1, FinWait1, Closing, 0),
+            (12, 1, Closing, Close, 0),
+        ]);
+        assert_eq!(
+            out.last(),
+            Some(&Observation::Closed {
+                side: Some(Side::Active),
+                reason: CloseReason::Fin,
+                lifetime_ns: Some(11 * MS),
+                teardown: Some((Side::Active, 2 * MS)),
+            })
+        );
+    }
+
+    #[test]
+    fn resets_and_aborts() {
+        let (out, _) = run(&[
+            (0, 1, Close, SynSent, 0),
+            (1, 1, SynSent, Established, 0),
+            (5, 1, Established, Close, libc::ECONNRESET),
+            (0, 2, Close, SynSent, 0),
+            (1, 2, SynSent, Established, 0),
+            (7, 2, Established, Close, 0),
+            (0, 3, Listen, SynRecv, 0),
+            (0, 3, SynRecv, Established, 0),
+            (2, 3, Established, CloseWait, 0),
+            (4, 3, CloseWait, Close, libc::EPIPE),
+        ]);
+        let closes: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Observation::Closed { reason, teardown, side, .. } => {
+                    Some((*side, *reason, *teardown))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            closes,
+            vec![
+                (Some(Side::Active), CloseReason::Reset, None),
+                (Some(Side::Active), CloseReason::Abort, None),
+                (Some(Side::Passive), CloseReason::Reset, None),
+            ]
+        );
+    }
+
+    #[test]
+    fn refused_timeout_and_abandoned_connects() {
+        let (out, tracker) = run(&[
+            (0, 1, Close, SynSent, 0),
+            (1, 1, SynSent, Close, libc::ECONNREFUSED),
+            (0, 2, Close, SynSent, 0),
+            (127_000, 2, SynSent, Close, libc::ETIMEDOUT),
+            (0, 3, Close, SynSent, 0),
+            (50, 3, SynSent, Close, 0),
+            (0, 4, Close, SynSent, 0),
+            (3, 4, SynSent, Close, libc::EHOSTUNREACH),
+        ]);
+        assert_eq!(
+            out,
+            vec![
+                Observation::ConnectFailed { reason: CloseReason::Refused, duration_ns: Some(MS) },
+                Observation::ConnectFailed {
+                    reason: CloseReason::Timeout,
+                    duration_ns: Some(127_000 * MS)
+                },
+                Observation::ConnectFailed {
+                    reason: CloseReason::Abort,
+                    duration_ns: Some(50 * MS)
+                },
+                Observation::ConnectFailed {
+                    reason: CloseReason::Unreachable,
+                    duration_ns: Some(3 * MS)
+                },
+            ]
+        );
+        assert!(tracker.is_empty());
+    }
+
+    #[test]
+    fn sockets_first_seen_mid_life_report_only_what_was_seen() {
+        let (out, tracker) = run(&[
+            // Established before we started: the teardown is seen whole, the lifetime is not.
+            (0, 1, Established, FinWait1, 0),
+            (40, 1, FinWait1, FinWait2, 0),
+            (40, 1, FinWait2, Close, 0),
+            // Only its close is seen.
+            (5, 2, LastAck, Close, 0),
+        ]);
+        assert_eq!(
+            out,
+            vec![
+                Observation::Closed {
+                    side: None,
+                    reason: CloseReason::Fin,
+                    lifetime_ns: None,
+                    teardown: Some((Side::Active, 40 * MS)),
+                },
+                Observation::Closed {
+                    side: None,
+                    reason: CloseReason::Fin,
+                    lifetime_ns: None,
+                    teardown: None
+                },
+            ]
+        );
+        assert_eq!(tracker.stats().first_seen_midlife, 2);
+    }
+
+    #[test]
+    fn a_reused_socket_address_starts_a_fresh_connection() {
+        let (out, tracker) = run(&[
+            (0, 7, Close, SynSent, 0),
+            (2, 7, SynSent, Established, 0),
+            (3, 7, Established, FinWait1, 0),
+            (4, 7, FinWait1, FinWait2, 0),
+            (4, 7, FinWait2, Close, 0),
+            (100, 7, Close, SynSent, 0),
+            (105, 7, SynSent, Established, 0),
+        ]);
+        assert_eq!(
+            out.last(),
+            Some(&Observation::Handshake { side: Side::Active, duration_ns: 5 * MS })
+        );
+        assert_eq!(tracker.len(), 1);
+        assert_eq!(tracker.per_state()[Established.index()], 1);
+        assert_eq!(tracker.stats().replaced_stale, 0);
+    }
+
+    #[test]
+    fn lost_events_never_produce_wrong_latencies() {
+        // Lost: the old connection's CLOSE and the new one's CLOSE → SYN_SENT.
+        let (out, tracker) = run(&[
+            (0, 7, Close, SynSent, 0),
+            (2, 7, SynSent, Established, 0),
+            (900, 7, SynSent, Established, 0),
+            (950, 7, Established, FinWait1, 0),
+            (960, 7, FinWait1, FinWait2, 0),
+            (960, 7, FinWait2, Close, 0),
+        ]);
+        // The second "open" must not use the first SYN time, and the lifetime must not
+        // start at the first connection's establishment.
+        assert_eq!(
+            &out[2..],
+            &[
+                Observation::Opened { side: Side::Active },
+                Observation::Closed {
+                    side: Some(Side::Active),
+                    reason: CloseReason::Fin,
+                    lifetime_ns: Some(60 * MS),
+                    teardown: Some((Side::Active, 10 * MS)),
+                },
+            ]
+        );
+        assert_eq!(tracker.stats().inconsistent, 1);
+
+        // Lost: ESTABLISHED → FIN_WAIT1. No teardown can be measured; the lifetime still is.
+        let (out, tracker) = run(&[
+            (0, 1, Close, SynSent, 0),
+            (1, 1, SynSent, Established, 0),
+            (50, 1, FinWait1, FinWait2, 0),
+            (50, 1, FinWait2, Close, 0),
+        ]);
+        assert_eq!(
+            out.last(),
+            Some(&Observation::Closed {
+                side: Some(Side::Active),
+                reason: CloseReason::Fin,
+                lifetime_ns: Some(49 * MS),
+                teardown: None,
+            })
+        );
+        assert_eq!(tracker.stats().inconsistent, 1);
+    }
+
+    #[test]
+    fn listeners_are_tracked_but_never_counted_as_connections() {
+        let (out, mut tracker) = run(&[(0, 9, Close, Listen, 0)]);
+        assert!(out.is_empty());
+        assert_eq!(tracker.per_state()[Listen.index()], 1);
+        let out = replay(&mut tracker, &[(5, 9, Listen, Close, 0)]);
+        assert!(out.is_empty());
+        assert!(tracker.is_empty());
+    }
+
+    #[test]
+    fn passive_child_closed_before_established_is_not_a_connect_failure() {
+        let (out, tracker) =
+            run(&[(0, 3, Listen, SynRecv, 0), (1, 3, SynRecv, Close, libc::ECONNRESET)]);
+        assert!(out.is_empty());
+        assert_eq!(tracker.stats().passive_open_aborted, 1);
+    }
+
+    #[test]
+    fn unknown_sock_err_falls_back_to_the_states() {
+        assert_eq!(CloseReason::classify(LastAck, SockErr::Unknown), CloseReason::Fin);
+        assert_eq!(CloseReason::classify(SynSent, SockErr::Unknown), CloseReason::Unknown);
+        assert_eq!(
+            CloseReason::classify(Established, SockErr::Errno(libc::EIO)),
+            CloseReason::Error
+        );
+        assert_eq!(
+            CloseReason::classify(Established, SockErr::Errno(libc::ECONNABORTED)),
+            CloseReason::Abort
+        );
+    }
+
+    #[test]
+    fn the_table_stays_within_its_cap() {
+        let mut tracker = Tracker::new(64);
+        for sk in 0..1000u64 {
+            replay(&mut tracker, &[(sk, sk, Close, SynSent, 0)]);
+            assert!(tracker.len() <= 64);
+        }
+        assert_eq!(tracker.per_state()[SynSent.index()], tracker.len() as u64);
+        assert!(tracker.stats().evicted_capacity >= 1000 - 64);
+        // The newest sockets survive eviction.
+        let out = replay(&mut tracker, &[(2000, 999, SynSent, Established, 0)]);
+        assert_eq!(
+            out.last(),
+            Some(&Observation::Handshake { side: Side::Active, duration_ns: 1001 * MS })
+        );
+    }
+}
