@@ -65,6 +65,16 @@ fn aya_error(
     what: &'static str,
     source: impl std::error::Error + Send + Sync + 'static,
 ) -> LoadError {
+    // EPERM anywhere in the chain means missing privilege (EACCES is the verifier's "no").
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(libc::EPERM) {
+                return LoadError::Permission { what };
+            }
+        }
+        cause = error.source();
+    }
     LoadError::Aya { what, source: Box::new(source) }
 }
 
@@ -128,12 +138,12 @@ impl KernelCounters {
     }
 }
 
-/// Mounts tracefs at [`TRACEFS`] unless it is already available. Returns whether it mounted.
-pub fn ensure_tracefs() -> Result<bool, LoadError> {
-    let populated =
-        |dir: &str| fs::read_dir(dir).map(|mut entries| entries.next().is_some()).unwrap_or(false);
-    if populated(TRACEFS) || populated(TRACEFS_DEBUGFS) {
-        return Ok(false);
+/// Mounts tracefs at [`TRACEFS`] unless it is already mounted where aya looks for it.
+/// Returns where it is mounted, and whether we mounted it.
+pub fn ensure_tracefs() -> Result<(&'static str, bool), LoadError> {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if let Some(root) = tracefs_mount(&mounts) {
+        return Ok((root, false));
     }
     nix::mount::mount(
         Some("tracefs"),
@@ -148,15 +158,19 @@ pub fn ensure_tracefs() -> Result<bool, LoadError> {
         nix::Error::EPERM => LoadError::Permission { what: "mounting tracefs" },
         source => LoadError::Tracefs { source },
     })?;
-    Ok(true)
+    Ok((TRACEFS, true))
 }
 
-fn tracefs_root() -> &'static str {
-    if Path::new(TRACEFS).join("events").exists() {
-        TRACEFS
-    } else {
-        TRACEFS_DEBUGFS
-    }
+/// Where `/proc/self/mounts` shows tracefs, among the places aya looks for it.
+pub fn tracefs_mount(mounts: &str) -> Option<&'static str> {
+    let mounted_at = |place: &str| {
+        mounts.lines().any(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, mount_point, fs_type) = (fields.next(), fields.next(), fields.next());
+            fs_type == Some("tracefs") && mount_point == Some(place)
+        })
+    };
+    [TRACEFS, TRACEFS_DEBUGFS].into_iter().find(|place| mounted_at(place))
 }
 
 /// One `field:` line of a tracepoint `format` file.
@@ -237,10 +251,11 @@ pub fn sk_err_offset(btf_path: &Path) -> Result<u32, String> {
 
 /// Prepares the kernel, loads the program with `options` and attaches it.
 pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
-    if ensure_tracefs()? {
+    let (tracefs, mounted) = ensure_tracefs()?;
+    if mounted {
         info!("tracefs was not mounted; mounted it at {TRACEFS} (the tracepoint attach needs it)");
     }
-    let format_path = Path::new(tracefs_root()).join("events/sock/inet_sock_set_state/format");
+    let format_path = Path::new(tracefs).join("events/sock/inet_sock_set_state/format");
     let format = match fs::read_to_string(&format_path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
@@ -345,6 +360,21 @@ print fmt: \"family=%s\"";
         );
         assert!(err.contains("field `protocol` is missing"), "{err}");
         assert!(check_layout(&parse_format("garbage\n\nfield:;;;")).is_err());
+    }
+
+    #[test]
+    fn recognises_a_tracefs_mount() {
+        let debugfs_only = "sysfs /sys sysfs rw 0 0\ndebugfs /sys/kernel/debug debugfs rw 0 0\n";
+        assert_eq!(tracefs_mount(debugfs_only), None);
+        assert_eq!(
+            tracefs_mount("tracefs /sys/kernel/tracing tracefs rw,nosuid 0 0\n"),
+            Some(TRACEFS)
+        );
+        assert_eq!(
+            tracefs_mount("tracefs /sys/kernel/debug/tracing tracefs rw 0 0\n"),
+            Some(TRACEFS_DEBUGFS)
+        );
+        assert_eq!(tracefs_mount("tracefs /elsewhere tracefs rw 0 0\n"), None);
     }
 
     #[test]
