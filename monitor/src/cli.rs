@@ -49,6 +49,11 @@ pub struct RunArgs {
     #[arg(long, env = "TCPMON_MAX_SOCKETS", default_value_t = crate::tracker::DEFAULT_MAX_SOCKETS,
           value_parser = clap::value_parser!(usize))]
     pub max_sockets: usize,
+
+    /// Also append every raw ring-buffer record to FILE, for replay tests and bug reports
+    /// (contains addresses, ports and process names).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<std::path::PathBuf>,
 }
 
 impl RunArgs {

@@ -15,7 +15,7 @@ use crate::cli::RunArgs;
 use crate::decode::decode;
 use crate::loader::{self, LoadOptions, Loaded};
 use crate::metrics::{self, CounterSource, KernelCollector};
-use crate::source::{RingSource, BATCH_RECORDS};
+use crate::source::{Recorder, RingSource, BATCH_RECORDS};
 use crate::tracker::Tracker;
 
 fn unix_now() -> f64 {
@@ -75,12 +75,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let server = tokio::spawn(metrics::serve(listener, registry.clone(), health));
 
+    let mut recorder = match &args.record {
+        Some(path) => {
+            Some(Recorder::create(path).with_context(|| format!("creating {}", path.display()))?)
+        }
+        None => None,
+    };
     let mut tracker = Tracker::new(args.max_sockets);
     let mut received = 0u64;
     let mut undecodable = 0u64;
     let mut process = |bytes: &[u8], tracker: &mut Tracker| {
         received += 1;
         aggregator.record_received();
+        if let Some(out) = recorder.as_mut() {
+            if let Err(e) = out.write(bytes) {
+                warn!("recording stopped: {e}");
+                recorder = None;
+            }
+        }
         match decode(bytes) {
             Ok(event) => tracker.on_event(&event, &mut &aggregator),
             Err(e) => {
@@ -119,6 +131,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(ebpf);
     while source.drain(BATCH_RECORDS, |bytes| process(bytes, &mut tracker)) > 0 {}
     aggregator.publish_tracker(&tracker, unix_now());
+    if let Some(e) = recorder.as_mut().and_then(|out| out.flush().err()) {
+        warn!("flushing the recording failed: {e}");
+    }
     server.abort();
     let lost = collector.lost_so_far();
     info!(

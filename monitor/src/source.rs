@@ -2,7 +2,9 @@
 //! recorded stream for tests and benchmarks. Both hand out raw record bytes; decoding is
 //! the caller's business.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::Path;
 use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
@@ -59,6 +61,65 @@ impl RingSource {
     }
 }
 
+/// First bytes of a recording file; the format is this magic, then per record a
+/// little-endian `u32` length and the record's bytes, exactly as the ring delivered them.
+pub const RECORDING_MAGIC: &[u8; 8] = b"TCPMONR1";
+
+/// Writes raw records to a recording file (`tcpmon run --record FILE`).
+pub struct Recorder {
+    out: BufWriter<File>,
+}
+
+impl Recorder {
+    /// Creates (or truncates) `path` and writes the header.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let mut out = BufWriter::new(File::create(path)?);
+        out.write_all(RECORDING_MAGIC)?;
+        Ok(Recorder { out })
+    }
+
+    /// Appends one record.
+    pub fn write(&mut self, record: &[u8]) -> io::Result<()> {
+        let length = u32::try_from(record.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
+        self.out.write_all(&length.to_le_bytes())?;
+        self.out.write_all(record)
+    }
+
+    /// Flushes buffered records to the file.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Reads every record of a recording file. A truncated last record is an error that says
+/// how many complete records came before it.
+pub fn read_recording(path: &Path) -> io::Result<Vec<Vec<u8>>> {
+    let mut input = BufReader::new(File::open(path)?);
+    let mut magic = [0u8; 8];
+    input.read_exact(&mut magic)?;
+    if &magic != RECORDING_MAGIC {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a tcpmon recording"));
+    }
+    let mut records = Vec::new();
+    loop {
+        let mut length = [0u8; 4];
+        match input.read_exact(&mut length) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(records),
+            Err(e) => return Err(e),
+        }
+        let length = u32::from_le_bytes(length) as usize;
+        if length > 1 << 20 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "record longer than 1 MiB"));
+        }
+        let mut record = vec![0u8; length];
+        input.read_exact(&mut record).map_err(|e| {
+            io::Error::new(e.kind(), format!("record {} is truncated", records.len() + 1))
+        })?;
+        records.push(record);
+    }
+}
+
 /// A recorded stream of raw records, replayed in order (tests, benchmarks).
 #[derive(Clone, Debug, Default)]
 pub struct ReplaySource {
@@ -87,6 +148,26 @@ impl ReplaySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recordings_round_trip_and_reject_damage() {
+        let dir = std::env::temp_dir().join(format!("tcpmon-rec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stream.rec");
+        let mut recorder = Recorder::create(&path).unwrap();
+        recorder.write(&[1, 2, 3]).unwrap();
+        recorder.write(&[]).unwrap();
+        recorder.flush().unwrap();
+        assert_eq!(read_recording(&path).unwrap(), vec![vec![1, 2, 3], vec![]]);
+
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+        let err = read_recording(&path).unwrap_err();
+        assert!(err.to_string().contains("record 1 is truncated"), "{err}");
+        std::fs::write(&path, b"NOTMAGIC").unwrap();
+        assert_eq!(read_recording(&path).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn replay_yields_every_record_once_in_batches() {

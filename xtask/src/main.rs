@@ -11,6 +11,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod churn;
 mod setup;
 
 /// tcpmon's project tasks.
@@ -29,6 +30,15 @@ enum Task {
         /// Flags passed to `tcpmon run`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Loopback connection churn (connect, 1-byte echo, close) for a fixed time.
+    Churn {
+        /// How long to run, in seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Client threads.
+        #[arg(long, default_value_t = 2)]
+        clients: usize,
     },
     /// Set up, then check formatting, lint, and run every test (kernel tests need root).
     Test {
@@ -63,6 +73,17 @@ fn run(cli: Cli) -> Result<()> {
             if !status.success() {
                 bail!("tcpmon exited with {status}");
             }
+            Ok(())
+        }
+        Task::Churn { seconds, clients } => {
+            let report = churn::run(std::time::Duration::from_secs(seconds), clients)?;
+            println!(
+                "churn: {} connections in {:.2}s = {:.0}/s ({} errors)",
+                report.connections,
+                report.elapsed.as_secs_f64(),
+                report.per_second(),
+                report.errors
+            );
             Ok(())
         }
         Task::Test { no_lint } => {
