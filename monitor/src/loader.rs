@@ -5,9 +5,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use aya::programs::TracePoint;
+use aya::programs::{ProgramFd, TracePoint};
 use aya::{Ebpf, EbpfLoader};
+use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
 use log::{info, warn};
 use monitor_common::{counter, names, tracepoint_layout, TRANSITION_SLOTS};
 
@@ -99,10 +102,11 @@ pub struct Loaded {
     pub reads_sock_err: bool,
 }
 
-/// In-kernel per-CPU counters, summed over CPUs when read.
+/// In-kernel per-CPU counters, summed over CPUs when read, and the program's own statistics.
 pub struct KernelCounters {
     transitions: PerCpuArray<MapData, u64>,
     events: PerCpuArray<MapData, u64>,
+    program: ProgramFd,
 }
 
 /// One read of the kernel counters.
@@ -112,6 +116,13 @@ pub struct KernelCounts {
     pub transitions: Vec<(i32, i32, u64)>,
     /// Records lost because the ring was full.
     pub ring_reserve_failed: u64,
+    /// Runs the kernel skipped because another BPF program was already running on that CPU
+    /// (`trace_call_bpf`'s `bpf_prog_active` guard): transitions nobody counted.
+    pub recursion_misses: u64,
+    /// Total run time of the program, ns (only grows while `kernel.bpf_stats_enabled=1`).
+    pub run_time_ns: u64,
+    /// Runs of the program (only counted while `kernel.bpf_stats_enabled=1`).
+    pub run_count: u64,
 }
 
 impl KernelCounts {
@@ -134,8 +145,37 @@ impl KernelCounters {
         }
         counts.ring_reserve_failed =
             self.events.get(&counter::RING_RESERVE_FAILED, 0)?.iter().sum();
+        // The statistics are a bonus: counters are still worth reporting without them.
+        if let Ok(info) = program_info(self.program.as_fd()) {
+            counts.recursion_misses = info.recursion_misses;
+            counts.run_time_ns = info.run_time_ns;
+            counts.run_count = info.run_cnt;
+        }
         Ok(counts)
     }
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` for a program (aya 0.14's `ProgramInfo` lacks the counters).
+fn program_info(fd: BorrowedFd<'_>) -> std::io::Result<bpf_prog_info> {
+    // SAFETY: both are plain C structs for which all-zeroes is a valid value.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.info.bpf_fd = fd.as_raw_fd() as u32;
+    attr.info.info_len = std::mem::size_of::<bpf_prog_info>() as u32;
+    attr.info.info = (&mut info as *mut bpf_prog_info) as u64;
+    // SAFETY: the kernel writes at most info_len bytes into `info`, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &mut attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info)
 }
 
 /// Mounts tracefs at [`TRACEFS`] unless it is already mounted where aya looks for it.
@@ -296,6 +336,10 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     program
         .attach("sock", "inet_sock_set_state")
         .map_err(|e| aya_error("attaching to sock:inet_sock_set_state", e))?;
+    let program_fd = program
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(|e| aya_error("duplicating the program fd", e))?;
 
     let mut take = |name: &'static str| {
         ebpf.take_map(name)
@@ -310,7 +354,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     Ok(Loaded {
         ebpf,
         ring,
-        counters: KernelCounters { transitions, events },
+        counters: KernelCounters { transitions, events, program: program_fd },
         reads_sock_err: sk_err.is_some(),
     })
 }

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{Counter, Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
 use crate::decode::TcpState;
@@ -43,6 +43,9 @@ pub struct KernelCollector<S: CounterSource> {
     source: Mutex<S>,
     transitions: IntCounterVec,
     lost: IntCounter,
+    missed: IntCounter,
+    run_seconds: Counter,
+    runs: IntCounter,
     read_errors: IntCounter,
     descs: Vec<Desc>,
 }
@@ -61,16 +64,45 @@ impl<S: CounterSource> KernelCollector<S> {
             "tcpmon_events_lost_total",
             "Transitions the kernel could not queue because the ring buffer was full.",
         )?;
+        let missed = IntCounter::new(
+            "tcpmon_bpf_recursion_misses_total",
+            "Transitions the kernel did not run tcpmon's program for, because another BPF \
+             program was running on that CPU at the time (they are in no other count).",
+        )?;
+        let run_seconds = Counter::new(
+            "tcpmon_bpf_run_seconds_total",
+            "CPU time spent in tcpmon's eBPF program (grows only with kernel.bpf_stats_enabled=1).",
+        )?;
+        let runs = IntCounter::new(
+            "tcpmon_bpf_runs_total",
+            "Runs of tcpmon's eBPF program (counted only with kernel.bpf_stats_enabled=1).",
+        )?;
         let read_errors = IntCounter::new(
             "tcpmon_kernel_counter_read_errors_total",
             "Scrapes at which the in-kernel counters could not be read.",
         )?;
-        let descs = [transitions.desc(), lost.desc(), read_errors.desc()]
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect();
-        Ok(KernelCollector { source: Mutex::new(source), transitions, lost, read_errors, descs })
+        let descs = [
+            transitions.desc(),
+            lost.desc(),
+            missed.desc(),
+            run_seconds.desc(),
+            runs.desc(),
+            read_errors.desc(),
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+        Ok(KernelCollector {
+            source: Mutex::new(source),
+            transitions,
+            lost,
+            missed,
+            run_seconds,
+            runs,
+            read_errors,
+            descs,
+        })
     }
 
     /// Ring-buffer losses as of the last read.
@@ -89,7 +121,14 @@ impl<S: CounterSource> KernelCollector<S> {
                     // Kernel counts only grow; publish the growth since the last scrape.
                     counter.inc_by(total.saturating_sub(counter.get()));
                 }
-                self.lost.inc_by(counts.ring_reserve_failed.saturating_sub(self.lost.get()));
+                let catch_up = |counter: &IntCounter, total: u64| {
+                    counter.inc_by(total.saturating_sub(counter.get()));
+                };
+                catch_up(&self.lost, counts.ring_reserve_failed);
+                catch_up(&self.missed, counts.recursion_misses);
+                catch_up(&self.runs, counts.run_count);
+                let seconds = counts.run_time_ns as f64 / 1e9;
+                self.run_seconds.inc_by((seconds - self.run_seconds.get()).max(0.0));
             }
             Err(e) => {
                 warn!("reading the in-kernel counters failed: {e}");
@@ -108,6 +147,9 @@ impl<S: CounterSource> Collector for KernelCollector<S> {
         self.refresh();
         let mut families = self.transitions.collect();
         families.extend(self.lost.collect());
+        families.extend(self.missed.collect());
+        families.extend(self.run_seconds.collect());
+        families.extend(self.runs.collect());
         families.extend(self.read_errors.collect());
         families
     }
@@ -222,7 +264,7 @@ mod tests {
     fn kernel_counters_are_read_at_every_scrape() {
         let counts = Arc::new(Mutex::new(KernelCounts {
             transitions: vec![(7, 2, 5), (2, 1, 4)],
-            ring_reserve_failed: 0,
+            ..Default::default()
         }));
         let registry = Registry::new();
         registry.register(Box::new(KernelCollector::new(Fake(counts.clone())).unwrap())).unwrap();
@@ -236,13 +278,21 @@ mod tests {
         );
         assert!(text.contains("tcpmon_events_lost_total 0"));
 
-        *counts.lock().unwrap() =
-            KernelCounts { transitions: vec![(7, 2, 9), (2, 1, 4)], ring_reserve_failed: 3 };
+        *counts.lock().unwrap() = KernelCounts {
+            transitions: vec![(7, 2, 9), (2, 1, 4)],
+            ring_reserve_failed: 3,
+            recursion_misses: 2,
+            run_time_ns: 1_500_000_000,
+            run_count: 13,
+        };
         let text = String::from_utf8(encode(&registry)).unwrap();
         assert!(
             text.contains("tcpmon_state_transitions_total{from=\"CLOSE\",to=\"SYN_SENT\"} 9"),
             "{text}"
         );
         assert!(text.contains("tcpmon_events_lost_total 3"));
+        assert!(text.contains("tcpmon_bpf_recursion_misses_total 2"));
+        assert!(text.contains("tcpmon_bpf_run_seconds_total 1.5"));
+        assert!(text.contains("tcpmon_bpf_runs_total 13"));
     }
 }
