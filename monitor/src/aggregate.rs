@@ -67,6 +67,8 @@ pub struct Aggregator {
     evictions: IntCounter,
     inconsistent: IntCounter,
     first_seen_midlife: IntCounter,
+    replaced_stale: IntCounter,
+    passive_open_aborted: IntCounter,
     last_drain: Gauge,
 }
 
@@ -105,9 +107,12 @@ impl Aggregator {
         )?;
         let teardown = histogram(
             "tcpmon_teardown_duration_seconds",
-            "Orderly TCP close latency, from the first FIN to CLOSE. side=active: this host \
-             sent the first FIN (ESTABLISHED -> FIN_WAIT1 ... CLOSE); side=passive: the peer \
-             did (ESTABLISHED -> CLOSE_WAIT ... CLOSE).",
+            "Orderly TCP close latency, from the first FIN to CLOSE. side=passive: the peer \
+             sent the first FIN (ESTABLISHED -> CLOSE_WAIT ... CLOSE: includes the time the \
+             application took to close). side=active: this host did (ESTABLISHED -> \
+             FIN_WAIT1 ... CLOSE); if the application had already closed the socket it ends \
+             when our FIN is acknowledged (the kernel hands it to TIME_WAIT), otherwise when \
+             the peer's FIN arrives.",
             LATENCY_BUCKETS,
             &["side"],
         )?;
@@ -197,6 +202,15 @@ impl Aggregator {
                 "tcpmon_tracker_sockets_first_seen_midlife_total",
                 "Sockets first seen after their birth (open before tcpmon started, or events lost).",
             )?,
+            replaced_stale: plain_counter(
+                "tcpmon_tracker_sockets_replaced_total",
+                "Tracked sockets replaced by a new socket at the same kernel address before \
+                 their CLOSE was seen (events lost).",
+            )?,
+            passive_open_aborted: plain_counter(
+                "tcpmon_passive_opens_aborted_total",
+                "Accepted connections that closed before reaching ESTABLISHED.",
+            )?,
             last_drain,
         })
     }
@@ -224,6 +238,8 @@ impl Aggregator {
         catch_up(&self.evictions, stats.evicted_capacity);
         catch_up(&self.inconsistent, stats.inconsistent);
         catch_up(&self.first_seen_midlife, stats.first_seen_midlife);
+        catch_up(&self.replaced_stale, stats.replaced_stale);
+        catch_up(&self.passive_open_aborted, stats.passive_open_aborted);
         self.last_drain.set(unix_time);
     }
 }
@@ -252,6 +268,8 @@ impl ObservationSink for &Aggregator {
                     self.teardown[side_index(side)].observe(seconds(ns));
                 }
             }
+            // Per-connection records are the tail's; metrics stay low-cardinality.
+            Observation::Connection(_) | Observation::Transition(_) => {}
         }
     }
 }

@@ -31,9 +31,11 @@
 //!   reset (ECONNRESET, or EPIPE in CLOSE_WAIT). An application close that sends RST instead of
 //!   FIN (unread data, SO_LINGER 0) leaves `sk_err` at 0.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
 use rustc_hash::FxHashMap;
 
-use crate::decode::{Event, SockErr, TcpState};
+use crate::decode::{Event, SockErr, TcpState, AF_INET};
 
 /// Which end started something: the open (connect vs accept) or the teardown (first FIN).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -70,7 +72,8 @@ pub enum CloseReason {
     Refused,
     /// ICMP unreachable (EHOSTUNREACH, ENETUNREACH, …).
     Unreachable,
-    /// Any other socket error.
+    /// Any other socket error, or a connect that failed locally before any SYN was sent
+    /// (no local port could be assigned, no route, …).
     Error,
     /// The error could not be read and the states do not tell.
     Unknown,
@@ -112,8 +115,18 @@ impl CloseReason {
             SockErr::Errno(libc::ECONNRESET | libc::EPIPE) => CloseReason::Reset,
             SockErr::Errno(libc::ETIMEDOUT) => CloseReason::Timeout,
             SockErr::Errno(libc::ECONNABORTED) => CloseReason::Abort,
+            // An ICMP error can sit in sk_err of an open socket (IP_RECVERR) until the
+            // application reads it; the close path of a finishing socket sets only the errors
+            // above, so an orderly end with any other errno is still an orderly end.
+            SockErr::Errno(_) if orderly => CloseReason::Fin,
+            // EACCES, ENONET: IPv6 "administratively prohibited", "not on network".
             SockErr::Errno(
-                libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN,
+                libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::ENETDOWN
+                | libc::EACCES
+                | libc::ENONET,
             ) => CloseReason::Unreachable,
             SockErr::Errno(_) => CloseReason::Error,
             SockErr::None if orderly => CloseReason::Fin,
@@ -163,17 +176,182 @@ pub enum Observation {
         /// that FIN (ESTABLISHED → FIN_WAIT1 or → CLOSE_WAIT) to CLOSE.
         teardown: Option<(Side, u64)>,
     },
+    /// A per-connection record for the tail (only when the sink wants records).
+    Connection(ConnectionRecord),
+    /// A per-transition record for the tail (only when the sink wants records).
+    Transition(TransitionRecord),
 }
 
-/// Receives observations; implemented by the aggregator, and by `Vec` for tests.
+/// The process a connection belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// Process id (tgid); `None` when unknown.
+    pub pid: Option<u32>,
+    /// NUL-padded task name; all zeros when unknown.
+    pub comm: [u8; 16],
+}
+
+impl Owner {
+    /// No known owner.
+    pub const UNKNOWN: Owner = Owner { pid: None, comm: [0; 16] };
+
+    /// The task that was current during `event`. Only meaningful for transitions that run in
+    /// the owner's system call (connect, listen, close, shutdown), not in softirq context.
+    pub fn current(event: &Event) -> Owner {
+        Owner { pid: Some(event.pid), comm: event.comm }
+    }
+
+    /// The task name without padding, lossily decoded; empty when unknown.
+    pub fn comm(&self) -> String {
+        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
+        String::from_utf8_lossy(&self.comm[..end]).into_owned()
+    }
+}
+
+/// A socket's addresses as the latest transition reported them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    family: u16,
+    sport: u16,
+    dport: u16,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+impl Endpoints {
+    /// Endpoints of a connection between `local` and `remote` (both of one family).
+    pub fn new(local: SocketAddr, remote: SocketAddr) -> Self {
+        let raw = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        Endpoints {
+            family: if local.is_ipv4() { AF_INET } else { crate::decode::AF_INET6 },
+            sport: local.port(),
+            dport: remote.port(),
+            saddr: raw(local.ip()),
+            daddr: raw(remote.ip()),
+        }
+    }
+
+    fn of(event: &Event) -> Self {
+        Endpoints {
+            family: event.family,
+            sport: event.sport,
+            dport: event.dport,
+            saddr: event.saddr,
+            daddr: event.daddr,
+        }
+    }
+
+    fn ip(&self, raw: [u8; 16]) -> IpAddr {
+        let v6 = Ipv6Addr::from(raw);
+        match (self.family, v6.to_ipv4_mapped()) {
+            (AF_INET, Some(v4)) => IpAddr::V4(v4),
+            (AF_INET, None) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            _ => IpAddr::V6(v6),
+        }
+    }
+
+    /// Local address and port.
+    pub fn local(&self) -> SocketAddr {
+        SocketAddr::new(self.ip(self.saddr), self.sport)
+    }
+
+    /// Remote address and port.
+    pub fn remote(&self) -> SocketAddr {
+        SocketAddr::new(self.ip(self.daddr), self.dport)
+    }
+}
+
+/// Where a connection is in its life when a [`ConnectionRecord`] is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionPhase {
+    /// Just reached ESTABLISHED.
+    Established,
+    /// Reached CLOSE after being established.
+    Closed,
+    /// Reached CLOSE without ever being established (connect failure, aborted accept).
+    Failed,
+}
+
+/// Everything known about one connection, for the per-connection tail.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConnectionRecord {
+    /// Which moment this record describes.
+    pub phase: ConnectionPhase,
+    /// CLOCK_MONOTONIC ns of the connection's first transition (SYN sent, or child created);
+    /// `None` when first seen mid-life.
+    pub start_ns: Option<u64>,
+    /// CLOCK_MONOTONIC ns of the transition that produced this record.
+    pub time_ns: u64,
+    /// How it was opened, when known.
+    pub side: Option<Side>,
+    /// The owning process, when known.
+    pub owner: Owner,
+    /// Addresses and ports.
+    pub endpoints: Endpoints,
+    /// Active opens: SYN sent → SYN-ACK received.
+    pub handshake_ns: Option<u64>,
+    /// ESTABLISHED → CLOSE.
+    pub lifetime_ns: Option<u64>,
+    /// Orderly closes: who sent the first FIN, and first FIN → CLOSE.
+    pub teardown: Option<(Side, u64)>,
+    /// CLOSE_WAIT → LAST_ACK.
+    pub close_wait_ns: Option<u64>,
+    /// How it ended; `None` for [`ConnectionPhase::Established`].
+    pub outcome: Option<CloseReason>,
+}
+
+/// One state transition with its connection's identity, for the events view of the tail.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TransitionRecord {
+    /// CLOCK_MONOTONIC ns of the transition.
+    pub time_ns: u64,
+    /// How the connection was opened, when known.
+    pub side: Option<Side>,
+    /// The owning process (not the task that happened to run the transition), when known.
+    pub owner: Owner,
+    /// Addresses and ports.
+    pub endpoints: Endpoints,
+    /// State before.
+    pub old: TcpState,
+    /// State after.
+    pub new: TcpState,
+    /// Time spent in `old`, when its start was seen.
+    pub in_old_ns: Option<u64>,
+}
+
+/// Receives observations; implemented by the aggregator, the tail, and `Vec` for tests.
 pub trait ObservationSink {
     /// Called once per observation, in order.
     fn observe(&mut self, observation: &Observation);
+
+    /// Whether to also build [`Observation::Connection`] and [`Observation::Transition`]
+    /// records (only worth it while someone is tailing).
+    fn wants_records(&self) -> bool {
+        false
+    }
 }
 
+/// Collects the metric observations only (no tail records).
 impl ObservationSink for Vec<Observation> {
     fn observe(&mut self, observation: &Observation) {
         self.push(*observation);
+    }
+}
+
+/// Collects every observation including tail records (tests, tools).
+#[derive(Debug, Default)]
+pub struct RecordingSink(pub Vec<Observation>);
+
+impl ObservationSink for RecordingSink {
+    fn observe(&mut self, observation: &Observation) {
+        self.0.push(*observation);
+    }
+
+    fn wants_records(&self) -> bool {
+        true
     }
 }
 
@@ -193,11 +371,21 @@ pub struct TrackerStats {
 }
 
 /// What the tracker remembers per socket: timestamps of the transitions that start the
-/// intervals we measure. Every anchor is a transition actually seen, so a lost event can only
-/// remove an observation, never produce a wrong one.
+/// intervals we measure. Every anchor is a transition actually seen. When events are lost, a
+/// socket whose next event does not follow its tracked state keeps only anchors that are
+/// still valid, so it reports fewer intervals rather than wrong ones. One case cannot be told
+/// apart: a socket's CLOSE *and* the birth of a new socket at the same kernel address both
+/// lost, with the new socket's next transition happening to follow the old one's state. Loss
+/// is visible in `tcpmon_events_lost_total`.
 #[derive(Clone, Copy, Debug)]
 struct SocketEntry {
     state: TcpState,
+    /// When the socket entered `state`; `None` when that transition was not seen.
+    state_since_ns: Option<u64>,
+    /// The first transition seen (birth), `None` for sockets first seen mid-life.
+    start_ns: Option<u64>,
+    owner: Owner,
+    endpoints: Endpoints,
     /// How the connection was opened, when known.
     open_side: Option<Side>,
     /// CLOSE → SYN_SENT time (active opens only).
@@ -206,18 +394,26 @@ struct SocketEntry {
     /// First FIN (sent or received) and who sent it.
     teardown: Option<(Side, u64)>,
     close_wait_ns: Option<u64>,
+    /// CLOSE_WAIT → LAST_ACK time.
+    close_wait_until_ns: Option<u64>,
     last_seen_ns: u64,
 }
 
 impl SocketEntry {
-    fn new(state: TcpState, open_side: Option<Side>, now: u64) -> Self {
+    fn new(state: TcpState, open_side: Option<Side>, event: &Event) -> Self {
+        let now = event.timestamp_ns;
         SocketEntry {
             state,
+            state_since_ns: None,
+            start_ns: None,
+            owner: Owner::UNKNOWN,
+            endpoints: Endpoints::of(event),
             open_side,
             syn_sent_ns: None,
             established_ns: None,
             teardown: None,
             close_wait_ns: None,
+            close_wait_until_ns: None,
             last_seen_ns: now,
         }
     }
@@ -239,6 +435,51 @@ fn elapsed(from: u64, to: u64) -> u64 {
     to.saturating_sub(from)
 }
 
+fn transition_record(
+    event: &Event,
+    entry: &SocketEntry,
+    in_old_ns: Option<u64>,
+) -> TransitionRecord {
+    TransitionRecord {
+        time_ns: event.timestamp_ns,
+        side: entry.open_side,
+        owner: entry.owner,
+        endpoints: entry.endpoints,
+        old: event.old,
+        new: event.new,
+        in_old_ns,
+    }
+}
+
+fn connection_record(
+    entry: &SocketEntry,
+    phase: ConnectionPhase,
+    now: u64,
+    outcome: Option<CloseReason>,
+) -> ConnectionRecord {
+    let handshake_ns = match (entry.open_side, entry.syn_sent_ns, entry.established_ns) {
+        (Some(Side::Active), Some(sent), Some(established)) => Some(elapsed(sent, established)),
+        _ => None,
+    };
+    let close_wait_ns = match (entry.close_wait_ns, entry.close_wait_until_ns) {
+        (Some(since), Some(until)) => Some(elapsed(since, until)),
+        _ => None,
+    };
+    ConnectionRecord {
+        phase,
+        start_ns: entry.start_ns,
+        time_ns: now,
+        side: entry.open_side,
+        owner: entry.owner,
+        endpoints: entry.endpoints,
+        handshake_ns,
+        lifetime_ns: None,
+        teardown: None,
+        close_wait_ns,
+        outcome,
+    }
+}
+
 /// Default table capacity: ~4× the sockets of a very busy host, ~100 bytes each.
 pub const DEFAULT_MAX_SOCKETS: usize = 1 << 20;
 
@@ -246,6 +487,9 @@ pub const DEFAULT_MAX_SOCKETS: usize = 1 << 20;
 #[derive(Debug)]
 pub struct Tracker {
     table: FxHashMap<u64, SocketEntry>,
+    /// Listening sockets by port: `listen()` runs in the owner's context, accepted children
+    /// are created in softirq context, so the listener is how we know a child's owner.
+    listeners: FxHashMap<u16, (u64, Owner)>,
     per_state: [u64; 12],
     max_sockets: usize,
     stats: TrackerStats,
@@ -262,6 +506,7 @@ impl Tracker {
     pub fn new(max_sockets: usize) -> Self {
         Tracker {
             table: FxHashMap::default(),
+            listeners: FxHashMap::default(),
             per_state: [0; 12],
             max_sockets: max_sockets.max(1),
             stats: TrackerStats::default(),
@@ -292,6 +537,8 @@ impl Tracker {
     pub fn on_event(&mut self, event: &Event, sink: &mut impl ObservationSink) {
         use TcpState::*;
         let now = event.timestamp_ns;
+        let records = sink.wants_records();
+        self.track_listener(event);
 
         // A socket's birth: connect(), listen(), or a passive child cloned from a listener.
         let born = event.old == Close || (event.old == Listen && event.new == SynRecv);
@@ -299,26 +546,41 @@ impl Tracker {
             if self.remove(event.skaddr).is_some() {
                 self.stats.replaced_stale += 1;
             }
-            let entry = match event.new {
+            let mut entry = match event.new {
                 Close => return,
                 SynSent => {
-                    let mut entry = SocketEntry::new(SynSent, Some(Side::Active), now);
+                    let mut entry = SocketEntry::new(SynSent, Some(Side::Active), event);
                     entry.syn_sent_ns = Some(now);
+                    entry.owner = Owner::current(event); // connect() runs in the caller
                     entry
                 }
-                SynRecv => SocketEntry::new(SynRecv, Some(Side::Passive), now),
-                other => SocketEntry::new(other, None, now),
+                SynRecv => {
+                    let mut entry = SocketEntry::new(SynRecv, Some(Side::Passive), event);
+                    entry.owner = self.listener_owner(event.sport);
+                    entry
+                }
+                Listen => {
+                    let mut entry = SocketEntry::new(Listen, None, event);
+                    entry.owner = Owner::current(event); // listen() runs in the caller
+                    entry
+                }
+                other => SocketEntry::new(other, None, event),
             };
+            entry.start_ns = Some(now);
+            entry.state_since_ns = Some(now);
+            if records {
+                sink.observe(&Observation::Transition(transition_record(event, &entry, None)));
+            }
             self.insert(event.skaddr, entry);
             return;
         }
 
-        let mut entry = match self.table.get(&event.skaddr) {
-            Some(entry) if entry.state == event.old => *entry,
+        let (mut entry, consistent) = match self.table.get(&event.skaddr) {
+            Some(entry) if entry.state == event.old => (*entry, true),
             Some(entry) if phase(event.old) >= phase(entry.state) => {
                 // Events were lost in between; every anchor kept is still a real time.
                 self.stats.inconsistent += 1;
-                *entry
+                (*entry, false)
             }
             tracked => {
                 // Unknown socket, or a new socket at a reused address whose birth was lost:
@@ -334,10 +596,26 @@ impl Tracker {
                     SynRecv => Some(Side::Passive),
                     _ => None,
                 };
-                SocketEntry::new(event.old, side, now)
+                (SocketEntry::new(event.old, side, event), false)
             }
         };
         entry.last_seen_ns = now;
+        entry.endpoints = Endpoints::of(event);
+        // close() and shutdown() run in the owner's context: the one safe moment to learn
+        // the owner of a socket first seen mid-life.
+        if entry.owner.pid.is_none()
+            && matches!((event.old, event.new), (Established, FinWait1) | (CloseWait, LastAck))
+        {
+            entry.owner = Owner::current(event);
+        }
+        if records {
+            let in_old = if consistent {
+                entry.state_since_ns.map(|since| elapsed(since, now))
+            } else {
+                None
+            };
+            sink.observe(&Observation::Transition(transition_record(event, &entry, in_old)));
+        }
 
         match (event.old, event.new) {
             (_, Established) => {
@@ -349,6 +627,25 @@ impl Tracker {
                     sink.observe(&Observation::Handshake { side: Side::Active, duration_ns });
                 }
                 entry.established_ns = Some(now);
+                if records {
+                    let record = connection_record(&entry, ConnectionPhase::Established, now, None);
+                    sink.observe(&Observation::Connection(record));
+                }
+            }
+            // TCP Fast Open: an accepted child exists from the SYN on and may see a FIN, or
+            // be closed, before the final ACK; the kernel then counts it as established
+            // (tcp_set_state), and so do we.
+            (SynRecv, FinWait1 | CloseWait) if entry.established_ns.is_none() => {
+                if let Some(side) = entry.open_side {
+                    sink.observe(&Observation::Opened { side });
+                }
+                entry.established_ns = Some(now);
+                if event.new == FinWait1 {
+                    entry.teardown = Some((Side::Active, now));
+                } else {
+                    entry.teardown = Some((Side::Passive, now));
+                    entry.close_wait_ns = Some(now);
+                }
             }
             (Established, FinWait1) => entry.teardown = Some((Side::Active, now)),
             (Established, CloseWait) => {
@@ -358,27 +655,64 @@ impl Tracker {
             (CloseWait, LastAck) => {
                 if let Some(since) = entry.close_wait_ns {
                     sink.observe(&Observation::CloseWait { duration_ns: elapsed(since, now) });
+                    entry.close_wait_until_ns = Some(now);
                 }
             }
             (_, Close) => {
-                self.close(event, &entry, sink);
+                self.close(event, &entry, sink, records);
                 self.remove(event.skaddr);
                 return;
             }
             _ => {}
         }
         entry.state = event.new;
+        entry.state_since_ns = Some(now);
         self.upsert(event.skaddr, entry);
     }
 
-    fn close(&mut self, event: &Event, entry: &SocketEntry, sink: &mut impl ObservationSink) {
+    fn track_listener(&mut self, event: &Event) {
+        match (event.old, event.new) {
+            (TcpState::Close, TcpState::Listen) => {
+                self.listeners.insert(event.sport, (event.skaddr, Owner::current(event)));
+            }
+            (TcpState::Listen, TcpState::Close)
+                if self.listeners.get(&event.sport).is_some_and(|(sk, _)| *sk == event.skaddr) =>
+            {
+                self.listeners.remove(&event.sport);
+            }
+            _ => {}
+        }
+    }
+
+    fn listener_owner(&self, port: u16) -> Owner {
+        self.listeners.get(&port).map_or(Owner::UNKNOWN, |(_, owner)| *owner)
+    }
+
+    fn close(
+        &mut self,
+        event: &Event,
+        entry: &SocketEntry,
+        sink: &mut impl ObservationSink,
+        records: bool,
+    ) {
         let now = event.timestamp_ns;
         let reason = CloseReason::classify(event.old, event.sock_err);
-        let pre_established = matches!(event.old, TcpState::SynSent | TcpState::SynRecv)
-            && entry.established_ns.is_none();
         if event.old == TcpState::Listen {
             return;
         }
+        let pre_established = matches!(event.old, TcpState::SynSent | TcpState::SynRecv)
+            && entry.established_ns.is_none();
+        // tcp_v4_connect/tcp_v6_connect fail *after* SYN_SENT when no local port (EADDRNOTAVAIL)
+        // or route can be had: CLOSE with no error set and no port ever assigned.
+        let reason = if pre_established
+            && event.old == TcpState::SynSent
+            && event.sock_err == SockErr::None
+            && event.sport == 0
+        {
+            CloseReason::Error
+        } else {
+            reason
+        };
         if pre_established {
             match entry.open_side {
                 Some(Side::Passive) => self.stats.passive_open_aborted += 1,
@@ -387,18 +721,24 @@ impl Tracker {
                     duration_ns: entry.syn_sent_ns.map(|sent| elapsed(sent, now)),
                 }),
             }
+            if records {
+                let record = connection_record(entry, ConnectionPhase::Failed, now, Some(reason));
+                sink.observe(&Observation::Connection(record));
+            }
             return;
         }
         let teardown = match (reason, entry.teardown) {
             (CloseReason::Fin, Some((side, since))) => Some((side, elapsed(since, now))),
             _ => None,
         };
-        sink.observe(&Observation::Closed {
-            side: entry.open_side,
-            reason,
-            lifetime_ns: entry.established_ns.map(|since| elapsed(since, now)),
-            teardown,
-        });
+        let lifetime_ns = entry.established_ns.map(|since| elapsed(since, now));
+        sink.observe(&Observation::Closed { side: entry.open_side, reason, lifetime_ns, teardown });
+        if records {
+            let mut record = connection_record(entry, ConnectionPhase::Closed, now, Some(reason));
+            record.lifetime_ns = lifetime_ns;
+            record.teardown = teardown;
+            sink.observe(&Observation::Connection(record));
+        }
     }
 
     fn remove(&mut self, skaddr: u64) -> Option<SocketEntry> {
@@ -720,6 +1060,63 @@ mod tests {
     }
 
     #[test]
+    fn a_connect_that_never_got_a_port_is_an_error_not_an_abort() {
+        let mut tracker = Tracker::default();
+        let mut out = Vec::new();
+        for (ms, old, new) in [(0, Close, SynSent), (1, SynSent, Close)] {
+            let raw = v4(ms * MS, 5, old, new, 0, 80, 0); // sport stays 0
+            tracker.on_event(&decode_record(&raw).unwrap(), &mut out);
+        }
+        assert_eq!(
+            out,
+            vec![Observation::ConnectFailed { reason: CloseReason::Error, duration_ns: Some(MS) }]
+        );
+    }
+
+    #[test]
+    fn fast_open_children_are_established_by_a_fin_before_the_ack() {
+        let (out, _) = run(&[
+            (0, 2, Listen, SynRecv, 0),
+            (1, 2, SynRecv, CloseWait, 0),
+            (3, 2, CloseWait, LastAck, 0),
+            (4, 2, LastAck, Close, 0),
+        ]);
+        assert_eq!(
+            out,
+            vec![
+                Observation::Opened { side: Side::Passive },
+                Observation::CloseWait { duration_ns: 2 * MS },
+                Observation::Closed {
+                    side: Some(Side::Passive),
+                    reason: CloseReason::Fin,
+                    lifetime_ns: Some(3 * MS),
+                    teardown: Some((Side::Passive, 3 * MS)),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn stale_icmp_errors_do_not_relabel_an_orderly_close() {
+        assert_eq!(
+            CloseReason::classify(LastAck, SockErr::Errno(libc::EHOSTUNREACH)),
+            CloseReason::Fin
+        );
+        assert_eq!(
+            CloseReason::classify(LastAck, SockErr::Errno(libc::ETIMEDOUT)),
+            CloseReason::Timeout
+        );
+        assert_eq!(
+            CloseReason::classify(FinWait2, SockErr::Errno(libc::ECONNRESET)),
+            CloseReason::Reset
+        );
+        assert_eq!(
+            CloseReason::classify(SynSent, SockErr::Errno(libc::EACCES)),
+            CloseReason::Unreachable
+        );
+    }
+
+    #[test]
     fn unknown_sock_err_falls_back_to_the_states() {
         assert_eq!(CloseReason::classify(LastAck, SockErr::Unknown), CloseReason::Fin);
         assert_eq!(CloseReason::classify(SynSent, SockErr::Unknown), CloseReason::Unknown);
@@ -731,6 +1128,111 @@ mod tests {
             CloseReason::classify(Established, SockErr::Errno(libc::ECONNABORTED)),
             CloseReason::Abort
         );
+    }
+
+    fn records(steps: &[(u64, u64, TcpState, TcpState, i32)]) -> Vec<Observation> {
+        let mut tracker = Tracker::default();
+        let mut sink = RecordingSink::default();
+        for &(ms, sk, old, new, err) in steps {
+            let listener = new == Listen || (old, new) == (Listen, Close);
+            let mut raw = v4(ms * MS, sk, old, new, if listener { 80 } else { 40000 }, 80, err);
+            if (old, new) == (Listen, SynRecv) {
+                raw.sport = 80;
+                raw.dport = 40000;
+                raw.pid_tgid = 7 << 32; // softirq: whatever task was interrupted
+            }
+            if (old, new) == (Close, Listen) {
+                raw.pid_tgid = 99 << 32;
+                raw.comm = *b"nginx\0\0\0\0\0\0\0\0\0\0\0";
+            }
+            tracker.on_event(&decode_record(&raw).unwrap(), &mut sink);
+        }
+        sink.0
+    }
+
+    #[test]
+    fn connection_records_carry_identity_and_every_latency() {
+        let out = records(&[
+            (0, 1, Close, SynSent, 0),
+            (2, 1, SynSent, Established, 0),
+            (10, 1, Established, CloseWait, 0),
+            (310, 1, CloseWait, LastAck, 0),
+            (311, 1, LastAck, Close, 0),
+        ]);
+        let connections: Vec<ConnectionRecord> = out
+            .iter()
+            .filter_map(|o| match o {
+                Observation::Connection(c) => Some(*c),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(connections.len(), 2);
+        assert_eq!(connections[0].phase, ConnectionPhase::Established);
+        assert_eq!(connections[0].handshake_ns, Some(2 * MS));
+        let closed = connections[1];
+        assert_eq!(closed.phase, ConnectionPhase::Closed);
+        assert_eq!(closed.start_ns, Some(0));
+        assert_eq!(closed.time_ns, 311 * MS);
+        assert_eq!(closed.side, Some(Side::Active));
+        assert_eq!(closed.owner.pid, Some(4242));
+        assert_eq!(closed.owner.comm(), "test");
+        assert_eq!(closed.endpoints.local(), "127.0.0.1:40000".parse().unwrap());
+        assert_eq!(closed.endpoints.remote(), "127.0.0.1:80".parse().unwrap());
+        assert_eq!(closed.handshake_ns, Some(2 * MS));
+        assert_eq!(closed.lifetime_ns, Some(309 * MS));
+        assert_eq!(closed.teardown, Some((Side::Passive, 301 * MS)));
+        assert_eq!(closed.close_wait_ns, Some(300 * MS));
+        assert_eq!(closed.outcome, Some(CloseReason::Fin));
+
+        let transitions: Vec<TransitionRecord> = out
+            .iter()
+            .filter_map(|o| match o {
+                Observation::Transition(t) => Some(*t),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(transitions.len(), 5);
+        assert_eq!(transitions[0].in_old_ns, None);
+        assert_eq!(transitions[1].in_old_ns, Some(2 * MS));
+        assert_eq!(transitions[3].in_old_ns, Some(300 * MS));
+        assert_eq!(transitions[3].new, LastAck);
+    }
+
+    #[test]
+    fn accepted_connections_belong_to_the_listener_not_the_interrupted_task() {
+        let out = records(&[
+            (0, 9, Close, Listen, 0),
+            (5, 2, Listen, SynRecv, 0),
+            (5, 2, SynRecv, Established, 0),
+            (6, 2, Established, Close, libc::ECONNRESET),
+            // Its listener closed: a later child of port 80 has no known owner.
+            (7, 9, Listen, Close, 0),
+            (8, 3, Listen, SynRecv, 0),
+            (8, 3, SynRecv, Close, 0),
+        ]);
+        let owners: Vec<(ConnectionPhase, Option<u32>, String)> = out
+            .iter()
+            .filter_map(|o| match o {
+                Observation::Connection(c) => Some((c.phase, c.owner.pid, c.owner.comm())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            owners,
+            vec![
+                (ConnectionPhase::Established, Some(99), "nginx".to_owned()),
+                (ConnectionPhase::Closed, Some(99), "nginx".to_owned()),
+                (ConnectionPhase::Failed, None, String::new()),
+            ]
+        );
+    }
+
+    #[test]
+    fn without_a_tail_no_records_are_built() {
+        let (out, _) = run(&[(0, 1, Close, SynSent, 0), (1, 1, SynSent, Established, 0)]);
+        assert!(out
+            .iter()
+            .all(|o| !matches!(o, Observation::Connection(_) | Observation::Transition(_))));
     }
 
     #[test]
