@@ -2,9 +2,14 @@
 //! also come from a `TCPMON_*` environment variable (the flag wins).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+
+use crate::tail::filter::{parse_net, parse_outcome, parse_side, Filter, Subscribe, View};
+use crate::tail::record::PROTOCOL_VERSION;
 
 /// tcpmon: TCP handshake, teardown and connection-outcome metrics from the kernel's
 /// sock:inet_sock_set_state tracepoint, for Prometheus.
@@ -21,6 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Load the eBPF program and serve Prometheus metrics until SIGINT/SIGTERM (needs root).
     Run(RunArgs),
+    /// Watch connections live: from the running daemon, or stand-alone when none runs.
+    Tail(Box<TailArgs>),
 }
 
 /// Options of `tcpmon run`.
@@ -53,7 +60,126 @@ pub struct RunArgs {
     /// Also append every raw ring-buffer record to FILE, for replay tests and bug reports
     /// (contains addresses, ports and process names).
     #[arg(long, value_name = "FILE")]
-    pub record: Option<std::path::PathBuf>,
+    pub record: Option<PathBuf>,
+
+    /// Unix socket that `tcpmon tail` connects to (created owner-only).
+    #[arg(long, env = "TCPMON_TAIL_SOCKET", default_value = "/run/tcpmon/tail.sock")]
+    pub tail_socket: PathBuf,
+}
+
+/// Options of `tcpmon tail`. Values of one filter are alternatives; different filters must
+/// all match.
+#[derive(Debug, Clone, Args)]
+pub struct TailArgs {
+    /// One line per state transition instead of one per connection.
+    #[arg(long)]
+    pub events: bool,
+
+    /// Also print a line when a connection is established (connections view).
+    #[arg(long, conflicts_with = "events")]
+    pub established: bool,
+
+    /// One JSON object per line (fields documented in the README); nothing else on stdout.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Exit after N records.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+
+    /// Never colour the output (it is only coloured on a terminal anyway).
+    #[arg(long)]
+    pub no_color: bool,
+
+    /// The daemon's tail socket.
+    #[arg(long, env = "TCPMON_TAIL_SOCKET", default_value = "/run/tcpmon/tail.sock")]
+    pub socket: PathBuf,
+
+    /// Local or remote port.
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+
+    /// Local port.
+    #[arg(long = "lport", value_name = "PORT")]
+    pub local_ports: Vec<u16>,
+
+    /// Remote port.
+    #[arg(long = "rport", value_name = "PORT")]
+    pub remote_ports: Vec<u16>,
+
+    /// Local or remote address, or CIDR network (10.0.0.0/8, ::1).
+    #[arg(long = "addr", value_name = "ADDR|CIDR", value_parser = parse_net)]
+    pub addrs: Vec<IpNet>,
+
+    /// Local address or network.
+    #[arg(long = "laddr", value_name = "ADDR|CIDR", value_parser = parse_net)]
+    pub local_addrs: Vec<IpNet>,
+
+    /// Remote address or network.
+    #[arg(long = "raddr", value_name = "ADDR|CIDR", value_parser = parse_net)]
+    pub remote_addrs: Vec<IpNet>,
+
+    /// Owning process id.
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// Owning process name (exact, as in /proc/PID/comm).
+    #[arg(long = "comm", value_name = "NAME")]
+    pub comms: Vec<String>,
+
+    /// active (this host connected) or passive (accepted).
+    #[arg(long = "side", value_parser = parse_side)]
+    pub sides: Vec<String>,
+
+    /// How connections ended: fin, reset, abort, timeout, refused, unreachable, error, unknown.
+    #[arg(long = "outcome", value_parser = parse_outcome, conflicts_with = "events")]
+    pub outcomes: Vec<String>,
+
+    /// Only connections whose handshake took at least this long (e.g. 200ms).
+    #[arg(long, value_name = "DURATION", value_parser = parse_min, conflicts_with = "events")]
+    pub min_handshake: Option<Duration>,
+
+    /// Only connections that lived at least this long.
+    #[arg(long, value_name = "DURATION", value_parser = parse_min, conflicts_with = "events")]
+    pub min_lifetime: Option<Duration>,
+
+    /// Only connections whose teardown took at least this long.
+    #[arg(long, value_name = "DURATION", value_parser = parse_min, conflicts_with = "events")]
+    pub min_teardown: Option<Duration>,
+}
+
+impl TailArgs {
+    /// The request sent to the daemon.
+    pub fn subscribe(&self) -> Result<Subscribe, String> {
+        let micros = |d: Option<Duration>| d.map(|d| d.as_micros().min(u64::MAX as u128) as u64);
+        let request = Subscribe {
+            version: PROTOCOL_VERSION,
+            view: if self.events { View::Events } else { View::Connections },
+            established: self.established,
+            filter: Filter {
+                ports: self.ports.clone(),
+                local_ports: self.local_ports.clone(),
+                remote_ports: self.remote_ports.clone(),
+                addrs: self.addrs.clone(),
+                local_addrs: self.local_addrs.clone(),
+                remote_addrs: self.remote_addrs.clone(),
+                pids: self.pids.clone(),
+                comms: self.comms.clone(),
+                sides: self.sides.clone(),
+                outcomes: self.outcomes.clone(),
+                min_handshake_us: micros(self.min_handshake),
+                min_lifetime_us: micros(self.min_lifetime),
+                min_teardown_us: micros(self.min_teardown),
+            },
+        };
+        request.validate()?;
+        Ok(request)
+    }
+}
+
+/// Parses a minimum duration such as `200ms` or `2s`.
+pub fn parse_min(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("`{text}`: {e} (e.g. 200ms, 2s)"))
 }
 
 impl RunArgs {
@@ -141,8 +267,68 @@ mod tests {
             let err = Cli::try_parse_from(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");
         }
-        let Command::Run(run) = Cli::try_parse_from(["tcpmon", "run"]).unwrap().command;
+        let Command::Run(run) = Cli::try_parse_from(["tcpmon", "run"]).unwrap().command else {
+            panic!("not run")
+        };
         assert_eq!(run.listen, "127.0.0.1:9979".parse().unwrap());
         assert_eq!(run.wakeup_bytes(), 2 << 20);
+    }
+
+    fn tail(args: &[&str]) -> Result<TailArgs, clap::Error> {
+        let full: Vec<&str> = ["tcpmon", "tail"].iter().chain(args).copied().collect();
+        Cli::try_parse_from(full).map(|cli| match cli.command {
+            Command::Tail(args) => *args,
+            Command::Run(_) => panic!("not tail"),
+        })
+    }
+
+    #[test]
+    fn tail_filters_parse_into_the_request() {
+        let args = tail(&[
+            "--port",
+            "5432",
+            "--port",
+            "80",
+            "--addr",
+            "10.0.0.0/8",
+            "--raddr",
+            "::1",
+            "--side",
+            "active",
+            "--outcome",
+            "reset",
+            "--min-handshake",
+            "200ms",
+            "--comm",
+            "psql",
+        ])
+        .unwrap();
+        let request = args.subscribe().unwrap();
+        assert_eq!(request.view, View::Connections);
+        assert_eq!(request.filter.ports, vec![5432, 80]);
+        assert_eq!(request.filter.addrs, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+        assert_eq!(request.filter.remote_addrs, vec!["::1/128".parse::<IpNet>().unwrap()]);
+        assert_eq!(request.filter.min_handshake_us, Some(200_000));
+        assert_eq!(request.filter.outcomes, vec!["reset".to_owned()]);
+        assert_eq!(tail(&["--events"]).unwrap().subscribe().unwrap().view, View::Events);
+    }
+
+    #[test]
+    fn bad_tail_filters_are_usage_errors_that_say_why() {
+        for (args, says) in [
+            (&["--addr", "10.0.0.0/33"][..], "not an address or CIDR"),
+            (&["--addr", "example.com"], "not an address or CIDR"),
+            (&["--port", "70000"], "70000"),
+            (&["--port", "http"], "http"),
+            (&["--outcome", "exploded"], "not an outcome"),
+            (&["--side", "left"], "not a side"),
+            (&["--events", "--outcome", "fin"], "cannot be used with"),
+            (&["--events", "--min-lifetime", "1s"], "cannot be used with"),
+            (&["--min-lifetime", "soon"], "soon"),
+        ] {
+            let err = tail(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            assert!(err.to_string().contains(says), "{args:?}: {err}");
+        }
     }
 }

@@ -1,6 +1,8 @@
-//! `tcpmon run`: wires the loader, the ring-buffer source, the tracker, the aggregator and
-//! the metrics endpoint together, and shuts them down cleanly.
+//! `tcpmon run`, and the pipeline it shares with the stand-alone tail: load, drain the ring
+//! buffer in batches, decode, track, and hand observations to the metrics and tail clients.
 
+use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -9,6 +11,7 @@ use anyhow::Context as _;
 use log::{debug, info, warn};
 use prometheus::Registry;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 
 use crate::aggregate::Aggregator;
 use crate::cli::RunArgs;
@@ -16,10 +19,172 @@ use crate::decode::decode;
 use crate::loader::{self, LoadOptions, Loaded};
 use crate::metrics::{self, CounterSource, KernelCollector};
 use crate::source::{Recorder, RingSource, BATCH_RECORDS};
+use crate::tail::hub::{self, DaemonSink, NewSubscriber, TailHub, TailMetrics};
+use crate::tail::record::WallClock;
 use crate::tracker::Tracker;
 
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Knobs of the pipeline (a subset of `tcpmon run`'s flags).
+#[derive(Clone, Debug)]
+pub struct PipelineOptions {
+    /// Ring buffer size.
+    pub ring_bytes: u32,
+    /// Wake-up threshold (0: every event).
+    pub wakeup_bytes: u64,
+    /// Longest wait between drains.
+    pub drain_interval: Duration,
+    /// Tracker capacity.
+    pub max_sockets: usize,
+    /// Where to record raw records, if anywhere.
+    pub record: Option<PathBuf>,
+}
+
+impl PipelineOptions {
+    /// The options `tcpmon run` was given.
+    pub fn from_run(args: &RunArgs) -> Self {
+        PipelineOptions {
+            ring_bytes: args.ring_bytes,
+            wakeup_bytes: args.wakeup_bytes(),
+            drain_interval: args.drain_interval,
+            max_sockets: args.max_sockets,
+            record: args.record.clone(),
+        }
+    }
+}
+
+/// What the drain loop did, for the shutdown summary.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Summary {
+    /// Records read from the ring.
+    pub received: u64,
+    /// Records that did not decode.
+    pub undecodable: u64,
+    /// Sockets in the table at the end.
+    pub tracked: usize,
+}
+
+/// The running pipeline.
+struct Pipeline {
+    source: RingSource,
+    tracker: Tracker,
+    recorder: Option<Recorder>,
+    summary: Summary,
+}
+
+impl Pipeline {
+    fn new(
+        ring: aya::maps::RingBuf<aya::maps::MapData>,
+        options: &PipelineOptions,
+    ) -> anyhow::Result<Self> {
+        let recorder = match &options.record {
+            Some(path) => Some(
+                Recorder::create(path).with_context(|| format!("creating {}", path.display()))?,
+            ),
+            None => None,
+        };
+        Ok(Pipeline {
+            source: RingSource::new(ring, options.drain_interval)
+                .context("watching the ring buffer")?,
+            tracker: Tracker::new(options.max_sockets),
+            recorder,
+            summary: Summary::default(),
+        })
+    }
+
+    /// Drains one batch; returns how many records it took.
+    fn drain_batch(&mut self, aggregator: &Aggregator, hub: &mut TailHub) -> usize {
+        let Pipeline { source, tracker, recorder, summary } = self;
+        let mut sink = DaemonSink { aggregator, hub };
+        source.drain(BATCH_RECORDS, |bytes| {
+            summary.received += 1;
+            aggregator.record_received();
+            if let Some(out) = recorder.as_mut() {
+                if let Err(e) = out.write(bytes) {
+                    warn!("recording stopped: {e}");
+                    *recorder = None;
+                }
+            }
+            match decode(bytes) {
+                Ok(event) => tracker.on_event(&event, &mut sink),
+                Err(e) => {
+                    summary.undecodable += 1;
+                    aggregator.record_undecodable();
+                    if summary.undecodable.is_power_of_two() {
+                        warn!(
+                            "skipped an undecodable record ({e}); {} so far",
+                            summary.undecodable
+                        );
+                    }
+                }
+            }
+        })
+    }
+
+    /// Drains until the ring is empty, yielding between full batches.
+    async fn drain_all(&mut self, aggregator: &Aggregator, hub: &mut TailHub) {
+        while self.drain_batch(aggregator, hub) == BATCH_RECORDS {
+            // A flood: let the HTTP server, tail writers and signals in between batches.
+            tokio::task::yield_now().await;
+        }
+        hub.prune();
+        aggregator.publish_tracker(&self.tracker, unix_now());
+    }
+
+    /// Runs until `stop` resolves (returning its reason), or until the last tail client
+    /// leaves when `until_no_clients` is set.
+    async fn run<S: Future<Output = &'static str>>(
+        &mut self,
+        aggregator: &Aggregator,
+        hub: &mut TailHub,
+        new_subscribers: &mut mpsc::Receiver<NewSubscriber>,
+        stop: S,
+        until_no_clients: bool,
+        drained: impl Fn(),
+    ) -> anyhow::Result<&'static str> {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                biased;
+                reason = &mut stop => return Ok(reason),
+                Some(subscriber) = new_subscribers.recv() => hub.add(subscriber),
+                ready = self.source.ready() => ready.context("waiting on the ring buffer")?,
+            }
+            while let Ok(subscriber) = new_subscribers.try_recv() {
+                hub.add(subscriber);
+            }
+            self.drain_all(aggregator, hub).await;
+            drained();
+            if until_no_clients && hub.is_empty() {
+                return Ok("the tail ended");
+            }
+        }
+    }
+
+    fn finish(mut self, aggregator: &Aggregator, hub: &mut TailHub) -> Summary {
+        while self.drain_batch(aggregator, hub) > 0 {}
+        aggregator.publish_tracker(&self.tracker, unix_now());
+        if let Some(e) = self.recorder.as_mut().and_then(|out| out.flush().err()) {
+            warn!("flushing the recording failed: {e}");
+        }
+        self.summary.tracked = self.tracker.len();
+        self.summary
+    }
+}
+
+async fn termination() -> &'static str {
+    let (Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -28,25 +193,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         warn!("not running as root: loading needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)");
     }
-    // Bind first: a taken port should fail before anything is loaded into the kernel.
+    // Claim the sockets first: a taken port or a running daemon should fail before anything
+    // is loaded into the kernel.
     let listener = metrics::bind(args.listen).await?;
+    let tail_listener = hub::bind_socket(&args.tail_socket)?;
     let registry = Registry::new();
     let aggregator = Aggregator::new(&registry).context("creating the metrics")?;
+    let mut hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "daemon");
 
+    let options = PipelineOptions::from_run(&args);
     let Loaded { ebpf, ring, counters, reads_sock_err } = loader::load(LoadOptions {
-        ring_bytes: args.ring_bytes,
-        wakeup_bytes: args.wakeup_bytes(),
+        ring_bytes: options.ring_bytes,
+        wakeup_bytes: options.wakeup_bytes,
     })
     .context("loading the eBPF program")?;
     let collector = Arc::new(KernelCollector::new(counters).context("creating kernel metrics")?);
     registry
         .register(Box::new(SharedCollector(collector.clone())))
         .context("registering kernel metrics")?;
-    let mut source =
-        RingSource::new(ring, args.drain_interval).context("watching the ring buffer")?;
+    let mut pipeline = Pipeline::new(ring, &options)?;
     info!(
         "attached to sock:inet_sock_set_state (ring {} KiB, {}; close reasons from sk_err: {}); \
-         metrics on http://{}/metrics",
+         metrics on http://{}/metrics, tails on {}",
         args.ring_bytes / 1024,
         if args.low_latency {
             "wake-up per event".to_owned()
@@ -55,17 +223,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         if reads_sock_err { "yes" } else { "no" },
         listener.local_addr().unwrap_or(args.listen),
+        args.tail_socket.display(),
     );
 
     // Healthy while the drain loop keeps turning.
-    let last_drain_ms = Arc::new(AtomicU64::new(started.elapsed().as_millis() as u64));
+    let last_drain_ms = Arc::new(AtomicU64::new(0));
     let stale_after = (args.drain_interval * 20).max(Duration::from_secs(5));
     let health = {
         let last_drain_ms = last_drain_ms.clone();
         Arc::new(move || {
-            let idle = started
-                .elapsed()
-                .saturating_sub(Duration::from_millis(last_drain_ms.load(Ordering::Relaxed)));
+            let last = Duration::from_millis(last_drain_ms.load(Ordering::Relaxed));
+            let idle = started.elapsed().saturating_sub(last);
             if idle > stale_after {
                 Err(format!("the ring buffer has not been drained for {idle:?}"))
             } else {
@@ -74,74 +242,50 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         })
     };
     let server = tokio::spawn(metrics::serve(listener, registry.clone(), health));
+    let (subscribe, mut new_subscribers) = mpsc::channel(16);
+    let tails = tokio::spawn(hub::serve(tail_listener, subscribe));
 
-    let mut recorder = match &args.record {
-        Some(path) => {
-            Some(Recorder::create(path).with_context(|| format!("creating {}", path.display()))?)
-        }
-        None => None,
-    };
-    let mut tracker = Tracker::new(args.max_sockets);
-    let mut received = 0u64;
-    let mut undecodable = 0u64;
-    let mut process = |bytes: &[u8], tracker: &mut Tracker| {
-        received += 1;
-        aggregator.record_received();
-        if let Some(out) = recorder.as_mut() {
-            if let Err(e) = out.write(bytes) {
-                warn!("recording stopped: {e}");
-                recorder = None;
-            }
-        }
-        match decode(bytes) {
-            Ok(event) => tracker.on_event(&event, &mut &aggregator),
-            Err(e) => {
-                undecodable += 1;
-                aggregator.record_undecodable();
-                if undecodable.is_power_of_two() {
-                    warn!("skipped an undecodable record ({e}); {undecodable} so far");
-                }
-            }
-        }
-    };
-
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let stop = loop {
-        tokio::select! {
-            biased;
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = sigint.recv() => break "SIGINT",
-            ready = source.ready() => ready.context("waiting on the ring buffer")?,
-        }
-        loop {
-            let drained = source.drain(BATCH_RECORDS, |bytes| process(bytes, &mut tracker));
-            if drained < BATCH_RECORDS {
-                break;
-            }
-            // A flood: let the metrics server and the signal handlers in between batches.
-            tokio::task::yield_now().await;
-        }
-        aggregator.publish_tracker(&tracker, unix_now());
-        last_drain_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    };
+    let stop = pipeline
+        .run(&aggregator, &mut hub, &mut new_subscribers, termination(), false, || {
+            last_drain_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed)
+        })
+        .await?;
 
     // Detach first so nothing new arrives, then take what is already in the ring.
     debug!("{stop}: detaching");
     drop(ebpf);
-    while source.drain(BATCH_RECORDS, |bytes| process(bytes, &mut tracker)) > 0 {}
-    aggregator.publish_tracker(&tracker, unix_now());
-    if let Some(e) = recorder.as_mut().and_then(|out| out.flush().err()) {
-        warn!("flushing the recording failed: {e}");
-    }
+    let summary = pipeline.finish(&aggregator, &mut hub);
     server.abort();
+    tails.abort();
+    let _ = std::fs::remove_file(&args.tail_socket);
     let lost = collector.lost_so_far();
     info!(
-        "{stop}: detached and stopped after {:.1?}: {received} events received, {lost} lost \
-         (ring full), {undecodable} undecodable, {} sockets tracked at exit",
+        "{stop}: detached and stopped after {:.1?}: {} events received, {lost} lost \
+         (ring full), {} undecodable, {} sockets tracked at exit",
         started.elapsed(),
-        tracker.len(),
+        summary.received,
+        summary.undecodable,
+        summary.tracked,
     );
+    Ok(())
+}
+
+/// Runs the pipeline for one in-process tail client (`tcpmon tail` without a daemon) until
+/// that client goes away.
+pub async fn standalone(options: PipelineOptions, client: NewSubscriber) -> anyhow::Result<()> {
+    let registry = Registry::new(); // never served; the aggregator needs one
+    let aggregator = Aggregator::new(&registry)?;
+    let mut hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "standalone");
+    let loaded = loader::load(LoadOptions {
+        ring_bytes: options.ring_bytes,
+        wakeup_bytes: options.wakeup_bytes,
+    })
+    .context("loading the eBPF program")?;
+    let mut pipeline = Pipeline::new(loaded.ring, &options)?;
+    hub.add(client);
+    let (_keep, mut none) = mpsc::channel(1);
+    pipeline.run(&aggregator, &mut hub, &mut none, std::future::pending(), true, || {}).await?;
+    drop(loaded.ebpf);
     Ok(())
 }
 

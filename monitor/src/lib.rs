@@ -12,4 +12,5 @@ pub mod decode;
 pub mod loader;
 pub mod metrics;
 pub mod source;
+pub mod tail;
 pub mod tracker;

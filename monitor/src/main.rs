@@ -20,6 +20,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => runtime.block_on(monitor::daemon::run(args)),
+        Command::Tail(args) => return runtime.block_on(monitor::tail::client::run(*args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,168 +8,15 @@
 //! connections of its own), waits until the daemon has received every transition the kernel
 //! counted, and runs alone (a lock serializes the tests of this file).
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::Command;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn kernel_tests_enabled() -> bool {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var_os("TCPMON_SKIP_KERNEL_TESTS").is_some() {
-        eprintln!("SKIPPED: kernel test needs root (TCPMON_SKIP_KERNEL_TESTS is set)");
-        return false;
-    }
-    panic!("kernel tests need root (CAP_BPF, CAP_PERFMON); set TCPMON_SKIP_KERNEL_TESTS=1 to skip them");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A running `tcpmon run`, stopped with SIGTERM on drop.
-struct Daemon {
-    child: Child,
-    scraper: BufReader<TcpStream>,
-}
-
-type Metrics = HashMap<String, f64>;
-
-impl Daemon {
-    fn start(extra: &[&str]) -> Daemon {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tcpmon"))
-            .args(["run", "--listen", &listen.to_string(), "--drain-interval", "10ms"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting tcpmon");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let stream = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut stderr = String::new();
-                child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-                panic!("tcpmon exited early ({status}):\n{stderr}");
-            }
-            if let Ok(stream) = TcpStream::connect(listen) {
-                break stream;
-            }
-            assert!(Instant::now() < deadline, "tcpmon did not start listening within 30s");
-            thread::sleep(Duration::from_millis(50));
-        };
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Daemon { child, scraper: BufReader::new(stream) }
-    }
-
-    /// GET /metrics over the kept-alive connection.
-    fn scrape(&mut self) -> Metrics {
-        self.scraper.get_mut().write_all(b"GET /metrics HTTP/1.1\r\nHost: tcpmon\r\n\r\n").unwrap();
-        let mut length = None;
-        let mut line = String::new();
-        self.scraper.read_line(&mut line).unwrap();
-        assert!(line.starts_with("HTTP/1.1 200"), "status line: {line:?}");
-        loop {
-            line.clear();
-            self.scraper.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse::<usize>().ok();
-                }
-            }
-        }
-        let mut body = vec![0; length.expect("content-length")];
-        self.scraper.read_exact(&mut body).unwrap();
-        parse_metrics(&String::from_utf8(body).unwrap())
-    }
-
-    /// Scrapes once the daemon has received every transition the kernel counted (minus the
-    /// ones lost, which the tests require to be none).
-    fn settled_scrape(&mut self) -> Metrics {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let m = self.scrape();
-            let kernel: f64 = m
-                .iter()
-                .filter(|(k, _)| k.starts_with("tcpmon_state_transitions_total"))
-                .map(|(_, v)| v)
-                .sum();
-            let received = m["tcpmon_events_received_total"];
-            if received == kernel - m["tcpmon_events_lost_total"] {
-                return m;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not catch up: received {received}, kernel {kernel}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(mut self) -> (std::process::ExitStatus, String, Duration) {
-        let started = Instant::now();
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        let elapsed = started.elapsed();
-        let mut stderr = String::new();
-        self.child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-        (status, stderr, elapsed)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn parse_metrics(text: &str) -> Metrics {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-fn delta(before: &Metrics, after: &Metrics, series: &str) -> f64 {
-    let get = |m: &Metrics| m.get(series).copied().unwrap_or(0.0);
-    get(after) - get(before)
-}
-
-/// How many observations of `histogram{labels}` fell in `(low, high]` between two scrapes.
-fn in_bucket(
-    before: &Metrics,
-    after: &Metrics,
-    histogram: &str,
-    labels: &str,
-    low: &str,
-    high: &str,
-) -> f64 {
-    let series = |le: &str| {
-        if labels.is_empty() {
-            format!("{histogram}_bucket{{le=\"{le}\"}}")
-        } else {
-            format!("{histogram}_bucket{{{labels},le=\"{le}\"}}")
-        }
-    };
-    delta(before, after, &series(high)) - delta(before, after, &series(low))
-}
+use common::{delta, in_bucket, kernel_tests_enabled, Daemon, SERIAL};
 
 /// One client/server exchange where the client sends, half-closes, and the server waits
 /// `server_wait` in CLOSE_WAIT before close(); the client reads to EOF, then closes.
@@ -277,7 +124,6 @@ fn check_own_traffic(ip: &str) {
         ),
         n
     );
-    // Nothing of ours was left behind in the table.
     let (status, stderr, _) = daemon.stop();
     assert!(status.success(), "{stderr}");
 }

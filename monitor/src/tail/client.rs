@@ -1,0 +1,184 @@
+//! `tcpmon tail`: connects to the daemon's tail socket (or, when no daemon runs, runs the
+//! pipeline in-process), and prints records as aligned columns or JSON lines.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use super::filter::Subscribe;
+use super::format;
+use super::hub::{NewSubscriber, CLIENT_QUEUE};
+use super::record::TailRecord;
+use crate::cli::TailArgs;
+use crate::daemon::{self, PipelineOptions};
+
+/// Where lines come from.
+enum Lines {
+    Daemon(BufReader<UnixStream>),
+    InProcess(mpsc::Receiver<Bytes>),
+}
+
+impl Lines {
+    async fn next(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        match self {
+            Lines::Daemon(reader) => {
+                let mut line = Vec::new();
+                match reader.read_until(b'\n', &mut line).await? {
+                    0 => Ok(None),
+                    _ => Ok(Some(line)),
+                }
+            }
+            Lines::InProcess(receiver) => Ok(receiver.recv().await.map(|b| b.to_vec())),
+        }
+    }
+}
+
+/// Why printing stopped.
+enum End {
+    /// `--count` reached, SIGINT, or stdout closed: a normal end.
+    Done,
+    /// The stream ended or failed.
+    Failed(String),
+}
+
+/// Runs the tail; returns the process exit code.
+pub async fn run(args: TailArgs) -> ExitCode {
+    let request = match args.subscribe() {
+        Ok(request) => request,
+        Err(message) => {
+            eprintln!("tcpmon tail: error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut standalone = None;
+    let lines = match UnixStream::connect(&args.socket).await {
+        Ok(mut stream) => {
+            let mut line = serde_json::to_vec(&request).unwrap_or_default();
+            line.push(b'\n');
+            if let Err(e) = stream.write_all(&line).await {
+                eprintln!(
+                    "tcpmon tail: error: sending the request to {}: {e}",
+                    args.socket.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            Lines::Daemon(BufReader::new(stream))
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            eprintln!(
+                "tcpmon tail: no daemon at {}; running stand-alone (loading the eBPF program)",
+                args.socket.display()
+            );
+            let (queue, receiver) = mpsc::channel(CLIENT_QUEUE);
+            let options = PipelineOptions {
+                ring_bytes: 8 << 20,
+                wakeup_bytes: 0,
+                drain_interval: std::time::Duration::from_millis(100),
+                max_sockets: crate::tracker::DEFAULT_MAX_SOCKETS,
+                record: None,
+            };
+            standalone = Some(tokio::spawn(daemon::standalone(
+                options,
+                NewSubscriber { request: request.clone(), queue },
+            )));
+            Lines::InProcess(receiver)
+        }
+        Err(e) => {
+            let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                " (the tail socket is owner-only: run as the daemon's user)"
+            } else {
+                ""
+            };
+            eprintln!("tcpmon tail: error: cannot connect to {}: {e}{hint}", args.socket.display());
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let end = tokio::select! {
+        end = print(lines, &args, &request) => end,
+        _ = tokio::signal::ctrl_c() => End::Done,
+    };
+    match end {
+        End::Done => ExitCode::SUCCESS,
+        End::Failed(message) => {
+            // A stand-alone pipeline that failed (e.g. not root) explains itself best.
+            if let Some(handle) = standalone {
+                if let Ok(Err(e)) = handle.await {
+                    eprintln!("tcpmon tail: error: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            eprintln!("tcpmon tail: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn print(mut lines: Lines, args: &TailArgs, request: &Subscribe) -> End {
+    let stdout = std::io::stdout();
+    let color = !args.json && !args.no_color && stdout.is_terminal();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut printed = 0u64;
+    let write = |out: &mut std::io::BufWriter<std::io::StdoutLock<'_>>, bytes: &[u8]| {
+        out.write_all(bytes).and_then(|()| out.flush())
+    };
+    if !args.json {
+        let header = format!("{}\n", format::header(request.view));
+        if write(&mut out, header.as_bytes()).is_err() {
+            return End::Done;
+        }
+    }
+    loop {
+        let line = match lines.next().await {
+            Ok(Some(line)) => line,
+            Ok(None) => {
+                return End::Failed("the record stream ended (did the daemon stop?)".into())
+            }
+            Err(e) => return End::Failed(format!("reading records: {e}")),
+        };
+        let record: TailRecord = match serde_json::from_slice(&line) {
+            Ok(record) => record,
+            Err(e) => return End::Failed(format!("unreadable record from the daemon: {e}")),
+        };
+        let counts = matches!(record, TailRecord::Connection(_) | TailRecord::Transition(_));
+        let text = match &record {
+            TailRecord::Error { message } => {
+                return End::Failed(format!("the daemon refused: {message}"))
+            }
+            TailRecord::Hello { mode, .. } => {
+                // On stderr, so stdout stays records only; scripts can wait for this line.
+                match mode.as_str() {
+                    "standalone" => eprintln!("tcpmon tail: stand-alone: attached to the kernel"),
+                    _ => {
+                        eprintln!("tcpmon tail: following the daemon at {}", args.socket.display())
+                    }
+                }
+                continue;
+            }
+            _ if args.json => line,
+            record => match format::human(record, color) {
+                Some(text) => format!("{text}\n").into_bytes(),
+                None => continue,
+            },
+        };
+        // stdout closed (`| head`): a normal end, not an error.
+        if write(&mut out, &text).is_err() {
+            return End::Done;
+        }
+        if counts {
+            printed += 1;
+            if args.count.is_some_and(|n| printed >= n) {
+                return End::Done;
+            }
+        }
+    }
+}

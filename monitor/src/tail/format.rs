@@ -1,0 +1,247 @@
+//! Human output of `tcpmon tail`: aligned columns, compact IPv6, durations in sensible
+//! units, times of day in UTC. Colour only when asked (stdout is a terminal).
+
+use std::fmt::Write as _;
+
+use super::filter::View;
+use super::record::{ConnectionLine, TailRecord, TransitionLine};
+
+const ADDR_WIDTH: usize = 23;
+
+/// `52µs`, `3.25ms`, `301ms`, `1.02s`, `31.5s`, `2m05s`, `1h02m`.
+pub fn duration(us: u64) -> String {
+    match us {
+        0..=999 => format!("{us}µs"),
+        1_000..=9_999 => format!("{:.2}ms", us as f64 / 1e3),
+        10_000..=999_999 => format!("{}ms", us / 1_000),
+        1_000_000..=9_999_999 => format!("{:.2}s", us as f64 / 1e6),
+        10_000_000..=59_999_999 => format!("{:.1}s", us as f64 / 1e6),
+        60_000_000..=3_599_999_999 => format!("{}m{:02}s", us / 60_000_000, us / 1_000_000 % 60),
+        _ => format!("{}h{:02}m", us / 3_600_000_000, us / 60_000_000 % 60),
+    }
+}
+
+fn optional_duration(us: Option<u64>) -> String {
+    us.map_or_else(|| "-".to_owned(), duration)
+}
+
+/// `HH:MM:SS.mmm` of an RFC 3339 time, or the input when it has no such part.
+fn time_of_day(rfc3339: &str) -> &str {
+    rfc3339.get(11..23).unwrap_or(rfc3339)
+}
+
+fn endpoint(addr: &str, port: u16) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
+}
+
+fn owner(pid: Option<u32>, comm: &Option<String>) -> (String, String) {
+    match pid {
+        Some(pid) => (pid.to_string(), comm.clone().unwrap_or_default()),
+        None => ("-".to_owned(), "-".to_owned()),
+    }
+}
+
+/// The header line of a view.
+pub fn header(view: View) -> String {
+    match view {
+        View::Connections => format!(
+            "{:<12} {:<7} {:>7} {:<15} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:>9} {:>9} {:>9} {:>10}  {}",
+            "TIME(UTC)", "SIDE", "PID", "COMM", "LOCAL", "REMOTE", "HANDSHAKE", "LIFETIME",
+            "TEARDOWN", "CLOSE_WAIT", "OUTCOME"
+        ),
+        View::Events => format!(
+            "{:<12} {:<7} {:>7} {:<15} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<26} {:>9}",
+            "TIME(UTC)", "SIDE", "PID", "COMM", "LOCAL", "REMOTE", "TRANSITION", "IN_OLD"
+        ),
+    }
+}
+
+fn colored(text: &str, outcome: &str, color: bool) -> String {
+    if !color {
+        return text.to_owned();
+    }
+    let code = match outcome {
+        "fin" => "32",                                 // green
+        "reset" | "abort" | "error" => "31",           // red
+        "timeout" | "refused" | "unreachable" => "33", // yellow
+        _ => return text.to_owned(),
+    };
+    format!("\x1b[{code}m{text}\x1b[0m")
+}
+
+/// One connection line. TIME is when the connection began (when known).
+pub fn connection(line: &ConnectionLine, color: bool) -> String {
+    let (pid, comm) = owner(line.pid, &line.comm);
+    let time = time_of_day(line.start_time.as_deref().unwrap_or(&line.time));
+    let outcome = match (&line.outcome, line.event.as_str()) {
+        (Some(outcome), _) => colored(outcome, outcome, color),
+        (None, event) => event.to_owned(),
+    };
+    let mut out = String::with_capacity(160);
+    let _ = write!(
+        out,
+        "{:<12} {:<7} {:>7} {:<15} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:>9} {:>9} {:>9} {:>10}  {}",
+        time,
+        line.side.as_deref().unwrap_or("-"),
+        pid,
+        comm,
+        endpoint(&line.local_addr, line.local_port),
+        endpoint(&line.remote_addr, line.remote_port),
+        optional_duration(line.handshake_us),
+        optional_duration(line.lifetime_us),
+        optional_duration(line.teardown_us),
+        optional_duration(line.close_wait_us),
+        outcome,
+    );
+    out
+}
+
+/// One transition line.
+pub fn transition(line: &TransitionLine) -> String {
+    let (pid, comm) = owner(line.pid, &line.comm);
+    format!(
+        "{:<12} {:<7} {:>7} {:<15} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<26} {:>9}",
+        time_of_day(&line.time),
+        line.side.as_deref().unwrap_or("-"),
+        pid,
+        comm,
+        endpoint(&line.local_addr, line.local_port),
+        endpoint(&line.remote_addr, line.remote_port),
+        format!("{} -> {}", line.old_state, line.new_state),
+        optional_duration(line.in_old_state_us),
+    )
+}
+
+/// The human line for any record that is printed on stdout (`None` for hello/error).
+pub fn human(record: &TailRecord, color: bool) -> Option<String> {
+    match record {
+        TailRecord::Connection(line) => Some(connection(line, color)),
+        TailRecord::Transition(line) => Some(transition(line)),
+        TailRecord::Missed { records } => Some(format!(
+            "-- missed {records} records: this tail read too slowly and the daemon dropped them --"
+        )),
+        TailRecord::Hello { .. } | TailRecord::Error { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tail::record::{ConnectionLine, TransitionLine};
+
+    fn closed_v4() -> ConnectionLine {
+        ConnectionLine {
+            event: "closed".into(),
+            start_time: Some("2026-11-24T08:10:57.880156Z".into()),
+            time: "2026-11-24T08:10:58.180000Z".into(),
+            side: Some("active".into()),
+            pid: Some(27810),
+            comm: Some("python3".into()),
+            family: "ipv4".into(),
+            local_addr: "127.0.0.1".into(),
+            local_port: 49104,
+            remote_addr: "127.0.0.1".into(),
+            remote_port: 48493,
+            handshake_us: Some(43),
+            lifetime_us: Some(300_412),
+            teardown_us: Some(300_301),
+            teardown_side: Some("active".into()),
+            close_wait_us: None,
+            outcome: Some("fin".into()),
+        }
+    }
+
+    #[test]
+    fn golden_connection_lines() {
+        assert_eq!(
+            header(View::Connections),
+            "TIME(UTC)    SIDE        PID COMM            LOCAL                   REMOTE                  HANDSHAKE  LIFETIME  TEARDOWN CLOSE_WAIT  OUTCOME"
+        );
+        assert_eq!(
+            connection(&closed_v4(), false),
+            "08:10:57.880 active    27810 python3         127.0.0.1:49104         127.0.0.1:48493              43µs     300ms     300ms          -  fin"
+        );
+
+        // IPv6, unknown owner, a 15-character comm elsewhere, mid-life start, still open.
+        let mut v6 = closed_v4();
+        v6.family = "ipv6".into();
+        v6.local_addr = "2001:db8::1".into();
+        v6.remote_addr = "::1".into();
+        v6.pid = None;
+        v6.comm = None;
+        v6.start_time = None;
+        v6.side = None;
+        v6.event = "established".into();
+        v6.outcome = None;
+        v6.handshake_us = None;
+        v6.lifetime_us = None;
+        v6.teardown_us = None;
+        assert_eq!(
+            connection(&v6, false),
+            "08:10:58.180 -             - -               [2001:db8::1]:49104     [::1]:48493                     -         -         -          -  established"
+        );
+
+        let mut long = closed_v4();
+        long.comm = Some("kworker/u16:3-e".into());
+        long.outcome = Some("reset".into());
+        long.close_wait_us = Some(4_200_000_000);
+        assert_eq!(
+            connection(&long, false),
+            "08:10:57.880 active    27810 kworker/u16:3-e 127.0.0.1:49104         127.0.0.1:48493              43µs     300ms     300ms      1h10m  reset"
+        );
+        assert_eq!(
+            connection(&long, true),
+            "08:10:57.880 active    27810 kworker/u16:3-e 127.0.0.1:49104         127.0.0.1:48493              43µs     300ms     300ms      1h10m  \x1b[31mreset\x1b[0m"
+        );
+    }
+
+    #[test]
+    fn golden_transition_line() {
+        let line = TransitionLine {
+            time: "2026-11-24T08:10:57.880199Z".into(),
+            side: Some("passive".into()),
+            pid: Some(1),
+            comm: Some("nginx".into()),
+            family: "ipv6".into(),
+            local_addr: "::1".into(),
+            local_port: 443,
+            remote_addr: "::1".into(),
+            remote_port: 50000,
+            old_state: "CLOSE_WAIT".into(),
+            new_state: "LAST_ACK".into(),
+            in_old_state_us: Some(2_500_000),
+        };
+        assert_eq!(
+            transition(&line),
+            "08:10:57.880 passive       1 nginx           [::1]:443               [::1]:50000             CLOSE_WAIT -> LAST_ACK         2.50s"
+        );
+    }
+
+    #[test]
+    fn durations_use_sensible_units() {
+        for (us, text) in [
+            (0, "0µs"),
+            (999, "999µs"),
+            (1_000, "1.00ms"),
+            (3_254, "3.25ms"),
+            (300_412, "300ms"),
+            (1_020_000, "1.02s"),
+            (31_500_000, "31.5s"),
+            (125_000_000, "2m05s"),
+            (3_720_000_000, "1h02m"),
+        ] {
+            assert_eq!(duration(us), text);
+        }
+    }
+
+    #[test]
+    fn missed_records_are_a_line_of_their_own() {
+        let line = human(&TailRecord::Missed { records: 17 }, false).unwrap();
+        assert!(line.contains("missed 17 records"), "{line}");
+        assert!(human(&TailRecord::Hello { version: 1, mode: "daemon".into() }, false).is_none());
+    }
+}

@@ -1,0 +1,293 @@
+//! Daemon side of the tail: the Unix socket server and the fan-out of records to clients.
+//!
+//! The drain loop owns the [`TailHub`] and never waits on a client: each client has a bounded
+//! queue; when it is full the record is dropped, counted for that client (it is told how many
+//! it missed as soon as its queue has room again) and in `tcpmon_tail_records_dropped_total`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use log::{debug, info};
+use prometheus::{IntCounter, IntGauge, Registry};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc::{self, error::TrySendError};
+
+use super::filter::Subscribe;
+use super::record::{ConnectionLine, TailRecord, TransitionLine, WallClock, PROTOCOL_VERSION};
+use crate::aggregate::Aggregator;
+use crate::tracker::{ConnectionRecord, Observation, ObservationSink, TransitionRecord};
+
+/// Records a client may have queued before the daemon starts dropping its records.
+pub const CLIENT_QUEUE: usize = 4096;
+/// Longest subscribe request accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+/// How long a client has to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A client ready to receive records.
+pub struct NewSubscriber {
+    /// What it asked for (validated).
+    pub request: Subscribe,
+    /// Where its lines go.
+    pub queue: mpsc::Sender<Bytes>,
+}
+
+/// The tail's self-observability metrics.
+#[derive(Clone)]
+pub struct TailMetrics {
+    clients: IntGauge,
+    sent: IntCounter,
+    dropped: IntCounter,
+}
+
+impl TailMetrics {
+    /// Creates and registers the metrics.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let clients = IntGauge::new("tcpmon_tail_clients", "Connected tail clients.")?;
+        let sent =
+            IntCounter::new("tcpmon_tail_records_sent_total", "Records queued to tail clients.")?;
+        let dropped = IntCounter::new(
+            "tcpmon_tail_records_dropped_total",
+            "Records dropped because a tail client read too slowly (each client is told).",
+        )?;
+        registry.register(Box::new(clients.clone()))?;
+        registry.register(Box::new(sent.clone()))?;
+        registry.register(Box::new(dropped.clone()))?;
+        Ok(TailMetrics { clients, sent, dropped })
+    }
+}
+
+struct Subscriber {
+    request: Subscribe,
+    queue: mpsc::Sender<Bytes>,
+    missed: u64,
+    gone: bool,
+}
+
+/// The connected clients, owned by the drain loop.
+pub struct TailHub {
+    subscribers: Vec<Subscriber>,
+    clock: WallClock,
+    metrics: TailMetrics,
+    mode: &'static str,
+}
+
+impl TailHub {
+    /// An empty hub converting timestamps with `clock`; `mode` (`daemon`, `standalone`) is
+    /// announced to clients.
+    pub fn new(clock: WallClock, metrics: TailMetrics, mode: &'static str) -> Self {
+        TailHub { subscribers: Vec::new(), clock, metrics, mode }
+    }
+
+    /// Adds a client and sends it `hello`: from that line on it sees every matching record.
+    pub fn add(&mut self, subscriber: NewSubscriber) {
+        let hello = TailRecord::Hello { version: PROTOCOL_VERSION, mode: self.mode.into() };
+        if subscriber.queue.try_send(Bytes::from(hello.to_line())).is_err() {
+            return; // already gone
+        }
+        self.subscribers.push(Subscriber {
+            request: subscriber.request,
+            queue: subscriber.queue,
+            missed: 0,
+            gone: false,
+        });
+        self.metrics.clients.set(self.subscribers.len() as i64);
+    }
+
+    /// True when no client is connected.
+    pub fn is_empty(&self) -> bool {
+        self.subscribers.is_empty()
+    }
+
+    /// Forgets clients that went away.
+    pub fn prune(&mut self) {
+        let before = self.subscribers.len();
+        self.subscribers.retain(|s| !s.gone && !s.queue.is_closed());
+        if self.subscribers.len() != before {
+            self.metrics.clients.set(self.subscribers.len() as i64);
+        }
+    }
+
+    fn deliver(metrics: &TailMetrics, subscriber: &mut Subscriber, line: &Bytes) {
+        if subscriber.missed > 0 {
+            let notice = TailRecord::Missed { records: subscriber.missed }.to_line();
+            match subscriber.queue.try_send(Bytes::from(notice)) {
+                Ok(()) => subscriber.missed = 0,
+                Err(TrySendError::Full(_)) => {
+                    subscriber.missed += 1;
+                    metrics.dropped.inc();
+                    return;
+                }
+                Err(TrySendError::Closed(_)) => {
+                    subscriber.gone = true;
+                    return;
+                }
+            }
+        }
+        match subscriber.queue.try_send(line.clone()) {
+            Ok(()) => metrics.sent.inc(),
+            Err(TrySendError::Full(_)) => {
+                subscriber.missed += 1;
+                metrics.dropped.inc();
+            }
+            Err(TrySendError::Closed(_)) => subscriber.gone = true,
+        }
+    }
+
+    /// Sends a connection record to every client that wants it (serialized once).
+    pub fn publish_connection(&mut self, record: &ConnectionRecord) {
+        let mut line = None;
+        for subscriber in &mut self.subscribers {
+            if subscriber.request.wants_connection(record) {
+                let line = line.get_or_insert_with(|| {
+                    let json = ConnectionLine::from_record(record, &self.clock);
+                    Bytes::from(TailRecord::Connection(json).to_line())
+                });
+                Self::deliver(&self.metrics, subscriber, line);
+            }
+        }
+    }
+
+    /// Sends a transition record to every client that wants it (serialized once).
+    pub fn publish_transition(&mut self, record: &TransitionRecord) {
+        let mut line = None;
+        for subscriber in &mut self.subscribers {
+            if subscriber.request.wants_transition(record) {
+                let line = line.get_or_insert_with(|| {
+                    let json = TransitionLine::from_record(record, &self.clock);
+                    Bytes::from(TailRecord::Transition(json).to_line())
+                });
+                Self::deliver(&self.metrics, subscriber, line);
+            }
+        }
+    }
+}
+
+/// Feeds metrics to the aggregator and records to the tail.
+pub struct DaemonSink<'a> {
+    /// Metrics.
+    pub aggregator: &'a Aggregator,
+    /// Tail clients.
+    pub hub: &'a mut TailHub,
+}
+
+impl ObservationSink for DaemonSink<'_> {
+    fn observe(&mut self, observation: &Observation) {
+        match observation {
+            Observation::Connection(record) => self.hub.publish_connection(record),
+            Observation::Transition(record) => self.hub.publish_transition(record),
+            other => {
+                let mut aggregator = self.aggregator;
+                aggregator.observe(other);
+            }
+        }
+    }
+
+    fn wants_records(&self) -> bool {
+        !self.hub.is_empty()
+    }
+}
+
+/// Binds the tail socket with owner-only permissions. A live socket at `path` means another
+/// daemon is running: that is an error. A dead one (left by a crash) is replaced.
+pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", parent.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another tcpmon daemon is already running (it serves tails on {}); stop it \
+                 first, or give this one another --tail-socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| anyhow::anyhow!("removing the stale socket {}: {e}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot create the tail socket {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| anyhow::anyhow!("restricting {}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+/// Accepts tail clients until the task is dropped.
+pub async fn serve(listener: UnixListener, new_subscribers: mpsc::Sender<NewSubscriber>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(handle_client(stream, new_subscribers.clone()));
+            }
+            Err(e) => {
+                debug!("accepting a tail client failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn refuse(mut stream: UnixStream, message: String) {
+    debug!("refused a tail client: {message}");
+    let _ = stream.write_all(&TailRecord::Error { message }.to_line()).await;
+}
+
+async fn handle_client(stream: UnixStream, new_subscribers: mpsc::Sender<NewSubscriber>) {
+    let mut reader = BufReader::new(stream).take(MAX_REQUEST);
+    let mut line = String::new();
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+    let stream = reader.into_inner().into_inner();
+    let request = match read {
+        Err(_) => return refuse(stream, "no request within 5 s".into()).await,
+        Ok(Err(e)) => return refuse(stream, format!("unreadable request: {e}")).await,
+        Ok(Ok(_)) => match serde_json::from_str::<Subscribe>(&line) {
+            Ok(request) => request,
+            Err(e) => return refuse(stream, format!("invalid request: {e}")).await,
+        },
+    };
+    if let Err(message) = request.validate() {
+        return refuse(stream, message).await;
+    }
+    let (queue, mut lines) = mpsc::channel(CLIENT_QUEUE);
+    if new_subscribers.send(NewSubscriber { request, queue }).await.is_err() {
+        return; // shutting down
+    }
+    info!("tail client connected");
+    let (mut from_client, mut to_client) = stream.into_split();
+    let mut batch = Vec::with_capacity(64 * 1024);
+    let mut ignored = [0u8; 512];
+    loop {
+        tokio::select! {
+            line = lines.recv() => {
+                let Some(line) = line else { break };
+                batch.clear();
+                batch.extend_from_slice(&line);
+                while batch.len() < 64 * 1024 {
+                    match lines.try_recv() {
+                        Ok(more) => batch.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                if to_client.write_all(&batch).await.is_err() {
+                    break;
+                }
+            }
+            // Anything a client sends after its request is ignored; EOF means it left.
+            read = from_client.read(&mut ignored) => {
+                if !matches!(read, Ok(n) if n > 0) {
+                    break;
+                }
+            }
+        }
+    }
+    info!("tail client disconnected");
+}
+
+/// Default path of the tail socket.
+pub fn default_socket() -> PathBuf {
+    PathBuf::from("/run/tcpmon/tail.sock")
+}

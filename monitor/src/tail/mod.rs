@@ -1,0 +1,9 @@
+//! The per-connection live tail: records ([`record`]), what a client asks for ([`filter`]),
+//! the daemon side ([`hub`]), human output ([`format`]) and the `tcpmon tail` client
+//! ([`client`]).
+
+pub mod client;
+pub mod filter;
+pub mod format;
+pub mod hub;
+pub mod record;

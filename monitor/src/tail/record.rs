@@ -1,0 +1,303 @@
+//! The tail's records: what the daemon sends a client, and exactly what `tcpmon tail --json`
+//! prints — one JSON object per line, tagged by `"type"`. Field names carry their units
+//! (`_us` = microseconds); times are RFC 3339 in UTC with microseconds.
+//!
+//! | type | fields |
+//! |---|---|
+//! | `connection` | `event` (`established`, `closed`, `failed`), `start_time` (null if first seen mid-life), `time`, `side` (`active`, `passive`, null), `pid`, `comm` (null when unknown), `family` (`ipv4`, `ipv6`), `local_addr`, `local_port`, `remote_addr`, `remote_port`, `handshake_us`, `lifetime_us`, `teardown_us`, `teardown_side`, `close_wait_us`, `outcome` (`fin`, `reset`, `abort`, `timeout`, `refused`, `unreachable`, `error`, `unknown`; null while established) |
+//! | `transition` | `time`, `side`, `pid`, `comm`, `family`, addresses and ports as above, `old_state`, `new_state`, `in_old_state_us` (null when the old state's start was not seen) |
+//! | `missed` | `records`: how many records the daemon dropped because this client read too slowly |
+//! | `hello` | `version`, `mode` (`daemon`, `standalone`): first line of a stream (not printed) |
+//! | `error` | `message`: the daemon refused the request (not printed to stdout) |
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::tracker::{ConnectionPhase, ConnectionRecord, Endpoints, Owner, Side, TransitionRecord};
+
+/// Protocol version of the subscribe request and the records.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// One line of a tail stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TailRecord {
+    /// A connection was established, closed, or failed.
+    Connection(ConnectionLine),
+    /// A state transition (events view).
+    Transition(TransitionLine),
+    /// Records dropped for this client.
+    Missed {
+        /// How many.
+        records: u64,
+    },
+    /// First line of every stream.
+    Hello {
+        /// [`PROTOCOL_VERSION`].
+        version: u32,
+        /// `daemon` or `standalone`.
+        mode: String,
+    },
+    /// The request was refused.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// A `connection` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionLine {
+    /// `established`, `closed` or `failed`.
+    pub event: String,
+    /// When the connection began (SYN sent, or accepted child created).
+    pub start_time: Option<String>,
+    /// When this record's transition happened.
+    pub time: String,
+    /// `active`, `passive`, or null.
+    pub side: Option<String>,
+    /// Owning process id.
+    pub pid: Option<u32>,
+    /// Owning task name.
+    pub comm: Option<String>,
+    /// `ipv4` or `ipv6`.
+    pub family: String,
+    /// Local address.
+    pub local_addr: String,
+    /// Local port.
+    pub local_port: u16,
+    /// Remote address.
+    pub remote_addr: String,
+    /// Remote port.
+    pub remote_port: u16,
+    /// SYN sent → SYN-ACK received (active opens).
+    pub handshake_us: Option<u64>,
+    /// ESTABLISHED → CLOSE.
+    pub lifetime_us: Option<u64>,
+    /// First FIN → CLOSE, orderly closes.
+    pub teardown_us: Option<u64>,
+    /// Who sent the first FIN.
+    pub teardown_side: Option<String>,
+    /// CLOSE_WAIT → LAST_ACK.
+    pub close_wait_us: Option<u64>,
+    /// How it ended.
+    pub outcome: Option<String>,
+}
+
+/// A `transition` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TransitionLine {
+    /// When it happened.
+    pub time: String,
+    /// `active`, `passive`, or null.
+    pub side: Option<String>,
+    /// Owning process id.
+    pub pid: Option<u32>,
+    /// Owning task name.
+    pub comm: Option<String>,
+    /// `ipv4` or `ipv6`.
+    pub family: String,
+    /// Local address.
+    pub local_addr: String,
+    /// Local port.
+    pub local_port: u16,
+    /// Remote address.
+    pub remote_addr: String,
+    /// Remote port.
+    pub remote_port: u16,
+    /// State before, e.g. `SYN_SENT`.
+    pub old_state: String,
+    /// State after.
+    pub new_state: String,
+    /// Time spent in the old state.
+    pub in_old_state_us: Option<u64>,
+}
+
+/// Converts the kernel's CLOCK_MONOTONIC timestamps to wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct WallClock {
+    /// Unix-epoch ns minus monotonic ns, measured once.
+    offset_ns: i128,
+}
+
+impl WallClock {
+    /// Measures the offset between the two clocks now.
+    pub fn now() -> Self {
+        let mut mono = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec; CLOCK_MONOTONIC always exists on Linux.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut mono) };
+        let mono_ns = mono.tv_sec as i128 * 1_000_000_000 + mono.tv_nsec as i128;
+        let wall_ns =
+            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
+        WallClock { offset_ns: wall_ns - mono_ns }
+    }
+
+    /// A clock with a known offset (tests).
+    pub fn with_offset(offset_ns: i128) -> Self {
+        WallClock { offset_ns }
+    }
+
+    /// RFC 3339 UTC time with microseconds of a monotonic timestamp.
+    pub fn format(&self, monotonic_ns: u64) -> String {
+        let unix_ns = (monotonic_ns as i128 + self.offset_ns).max(0) as u128;
+        let time = UNIX_EPOCH + Duration::from_nanos(unix_ns.min(u64::MAX as u128) as u64);
+        humantime::format_rfc3339_micros(time).to_string()
+    }
+}
+
+fn micros(ns: u64) -> u64 {
+    ns / 1_000
+}
+
+fn owner_fields(owner: &Owner) -> (Option<u32>, Option<String>) {
+    match owner.pid {
+        Some(pid) => (Some(pid), Some(owner.comm())),
+        None => (None, None),
+    }
+}
+
+fn family(endpoints: &Endpoints) -> String {
+    if endpoints.local().is_ipv4() { "ipv4" } else { "ipv6" }.to_owned()
+}
+
+fn side(side: Option<Side>) -> Option<String> {
+    side.map(|s| s.as_str().to_owned())
+}
+
+impl ConnectionLine {
+    /// The JSON form of a tracker record.
+    pub fn from_record(record: &ConnectionRecord, clock: &WallClock) -> Self {
+        let (pid, comm) = owner_fields(&record.owner);
+        let (local, remote) = (record.endpoints.local(), record.endpoints.remote());
+        ConnectionLine {
+            event: match record.phase {
+                ConnectionPhase::Established => "established",
+                ConnectionPhase::Closed => "closed",
+                ConnectionPhase::Failed => "failed",
+            }
+            .to_owned(),
+            start_time: record.start_ns.map(|ns| clock.format(ns)),
+            time: clock.format(record.time_ns),
+            side: side(record.side),
+            pid,
+            comm,
+            family: family(&record.endpoints),
+            local_addr: local.ip().to_string(),
+            local_port: local.port(),
+            remote_addr: remote.ip().to_string(),
+            remote_port: remote.port(),
+            handshake_us: record.handshake_ns.map(micros),
+            lifetime_us: record.lifetime_ns.map(micros),
+            teardown_us: record.teardown.map(|(_, ns)| micros(ns)),
+            teardown_side: record.teardown.map(|(s, _)| s.as_str().to_owned()),
+            close_wait_us: record.close_wait_ns.map(micros),
+            outcome: record.outcome.map(|o| o.as_str().to_owned()),
+        }
+    }
+}
+
+impl TransitionLine {
+    /// The JSON form of a tracker record.
+    pub fn from_record(record: &TransitionRecord, clock: &WallClock) -> Self {
+        let (pid, comm) = owner_fields(&record.owner);
+        let (local, remote) = (record.endpoints.local(), record.endpoints.remote());
+        TransitionLine {
+            time: clock.format(record.time_ns),
+            side: side(record.side),
+            pid,
+            comm,
+            family: family(&record.endpoints),
+            local_addr: local.ip().to_string(),
+            local_port: local.port(),
+            remote_addr: remote.ip().to_string(),
+            remote_port: remote.port(),
+            old_state: record.old.name().to_owned(),
+            new_state: record.new.name().to_owned(),
+            in_old_state_us: record.in_old_ns.map(micros),
+        }
+    }
+}
+
+impl TailRecord {
+    /// The record as one line of JSON, newline included.
+    pub fn to_line(&self) -> Vec<u8> {
+        // Serializing these plain structs cannot fail.
+        let mut line = serde_json::to_vec(self).unwrap_or_default();
+        line.push(b'\n');
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracker::{CloseReason, ConnectionRecord};
+
+    #[test]
+    fn json_field_names_and_units_are_stable() {
+        let record = ConnectionRecord {
+            phase: ConnectionPhase::Closed,
+            start_ns: Some(1_000_000_000),
+            time_ns: 1_300_000_000,
+            side: Some(Side::Passive),
+            owner: Owner { pid: Some(7), comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0" },
+            endpoints: Endpoints::new("[::1]:443".parse().unwrap(), "[::1]:50000".parse().unwrap()),
+            handshake_ns: None,
+            lifetime_ns: Some(299_999_999),
+            teardown: Some((Side::Passive, 300_000_000)),
+            close_wait_ns: Some(250_000_000),
+            outcome: Some(CloseReason::Fin),
+        };
+        let clock = WallClock::with_offset(1_795_000_000_000_000_000);
+        let line = TailRecord::Connection(ConnectionLine::from_record(&record, &clock)).to_line();
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        let object = value.as_object().unwrap();
+        let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "close_wait_us",
+                "comm",
+                "event",
+                "family",
+                "handshake_us",
+                "lifetime_us",
+                "local_addr",
+                "local_port",
+                "outcome",
+                "pid",
+                "remote_addr",
+                "remote_port",
+                "side",
+                "start_time",
+                "teardown_side",
+                "teardown_us",
+                "time",
+                "type"
+            ]
+        );
+        assert_eq!(value["type"], "connection");
+        assert_eq!(value["event"], "closed");
+        assert_eq!(value["lifetime_us"], 299_999); // microseconds, truncated
+        assert_eq!(value["teardown_us"], 300_000);
+        assert_eq!(value["close_wait_us"], 250_000);
+        assert_eq!(value["handshake_us"], serde_json::Value::Null);
+        assert_eq!(value["family"], "ipv6");
+        assert_eq!(value["local_addr"], "::1");
+        assert_eq!(value["remote_port"], 50000);
+        assert_eq!(value["start_time"], "2026-11-18T11:06:41.000000Z");
+        assert_eq!(value["time"], "2026-11-18T11:06:41.300000Z");
+        assert!(line.ends_with(b"}\n"));
+        // What the client prints with --json parses back into the same record.
+        let back: TailRecord = serde_json::from_slice(&line).unwrap();
+        assert!(matches!(back, TailRecord::Connection(c) if c.comm.as_deref() == Some("nginx")));
+    }
+
+    #[test]
+    fn missed_notices_are_records_too() {
+        let line = TailRecord::Missed { records: 3 }.to_line();
+        assert_eq!(line, b"{\"type\":\"missed\",\"records\":3}\n");
+    }
+}
