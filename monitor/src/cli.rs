@@ -84,7 +84,7 @@ pub struct TailArgs {
     pub json: bool,
 
     /// Exit after N records.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
 
     /// Never colour the output (it is only coloured on a terminal anyway).

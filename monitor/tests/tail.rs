@@ -54,11 +54,27 @@ impl Tail {
         Tail { child, stderr }
     }
 
-    /// Waits for the tail to exit (it was given --count) and returns its stdout lines.
+    /// Waits (at most 60 s) for the tail to exit — it was given --count — and returns its
+    /// stdout lines.
     fn finish(mut self) -> Vec<String> {
-        let mut out = String::new();
-        self.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-        let status = self.child.wait().unwrap();
+        let mut pipe = self.child.stdout.take().unwrap();
+        let reader = thread::spawn(move || {
+            let mut out = String::new();
+            let _ = pipe.read_to_string(&mut out);
+            out
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("tail did not exit within 60 s: a record never came");
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let out = reader.join().unwrap();
         let stderr: Vec<String> = self.stderr.try_iter().collect();
         assert!(status.success(), "tail failed ({status}): {stderr:?}");
         out.lines().map(str::to_owned).collect()
@@ -213,15 +229,49 @@ fn tail_json_through_the_daemon_shows_exactly_our_connections() {
     if !kernel_tests_enabled() {
         return;
     }
-    let daemon = Daemon::start(&[]);
+    let mut daemon = Daemon::start(&[]);
     let traffic = Traffic::prepare();
     let ports = (traffic.slow_port, traffic.reset_port, traffic.refused_port);
     let mut args = vec!["--json".to_owned(), "--count".to_owned(), "5".to_owned()];
     args.extend(traffic.port_args());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let tail = Tail::start(&daemon.tail_socket, &args, "following the daemon");
+    // A second tail at the same time, on the events view of the slow connection only: its 10
+    // transitions (the listener's own close may follow; --count stops before it).
+    let slow = ports.0.to_string();
+    let events = Tail::start(
+        &daemon.tail_socket,
+        &["--events", "--json", "--port", &slow, "--count", "10"],
+        "following the daemon",
+    );
+    // And a scrape while both are attached.
+    assert_eq!(daemon.scrape()["tcpmon_tail_clients"], 2.0);
     let clients = traffic.run();
     check_records(&tail.finish(), ports.0, ports.1, ports.2, clients);
+
+    let transitions: Vec<Value> =
+        events.finish().iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let pairs: Vec<(String, String)> = transitions
+        .iter()
+        .map(|t| (t["old_state"].as_str().unwrap().into(), t["new_state"].as_str().unwrap().into()))
+        .collect();
+    for expected in [
+        ("CLOSE", "SYN_SENT"),
+        ("SYN_SENT", "ESTABLISHED"),
+        ("LISTEN", "SYN_RECV"),
+        ("SYN_RECV", "ESTABLISHED"),
+        ("ESTABLISHED", "FIN_WAIT1"),
+        ("ESTABLISHED", "CLOSE_WAIT"),
+        ("CLOSE_WAIT", "LAST_ACK"),
+        ("LAST_ACK", "CLOSE"),
+    ] {
+        let expected = (expected.0.to_owned(), expected.1.to_owned());
+        assert!(pairs.contains(&expected), "{expected:?} missing from {pairs:?}");
+    }
+    assert_eq!(transitions.len(), 10);
+    // The server sat 300 ms in CLOSE_WAIT, and the events view says so.
+    let close_wait = transitions.iter().find(|t| t["old_state"] == "CLOSE_WAIT").unwrap();
+    assert!((300_000..450_000).contains(&us(close_wait, "in_old_state_us")), "{close_wait}");
 }
 
 #[test]
@@ -240,9 +290,13 @@ fn tail_json_stand_alone_shows_exactly_our_connections() {
     check_records(&tail.finish(), ports.0, ports.1, ports.2, clients);
 }
 
-/// Connects to `port` `count` times, closing each at once.
+/// Connects `count` times to a fresh local listener, closing each at once.
 fn churn(count: usize) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    churn_on(TcpListener::bind("127.0.0.1:0").unwrap(), count);
+}
+
+/// Connects `count` times to `listener`, closing each at once.
+fn churn_on(listener: TcpListener, count: usize) {
     let port = listener.local_addr().unwrap().port();
     let server = thread::spawn(move || {
         for _ in 0..count {
@@ -262,8 +316,13 @@ fn a_client_that_never_reads_neither_stalls_the_daemon_nor_misses_silently() {
         return;
     }
     let mut daemon = Daemon::start(&[]);
+    // Only our own port, so other traffic on the host cannot add to what it misses.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
     let mut stuck = UnixStream::connect(&daemon.tail_socket).unwrap();
-    stuck.write_all(b"{\"version\":1,\"view\":\"events\"}\n").unwrap();
+    let request =
+        format!("{{\"version\":1,\"view\":\"events\",\"filter\":{{\"ports\":[{port}]}}}}\n");
+    stuck.write_all(request.as_bytes()).unwrap();
     let mut reader = BufReader::new(stuck.try_clone().unwrap());
     let mut hello = String::new();
     reader.read_line(&mut hello).unwrap();
@@ -271,7 +330,7 @@ fn a_client_that_never_reads_neither_stalls_the_daemon_nor_misses_silently() {
 
     let before = daemon.settled_scrape();
     const N: usize = 2000; // ~20k transitions: far more than the client's queue and socket
-    churn(N);
+    churn_on(listener, N);
     let after = daemon.settled_scrape();
     assert_eq!(
         delta(&before, &after, "tcpmon_connections_opened_total{side=\"active\"}"),
@@ -281,7 +340,8 @@ fn a_client_that_never_reads_neither_stalls_the_daemon_nor_misses_silently() {
     let dropped = delta(&before, &after, "tcpmon_tail_records_dropped_total");
     assert!(dropped > 0.0, "the stuck client should have overflowed its queue");
 
-    // Reading again, the client is told how many records it missed once there is room.
+    // Reading again, the client is told how many records it missed as soon as there is room
+    // (no further traffic needed), and the count is exactly what the daemon dropped.
     stuck.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let reader_thread = thread::spawn(move || {
         let mut line = String::new();
@@ -295,8 +355,6 @@ fn a_client_that_never_reads_neither_stalls_the_daemon_nor_misses_silently() {
             }
         }
     });
-    thread::sleep(Duration::from_millis(200)); // let it drain the backlog
-    churn(5);
     let missed = reader_thread.join().unwrap().expect("a missed notice");
     let missed: Value = serde_json::from_str(&missed).unwrap();
     assert_eq!(missed["records"].as_f64().unwrap(), dropped);

@@ -131,12 +131,6 @@ async fn print(mut lines: Lines, args: &TailArgs, request: &Subscribe) -> End {
     let write = |out: &mut std::io::BufWriter<std::io::StdoutLock<'_>>, bytes: &[u8]| {
         out.write_all(bytes).and_then(|()| out.flush())
     };
-    if !args.json {
-        let header = format!("{}\n", format::header(request.view));
-        if write(&mut out, header.as_bytes()).is_err() {
-            return End::Done;
-        }
-    }
     loop {
         let line = match lines.next().await {
             Ok(Some(line)) => line,
@@ -160,6 +154,13 @@ async fn print(mut lines: Lines, args: &TailArgs, request: &Subscribe) -> End {
                     "standalone" => eprintln!("tcpmon tail: stand-alone: attached to the kernel"),
                     _ => {
                         eprintln!("tcpmon tail: following the daemon at {}", args.socket.display())
+                    }
+                }
+                // The header only once records can follow (not before a refusal).
+                if !args.json {
+                    let header = format!("{}\n", format::header(request.view));
+                    if write(&mut out, header.as_bytes()).is_err() {
+                        return End::Done;
                     }
                 }
                 continue;

@@ -76,7 +76,7 @@ pub struct Filter {
 /// Parses `10.0.0.0/8`, `2001:db8::/32`, or a plain address (a /32 or /128).
 pub fn parse_net(text: &str) -> Result<IpNet, String> {
     IpNet::from_str(text)
-        .or_else(|_| IpAddr::from_str(text).map(IpNet::from))
+        .or_else(|_| IpAddr::from_str(text).map(|ip| IpNet::from(ip.to_canonical())))
         .map(|net| net.trunc())
         .map_err(|_| format!("`{text}` is not an address or CIDR network (e.g. 10.0.0.0/8, ::1)"))
 }
@@ -304,6 +304,7 @@ mod tests {
     fn networks_parse_with_or_without_a_prefix() {
         assert_eq!(parse_net("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
         assert_eq!(parse_net("::1").unwrap().to_string(), "::1/128");
+        assert_eq!(parse_net("::ffff:10.0.0.1").unwrap().to_string(), "10.0.0.1/32");
         assert!(parse_net("10.0.0.0/33").is_err());
         assert!(parse_net("").is_err());
     }

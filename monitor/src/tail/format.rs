@@ -30,17 +30,24 @@ fn time_of_day(rfc3339: &str) -> &str {
     rfc3339.get(11..23).unwrap_or(rfc3339)
 }
 
+/// `addr:port`, IPv6 in brackets; IPv4-mapped IPv6 (dual-stack sockets) shown as IPv4.
 fn endpoint(addr: &str, port: u16) -> String {
-    if addr.contains(':') {
-        format!("[{addr}]:{port}")
-    } else {
-        format!("{addr}:{port}")
+    match addr.parse::<std::net::IpAddr>().map(|ip| ip.to_canonical()) {
+        Ok(std::net::IpAddr::V4(v4)) => format!("{v4}:{port}"),
+        Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+        Err(_) => format!("{addr}:{port}"),
     }
+}
+
+/// Any process can name itself anything (prctl PR_SET_NAME): never let a name carry
+/// control characters (terminal escape sequences) to the operator's terminal.
+fn printable(name: &str) -> String {
+    name.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 fn owner(pid: Option<u32>, comm: &Option<String>) -> (String, String) {
     match pid {
-        Some(pid) => (pid.to_string(), comm.clone().unwrap_or_default()),
+        Some(pid) => (pid.to_string(), printable(comm.as_deref().unwrap_or_default())),
         None => ("-".to_owned(), "-".to_owned()),
     }
 }
@@ -219,6 +226,18 @@ mod tests {
             transition(&line),
             "08:10:57.880 passive       1 nginx           [::1]:443               [::1]:50000             CLOSE_WAIT -> LAST_ACK         2.50s"
         );
+    }
+
+    #[test]
+    fn hostile_names_and_mapped_addresses_print_safely() {
+        let mut line = closed_v4();
+        line.comm = Some("evil\x1b[2Jname".into());
+        line.family = "ipv6".into();
+        line.remote_addr = "::ffff:198.51.100.4".into();
+        let text = connection(&line, false);
+        assert!(!text.contains('\x1b'), "{text:?}");
+        assert!(text.contains("evil?[2Jname"), "{text}");
+        assert!(text.contains(" 198.51.100.4:48493 "), "{text}");
     }
 
     #[test]

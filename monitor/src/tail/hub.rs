@@ -2,7 +2,9 @@
 //!
 //! The drain loop owns the [`TailHub`] and never waits on a client: each client has a bounded
 //! queue; when it is full the record is dropped, counted for that client (it is told how many
-//! it missed as soon as its queue has room again) and in `tcpmon_tail_records_dropped_total`.
+//! it missed at the first drain after its queue has room again) and in
+//! `tcpmon_tail_records_dropped_total`. A client that reads nothing for a minute is
+//! disconnected. A client must keep its side of the socket open: end-of-file means it left.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -22,6 +24,8 @@ use crate::tracker::{ConnectionRecord, Observation, ObservationSink, TransitionR
 
 /// Records a client may have queued before the daemon starts dropping its records.
 pub const CLIENT_QUEUE: usize = 4096;
+/// A client that accepts no bytes for this long is disconnected (its queue is long full).
+const STALLED_CLIENT: Duration = Duration::from_secs(60);
 /// Longest subscribe request accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 /// How long a client has to send its request.
@@ -102,8 +106,24 @@ impl TailHub {
         self.subscribers.is_empty()
     }
 
-    /// Forgets clients that went away.
+    /// Re-reads the wall clock (suspend and NTP steps move it against CLOCK_MONOTONIC).
+    pub fn resync_clock(&mut self) {
+        self.clock = WallClock::now();
+    }
+
+    /// Tells clients that missed records as soon as their queue has room, and forgets
+    /// clients that went away. Called after every drain.
     pub fn prune(&mut self) {
+        for subscriber in &mut self.subscribers {
+            if subscriber.missed > 0 {
+                let notice = TailRecord::Missed { records: subscriber.missed }.to_line();
+                match subscriber.queue.try_send(Bytes::from(notice)) {
+                    Ok(()) => subscriber.missed = 0,
+                    Err(TrySendError::Full(_)) => {}
+                    Err(TrySendError::Closed(_)) => subscriber.gone = true,
+                }
+            }
+        }
         let before = self.subscribers.len();
         self.subscribers.retain(|s| !s.gone && !s.queue.is_closed());
         if self.subscribers.len() != before {
@@ -272,8 +292,13 @@ async fn handle_client(stream: UnixStream, new_subscribers: mpsc::Sender<NewSubs
                         Err(_) => break,
                     }
                 }
-                if to_client.write_all(&batch).await.is_err() {
-                    break;
+                match tokio::time::timeout(STALLED_CLIENT, to_client.write_all(&batch)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        info!("disconnecting a tail client that read nothing for {STALLED_CLIENT:?}");
+                        break;
+                    }
                 }
             }
             // Anything a client sends after its request is ignored; EOF means it left.
