@@ -15,8 +15,9 @@ pub struct StateEvent {
     /// The kernel address of the `struct sock`; the identity of a connection for its whole
     /// life (the 4-tuple is not: an active open first reports source port 0).
     pub skaddr: u64,
-    /// `bpf_get_current_pid_tgid()`: tgid in the upper 32 bits, thread id in the lower.
-    /// Meaningless for transitions that run in softirq context (see DESIGN.md).
+    /// `bpf_get_current_pid_tgid()`: tgid in the upper 32 bits, thread id in the lower. Only
+    /// read for transitions that run in the owner's system call (connect, listen, close,
+    /// shutdown); 0 for the others, which may run in softirq context (see DESIGN.md).
     pub pid_tgid: u64,
     /// The kernel's `TCP_*` state number before the transition.
     pub oldstate: i32,
@@ -40,7 +41,8 @@ pub struct StateEvent {
     pub saddr: [u8; 16],
     /// Remote address, same encoding as `saddr`.
     pub daddr: [u8; 16],
-    /// `bpf_get_current_comm()`: NUL-padded task name of the current task.
+    /// `bpf_get_current_comm()`: NUL-padded task name, read when `pid_tgid` is; zeros
+    /// otherwise.
     pub comm: [u8; 16],
 }
 

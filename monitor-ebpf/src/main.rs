@@ -20,8 +20,32 @@ use monitor_common::{
     TRANSITION_SLOTS,
 };
 
-/// `TCP_CLOSE` in the kernel's `enum { TCP_ESTABLISHED = 1, ... }` (include/net/tcp_states.h).
+// The kernel's TCP states (include/net/tcp_states.h).
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_FIN_WAIT1: i32 = 4;
 const TCP_CLOSE: i32 = 7;
+const TCP_CLOSE_WAIT: i32 = 8;
+const TCP_LAST_ACK: i32 = 9;
+const TCP_LISTEN: i32 = 10;
+
+/// Transitions that run in the owning process's own system call — connect(), listen(),
+/// close()/shutdown() — so the current task is the owner. Every other transition may run in
+/// softirq context on behalf of whatever task was interrupted; reading pid/comm there costs
+/// two helper calls for a meaningless answer.
+#[inline(always)]
+fn runs_in_owner_context(old: i32, new: i32) -> bool {
+    matches!(
+        (old, new),
+        (TCP_CLOSE, TCP_SYN_SENT)
+            | (TCP_CLOSE, TCP_LISTEN)
+            | (TCP_ESTABLISHED, TCP_FIN_WAIT1)
+            | (TCP_CLOSE_WAIT, TCP_LAST_ACK)
+    )
+}
+
+/// Bytes one record takes in the ring: the record and the ring's 8-byte header.
+const RECORD_BYTES: u64 = core::mem::size_of::<StateEvent>() as u64 + 8;
 
 /// Default ring size; the loader overrides it with `--ring-bytes`.
 #[map(name = "EVENTS")]
@@ -110,7 +134,7 @@ unsafe fn on_state_change(ctx: &TracePointContext) {
     unsafe {
         (*event).timestamp_ns = bpf_ktime_get_ns();
         (*event).skaddr = skaddr;
-        (*event).pid_tgid = bpf_get_current_pid_tgid();
+        (*event).pid_tgid = 0;
         (*event).oldstate = oldstate;
         (*event).newstate = newstate;
         (*event).sock_err = sock_err;
@@ -121,17 +145,33 @@ unsafe fn on_state_change(ctx: &TracePointContext) {
         (*event)._pad1 = 0;
         copy_addr(ctx, tp::SADDR_V6, &mut (*event).saddr);
         copy_addr(ctx, tp::DADDR_V6, &mut (*event).daddr);
-        // Written straight into the ring entry: no stack copy.
-        generated::bpf_get_current_comm((*event).comm.as_mut_ptr().cast(), 16);
+        if runs_in_owner_context(oldstate, newstate) {
+            (*event).pid_tgid = bpf_get_current_pid_tgid();
+            // Written straight into the ring entry: no stack copy.
+            generated::bpf_get_current_comm((*event).comm.as_mut_ptr().cast(), 16);
+        } else {
+            // Ring memory is not zeroed by reserve.
+            let comm = (*event).comm.as_mut_ptr().cast::<u64>();
+            core::ptr::write_unaligned(comm, 0);
+            core::ptr::write_unaligned(comm.add(1), 0);
+        }
     }
 
     let wakeup_bytes = WAKEUP_BYTES.load();
     let flags = if wakeup_bytes == 0 {
         0
-    } else if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wakeup_bytes {
-        BPF_RB_FORCE_WAKEUP as u64
     } else {
-        BPF_RB_NO_WAKEUP as u64
+        // Wake the daemon once, with the record that crosses the threshold, not with every
+        // record after it: a forced wake-up queues an irq_work, and until the daemon runs
+        // the ring stays above the threshold. Available data includes this record (it counts
+        // from reservation). Should two CPUs race past the line, the daemon's drain timer
+        // still comes.
+        let waiting = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+        if waiting >= wakeup_bytes && waiting < wakeup_bytes + RECORD_BYTES {
+            BPF_RB_FORCE_WAKEUP as u64
+        } else {
+            BPF_RB_NO_WAKEUP as u64
+        }
     };
     entry.submit(flags);
 }
