@@ -70,6 +70,8 @@ pub struct Summary {
 struct Pipeline {
     source: RingSource,
     tracker: Tracker,
+    /// Table capacity at the last drain, to notice growth.
+    capacity: usize,
     recorder: Option<Recorder>,
     summary: Summary,
 }
@@ -89,6 +91,7 @@ impl Pipeline {
             source: RingSource::new(ring, options.drain_interval)
                 .context("watching the ring buffer")?,
             tracker: Tracker::new(options.max_sockets),
+            capacity: 0,
             recorder,
             summary: Summary::default(),
         })
@@ -96,7 +99,7 @@ impl Pipeline {
 
     /// Drains one batch; returns how many records it took.
     fn drain_batch(&mut self, aggregator: &Aggregator, hub: &mut TailHub) -> usize {
-        let Pipeline { source, tracker, recorder, summary } = self;
+        let Pipeline { source, tracker, recorder, summary, .. } = self;
         let mut sink = DaemonSink { aggregator, hub };
         source.drain(BATCH_RECORDS, |bytes| {
             summary.received += 1;
@@ -130,6 +133,15 @@ impl Pipeline {
             tokio::task::yield_now().await;
         }
         hub.prune();
+        hub.resync_clock();
+        let capacity = self.tracker.capacity();
+        if capacity != self.capacity {
+            // The table just doubled: the old one is freed, but glibc keeps large freed
+            // blocks; hand them back so RSS follows the table, not its history.
+            // SAFETY: malloc_trim only releases free memory.
+            unsafe { libc::malloc_trim(0) };
+            self.capacity = capacity;
+        }
         aggregator.publish_tracker(&self.tracker, unix_now());
     }
 

@@ -518,6 +518,11 @@ impl Tracker {
         self.table.len()
     }
 
+    /// Sockets the table can hold before it grows (it doubles, rehashing every entry).
+    pub fn capacity(&self) -> usize {
+        self.table.capacity()
+    }
+
     /// True when no socket is tracked.
     pub fn is_empty(&self) -> bool {
         self.table.is_empty()
