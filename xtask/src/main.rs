@@ -11,6 +11,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod churn;
 mod setup;
 
@@ -30,6 +31,25 @@ enum Task {
         /// Flags passed to `tcpmon run`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Measure tcpmon against no monitor and the installed peers; writes BENCHMARKS.md (root).
+    Bench {
+        /// Seconds of churn per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Interleaved rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Short run (1 s, 1 round) that writes no report: checks the bench works.
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// (Used by bench) hold N loopback connections open until stdin closes.
+    #[command(hide = true)]
+    Hold {
+        /// Connections to hold.
+        #[arg(long)]
+        connections: usize,
     },
     /// Loopback connection churn (connect, 1-byte echo, close) for a fixed time.
     Churn {
@@ -75,6 +95,21 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Task::Bench { seconds, rounds, smoke } => {
+            setup::ensure()?;
+            let options = if smoke {
+                bench::Options { seconds: 1, rounds: 1, report: None, held_connections: 1_000 }
+            } else {
+                bench::Options {
+                    seconds,
+                    rounds,
+                    report: Some(workspace_root().join("BENCHMARKS.md")),
+                    held_connections: 50_000,
+                }
+            };
+            bench::run(options)
+        }
+        Task::Hold { connections } => bench::hold(connections),
         Task::Churn { seconds, clients } => {
             let report = churn::run(std::time::Duration::from_secs(seconds), clients)?;
             println!(
@@ -93,7 +128,18 @@ fn run(cli: Cli) -> Result<()> {
                 // Default members only: the eBPF crate cannot be built for the host.
                 cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             }
-            cargo(&["test"])
+            let (passed, failed) = cargo_test()?;
+            // The benchmark's timings are not assertions (these machines are noisy); this only
+            // checks that `cargo xtask bench` still runs end to end.
+            bench::run(bench::Options {
+                seconds: 1,
+                rounds: 1,
+                report: None,
+                held_connections: 1_000,
+            })?;
+            // One closing line for the whole suite (cargo's last line is the doc-test run).
+            println!("tests: {passed} passed, {failed} failed");
+            Ok(())
         }
     }
 }
@@ -103,7 +149,49 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new(".")).to_path_buf()
 }
 
-fn cargo(args: &[&str]) -> Result<()> {
+/// Runs `cargo test`, echoing its output, and totals its `test result:` lines.
+fn cargo_test() -> Result<(u64, u64)> {
+    use std::io::BufRead;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    println!("xtask: cargo test");
+    let mut child = Command::new(&cargo)
+        .arg("test")
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cargo}"))?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("`cargo test` failed ({status}): {passed} passed, {failed} failed");
+    }
+    Ok((passed, failed))
+}
+
+/// Runs cargo in the workspace root.
+pub fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     println!("xtask: cargo {}", args.join(" "));
     let status = Command::new(&cargo)
