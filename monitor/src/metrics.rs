@@ -78,7 +78,7 @@ impl<S: CounterSource> KernelCollector<S> {
             "Runs of tcpmon's eBPF program (counted only with kernel.bpf_stats_enabled=1).",
         )?;
         let read_errors = IntCounter::new(
-            "tcpmon_kernel_counter_read_errors_total",
+            "tcpmon_kernel_map_read_errors_total",
             "Scrapes at which the in-kernel counters could not be read.",
         )?;
         let descs = [
@@ -190,7 +190,9 @@ pub async fn serve(
             });
             let result = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                // Also the idle limit of a kept-alive connection: above Prometheus's default
+                // 15 s scrape interval, so scrapers keep their connection.
+                .header_read_timeout(Duration::from_secs(30))
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;

@@ -90,14 +90,26 @@ fn ensure_packages() -> Result<()> {
     }
     println!("xtask: installing {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-q"]), "apt-get update")?;
-    run(
+    // Installing `prometheus` would start a system-wide Prometheus on :9090; the tests run
+    // their own. policy-rc.d (Debian's switch for this) keeps apt from starting services.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists();
+    if own_policy {
+        std::fs::write(policy, "#!/bin/sh\n# tcpmon xtask setup: start no service\nexit 101\n")
+            .context("writing /usr/sbin/policy-rc.d")?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let installed = run(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
         "apt-get install",
-    )?;
-    Ok(())
+    );
+    if own_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    installed
 }
 
 fn parse_version(text: &str) -> Option<(u32, u32, u32)> {

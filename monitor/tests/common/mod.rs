@@ -33,6 +33,7 @@ pub fn free_port() -> u16 {
 pub struct Daemon {
     child: Child,
     scraper: BufReader<TcpStream>,
+    address: SocketAddr,
     /// The daemon's tail socket.
     pub tail_socket: PathBuf,
 }
@@ -66,15 +67,29 @@ impl Daemon {
             thread::sleep(Duration::from_millis(50));
         };
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Daemon { child, scraper: BufReader::new(stream), tail_socket }
+        Daemon { child, scraper: BufReader::new(stream), address: listen, tail_socket }
     }
 
-    /// GET /metrics over the kept-alive connection.
+    /// Where /metrics is served.
+    pub fn metrics_address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// GET /metrics over the kept-alive connection (reopened if the daemon closed it as idle;
+    /// tests that count connections scrape often enough that it never is).
     pub fn scrape(&mut self) -> Metrics {
-        self.scraper.get_mut().write_all(b"GET /metrics HTTP/1.1\r\nHost: tcpmon\r\n\r\n").unwrap();
-        let mut length = None;
         let mut line = String::new();
-        self.scraper.read_line(&mut line).unwrap();
+        let request = b"GET /metrics HTTP/1.1\r\nHost: tcpmon\r\n\r\n";
+        let sent = self.scraper.get_mut().write_all(request).is_ok();
+        if !sent || self.scraper.read_line(&mut line).unwrap_or(0) == 0 {
+            let stream = TcpStream::connect(self.address).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            self.scraper = BufReader::new(stream);
+            self.scraper.get_mut().write_all(request).unwrap();
+            line.clear();
+            self.scraper.read_line(&mut line).unwrap();
+        }
+        let mut length = None;
         assert!(line.starts_with("HTTP/1.1 200"), "status line: {line:?}");
         loop {
             line.clear();
