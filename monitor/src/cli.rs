@@ -19,6 +19,24 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+
+    /// Log level: error, warn, info, debug, trace (or an env_logger filter such as
+    /// `monitor=debug`). RUST_LOG is used when this is not given.
+    #[arg(long, global = true, env = "TCPMON_LOG_LEVEL", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "TCPMON_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `[time LEVEL target] message`
+    Text,
+    /// One JSON object per line: `ts`, `level`, `target`, `msg`.
+    Json,
 }
 
 /// Subcommands.
@@ -28,6 +46,16 @@ pub enum Command {
     Run(RunArgs),
     /// Watch connections live: from the running daemon, or stand-alone when none runs.
     Tail(Box<TailArgs>),
+    /// Diagnose this host: can tcpmon run here, and if not, what to fix. Exit code 0 if it can.
+    Check,
+    /// Print a shell completion script, e.g. `tcpmon completions bash > /etc/bash_completion.d/tcpmon`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `tcpmon man > /usr/local/share/man/man1/tcpmon.1`.
+    Man,
 }
 
 /// Options of `tcpmon run`.
@@ -59,12 +87,17 @@ pub struct RunArgs {
 
     /// Also append every raw ring-buffer record to FILE, for replay tests and bug reports
     /// (contains addresses, ports and process names).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "TCPMON_RECORD", value_name = "FILE")]
     pub record: Option<PathBuf>,
 
     /// Unix socket that `tcpmon tail` connects to (created owner-only).
     #[arg(long, env = "TCPMON_TAIL_SOCKET", default_value = "/run/tcpmon/tail.sock")]
     pub tail_socket: PathBuf,
+
+    /// TOML file with any of these settings (keys are the flag names, e.g. `ring-bytes`).
+    /// Precedence: flag, then environment variable, then this file, then the default.
+    #[arg(long, env = "TCPMON_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// Options of `tcpmon tail`. Values of one filter are alternatives; different filters must
@@ -278,8 +311,19 @@ mod tests {
         let full: Vec<&str> = ["tcpmon", "tail"].iter().chain(args).copied().collect();
         Cli::try_parse_from(full).map(|cli| match cli.command {
             Command::Tail(args) => *args,
-            Command::Run(_) => panic!("not tail"),
+            _ => panic!("not tail"),
         })
+    }
+
+    #[test]
+    fn logging_flags_are_global_and_validated() {
+        let cli =
+            Cli::try_parse_from(["tcpmon", "run", "--log-format", "json", "--log-level", "debug"])
+                .unwrap();
+        assert_eq!(cli.log_format, LogFormat::Json);
+        assert_eq!(cli.log_level.as_deref(), Some("debug"));
+        let err = Cli::try_parse_from(["tcpmon", "run", "--log-format", "xml"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
     }
 
     #[test]

@@ -186,22 +186,23 @@ impl Pipeline {
     }
 }
 
-async fn termination() -> &'static str {
-    let (Ok(mut term), Ok(mut int)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        warn!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
+/// Installs the SIGTERM/SIGINT handlers now (so a signal during start-up is not fatal) and
+/// returns a future that resolves, with the signal's name, once one arrives.
+fn termination() -> anyhow::Result<impl Future<Output = &'static str>> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    let stop = termination()?;
     if !nix::unistd::geteuid().is_root() {
         warn!("not running as root: loading needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)");
     }
@@ -258,7 +259,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let tails = tokio::spawn(hub::serve(tail_listener, subscribe));
 
     let stop = pipeline
-        .run(&aggregator, &mut hub, &mut new_subscribers, termination(), false, || {
+        .run(&aggregator, &mut hub, &mut new_subscribers, stop, false, || {
             last_drain_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed)
         })
         .await?;

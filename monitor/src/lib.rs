@@ -6,7 +6,9 @@
 //! everything else is plain Rust driven by unit tests with recorded events.
 
 pub mod aggregate;
+pub mod check;
 pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod decode;
 pub mod loader;

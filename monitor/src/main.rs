@@ -1,13 +1,51 @@
+use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
-use monitor::cli::{Cli, Command};
+use clap::{CommandFactory, FromArgMatches};
+use monitor::cli::{Cli, Command, LogFormat};
+
+fn init_logging(cli: &Cli) {
+    let env = env_logger::Env::default().default_filter_or("info");
+    let mut builder = env_logger::Builder::from_env(env);
+    if let Some(level) = &cli.log_level {
+        builder.parse_filters(level);
+    }
+    if cli.log_format == LogFormat::Json {
+        builder.format(|out, record| {
+            let line = serde_json::json!({
+                "ts": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(out, "{line}")
+        });
+    }
+    builder.init();
+}
+
+/// Parses the command line, then the config file if one is named; exits 2 on bad input.
+fn parse() -> Cli {
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let config = match &cli.command {
+        Command::Run(run) => run.config.clone(),
+        _ => None,
+    };
+    if let Some(path) = config {
+        if let Err(e) = monitor::config::apply(&path, &mut cli, &matches) {
+            eprintln!("tcpmon: error: config file {e}");
+            std::process::exit(2);
+        }
+    }
+    cli
+}
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = parse();
+    init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        // The drain loop runs on the main thread; one worker serves HTTP.
+        // The drain loop runs on the main thread; one worker serves HTTP and tail clients.
         .worker_threads(1)
         .enable_all()
         .build()
@@ -21,6 +59,28 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => runtime.block_on(monitor::daemon::run(args)),
         Command::Tail(args) => return runtime.block_on(monitor::tail::client::run(*args)),
+        Command::Check => {
+            let findings = monitor::check::run_checks();
+            return if monitor::check::report(&findings) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "tcpmon", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(Cli::command());
+            return match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tcpmon: error: writing the man page: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,231 @@
+//! `tcpmon check`: can tcpmon run on this host, and if not, what to do about it.
+//!
+//! Like `bpftool feature probe`, but for what tcpmon needs: kernel version (BPF ring buffer),
+//! BTF (close reasons), tracefs, the tracepoint and its record layout, capabilities, and — when
+//! it can be done without side effects — a real load and attach of the program.
+
+use std::fmt;
+use std::path::Path;
+
+use crate::loader::{self, LoadOptions};
+
+/// How a check came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Fine.
+    Ok,
+    /// tcpmon runs, with a limitation or a side effect worth knowing.
+    Warn,
+    /// tcpmon cannot run until this is fixed.
+    Fail,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+        })
+    }
+}
+
+/// One line of the report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    /// What was checked.
+    pub what: &'static str,
+    /// How it came out.
+    pub status: Status,
+    /// What was found, and for a warning or failure, what to do.
+    pub detail: String,
+}
+
+fn finding(what: &'static str, status: Status, detail: impl Into<String>) -> Finding {
+    Finding { what, status, detail: detail.into() }
+}
+
+/// `(major, minor)` of a kernel release such as `6.18.44-fc`.
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut numbers = release.trim().split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+    Some((numbers.next()?.parse().ok()?, numbers.next()?.parse().ok()?))
+}
+
+/// Capability numbers (linux/capability.h).
+pub const CAP_SYS_ADMIN: u32 = 21;
+/// See [`CAP_SYS_ADMIN`].
+pub const CAP_PERFMON: u32 = 38;
+/// See [`CAP_SYS_ADMIN`].
+pub const CAP_BPF: u32 = 39;
+
+/// The effective capability set from `/proc/self/status` (`CapEff:` in hex).
+pub fn effective_capabilities(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+fn has(caps: u64, cap: u32) -> bool {
+    caps & (1 << cap) != 0
+}
+
+/// Runs every check.
+pub fn run_checks() -> Vec<Finding> {
+    let mut findings = Vec::new();
+
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let kernel_ok = match kernel_version(&release) {
+        Some(v) if v >= (5, 8) => {
+            findings.push(finding(
+                "kernel",
+                Status::Ok,
+                format!("{} (≥ 5.8: BPF ring buffer)", release.trim()),
+            ));
+            true
+        }
+        Some(_) => {
+            findings.push(finding(
+                "kernel",
+                Status::Fail,
+                format!(
+                    "{} is older than 5.8, which added the BPF ring buffer: upgrade the kernel",
+                    release.trim()
+                ),
+            ));
+            false
+        }
+        None => {
+            findings.push(finding("kernel", Status::Warn, "cannot read the kernel release"));
+            true
+        }
+    };
+
+    match loader::sk_err_offset(Path::new(loader::VMLINUX_BTF)) {
+        Ok(offset) => findings.push(finding("BTF", Status::Ok, format!("{}: struct sock.sk_err at byte {offset}", loader::VMLINUX_BTF))),
+        Err(e) => findings.push(finding(
+            "BTF",
+            Status::Warn,
+            format!("{e}: tcpmon runs, but cannot tell refused from timed-out connects or resets from aborts (needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)"),
+        )),
+    }
+
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .as_deref()
+        .and_then(effective_capabilities)
+        .unwrap_or(0);
+    let can_load = has(caps, CAP_SYS_ADMIN) || (has(caps, CAP_BPF) && has(caps, CAP_PERFMON));
+    if can_load {
+        let mut held = Vec::new();
+        for (cap, name) in
+            [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")]
+        {
+            if has(caps, cap) {
+                held.push(name);
+            }
+        }
+        findings.push(finding("capabilities", Status::Ok, held.join(" ")));
+    } else {
+        findings.push(finding(
+            "capabilities",
+            Status::Fail,
+            "missing CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN): run as root, or grant them (see deploy/systemd/tcpmon.service)",
+        ));
+    }
+
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let tracefs = loader::tracefs_mount(&mounts);
+    match tracefs {
+        Some(root) => findings.push(finding("tracefs", Status::Ok, format!("mounted at {root}"))),
+        None if has(caps, CAP_SYS_ADMIN) => findings.push(finding(
+            "tracefs",
+            Status::Warn,
+            format!("not mounted: `tcpmon run` will mount it at {} (to do it at boot: `tracefs {} tracefs defaults 0 0` in /etc/fstab)", loader::TRACEFS, loader::TRACEFS),
+        )),
+        None => findings.push(finding(
+            "tracefs",
+            Status::Fail,
+            format!("not mounted, and mounting needs CAP_SYS_ADMIN: `mount -t tracefs tracefs {}`", loader::TRACEFS),
+        )),
+    }
+
+    if let Some(root) = tracefs {
+        let format = Path::new(root).join("events/sock/inet_sock_set_state/format");
+        match std::fs::read_to_string(&format) {
+            Ok(text) => match loader::check_layout(&loader::parse_format(&text)) {
+                Ok(()) => findings.push(finding(
+                    "tracepoint",
+                    Status::Ok,
+                    "sock:inet_sock_set_state, record layout as expected",
+                )),
+                Err(e) => findings.push(finding(
+                    "tracepoint",
+                    Status::Fail,
+                    format!("sock:inet_sock_set_state has another layout: {e}"),
+                )),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => findings.push(finding(
+                "tracepoint",
+                Status::Fail,
+                format!("cannot read {}: permission denied (run as root)", format.display()),
+            )),
+            Err(_) => findings.push(finding(
+                "tracepoint",
+                Status::Fail,
+                "sock:inet_sock_set_state does not exist: Linux 4.16 or newer is needed",
+            )),
+        }
+    }
+
+    // The real thing, when it changes nothing on the host (no tracefs mount).
+    if kernel_ok && can_load && tracefs.is_some() {
+        match loader::load(LoadOptions { ring_bytes: 64 * 1024, wakeup_bytes: 0 }) {
+            Ok(loaded) => {
+                drop(loaded);
+                findings.push(finding(
+                    "trial load",
+                    Status::Ok,
+                    "program loaded and attached, then detached",
+                ));
+            }
+            Err(e) => findings.push(finding("trial load", Status::Fail, format!("{e}"))),
+        }
+    }
+    findings
+}
+
+/// Prints the report; returns whether tcpmon can run.
+pub fn report(findings: &[Finding]) -> bool {
+    for f in findings {
+        println!("{:<5} {:<13} {}", f.status.to_string(), f.what, f.detail);
+    }
+    let can_run = findings.iter().all(|f| f.status != Status::Fail);
+    if can_run {
+        println!("tcpmon can run here.");
+    } else {
+        println!("tcpmon cannot run here until the FAIL lines are fixed.");
+    }
+    can_run
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_kernel_versions() {
+        assert_eq!(kernel_version("6.18.44-fc-v769\n"), Some((6, 18)));
+        assert_eq!(kernel_version("5.4.0-150-generic"), Some((5, 4)));
+        assert!(kernel_version("5.4.0").unwrap() < (5, 8));
+        assert_eq!(kernel_version("garbage"), None);
+    }
+
+    #[test]
+    fn reads_effective_capabilities() {
+        let root = "Name:\tx\nCapEff:\t000001ffffffffff\n";
+        let caps = effective_capabilities(root).unwrap();
+        assert!(has(caps, CAP_BPF) && has(caps, CAP_PERFMON) && has(caps, CAP_SYS_ADMIN));
+        let none = effective_capabilities("CapEff:\t0000000000000000\n").unwrap();
+        assert!(!has(none, CAP_BPF));
+        assert_eq!(effective_capabilities("no caps here"), None);
+    }
+}
