@@ -16,8 +16,18 @@ use anyhow::{bail, Context, Result};
 /// Name of the rustup toolchain `monitor/build.rs` builds the eBPF crate with.
 pub const TOOLCHAIN: &str = "tcpmon-bpf";
 /// Debian packages: the BPF-capable Rust, and the tools the tests and the daemon use.
-const PACKAGES: &[&str] =
-    &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "iproute2", "bpftool"];
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "iproute2",
+    "bpftool",
+    // The benchmark's peers: tcpstates, tcplife.
+    "libbpf-tools",
+    // The end-to-end tests: a real Prometheus and promtool; systemd-analyze for the unit.
+    "prometheus",
+    "systemd",
+];
 const LIBLLVM: &str = "/usr/lib/x86_64-linux-gnu/libLLVM.so.22.1";
 const BPF_LINKER_VERSION: &str = "0.10.4";
 const BPF_LINKER_MIN: (u32, u32, u32) = (0, 10, 2);
