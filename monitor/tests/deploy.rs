@@ -75,18 +75,32 @@ impl Drop for Prometheus {
     }
 }
 
-fn http_get(address: &str, path_and_query: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path_and_query} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .unwrap();
+fn http_get_once(address: &str, path_and_query: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path_and_query} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    stream.read_to_string(&mut response)?;
     let status = response.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     // Prometheus answers with chunked encoding; the JSON is the one line that starts with '{'.
     let body = body.lines().find(|l| l.starts_with('{')).map(str::to_owned).unwrap_or(body);
-    (status, body)
+    Ok((status, body))
+}
+
+/// GET with a few retries: both servers here may still be starting. Each retry is logged, so
+/// a transient failure stays visible in the test output.
+fn http_get(address: &str, path_and_query: &str) -> (u16, String) {
+    for attempt in 1..=5 {
+        match http_get_once(address, path_and_query) {
+            Ok(response) => return response,
+            Err(e) => {
+                eprintln!("GET http://{address}{path_and_query} failed (attempt {attempt}): {e}");
+                thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    panic!("GET http://{address}{path_and_query} failed 5 times");
 }
 
 fn encode(query: &str) -> String {
