@@ -150,6 +150,15 @@ pub struct Event {
     pub new: TcpState,
     /// `sk_err` when `new` is `Close`, otherwise [`SockErr::None`].
     pub sock_err: SockErr,
+    /// Addresses and ports.
+    pub endpoints: Endpoints,
+    /// NUL-padded task name.
+    pub comm: [u8; 16],
+}
+
+/// A socket's addresses as the latest transition reported them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoints {
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
     /// Local port (0 before the kernel picked one).
@@ -160,11 +169,24 @@ pub struct Event {
     pub saddr: [u8; 16],
     /// Remote address, same encoding.
     pub daddr: [u8; 16],
-    /// NUL-padded task name.
-    pub comm: [u8; 16],
 }
 
-impl Event {
+impl Endpoints {
+    /// Endpoints of a connection between `local` and `remote` (both of one family).
+    pub fn new(local: SocketAddr, remote: SocketAddr) -> Self {
+        let raw = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        Endpoints {
+            family: if local.is_ipv4() { AF_INET } else { AF_INET6 },
+            sport: local.port(),
+            dport: remote.port(),
+            saddr: raw(local.ip()),
+            daddr: raw(remote.ip()),
+        }
+    }
+
     fn ip(&self, raw: [u8; 16]) -> IpAddr {
         let v6 = Ipv6Addr::from(raw);
         match (self.family, v6.to_ipv4_mapped()) {
@@ -183,11 +205,28 @@ impl Event {
     pub fn remote(&self) -> SocketAddr {
         SocketAddr::new(self.ip(self.daddr), self.dport)
     }
+}
+
+/// A NUL-padded kernel task name as text (lossy), without the padding.
+pub fn comm_text(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+impl Event {
+    /// Local address and port.
+    pub fn local(&self) -> SocketAddr {
+        self.endpoints.local()
+    }
+
+    /// Remote address and port.
+    pub fn remote(&self) -> SocketAddr {
+        self.endpoints.remote()
+    }
 
     /// The task name, lossily decoded, without the NUL padding.
     pub fn comm(&self) -> String {
-        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
-        String::from_utf8_lossy(&self.comm[..end]).into_owned()
+        comm_text(&self.comm)
     }
 }
 
@@ -222,11 +261,13 @@ pub fn decode_record(raw: &StateEvent) -> Result<Event, DecodeError> {
         old,
         new,
         sock_err,
-        family: raw.family,
-        sport: raw.sport,
-        dport: raw.dport,
-        saddr: raw.saddr,
-        daddr: raw.daddr,
+        endpoints: Endpoints {
+            family: raw.family,
+            sport: raw.sport,
+            dport: raw.dport,
+            saddr: raw.saddr,
+            daddr: raw.daddr,
+        },
         comm: raw.comm,
     })
 }

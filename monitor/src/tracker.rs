@@ -31,11 +31,10 @@
 //!   reset (ECONNRESET, or EPIPE in CLOSE_WAIT). An application close that sends RST instead of
 //!   FIN (unread data, SO_LINGER 0) leaves `sk_err` at 0.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-
 use rustc_hash::FxHashMap;
 
-use crate::decode::{Event, SockErr, TcpState, AF_INET};
+pub use crate::decode::Endpoints;
+use crate::decode::{comm_text, Event, SockErr, TcpState};
 
 /// Which end started something: the open (connect vs accept) or the teardown (first FIN).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -203,64 +202,7 @@ impl Owner {
 
     /// The task name without padding, lossily decoded; empty when unknown.
     pub fn comm(&self) -> String {
-        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
-        String::from_utf8_lossy(&self.comm[..end]).into_owned()
-    }
-}
-
-/// A socket's addresses as the latest transition reported them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Endpoints {
-    family: u16,
-    sport: u16,
-    dport: u16,
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-}
-
-impl Endpoints {
-    /// Endpoints of a connection between `local` and `remote` (both of one family).
-    pub fn new(local: SocketAddr, remote: SocketAddr) -> Self {
-        let raw = |ip: IpAddr| match ip {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-            IpAddr::V6(v6) => v6.octets(),
-        };
-        Endpoints {
-            family: if local.is_ipv4() { AF_INET } else { crate::decode::AF_INET6 },
-            sport: local.port(),
-            dport: remote.port(),
-            saddr: raw(local.ip()),
-            daddr: raw(remote.ip()),
-        }
-    }
-
-    fn of(event: &Event) -> Self {
-        Endpoints {
-            family: event.family,
-            sport: event.sport,
-            dport: event.dport,
-            saddr: event.saddr,
-            daddr: event.daddr,
-        }
-    }
-
-    fn ip(&self, raw: [u8; 16]) -> IpAddr {
-        let v6 = Ipv6Addr::from(raw);
-        match (self.family, v6.to_ipv4_mapped()) {
-            (AF_INET, Some(v4)) => IpAddr::V4(v4),
-            (AF_INET, None) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            _ => IpAddr::V6(v6),
-        }
-    }
-
-    /// Local address and port.
-    pub fn local(&self) -> SocketAddr {
-        SocketAddr::new(self.ip(self.saddr), self.sport)
-    }
-
-    /// Remote address and port.
-    pub fn remote(&self) -> SocketAddr {
-        SocketAddr::new(self.ip(self.daddr), self.dport)
+        comm_text(&self.comm)
     }
 }
 
@@ -407,7 +349,7 @@ impl SocketEntry {
             state_since_ns: None,
             start_ns: None,
             owner: Owner::UNKNOWN,
-            endpoints: Endpoints::of(event),
+            endpoints: event.endpoints,
             open_side,
             syn_sent_ns: None,
             established_ns: None,
@@ -561,7 +503,7 @@ impl Tracker {
                 }
                 SynRecv => {
                     let mut entry = SocketEntry::new(SynRecv, Some(Side::Passive), event);
-                    entry.owner = self.listener_owner(event.sport);
+                    entry.owner = self.listener_owner(event.endpoints.sport);
                     entry
                 }
                 Listen => {
@@ -605,7 +547,7 @@ impl Tracker {
             }
         };
         entry.last_seen_ns = now;
-        entry.endpoints = Endpoints::of(event);
+        entry.endpoints = event.endpoints;
         // close() and shutdown() run in the owner's context: the one safe moment to learn
         // the owner of a socket first seen mid-life.
         if entry.owner.pid.is_none()
@@ -678,12 +620,15 @@ impl Tracker {
     fn track_listener(&mut self, event: &Event) {
         match (event.old, event.new) {
             (TcpState::Close, TcpState::Listen) => {
-                self.listeners.insert(event.sport, (event.skaddr, Owner::current(event)));
+                self.listeners.insert(event.endpoints.sport, (event.skaddr, Owner::current(event)));
             }
             (TcpState::Listen, TcpState::Close)
-                if self.listeners.get(&event.sport).is_some_and(|(sk, _)| *sk == event.skaddr) =>
+                if self
+                    .listeners
+                    .get(&event.endpoints.sport)
+                    .is_some_and(|(sk, _)| *sk == event.skaddr) =>
             {
-                self.listeners.remove(&event.sport);
+                self.listeners.remove(&event.endpoints.sport);
             }
             _ => {}
         }
@@ -712,7 +657,7 @@ impl Tracker {
         let reason = if pre_established
             && event.old == TcpState::SynSent
             && event.sock_err == SockErr::None
-            && event.sport == 0
+            && event.endpoints.sport == 0
         {
             CloseReason::Error
         } else {

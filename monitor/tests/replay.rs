@@ -106,9 +106,9 @@ fn the_recorded_loopback_stream_yields_exactly_its_connections() {
     // Everything closed; nothing was inconsistent or seen mid-life.
     assert!(tracker.is_empty());
     assert_eq!(tracker.stats(), Default::default());
-    assert_eq!(events.iter().filter(|e| e.family == AF_INET6).count(), 12);
+    assert_eq!(events.iter().filter(|e| e.endpoints.family == AF_INET6).count(), 12);
     // An active open's first transition carries source port 0 (the port is chosen later).
     assert!(events.iter().any(|e| e.old == monitor::decode::TcpState::Close
         && e.new == monitor::decode::TcpState::SynSent
-        && e.sport == 0));
+        && e.endpoints.sport == 0));
 }
