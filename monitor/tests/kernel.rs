@@ -185,3 +185,60 @@ fn bad_flags_exit_2_with_a_message() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr.contains("power of two"), "{stderr}");
 }
+
+#[test]
+fn an_overflowing_ring_loses_events_but_every_one_is_counted() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kernel_tests_enabled() {
+        return;
+    }
+    // 4 KiB holds ~39 records: a burst of connections overflows it between two drains.
+    let mut daemon = Daemon::start(&["--ring-bytes", "4096"]);
+    let before = daemon.settled_scrape();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // std's backlog of 128 would overflow in this burst and drop SYNs, making real 1 s
+    // handshakes (retransmissions); with a deep backlog any handshake over 1 s is ours.
+    // SAFETY: listen(2) on a socket we own.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
+    let port = listener.local_addr().unwrap().port();
+    const N: usize = 3000;
+    let server = thread::spawn(move || {
+        for _ in 0..N {
+            drop(listener.accept().unwrap());
+        }
+    });
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            thread::spawn(move || {
+                (0..N / 2).for_each(|_| drop(TcpStream::connect(("127.0.0.1", port)).unwrap()))
+            })
+        })
+        .collect();
+    clients.into_iter().for_each(|c| c.join().unwrap());
+    server.join().unwrap();
+    // settled_scrape waits until received == kernel transitions - lost: the exactness claim.
+    let after = daemon.settled_scrape();
+    let d = |series: &str| delta(&before, &after, series);
+    let kernel: f64 = after
+        .iter()
+        .filter(|(k, _)| k.starts_with("tcpmon_state_transitions_total"))
+        .map(|(k, v)| v - before.get(k).copied().unwrap_or(0.0))
+        .sum();
+    let (received, lost) = (d("tcpmon_events_received_total"), d("tcpmon_events_lost_total"));
+    assert!(lost > 0.0, "the 4 KiB ring should have overflowed (received {received})");
+    assert_eq!(received + lost, kernel, "every transition is either received or counted as lost");
+    // The kernel's own counts stay exact: our N connections, both ends.
+    assert!(d("tcpmon_state_transitions_total{from=\"SYN_SENT\",to=\"ESTABLISHED\"}") >= N as f64);
+    // Lost events only remove observations: never more handshakes than opens, never a
+    // handshake slower than the whole test.
+    let opened = d("tcpmon_connections_opened_total{side=\"active\"}");
+    let handshakes = d("tcpmon_handshake_duration_seconds_count{side=\"active\"}");
+    assert!(handshakes <= opened && opened <= N as f64, "handshakes {handshakes}, opened {opened}");
+    assert_eq!(
+        d("tcpmon_handshake_duration_seconds_bucket{side=\"active\",le=\"1\"}"),
+        handshakes,
+        "a handshake over 1 s can only come from mismatched events"
+    );
+    let (status, stderr, _) = daemon.stop();
+    assert!(status.success(), "{stderr}");
+}
