@@ -242,3 +242,74 @@ fn an_overflowing_ring_loses_events_but_every_one_is_counted() {
     let (status, stderr, _) = daemon.stop();
     assert!(status.success(), "{stderr}");
 }
+
+/// One GET on a fresh connection; the status code, or None if the server failed to answer
+/// within `timeout`.
+fn get_status(address: std::net::SocketAddr, request: &[u8], timeout: Duration) -> Option<u16> {
+    let mut stream = TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.write_all(request).ok()?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+#[test]
+fn slow_malformed_and_huge_requests_do_not_block_metrics_for_others() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut daemon = Daemon::start(&[]);
+    let address = daemon.metrics_address();
+    // Slowloris: 200 connections that start a request and never finish its headers.
+    let slow: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = TcpStream::connect(address).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+            s
+        })
+        .collect();
+    // Garbage and an oversized header get an error status, not a crash.
+    let garbage = get_status(
+        address,
+        b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert!(garbage.is_none() || garbage == Some(400), "garbage answered {garbage:?}");
+    let mut huge = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 200 * 1024));
+    huge.extend(b"\r\n\r\n");
+    let big = get_status(address, &huge, Duration::from_secs(10));
+    assert!(big.is_none() || matches!(big, Some(400 | 431)), "huge header answered {big:?}");
+    assert_eq!(
+        get_status(
+            address,
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            Duration::from_secs(10)
+        ),
+        Some(405)
+    );
+    assert_eq!(
+        get_status(address, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(10)),
+        Some(404)
+    );
+    // Meanwhile a normal scraper is served at once (a blocked server would make it wait for
+    // the slow clients' 30 s header timeout; 10 s is the limit here).
+    for _ in 0..5 {
+        let status = get_status(
+            address,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+            Duration::from_secs(10),
+        );
+        assert_eq!(status, Some(200));
+    }
+    assert_eq!(
+        get_status(address, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(10)),
+        Some(200)
+    );
+    drop(slow);
+    assert!(daemon.scrape()["tcpmon_events_received_total"] > 0.0);
+    let (status, stderr, _) = daemon.stop();
+    assert!(status.success(), "{stderr}");
+}
