@@ -256,7 +256,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let server = tokio::spawn(metrics::serve(listener, registry.clone(), health));
     let (subscribe, mut new_subscribers) = mpsc::channel(16);
-    let tails = tokio::spawn(hub::serve(tail_listener, subscribe));
+    let live_clients = hub::LiveClients::default();
+    let tails = tokio::spawn(hub::serve(tail_listener, subscribe, live_clients.clone()));
 
     let stop = pipeline
         .run(&aggregator, &mut hub, &mut new_subscribers, stop, false, || {
@@ -270,6 +271,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let summary = pipeline.finish(&aggregator, &mut hub);
     server.abort();
     tails.abort();
+    // Ending the queues lets each tail client write what it still has, then end.
+    drop(hub);
+    live_clients.drained(Duration::from_millis(500)).await;
     let _ = std::fs::remove_file(&args.tail_socket);
     let lost = collector.lost_so_far();
     info!(

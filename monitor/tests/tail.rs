@@ -406,3 +406,32 @@ fn a_bad_filter_is_a_usage_error() {
     assert!(stderr.contains("not an address or CIDR"), "{stderr}");
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn records_drained_at_shutdown_still_reach_the_tail() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kernel_tests_enabled() {
+        return;
+    }
+    // Drain only every 10 s: the connection's records wait in the ring until SIGTERM makes the
+    // daemon drain them one last time. (The daemon then also waits for tail writers to flush;
+    // without that wait they usually, not always, win the race against process exit, which
+    // this test cannot force either way.)
+    let daemon = Daemon::start(&["--drain-interval", "10s"]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let tail =
+        Tail::start(&daemon.tail_socket, &["--json", "--port", &port], "following the daemon");
+    let server = thread::spawn(move || drop(listener.accept().unwrap()));
+    drop(TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).unwrap());
+    server.join().unwrap();
+    thread::sleep(Duration::from_millis(200)); // both ends closed; nothing drained yet
+    let (status, stderr, _) = daemon.stop();
+    assert!(status.success(), "{stderr}");
+    let mut tail = tail;
+    let mut out = String::new();
+    tail.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let records: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 2, "both ends of the connection: {out}");
+    assert!(records.iter().all(|r| r["type"] == "connection" && r["event"] == "closed"), "{out}");
+}

@@ -236,12 +236,48 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Counts client tasks still writing, so shutdown can let them flush.
+#[derive(Clone, Default)]
+pub struct LiveClients(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl LiveClients {
+    /// Waits (at most `limit`) until every client task has written its queue and ended. Call
+    /// after dropping the [`TailHub`], which ends each queue.
+    pub async fn drained(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.0.load(std::sync::atomic::Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Decrements the live count when a client task ends, however it ends.
+struct Live(LiveClients);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Accepts tail clients until the task is dropped.
-pub async fn serve(listener: UnixListener, new_subscribers: mpsc::Sender<NewSubscriber>) {
+pub async fn serve(
+    listener: UnixListener,
+    new_subscribers: mpsc::Sender<NewSubscriber>,
+    live: LiveClients,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(handle_client(stream, new_subscribers.clone()));
+                live.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                let guard = Live(live.clone());
+                let new_subscribers = new_subscribers.clone();
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    handle_client(stream, new_subscribers).await;
+                });
             }
             Err(e) => {
                 debug!("accepting a tail client failed: {e}");

@@ -44,8 +44,12 @@ impl Daemon {
     pub fn start(extra: &[&str]) -> Daemon {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let tail_socket = unique_socket_path();
+        // Drain often, so tests see their records quickly, unless the test says otherwise.
+        let drain: &[&str] =
+            if extra.contains(&"--drain-interval") { &[] } else { &["--drain-interval", "10ms"] };
         let mut child = Command::new(env!("CARGO_BIN_EXE_tcpmon"))
-            .args(["run", "--listen", &listen.to_string(), "--drain-interval", "10ms"])
+            .args(["run", "--listen", &listen.to_string()])
+            .args(drain)
             .arg("--tail-socket")
             .arg(&tail_socket)
             .args(extra)
