@@ -123,6 +123,11 @@ pub async fn run(args: TailArgs) -> ExitCode {
     }
 }
 
+/// Whether a line is a connection or transition record (not hello, error or missed).
+fn is_record(line: &[u8]) -> bool {
+    line.starts_with(br#"{"type":"connection","#) || line.starts_with(br#"{"type":"transition","#)
+}
+
 async fn print(mut lines: Lines, args: &TailArgs, request: &Subscribe) -> End {
     let stdout = std::io::stdout();
     let color = !args.json && !args.no_color && stdout.is_terminal();
@@ -139,6 +144,18 @@ async fn print(mut lines: Lines, args: &TailArgs, request: &Subscribe) -> End {
             }
             Err(e) => return End::Failed(format!("reading records: {e}")),
         };
+        // --json passes records through untouched: serde writes the "type" tag first, so a
+        // prefix says what a line is without parsing it (only control lines get parsed).
+        if args.json && is_record(&line) {
+            if write(&mut out, &line).is_err() {
+                return End::Done;
+            }
+            printed += 1;
+            if args.count.is_some_and(|n| printed >= n) {
+                return End::Done;
+            }
+            continue;
+        }
         let record: TailRecord = match serde_json::from_slice(&line) {
             Ok(record) => record,
             Err(e) => return End::Failed(format!("unreadable record from the daemon: {e}")),
@@ -181,5 +198,33 @@ async fn print(mut lines: Lines, args: &TailArgs, request: &Subscribe) -> End {
                 return End::Done;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tail::record::{TailRecord, TransitionLine};
+
+    #[test]
+    fn records_are_recognised_by_their_serialized_prefix() {
+        let transition = TailRecord::Transition(TransitionLine {
+            time: "t".into(),
+            side: None,
+            pid: None,
+            comm: None,
+            family: "ipv4".into(),
+            local_addr: "127.0.0.1".into(),
+            local_port: 1,
+            remote_addr: "127.0.0.1".into(),
+            remote_port: 2,
+            old_state: "CLOSE".into(),
+            new_state: "SYN_SENT".into(),
+            in_old_state_us: None,
+        });
+        assert!(is_record(&transition.to_line()));
+        assert!(!is_record(&TailRecord::Missed { records: 1 }.to_line()));
+        assert!(!is_record(&TailRecord::Hello { version: 1, mode: "daemon".into() }.to_line()));
+        assert!(!is_record(b"{\"type\":\"error\",\"message\":\"x\"}\n"));
     }
 }
