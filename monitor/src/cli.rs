@@ -58,6 +58,11 @@ pub enum Command {
     Man,
 }
 
+/// `--ring-bytes` default, also used by the stand-alone tail.
+pub const DEFAULT_RING_BYTES: &str = "8MiB";
+/// `--drain-interval` default, also used by the stand-alone tail.
+pub const DEFAULT_DRAIN_INTERVAL: &str = "100ms";
+
 /// Options of `tcpmon run`.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
@@ -67,12 +72,12 @@ pub struct RunArgs {
 
     /// Ring buffer size between kernel and daemon: a power of two of at least 4KiB
     /// (suffixes KiB, MiB accepted). Each transition takes 104 bytes.
-    #[arg(long, env = "TCPMON_RING_BYTES", default_value = "8MiB", value_parser = parse_ring_bytes)]
+    #[arg(long, env = "TCPMON_RING_BYTES", default_value = DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     pub ring_bytes: u32,
 
     /// Longest time a transition waits in the ring before the daemon reads it
     /// (e.g. 100ms, 1s). The kernel also wakes the daemon when a quarter of the ring is full.
-    #[arg(long, env = "TCPMON_DRAIN_INTERVAL", default_value = "100ms", value_parser = parse_interval)]
+    #[arg(long, env = "TCPMON_DRAIN_INTERVAL", default_value = DEFAULT_DRAIN_INTERVAL, value_parser = parse_interval)]
     pub drain_interval: Duration,
 
     /// Wake the daemon for every transition instead of batching (lowest latency, more CPU).
@@ -266,6 +271,12 @@ mod tests {
     #[test]
     fn the_cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_shared_defaults_parse() {
+        assert_eq!(parse_ring_bytes(DEFAULT_RING_BYTES), Ok(8 << 20));
+        assert_eq!(parse_interval(DEFAULT_DRAIN_INTERVAL), Ok(Duration::from_millis(100)));
     }
 
     #[test]

@@ -13,7 +13,9 @@ use super::filter::Subscribe;
 use super::format;
 use super::hub::{NewSubscriber, CLIENT_QUEUE};
 use super::record::TailRecord;
-use crate::cli::TailArgs;
+use crate::cli::{
+    parse_interval, parse_ring_bytes, TailArgs, DEFAULT_DRAIN_INTERVAL, DEFAULT_RING_BYTES,
+};
 use crate::daemon::{self, PipelineOptions};
 
 /// Where lines come from.
@@ -79,10 +81,11 @@ pub async fn run(args: TailArgs) -> ExitCode {
                 args.socket.display()
             );
             let (queue, receiver) = mpsc::channel(CLIENT_QUEUE);
+            // The daemon's defaults, but woken for every event: a person is watching.
             let options = PipelineOptions {
-                ring_bytes: 8 << 20,
+                ring_bytes: parse_ring_bytes(DEFAULT_RING_BYTES).expect("valid constant"),
                 wakeup_bytes: 0,
-                drain_interval: std::time::Duration::from_millis(100),
+                drain_interval: parse_interval(DEFAULT_DRAIN_INTERVAL).expect("valid constant"),
                 max_sockets: crate::tracker::DEFAULT_MAX_SOCKETS,
                 record: None,
             };
@@ -146,47 +149,45 @@ async fn print(mut lines: Lines, args: &TailArgs, request: &Subscribe) -> End {
         };
         // --json passes records through untouched: serde writes the "type" tag first, so a
         // prefix says what a line is without parsing it (only control lines get parsed).
-        if args.json && is_record(&line) {
-            if write(&mut out, &line).is_err() {
-                return End::Done;
-            }
-            printed += 1;
-            if args.count.is_some_and(|n| printed >= n) {
-                return End::Done;
-            }
-            continue;
-        }
-        let record: TailRecord = match serde_json::from_slice(&line) {
-            Ok(record) => record,
-            Err(e) => return End::Failed(format!("unreadable record from the daemon: {e}")),
-        };
-        let counts = matches!(record, TailRecord::Connection(_) | TailRecord::Transition(_));
-        let text = match &record {
-            TailRecord::Error { message } => {
-                return End::Failed(format!("the daemon refused: {message}"))
-            }
-            TailRecord::Hello { mode, .. } => {
-                // On stderr, so stdout stays records only; scripts can wait for this line.
-                match mode.as_str() {
-                    "standalone" => eprintln!("tcpmon tail: stand-alone: attached to the kernel"),
-                    _ => {
-                        eprintln!("tcpmon tail: following the daemon at {}", args.socket.display())
-                    }
+        let (text, counts) = if args.json && is_record(&line) {
+            (line, true)
+        } else {
+            let record: TailRecord = match serde_json::from_slice(&line) {
+                Ok(record) => record,
+                Err(e) => return End::Failed(format!("unreadable record from the daemon: {e}")),
+            };
+            let counts = matches!(record, TailRecord::Connection(_) | TailRecord::Transition(_));
+            let text = match &record {
+                TailRecord::Error { message } => {
+                    return End::Failed(format!("the daemon refused: {message}"))
                 }
-                // The header only once records can follow (not before a refusal).
-                if !args.json {
-                    let header = format!("{}\n", format::header(request.view));
-                    if write(&mut out, header.as_bytes()).is_err() {
-                        return End::Done;
+                TailRecord::Hello { mode, .. } => {
+                    // On stderr, so stdout stays records only; scripts can wait for this line.
+                    match mode.as_str() {
+                        "standalone" => {
+                            eprintln!("tcpmon tail: stand-alone: attached to the kernel")
+                        }
+                        _ => eprintln!(
+                            "tcpmon tail: following the daemon at {}",
+                            args.socket.display()
+                        ),
                     }
+                    // The header only once records can follow (not before a refusal).
+                    if !args.json {
+                        let header = format!("{}\n", format::header(request.view));
+                        if write(&mut out, header.as_bytes()).is_err() {
+                            return End::Done;
+                        }
+                    }
+                    continue;
                 }
-                continue;
-            }
-            _ if args.json => line,
-            record => match format::human(record, color) {
-                Some(text) => format!("{text}\n").into_bytes(),
-                None => continue,
-            },
+                _ if args.json => line,
+                record => match format::human(record, color) {
+                    Some(text) => format!("{text}\n").into_bytes(),
+                    None => continue,
+                },
+            };
+            (text, counts)
         };
         // stdout closed (`| head`): a normal end, not an error.
         if write(&mut out, &text).is_err() {
@@ -204,20 +205,22 @@ async fn print(mut lines: Lines, args: &TailArgs, request: &Subscribe) -> End {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tail::record::{TailRecord, TransitionLine};
+    use crate::tail::record::{Identity, TailRecord, TransitionLine};
 
     #[test]
     fn records_are_recognised_by_their_serialized_prefix() {
         let transition = TailRecord::Transition(TransitionLine {
             time: "t".into(),
-            side: None,
-            pid: None,
-            comm: None,
-            family: "ipv4".into(),
-            local_addr: "127.0.0.1".into(),
-            local_port: 1,
-            remote_addr: "127.0.0.1".into(),
-            remote_port: 2,
+            who: Identity {
+                side: None,
+                pid: None,
+                comm: None,
+                family: "ipv4".into(),
+                local_addr: "127.0.0.1".into(),
+                local_port: 1,
+                remote_addr: "127.0.0.1".into(),
+                remote_port: 2,
+            },
             old_state: "CLOSE".into(),
             new_state: "SYN_SENT".into(),
             in_old_state_us: None,

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::filter::View;
-use super::record::{ConnectionLine, TailRecord, TransitionLine};
+use super::record::{ConnectionLine, Identity, TailRecord, TransitionLine};
 
 const ADDR_WIDTH: usize = 23;
 
@@ -45,11 +45,20 @@ fn printable(name: &str) -> String {
     name.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
-fn owner(pid: Option<u32>, comm: &Option<String>) -> (String, String) {
-    match pid {
-        Some(pid) => (pid.to_string(), printable(comm.as_deref().unwrap_or_default())),
+/// SIDE, PID, COMM, LOCAL and REMOTE, as both views print them.
+fn identity_columns(who: &Identity) -> String {
+    let (pid, comm) = match who.pid {
+        Some(pid) => (pid.to_string(), printable(who.comm.as_deref().unwrap_or_default())),
         None => ("-".to_owned(), "-".to_owned()),
-    }
+    };
+    format!(
+        "{:<7} {:>7} {:<15} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$}",
+        who.side.as_deref().unwrap_or("-"),
+        pid,
+        comm,
+        endpoint(&who.local_addr, who.local_port),
+        endpoint(&who.remote_addr, who.remote_port),
+    )
 }
 
 /// The header line of a view.
@@ -82,7 +91,6 @@ fn colored(text: &str, outcome: &str, color: bool) -> String {
 
 /// One connection line. TIME is when the connection began (when known).
 pub fn connection(line: &ConnectionLine, color: bool) -> String {
-    let (pid, comm) = owner(line.pid, &line.comm);
     let time = time_of_day(line.start_time.as_deref().unwrap_or(&line.time));
     let outcome = match (&line.outcome, line.event.as_str()) {
         (Some(outcome), _) => colored(outcome, outcome, color),
@@ -91,13 +99,9 @@ pub fn connection(line: &ConnectionLine, color: bool) -> String {
     let mut out = String::with_capacity(160);
     let _ = write!(
         out,
-        "{:<12} {:<7} {:>7} {:<15} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:>9} {:>9} {:>9} {:>10}  {}",
+        "{:<12} {} {:>9} {:>9} {:>9} {:>10}  {}",
         time,
-        line.side.as_deref().unwrap_or("-"),
-        pid,
-        comm,
-        endpoint(&line.local_addr, line.local_port),
-        endpoint(&line.remote_addr, line.remote_port),
+        identity_columns(&line.who),
         optional_duration(line.handshake_us),
         optional_duration(line.lifetime_us),
         optional_duration(line.teardown_us),
@@ -109,15 +113,10 @@ pub fn connection(line: &ConnectionLine, color: bool) -> String {
 
 /// One transition line.
 pub fn transition(line: &TransitionLine) -> String {
-    let (pid, comm) = owner(line.pid, &line.comm);
     format!(
-        "{:<12} {:<7} {:>7} {:<15} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<26} {:>9}",
+        "{:<12} {} {:<26} {:>9}",
         time_of_day(&line.time),
-        line.side.as_deref().unwrap_or("-"),
-        pid,
-        comm,
-        endpoint(&line.local_addr, line.local_port),
-        endpoint(&line.remote_addr, line.remote_port),
+        identity_columns(&line.who),
         format!("{} -> {}", line.old_state, line.new_state),
         optional_duration(line.in_old_state_us),
     )
@@ -145,14 +144,16 @@ mod tests {
             event: "closed".into(),
             start_time: Some("2026-11-24T08:10:57.880156Z".into()),
             time: "2026-11-24T08:10:58.180000Z".into(),
-            side: Some("active".into()),
-            pid: Some(27810),
-            comm: Some("python3".into()),
-            family: "ipv4".into(),
-            local_addr: "127.0.0.1".into(),
-            local_port: 49104,
-            remote_addr: "127.0.0.1".into(),
-            remote_port: 48493,
+            who: Identity {
+                side: Some("active".into()),
+                pid: Some(27810),
+                comm: Some("python3".into()),
+                family: "ipv4".into(),
+                local_addr: "127.0.0.1".into(),
+                local_port: 49104,
+                remote_addr: "127.0.0.1".into(),
+                remote_port: 48493,
+            },
             handshake_us: Some(43),
             lifetime_us: Some(300_412),
             teardown_us: Some(300_301),
@@ -175,13 +176,13 @@ mod tests {
 
         // IPv6, unknown owner, a 15-character comm elsewhere, mid-life start, still open.
         let mut v6 = closed_v4();
-        v6.family = "ipv6".into();
-        v6.local_addr = "2001:db8::1".into();
-        v6.remote_addr = "::1".into();
-        v6.pid = None;
-        v6.comm = None;
+        v6.who.family = "ipv6".into();
+        v6.who.local_addr = "2001:db8::1".into();
+        v6.who.remote_addr = "::1".into();
+        v6.who.pid = None;
+        v6.who.comm = None;
         v6.start_time = None;
-        v6.side = None;
+        v6.who.side = None;
         v6.event = "established".into();
         v6.outcome = None;
         v6.handshake_us = None;
@@ -193,7 +194,7 @@ mod tests {
         );
 
         let mut long = closed_v4();
-        long.comm = Some("kworker/u16:3-e".into());
+        long.who.comm = Some("kworker/u16:3-e".into());
         long.outcome = Some("reset".into());
         long.close_wait_us = Some(4_200_000_000);
         assert_eq!(
@@ -210,14 +211,16 @@ mod tests {
     fn golden_transition_line() {
         let line = TransitionLine {
             time: "2026-11-24T08:10:57.880199Z".into(),
-            side: Some("passive".into()),
-            pid: Some(1),
-            comm: Some("nginx".into()),
-            family: "ipv6".into(),
-            local_addr: "::1".into(),
-            local_port: 443,
-            remote_addr: "::1".into(),
-            remote_port: 50000,
+            who: Identity {
+                side: Some("passive".into()),
+                pid: Some(1),
+                comm: Some("nginx".into()),
+                family: "ipv6".into(),
+                local_addr: "::1".into(),
+                local_port: 443,
+                remote_addr: "::1".into(),
+                remote_port: 50000,
+            },
             old_state: "CLOSE_WAIT".into(),
             new_state: "LAST_ACK".into(),
             in_old_state_us: Some(2_500_000),
@@ -231,9 +234,9 @@ mod tests {
     #[test]
     fn hostile_names_and_mapped_addresses_print_safely() {
         let mut line = closed_v4();
-        line.comm = Some("evil\x1b[2Jname".into());
-        line.family = "ipv6".into();
-        line.remote_addr = "::ffff:198.51.100.4".into();
+        line.who.comm = Some("evil\x1b[2Jname".into());
+        line.who.family = "ipv6".into();
+        line.who.remote_addr = "::ffff:198.51.100.4".into();
         let text = connection(&line, false);
         assert!(!text.contains('\x1b'), "{text:?}");
         assert!(text.contains("evil?[2Jname"), "{text}");

@@ -115,14 +115,7 @@ impl TailHub {
     /// clients that went away. Called after every drain.
     pub fn prune(&mut self) {
         for subscriber in &mut self.subscribers {
-            if subscriber.missed > 0 {
-                let notice = TailRecord::Missed { records: subscriber.missed }.to_line();
-                match subscriber.queue.try_send(Bytes::from(notice)) {
-                    Ok(()) => subscriber.missed = 0,
-                    Err(TrySendError::Full(_)) => {}
-                    Err(TrySendError::Closed(_)) => subscriber.gone = true,
-                }
-            }
+            subscriber.send_missed_notice();
         }
         let before = self.subscribers.len();
         self.subscribers.retain(|s| !s.gone && !s.queue.is_closed());
@@ -131,56 +124,74 @@ impl TailHub {
         }
     }
 
-    fn deliver(metrics: &TailMetrics, subscriber: &mut Subscriber, line: &Bytes) {
-        if subscriber.missed > 0 {
-            let notice = TailRecord::Missed { records: subscriber.missed }.to_line();
-            match subscriber.queue.try_send(Bytes::from(notice)) {
-                Ok(()) => subscriber.missed = 0,
-                Err(TrySendError::Full(_)) => {
-                    subscriber.missed += 1;
-                    metrics.dropped.inc();
-                    return;
-                }
-                Err(TrySendError::Closed(_)) => {
-                    subscriber.gone = true;
-                    return;
+    /// Sends a record to every client whose request `wants` it, serialized once by `line`.
+    fn publish(
+        &mut self,
+        wants: impl Fn(&Subscribe) -> bool,
+        line: impl FnOnce(&WallClock) -> TailRecord,
+    ) {
+        let mut line = Some(line);
+        let mut bytes = None;
+        for subscriber in &mut self.subscribers {
+            if subscriber.gone || !wants(&subscriber.request) {
+                continue;
+            }
+            let bytes = bytes.get_or_insert_with(|| {
+                let make = line.take().expect("serialized once");
+                Bytes::from(make(&self.clock).to_line())
+            });
+            // A pending notice goes first, so it sits exactly where the gap is.
+            if subscriber.send_missed_notice() {
+                match subscriber.queue.try_send(bytes.clone()) {
+                    Ok(()) => {
+                        self.metrics.sent.inc();
+                        continue;
+                    }
+                    Err(TrySendError::Closed(_)) => subscriber.gone = true,
+                    Err(TrySendError::Full(_)) => {}
                 }
             }
-        }
-        match subscriber.queue.try_send(line.clone()) {
-            Ok(()) => metrics.sent.inc(),
-            Err(TrySendError::Full(_)) => {
+            if !subscriber.gone {
                 subscriber.missed += 1;
-                metrics.dropped.inc();
+                self.metrics.dropped.inc();
             }
-            Err(TrySendError::Closed(_)) => subscriber.gone = true,
         }
     }
 
     /// Sends a connection record to every client that wants it (serialized once).
     pub fn publish_connection(&mut self, record: &ConnectionRecord) {
-        let mut line = None;
-        for subscriber in &mut self.subscribers {
-            if subscriber.request.wants_connection(record) {
-                let line = line.get_or_insert_with(|| {
-                    let json = ConnectionLine::from_record(record, &self.clock);
-                    Bytes::from(TailRecord::Connection(json).to_line())
-                });
-                Self::deliver(&self.metrics, subscriber, line);
-            }
-        }
+        self.publish(
+            |request| request.wants_connection(record),
+            |clock| TailRecord::Connection(ConnectionLine::from_record(record, clock)),
+        );
     }
 
     /// Sends a transition record to every client that wants it (serialized once).
     pub fn publish_transition(&mut self, record: &TransitionRecord) {
-        let mut line = None;
-        for subscriber in &mut self.subscribers {
-            if subscriber.request.wants_transition(record) {
-                let line = line.get_or_insert_with(|| {
-                    let json = TransitionLine::from_record(record, &self.clock);
-                    Bytes::from(TailRecord::Transition(json).to_line())
-                });
-                Self::deliver(&self.metrics, subscriber, line);
+        self.publish(
+            |request| request.wants_transition(record),
+            |clock| TailRecord::Transition(TransitionLine::from_record(record, clock)),
+        );
+    }
+}
+
+impl Subscriber {
+    /// Queues the `missed` notice if one is pending. True when the queue is clear of it
+    /// (sent now, or nothing was pending); false when it is still pending or the client left.
+    fn send_missed_notice(&mut self) -> bool {
+        if self.missed == 0 {
+            return true;
+        }
+        let notice = TailRecord::Missed { records: self.missed }.to_line();
+        match self.queue.try_send(Bytes::from(notice)) {
+            Ok(()) => {
+                self.missed = 0;
+                true
+            }
+            Err(TrySendError::Full(_)) => false,
+            Err(TrySendError::Closed(_)) => {
+                self.gone = true;
+                false
             }
         }
     }

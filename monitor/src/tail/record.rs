@@ -46,15 +46,9 @@ pub enum TailRecord {
     },
 }
 
-/// A `connection` record.
+/// Who and where: the fields `connection` and `transition` records share.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ConnectionLine {
-    /// `established`, `closed` or `failed`.
-    pub event: String,
-    /// When the connection began (SYN sent, or accepted child created).
-    pub start_time: Option<String>,
-    /// When this record's transition happened.
-    pub time: String,
+pub struct Identity {
     /// `active`, `passive`, or null.
     pub side: Option<String>,
     /// Owning process id.
@@ -71,6 +65,41 @@ pub struct ConnectionLine {
     pub remote_addr: String,
     /// Remote port.
     pub remote_port: u16,
+}
+
+impl Identity {
+    /// The identity of a tracked socket.
+    pub fn of(side: Option<Side>, owner: &Owner, endpoints: &Endpoints) -> Self {
+        let (local, remote) = (endpoints.local(), endpoints.remote());
+        let (pid, comm) = match owner.pid {
+            Some(pid) => (Some(pid), Some(owner.comm())),
+            None => (None, None),
+        };
+        Identity {
+            side: side.map(|s| s.as_str().to_owned()),
+            pid,
+            comm,
+            family: if local.is_ipv4() { "ipv4" } else { "ipv6" }.to_owned(),
+            local_addr: local.ip().to_string(),
+            local_port: local.port(),
+            remote_addr: remote.ip().to_string(),
+            remote_port: remote.port(),
+        }
+    }
+}
+
+/// A `connection` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionLine {
+    /// `established`, `closed` or `failed`.
+    pub event: String,
+    /// When the connection began (SYN sent, or accepted child created).
+    pub start_time: Option<String>,
+    /// When this record's transition happened.
+    pub time: String,
+    /// Side, owner, addresses and ports (flattened into the record's own fields).
+    #[serde(flatten)]
+    pub who: Identity,
     /// SYN sent → SYN-ACK received (active opens).
     pub handshake_us: Option<u64>,
     /// ESTABLISHED → CLOSE.
@@ -90,22 +119,9 @@ pub struct ConnectionLine {
 pub struct TransitionLine {
     /// When it happened.
     pub time: String,
-    /// `active`, `passive`, or null.
-    pub side: Option<String>,
-    /// Owning process id.
-    pub pid: Option<u32>,
-    /// Owning task name.
-    pub comm: Option<String>,
-    /// `ipv4` or `ipv6`.
-    pub family: String,
-    /// Local address.
-    pub local_addr: String,
-    /// Local port.
-    pub local_port: u16,
-    /// Remote address.
-    pub remote_addr: String,
-    /// Remote port.
-    pub remote_port: u16,
+    /// Side, owner, addresses and ports (flattened into the record's own fields).
+    #[serde(flatten)]
+    pub who: Identity,
     /// State before, e.g. `SYN_SENT`.
     pub old_state: String,
     /// State after.
@@ -150,26 +166,9 @@ fn micros(ns: u64) -> u64 {
     ns / 1_000
 }
 
-fn owner_fields(owner: &Owner) -> (Option<u32>, Option<String>) {
-    match owner.pid {
-        Some(pid) => (Some(pid), Some(owner.comm())),
-        None => (None, None),
-    }
-}
-
-fn family(endpoints: &Endpoints) -> String {
-    if endpoints.local().is_ipv4() { "ipv4" } else { "ipv6" }.to_owned()
-}
-
-fn side(side: Option<Side>) -> Option<String> {
-    side.map(|s| s.as_str().to_owned())
-}
-
 impl ConnectionLine {
     /// The JSON form of a tracker record.
     pub fn from_record(record: &ConnectionRecord, clock: &WallClock) -> Self {
-        let (pid, comm) = owner_fields(&record.owner);
-        let (local, remote) = (record.endpoints.local(), record.endpoints.remote());
         ConnectionLine {
             event: match record.phase {
                 ConnectionPhase::Established => "established",
@@ -179,14 +178,7 @@ impl ConnectionLine {
             .to_owned(),
             start_time: record.start_ns.map(|ns| clock.format(ns)),
             time: clock.format(record.time_ns),
-            side: side(record.side),
-            pid,
-            comm,
-            family: family(&record.endpoints),
-            local_addr: local.ip().to_string(),
-            local_port: local.port(),
-            remote_addr: remote.ip().to_string(),
-            remote_port: remote.port(),
+            who: Identity::of(record.side, &record.owner, &record.endpoints),
             handshake_us: record.handshake_ns.map(micros),
             lifetime_us: record.lifetime_ns.map(micros),
             teardown_us: record.teardown.map(|(_, ns)| micros(ns)),
@@ -200,18 +192,9 @@ impl ConnectionLine {
 impl TransitionLine {
     /// The JSON form of a tracker record.
     pub fn from_record(record: &TransitionRecord, clock: &WallClock) -> Self {
-        let (pid, comm) = owner_fields(&record.owner);
-        let (local, remote) = (record.endpoints.local(), record.endpoints.remote());
         TransitionLine {
             time: clock.format(record.time_ns),
-            side: side(record.side),
-            pid,
-            comm,
-            family: family(&record.endpoints),
-            local_addr: local.ip().to_string(),
-            local_port: local.port(),
-            remote_addr: remote.ip().to_string(),
-            remote_port: remote.port(),
+            who: Identity::of(record.side, &record.owner, &record.endpoints),
             old_state: record.old.name().to_owned(),
             new_state: record.new.name().to_owned(),
             in_old_state_us: record.in_old_ns.map(micros),
@@ -292,7 +275,9 @@ mod tests {
         assert!(line.ends_with(b"}\n"));
         // What the client prints with --json parses back into the same record.
         let back: TailRecord = serde_json::from_slice(&line).unwrap();
-        assert!(matches!(back, TailRecord::Connection(c) if c.comm.as_deref() == Some("nginx")));
+        assert!(
+            matches!(back, TailRecord::Connection(c) if c.who.comm.as_deref() == Some("nginx"))
+        );
     }
 
     #[test]
