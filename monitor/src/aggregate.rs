@@ -11,6 +11,7 @@ use prometheus::{
 };
 
 use crate::decode::TcpState;
+use crate::metrics::catch_up;
 use crate::tracker::{CloseReason, Observation, ObservationSink, Side, Tracker};
 
 /// Buckets (seconds) for handshake and teardown latency: from loopback (tens of µs) to SYN
@@ -232,9 +233,6 @@ impl Aggregator {
         }
         self.tracked_sockets.set(tracker.len() as i64);
         let stats = tracker.stats();
-        let catch_up = |counter: &IntCounter, total: u64| {
-            counter.inc_by(total.saturating_sub(counter.get()));
-        };
         catch_up(&self.evictions, stats.evicted_capacity);
         catch_up(&self.inconsistent, stats.inconsistent);
         catch_up(&self.first_seen_midlife, stats.first_seen_midlife);

@@ -43,6 +43,12 @@ pub struct PipelineOptions {
 }
 
 impl PipelineOptions {
+    /// Loads and attaches the eBPF program with these options.
+    fn load(&self) -> anyhow::Result<Loaded> {
+        let options = LoadOptions { ring_bytes: self.ring_bytes, wakeup_bytes: self.wakeup_bytes };
+        loader::load(options).context("loading the eBPF program")
+    }
+
     /// The options `tcpmon run` was given.
     pub fn from_run(args: &RunArgs) -> Self {
         PipelineOptions {
@@ -215,11 +221,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "daemon");
 
     let options = PipelineOptions::from_run(&args);
-    let Loaded { ebpf, ring, counters, reads_sock_err } = loader::load(LoadOptions {
-        ring_bytes: options.ring_bytes,
-        wakeup_bytes: options.wakeup_bytes,
-    })
-    .context("loading the eBPF program")?;
+    let Loaded { ebpf, ring, counters, reads_sock_err } = options.load()?;
     let collector = Arc::new(KernelCollector::new(counters).context("creating kernel metrics")?);
     registry
         .register(Box::new(SharedCollector(collector.clone())))
@@ -293,11 +295,7 @@ pub async fn standalone(options: PipelineOptions, client: NewSubscriber) -> anyh
     let registry = Registry::new(); // never served; the aggregator needs one
     let aggregator = Aggregator::new(&registry)?;
     let mut hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "standalone");
-    let loaded = loader::load(LoadOptions {
-        ring_bytes: options.ring_bytes,
-        wakeup_bytes: options.wakeup_bytes,
-    })
-    .context("loading the eBPF program")?;
+    let loaded = options.load()?;
     let mut pipeline = Pipeline::new(loaded.ring, &options)?;
     hub.add(client);
     let (_keep, mut none) = mpsc::channel(1);

@@ -33,6 +33,12 @@ impl CounterSource for KernelCounters {
     }
 }
 
+/// Raises `counter` to `total`, a count kept elsewhere (in the kernel, in the tracker) that
+/// only grows: Prometheus counters can only be incremented, so publish the growth.
+pub fn catch_up(counter: &IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}
+
 fn state_name(number: i32) -> &'static str {
     TcpState::try_from(number).map(TcpState::name).unwrap_or("UNKNOWN")
 }
@@ -118,12 +124,8 @@ impl<S: CounterSource> KernelCollector<S> {
                 for (old, new, total) in counts.transitions {
                     let counter =
                         self.transitions.with_label_values(&[state_name(old), state_name(new)]);
-                    // Kernel counts only grow; publish the growth since the last scrape.
-                    counter.inc_by(total.saturating_sub(counter.get()));
+                    catch_up(&counter, total);
                 }
-                let catch_up = |counter: &IntCounter, total: u64| {
-                    counter.inc_by(total.saturating_sub(counter.get()));
-                };
                 catch_up(&self.lost, counts.ring_reserve_failed);
                 catch_up(&self.missed, counts.recursion_misses);
                 catch_up(&self.runs, counts.run_count);

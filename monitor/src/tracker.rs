@@ -106,7 +106,8 @@ impl CloseReason {
     }
 
     /// Classifies a transition to CLOSE from `old` with the socket error the kernel had set.
-    pub fn classify(old: TcpState, err: SockErr) -> CloseReason {
+    /// `local_port` is the socket's port at the transition (0: never assigned one).
+    pub fn classify(old: TcpState, err: SockErr, local_port: u16) -> CloseReason {
         use TcpState::*;
         let orderly = matches!(old, FinWait2 | Closing | LastAck | TimeWait);
         match err {
@@ -129,6 +130,9 @@ impl CloseReason {
             ) => CloseReason::Unreachable,
             SockErr::Errno(_) => CloseReason::Error,
             SockErr::None if orderly => CloseReason::Fin,
+            // tcp_v4_connect/tcp_v6_connect fail *after* SYN_SENT when no local port
+            // (EADDRNOTAVAIL) or route can be had: CLOSE with no error and no port ever set.
+            SockErr::None if old == SynSent && local_port == 0 => CloseReason::Error,
             SockErr::None => CloseReason::Abort,
             SockErr::Unknown if orderly => CloseReason::Fin,
             SockErr::Unknown => CloseReason::Unknown,
@@ -646,23 +650,12 @@ impl Tracker {
         records: bool,
     ) {
         let now = event.timestamp_ns;
-        let reason = CloseReason::classify(event.old, event.sock_err);
+        let reason = CloseReason::classify(event.old, event.sock_err, event.endpoints.sport);
         if event.old == TcpState::Listen {
             return;
         }
         let pre_established = matches!(event.old, TcpState::SynSent | TcpState::SynRecv)
             && entry.established_ns.is_none();
-        // tcp_v4_connect/tcp_v6_connect fail *after* SYN_SENT when no local port (EADDRNOTAVAIL)
-        // or route can be had: CLOSE with no error set and no port ever assigned.
-        let reason = if pre_established
-            && event.old == TcpState::SynSent
-            && event.sock_err == SockErr::None
-            && event.endpoints.sport == 0
-        {
-            CloseReason::Error
-        } else {
-            reason
-        };
         if pre_established {
             match entry.open_side {
                 Some(Side::Passive) => self.stats.passive_open_aborted += 1,
@@ -1049,33 +1042,33 @@ mod tests {
     #[test]
     fn stale_icmp_errors_do_not_relabel_an_orderly_close() {
         assert_eq!(
-            CloseReason::classify(LastAck, SockErr::Errno(libc::EHOSTUNREACH)),
+            CloseReason::classify(LastAck, SockErr::Errno(libc::EHOSTUNREACH), 40000),
             CloseReason::Fin
         );
         assert_eq!(
-            CloseReason::classify(LastAck, SockErr::Errno(libc::ETIMEDOUT)),
+            CloseReason::classify(LastAck, SockErr::Errno(libc::ETIMEDOUT), 40000),
             CloseReason::Timeout
         );
         assert_eq!(
-            CloseReason::classify(FinWait2, SockErr::Errno(libc::ECONNRESET)),
+            CloseReason::classify(FinWait2, SockErr::Errno(libc::ECONNRESET), 40000),
             CloseReason::Reset
         );
         assert_eq!(
-            CloseReason::classify(SynSent, SockErr::Errno(libc::EACCES)),
+            CloseReason::classify(SynSent, SockErr::Errno(libc::EACCES), 40000),
             CloseReason::Unreachable
         );
     }
 
     #[test]
     fn unknown_sock_err_falls_back_to_the_states() {
-        assert_eq!(CloseReason::classify(LastAck, SockErr::Unknown), CloseReason::Fin);
-        assert_eq!(CloseReason::classify(SynSent, SockErr::Unknown), CloseReason::Unknown);
+        assert_eq!(CloseReason::classify(LastAck, SockErr::Unknown, 40000), CloseReason::Fin);
+        assert_eq!(CloseReason::classify(SynSent, SockErr::Unknown, 40000), CloseReason::Unknown);
         assert_eq!(
-            CloseReason::classify(Established, SockErr::Errno(libc::EIO)),
+            CloseReason::classify(Established, SockErr::Errno(libc::EIO), 40000),
             CloseReason::Error
         );
         assert_eq!(
-            CloseReason::classify(Established, SockErr::Errno(libc::ECONNABORTED)),
+            CloseReason::classify(Established, SockErr::Errno(libc::ECONNABORTED), 40000),
             CloseReason::Abort
         );
     }
