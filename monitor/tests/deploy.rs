@@ -6,13 +6,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{free_port, kernel_tests_enabled, Daemon, SERIAL};
+use common::{exchange_with_slow_close, free_port, kernel_tests_enabled, Daemon, SERIAL};
 use serde_json::Value;
 
 fn deploy(path: &str) -> PathBuf {
@@ -168,24 +168,7 @@ impl Prometheus {
 
 /// Connections whose server waits 50 ms in CLOSE_WAIT: handshakes, teardowns and close-waits.
 fn traffic(count: usize) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = thread::spawn(move || {
-        for _ in 0..count {
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut buf = Vec::new();
-            conn.read_to_end(&mut buf).unwrap();
-            thread::sleep(Duration::from_millis(50));
-        }
-    });
-    for _ in 0..count {
-        let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        client.write_all(b"x").unwrap();
-        client.shutdown(Shutdown::Write).unwrap();
-        let mut buf = Vec::new();
-        client.read_to_end(&mut buf).unwrap();
-    }
-    server.join().unwrap();
+    exchange_with_slow_close("127.0.0.1:0".parse().unwrap(), count, Duration::from_millis(50));
 }
 
 #[test]

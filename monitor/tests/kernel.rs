@@ -11,36 +11,14 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::process::Command;
-use std::thread;
 use std::time::Duration;
 
-use common::{delta, in_bucket, kernel_tests_enabled, Daemon, SERIAL};
-
-/// One client/server exchange where the client sends, half-closes, and the server waits
-/// `server_wait` in CLOSE_WAIT before close(); the client reads to EOF, then closes.
-fn exchange_with_slow_close(server: SocketAddr, count: usize, server_wait: Duration) {
-    let listener = TcpListener::bind(server).unwrap();
-    let server = listener.local_addr().unwrap();
-    let acceptor = thread::spawn(move || {
-        for _ in 0..count {
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut buf = Vec::new();
-            conn.read_to_end(&mut buf).unwrap(); // until the client's FIN: now in CLOSE_WAIT
-            thread::sleep(server_wait);
-            drop(conn);
-        }
-    });
-    for _ in 0..count {
-        let mut client = TcpStream::connect(server).unwrap();
-        client.write_all(b"hello").unwrap();
-        client.shutdown(Shutdown::Write).unwrap(); // our FIN first: active teardown
-        let mut buf = Vec::new();
-        client.read_to_end(&mut buf).unwrap(); // the server's FIN, after server_wait
-    }
-    acceptor.join().unwrap();
-}
+use common::{
+    churn_on, delta, exchange_with_slow_close, in_bucket, kernel_tests_enabled,
+    listener_with_deep_backlog, Daemon, SERIAL,
+};
 
 fn refused_connect(ip: &str) {
     let closed = TcpListener::bind(format!("{ip}:0")).unwrap();
@@ -195,27 +173,10 @@ fn an_overflowing_ring_loses_events_but_every_one_is_counted() {
     // 4 KiB holds ~39 records: a burst of connections overflows it between two drains.
     let mut daemon = Daemon::start(&["--ring-bytes", "4096"]);
     let before = daemon.settled_scrape();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    // std's backlog of 128 would overflow in this burst and drop SYNs, making real 1 s
-    // handshakes (retransmissions); with a deep backlog any handshake over 1 s is ours.
-    // SAFETY: listen(2) on a socket we own.
-    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
-    let port = listener.local_addr().unwrap().port();
+    // A deep backlog: std's 128 would overflow in this burst and drop SYNs, making real 1 s
+    // handshakes (retransmissions); this way any handshake over 1 s is ours.
     const N: usize = 3000;
-    let server = thread::spawn(move || {
-        for _ in 0..N {
-            drop(listener.accept().unwrap());
-        }
-    });
-    let clients: Vec<_> = (0..2)
-        .map(|_| {
-            thread::spawn(move || {
-                (0..N / 2).for_each(|_| drop(TcpStream::connect(("127.0.0.1", port)).unwrap()))
-            })
-        })
-        .collect();
-    clients.into_iter().for_each(|c| c.join().unwrap());
-    server.join().unwrap();
+    churn_on(listener_with_deep_backlog(), N, 2);
     // settled_scrape waits until received == kernel transitions - lost: the exactness claim.
     let after = daemon.settled_scrape();
     let d = |series: &str| delta(&before, &after, series);

@@ -14,7 +14,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{delta, free_port, kernel_tests_enabled, unique_socket_path, Daemon, SERIAL};
+use common::{
+    churn_on, delta, free_port, kernel_tests_enabled, listener_with_deep_backlog,
+    unique_socket_path, Daemon, SERIAL,
+};
 use serde_json::Value;
 
 /// A running `tcpmon tail`, with its stderr forwarded line by line.
@@ -290,25 +293,6 @@ fn tail_json_stand_alone_shows_exactly_our_connections() {
     check_records(&tail.finish(), ports.0, ports.1, ports.2, clients);
 }
 
-/// Connects `count` times to a fresh local listener, closing each at once.
-fn churn(count: usize) {
-    churn_on(TcpListener::bind("127.0.0.1:0").unwrap(), count);
-}
-
-/// Connects `count` times to `listener`, closing each at once.
-fn churn_on(listener: TcpListener, count: usize) {
-    let port = listener.local_addr().unwrap().port();
-    let server = thread::spawn(move || {
-        for _ in 0..count {
-            drop(listener.accept().unwrap());
-        }
-    });
-    for _ in 0..count {
-        drop(TcpStream::connect(("127.0.0.1", port)).unwrap());
-    }
-    server.join().unwrap();
-}
-
 #[test]
 fn a_client_that_never_reads_neither_stalls_the_daemon_nor_misses_silently() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -317,7 +301,7 @@ fn a_client_that_never_reads_neither_stalls_the_daemon_nor_misses_silently() {
     }
     let mut daemon = Daemon::start(&[]);
     // Only our own port, so other traffic on the host cannot add to what it misses.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = listener_with_deep_backlog();
     let port = listener.local_addr().unwrap().port();
     let mut stuck = UnixStream::connect(&daemon.tail_socket).unwrap();
     let request =
@@ -330,7 +314,7 @@ fn a_client_that_never_reads_neither_stalls_the_daemon_nor_misses_silently() {
 
     let before = daemon.settled_scrape();
     const N: usize = 2000; // ~20k transitions: far more than the client's queue and socket
-    churn_on(listener, N);
+    churn_on(listener, N, 1);
     let after = daemon.settled_scrape();
     assert_eq!(
         delta(&before, &after, "tcpmon_connections_opened_total{side=\"active\"}"),
@@ -371,7 +355,7 @@ fn tail_exits_quietly_when_its_reader_goes_away() {
     let daemon = Daemon::start(&[]);
     let mut tail = Tail::start(&daemon.tail_socket, &["--events"], "following the daemon");
     let mut stdout = BufReader::new(tail.child.stdout.take().unwrap());
-    churn(3);
+    churn_on(listener_with_deep_backlog(), 3, 1);
     let mut lines = Vec::new();
     for _ in 0..3 {
         let mut line = String::new();
@@ -382,7 +366,7 @@ fn tail_exits_quietly_when_its_reader_goes_away() {
     drop(stdout); // like `| head -3`
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        churn(3);
+        churn_on(listener_with_deep_backlog(), 3, 1);
         if let Some(status) = tail.child.try_wait().unwrap() {
             break status;
         }

@@ -93,11 +93,12 @@ fn cpu_ticks(pid: u32) -> u64 {
     get(11) + get(12)
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
+/// A `kB` field of `/proc/PID/status`, e.g. `VmRSS` or `VmHWM` (peak RSS); 0 if unreadable.
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -221,7 +222,7 @@ fn run_one(config: &Config, seconds: u64, tcpmon: &Path, scratch: &Path) -> Resu
     let progs_after = bpf_programs()?;
     let cpu_after: u64 = monitor.processes.iter().map(|p| cpu_ticks(p.id())).sum();
     let metrics_after = monitor.metrics_address.as_deref().and_then(|a| http_get(a, "/metrics"));
-    let rss: u64 = monitor.processes.iter().map(|p| peak_rss_kib(p.id())).sum();
+    let rss: u64 = monitor.processes.iter().map(|p| status_kib(p.id(), "VmHWM")).sum();
 
     let (mut run_ns, mut runs) = (0u64, 0u64);
     for id in &ours {
@@ -325,12 +326,7 @@ fn rss_with_open_connections(
         thread::sleep(Duration::from_millis(100));
     };
     let daemon = monitor.processes[0].id();
-    let rss_kib = std::fs::read_to_string(format!("/proc/{daemon}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0);
+    let rss_kib = status_kib(daemon, "VmRSS");
     for mut holder in holders {
         drop(holder.stdin.take()); // EOF: the holder closes its connections and exits
         let _ = holder.wait();

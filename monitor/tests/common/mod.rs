@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -198,4 +198,59 @@ pub fn unique_socket_path() -> PathBuf {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     ))
+}
+
+/// One client/server exchange where the client sends, half-closes, and the server waits
+/// `server_wait` in CLOSE_WAIT before close(); the client reads to EOF, then closes.
+pub fn exchange_with_slow_close(server: SocketAddr, count: usize, server_wait: Duration) {
+    let listener = TcpListener::bind(server).unwrap();
+    let server = listener.local_addr().unwrap();
+    let acceptor = thread::spawn(move || {
+        for _ in 0..count {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            conn.read_to_end(&mut buf).unwrap(); // until the client's FIN: now in CLOSE_WAIT
+            thread::sleep(server_wait);
+            drop(conn);
+        }
+    });
+    for _ in 0..count {
+        let mut client = TcpStream::connect(server).unwrap();
+        client.write_all(b"hello").unwrap();
+        client.shutdown(Shutdown::Write).unwrap(); // our FIN first: active teardown
+        let mut buf = Vec::new();
+        client.read_to_end(&mut buf).unwrap(); // the server's FIN, after server_wait
+    }
+    acceptor.join().unwrap();
+}
+
+/// A loopback listener whose accept queue holds 4096 connections. std listens with a backlog
+/// of 128; in a burst a full queue drops SYNs, and each drop costs a 1 s retransmission.
+pub fn listener_with_deep_backlog() -> TcpListener {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: listen(2) again on a socket we own only raises its backlog.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
+    listener
+}
+
+/// Connects `count` times to `listener` from `clients` threads, closing each at once.
+pub fn churn_on(listener: TcpListener, count: usize, clients: usize) {
+    let port = listener.local_addr().unwrap().port();
+    let server = thread::spawn(move || {
+        for _ in 0..count {
+            drop(listener.accept().unwrap());
+        }
+    });
+    let clients: Vec<_> = (0..clients)
+        .map(|i| {
+            let share = count / clients + usize::from(i < count % clients);
+            thread::spawn(move || {
+                for _ in 0..share {
+                    drop(TcpStream::connect(("127.0.0.1", port)).unwrap());
+                }
+            })
+        })
+        .collect();
+    clients.into_iter().for_each(|c| c.join().unwrap());
+    server.join().unwrap();
 }
