@@ -35,8 +35,9 @@ pub struct StateEvent {
     pub family: u16,
     /// Explicit padding; always zero.
     pub _pad0: u16,
-    /// Explicit padding; always zero.
-    pub _pad1: u32,
+    /// Inode number of the socket's network namespace (as in `/proc/PID/ns/net`), read on
+    /// the transitions that start a socket's life and on the enriched ones; 0 when not read.
+    pub netns: u32,
     /// Local address. For `AF_INET` the tracepoint stores the IPv4-mapped IPv6 address.
     pub saddr: [u8; 16],
     /// Remote address, same encoding as `saddr`.
@@ -46,8 +47,190 @@ pub struct StateEvent {
     pub comm: [u8; 16],
 }
 
-/// Size in bytes of [`StateEvent`]; the decoder rejects records of any other size.
+/// Size in bytes of [`StateEvent`].
 pub const STATE_EVENT_SIZE: usize = core::mem::size_of::<StateEvent>();
+
+/// Counters of the socket's `struct tcp_sock` (the ones `ss -i` and `tcplife` show), read by
+/// the eBPF program at the transitions where they mean something: handshake completion
+/// (`total_retrans` then counts SYN or SYN-ACK retransmissions, `srtt_us` holds the
+/// handshake's RTT sample) and CLOSE (totals of the connection's life).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpStats {
+    /// `tcp_sock.bytes_acked` (RFC 4898 `tcpEStatsAppHCThruOctetsAcked`): sequence space the
+    /// peer acknowledged, so payload plus 1 for our SYN (active opens) and 1 for our FIN.
+    pub bytes_acked: u64,
+    /// `tcp_sock.bytes_received` (`tcpEStatsAppHCThruOctetsReceived`): sequence space
+    /// received in order, so payload plus 1 for the peer's FIN.
+    pub bytes_received: u64,
+    /// `tcp_sock.bytes_sent`: payload bytes transmitted, retransmissions included.
+    pub bytes_sent: u64,
+    /// `tcp_sock.bytes_retrans`: payload bytes retransmitted.
+    pub bytes_retrans: u64,
+    /// `tcp_sock.segs_out`: segments sent, retransmissions included.
+    pub segs_out: u32,
+    /// `tcp_sock.segs_in`: segments received.
+    pub segs_in: u32,
+    /// `tcp_sock.total_retrans`: segments retransmitted over the socket's life. A passive
+    /// child starts with its request socket's SYN-ACK retransmissions (`tcp_create_openreq_child`).
+    pub total_retrans: u32,
+    /// `tcp_sock.srtt_us`: smoothed RTT in microseconds, left-shifted by 3 as the kernel keeps it.
+    pub srtt_us_x8: u32,
+    /// Low 32 bits of `sk->sk_flags` (`enum sock_flags` bits: [`SOCK_DONE`] is set by
+    /// `tcp_fin()` when the peer's FIN arrives).
+    pub sk_flags: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+impl TcpStats {
+    /// Payload bytes sent, each counted once: transmitted minus retransmitted.
+    pub fn payload_sent(&self) -> u64 {
+        self.bytes_sent.saturating_sub(self.bytes_retrans)
+    }
+
+    /// Payload bytes received in order: `bytes_received` without the peer's FIN, which takes
+    /// one sequence number (`tcp_data_queue` advances `rcv_nxt` over it before `tcp_fin()`
+    /// marks the socket [`SOCK_DONE`]).
+    pub fn payload_received(&self) -> u64 {
+        let fin = u64::from(self.sk_flags >> SOCK_DONE & 1);
+        self.bytes_received.saturating_sub(fin)
+    }
+}
+
+/// `enum sock_flags` bit set by `tcp_fin()` (include/net/sock.h; unchanged since Linux 2.6).
+pub const SOCK_DONE: u32 = 1;
+
+/// A [`StateEvent`] followed by the socket's [`TcpStats`]: submitted instead of a plain
+/// `StateEvent` for transitions to CLOSE and for SYN_SENT/SYN_RECV → ESTABLISHED.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateEventWithStats {
+    /// The transition.
+    pub event: StateEvent,
+    /// The socket's counters at the transition.
+    pub stats: TcpStats,
+}
+
+/// Size in bytes of [`StateEventWithStats`].
+pub const STATE_EVENT_WITH_STATS_SIZE: usize = core::mem::size_of::<StateEventWithStats>();
+
+/// A reset sent or received, from the BTF tracepoints `tcp:tcp_send_reset` and
+/// `tcp:tcp_receive_reset`. Ring records are told apart by their length:
+/// [`STATE_EVENT_SIZE`], [`STATE_EVENT_WITH_STATS_SIZE`], [`NOTE_SIZE`] or [`SYNACK_RETRANSMIT_SIZE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketNote {
+    /// `bpf_ktime_get_ns()`.
+    pub timestamp_ns: u64,
+    /// The socket the note is about (0: none, e.g. a reset sent for a segment no socket owns).
+    pub skaddr: u64,
+    /// One of [`note`].
+    pub kind: u32,
+    /// For [`note::RESET_SENT`]: the kernel's `enum sk_rst_reason`; 0 otherwise.
+    pub value: u32,
+    /// Reserved; always zero.
+    pub _reserved: u64,
+}
+
+/// Size in bytes of [`SocketNote`].
+pub const NOTE_SIZE: usize = core::mem::size_of::<SocketNote>();
+
+/// Kinds of [`SocketNote`].
+pub mod note {
+    /// The kernel sent a RST for this socket (`tcp:tcp_send_reset`).
+    pub const RESET_SENT: u32 = 2;
+    /// The socket processed a RST from the peer (`tcp:tcp_receive_reset`).
+    pub const RESET_RECEIVED: u32 = 3;
+}
+
+/// A SYN-ACK retransmission (`tcp:tcp_retransmit_synack`), with the request socket's 4-tuple
+/// (which its child socket will have) and the time its *first* SYN-ACK left. The state
+/// tracepoint never sees request sockets, so this is how an accepted connection's handshake
+/// gets its start when the SYN-ACK had to be resent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynAckRetransmit {
+    /// `bpf_ktime_get_ns()`.
+    pub timestamp_ns: u64,
+    /// `tcp_rsk(req)->snt_synack`: CLOCK_MONOTONIC µs of the first SYN-ACK (set once, in
+    /// `tcp_make_synack`); 0 when it could not be read.
+    pub first_synack_us: u64,
+    /// Local (listening) port, host byte order.
+    pub sport: u16,
+    /// Remote port, host byte order.
+    pub dport: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Explicit padding; always zero.
+    pub _pad: u16,
+    /// Local address, IPv4-mapped for `AF_INET` (as in [`StateEvent`]).
+    pub saddr: [u8; 16],
+    /// Remote address, same encoding.
+    pub daddr: [u8; 16],
+}
+
+/// Size in bytes of [`SynAckRetransmit`].
+pub const SYNACK_RETRANSMIT_SIZE: usize = core::mem::size_of::<SynAckRetransmit>();
+
+/// Byte offsets of the kernel struct fields the programs read, found by the loader in the
+/// running kernel's BTF (`/sys/kernel/btf/vmlinux`), never compiled in. [`OFFSET_UNKNOWN`]
+/// disables a read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct sock.sk_err`.
+    pub sk_err: u32,
+    /// `struct sock.__sk_common.skc_net` (a `struct net *`).
+    pub skc_net: u32,
+    /// `struct net.ns.inum`.
+    pub net_inum: u32,
+    /// `struct tcp_sock.bytes_acked`.
+    pub bytes_acked: u32,
+    /// `struct tcp_sock.bytes_received`.
+    pub bytes_received: u32,
+    /// `struct tcp_sock.segs_out`.
+    pub segs_out: u32,
+    /// `struct tcp_sock.segs_in`.
+    pub segs_in: u32,
+    /// `struct tcp_sock.total_retrans`.
+    pub total_retrans: u32,
+    /// `struct tcp_sock.srtt_us`.
+    pub srtt_us: u32,
+    /// `struct tcp_request_sock.snt_synack`.
+    pub snt_synack: u32,
+    /// `struct tcp_sock.bytes_sent`.
+    pub bytes_sent: u32,
+    /// `struct tcp_sock.bytes_retrans`.
+    pub bytes_retrans: u32,
+    /// `struct sock.__sk_common.skc_flags` (`sk_flags`).
+    pub sk_flags: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+/// "This offset could not be found": the program skips the read.
+pub const OFFSET_UNKNOWN: u32 = u32::MAX;
+
+impl KernelOffsets {
+    /// Every read disabled.
+    pub const UNKNOWN: KernelOffsets = KernelOffsets {
+        sk_err: OFFSET_UNKNOWN,
+        skc_net: OFFSET_UNKNOWN,
+        net_inum: OFFSET_UNKNOWN,
+        bytes_acked: OFFSET_UNKNOWN,
+        bytes_received: OFFSET_UNKNOWN,
+        segs_out: OFFSET_UNKNOWN,
+        segs_in: OFFSET_UNKNOWN,
+        total_retrans: OFFSET_UNKNOWN,
+        srtt_us: OFFSET_UNKNOWN,
+        snt_synack: OFFSET_UNKNOWN,
+        bytes_sent: OFFSET_UNKNOWN,
+        bytes_retrans: OFFSET_UNKNOWN,
+        sk_flags: OFFSET_UNKNOWN,
+        _pad: 0,
+    };
+}
 
 /// `sock_err` value meaning "the program could not read `sk->sk_err`".
 pub const SOCK_ERR_UNKNOWN: i32 = -1;
@@ -79,8 +262,10 @@ pub mod counter {
     pub const RING_RESERVE_FAILED: u32 = 0;
     /// TCP transitions whose states were out of range for the transition counters.
     pub const STATE_OUT_OF_RANGE: u32 = 1;
+    /// Socket notes (SYN-ACK facts, resets) that could not be reserved in the ring buffer.
+    pub const NOTE_RESERVE_FAILED: u32 = 2;
     /// Number of slots.
-    pub const SLOTS: u32 = 2;
+    pub const SLOTS: u32 = 3;
 }
 
 /// Map and program names, so the loader and the eBPF program cannot drift apart.
@@ -93,10 +278,43 @@ pub mod names {
     pub const EVENT_COUNTERS_MAP: &str = "EVENT_COUNTERS";
     /// The tracepoint program.
     pub const STATE_PROGRAM: &str = "inet_sock_set_state";
-    /// Global: byte offset of `sk_err` in `struct sock` (u32::MAX disables the read).
-    pub const SK_ERR_OFFSET_GLOBAL: &str = "SK_ERR_OFFSET";
+    /// Global: the [`super::KernelOffsets`] of the running kernel.
+    pub const OFFSETS_GLOBAL: &str = "OFFSETS";
+    /// Tracepoint program on `tcp:tcp_retransmit_synack`.
+    pub const SYNACK_PROGRAM: &str = "tcp_retransmit_synack";
+    /// BTF tracepoint program on `tcp:tcp_send_reset`.
+    pub const RESET_SENT_PROGRAM: &str = "tcp_send_reset";
+    /// BTF tracepoint program on `tcp:tcp_receive_reset`.
+    pub const RESET_RECEIVED_PROGRAM: &str = "tcp_receive_reset";
     /// Global: wake userspace once this many bytes are waiting (0: wake on every event).
     pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
+}
+
+/// Byte offsets of the `tcp:tcp_retransmit_synack` record fields the eBPF program reads.
+/// The loader compares them with the running kernel's `format` file before attaching.
+pub mod synack_layout {
+    /// `const void *req`
+    pub const REQ: usize = 16;
+    /// `__u16 sport`
+    pub const SPORT: usize = 24;
+    /// `__u16 dport`
+    pub const DPORT: usize = 26;
+    /// `__u16 family`
+    pub const FAMILY: usize = 28;
+    /// `__u8 saddr_v6[16]` (2-aligned only: read 2 bytes at a time)
+    pub const SADDR_V6: usize = 38;
+    /// `__u8 daddr_v6[16]`
+    pub const DADDR_V6: usize = 54;
+
+    /// `(field name, offset, size)` for every field the program reads.
+    pub const FIELDS: [(&str, usize, usize); 6] = [
+        ("req", REQ, 8),
+        ("sport", SPORT, 2),
+        ("dport", DPORT, 2),
+        ("family", FAMILY, 2),
+        ("saddr_v6", SADDR_V6, 16),
+        ("daddr_v6", DADDR_V6, 16),
+    ];
 }
 
 /// Byte offsets of the `sock:inet_sock_set_state` record fields the eBPF program reads.
@@ -140,6 +358,10 @@ pub mod tracepoint_layout {
 // pattern is a valid value.
 unsafe impl aya::Pod for StateEvent {}
 
+#[cfg(feature = "user")]
+// SAFETY: repr(C) integers, no implicit padding.
+unsafe impl aya::Pod for KernelOffsets {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +377,25 @@ mod tests {
         assert_eq!(offset_of!(StateEvent, saddr), 48);
         assert_eq!(offset_of!(StateEvent, daddr), 64);
         assert_eq!(offset_of!(StateEvent, comm), 80);
+        assert_eq!(size_of::<TcpStats>(), 56);
+        assert_eq!(size_of::<StateEventWithStats>(), 152);
+        assert_eq!(size_of::<SocketNote>(), 32);
+        assert_eq!(size_of::<KernelOffsets>(), 56);
+        assert_eq!(size_of::<SynAckRetransmit>(), 56);
+    }
+
+    #[test]
+    fn payload_excludes_fin_and_retransmissions() {
+        let stats = TcpStats {
+            bytes_received: 1235,
+            bytes_sent: 1500,
+            bytes_retrans: 266,
+            sk_flags: 1 << SOCK_DONE | 1, // SOCK_DEAD too
+            ..TcpStats::default()
+        };
+        assert_eq!((stats.payload_sent(), stats.payload_received()), (1234, 1234));
+        let no_fin = TcpStats { sk_flags: 1, ..stats };
+        assert_eq!(no_fin.payload_received(), 1235);
     }
 
     #[test]

@@ -1,28 +1,33 @@
-//! The kernel side of tcpmon: one program on `sock:inet_sock_set_state`.
+//! The kernel side of tcpmon.
 //!
-//! It does three things and nothing else: count every TCP transition in a per-CPU array (so
-//! the counts stay exact when the ring buffer is full), copy the record's fields into a ring
-//! buffer entry, and submit it. All interpretation happens in userspace, where unit tests
-//! reach it.
+//! The main program sits on `sock:inet_sock_set_state`. It counts every TCP transition in a
+//! per-CPU array (so the counts stay exact when the ring buffer is full), copies the record's
+//! fields into a ring buffer entry, and submits it; at handshake completion and at CLOSE it
+//! adds the socket's `tcp_sock` counters. Three small programs add facts the state tracepoint
+//! cannot show: SYN-ACK retransmissions with the first SYN-ACK's time
+//! (`tcp:tcp_retransmit_synack`) and resets sent and received (BTF tracepoints). All
+//! interpretation happens in userspace, where unit tests reach it.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
     EbpfContext, Global,
 };
 use monitor_common::{
-    counter, tracepoint_layout as tp, transition_index, StateEvent, IPPROTO_TCP, SOCK_ERR_UNKNOWN,
-    TRANSITION_SLOTS,
+    counter, note, synack_layout as synack, tracepoint_layout as tp, transition_index,
+    KernelOffsets, SocketNote, StateEvent, StateEventWithStats, SynAckRetransmit, TcpStats,
+    IPPROTO_TCP, OFFSET_UNKNOWN, SOCK_ERR_UNKNOWN, TRANSITION_SLOTS,
 };
 
 // The kernel's TCP states (include/net/tcp_states.h).
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
 const TCP_FIN_WAIT1: i32 = 4;
 const TCP_CLOSE: i32 = 7;
 const TCP_CLOSE_WAIT: i32 = 8;
@@ -44,8 +49,25 @@ fn runs_in_owner_context(old: i32, new: i32) -> bool {
     )
 }
 
-/// Bytes one record takes in the ring: the record and the ring's 8-byte header.
-const RECORD_BYTES: u64 = core::mem::size_of::<StateEvent>() as u64 + 8;
+/// The transitions that start a socket's life: the moment to read its network namespace.
+#[inline(always)]
+fn is_birth(old: i32, new: i32) -> bool {
+    matches!(
+        (old, new),
+        (TCP_CLOSE, TCP_SYN_SENT) | (TCP_CLOSE, TCP_LISTEN) | (TCP_LISTEN, TCP_SYN_RECV)
+    )
+}
+
+/// Transitions whose record carries the socket's [`TcpStats`]: handshake completion (SYN or
+/// SYN-ACK retransmissions, the handshake RTT) and CLOSE (the connection's totals).
+#[inline(always)]
+fn wants_stats(old: i32, new: i32) -> bool {
+    new == TCP_CLOSE || (new == TCP_ESTABLISHED && (old == TCP_SYN_SENT || old == TCP_SYN_RECV))
+}
+
+/// Bytes the largest record takes in the ring, with the ring's 8-byte header: the margin of
+/// the wake-up threshold test.
+const RECORD_BYTES: u64 = core::mem::size_of::<StateEventWithStats>() as u64 + 8;
 
 /// Default ring size; the loader overrides it with `--ring-bytes`.
 #[map(name = "EVENTS")]
@@ -57,10 +79,9 @@ static TRANSITIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TRANSITION_
 #[map(name = "EVENT_COUNTERS")]
 static EVENT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::SLOTS, 0);
 
-/// Offset of `sk_err` in `struct sock`, taken from the running kernel's BTF by the loader.
-/// `u32::MAX` disables the read.
+/// Field offsets of the running kernel's structs, from its BTF; set by the loader.
 #[unsafe(no_mangle)]
-static SK_ERR_OFFSET: Global<u32> = Global::new(u32::MAX);
+static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::UNKNOWN);
 
 /// Wake the consumer only once this many bytes wait in the ring (it also drains on a timer);
 /// 0 wakes it for every event (low-latency mode).
@@ -101,6 +122,62 @@ fn bump(map: &PerCpuArray<u64>, index: u32) {
     }
 }
 
+/// Reads a `T` at `base + offset` of kernel memory; `None` when the offset is unknown or the
+/// read faults.
+#[inline(always)]
+unsafe fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
+    if offset == OFFSET_UNKNOWN || base == 0 {
+        return None;
+    }
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.ok()
+}
+
+/// Inode number of the socket's network namespace, 0 when unknown.
+#[inline(always)]
+unsafe fn netns_inum(skaddr: u64, offsets: &KernelOffsets) -> u32 {
+    unsafe {
+        let net: u64 = read_kernel(skaddr, offsets.skc_net).unwrap_or(0);
+        read_kernel(net, offsets.net_inum).unwrap_or(0)
+    }
+}
+
+#[inline(always)]
+unsafe fn tcp_stats(skaddr: u64, offsets: &KernelOffsets) -> TcpStats {
+    unsafe {
+        TcpStats {
+            bytes_acked: read_kernel(skaddr, offsets.bytes_acked).unwrap_or(0),
+            bytes_received: read_kernel(skaddr, offsets.bytes_received).unwrap_or(0),
+            segs_out: read_kernel(skaddr, offsets.segs_out).unwrap_or(0),
+            segs_in: read_kernel(skaddr, offsets.segs_in).unwrap_or(0),
+            total_retrans: read_kernel(skaddr, offsets.total_retrans).unwrap_or(0),
+            srtt_us_x8: read_kernel(skaddr, offsets.srtt_us).unwrap_or(0),
+            bytes_sent: read_kernel(skaddr, offsets.bytes_sent).unwrap_or(0),
+            bytes_retrans: read_kernel(skaddr, offsets.bytes_retrans).unwrap_or(0),
+            sk_flags: read_kernel(skaddr, offsets.sk_flags).unwrap_or(0),
+            _pad: 0,
+        }
+    }
+}
+
+/// The submit flags implementing the wake-up policy (see [`WAKEUP_BYTES`]).
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    let wakeup_bytes = WAKEUP_BYTES.load();
+    if wakeup_bytes == 0 {
+        return 0;
+    }
+    // Wake the daemon once, with the record that crosses the threshold, not with every
+    // record after it: a forced wake-up queues an irq_work, and until the daemon runs the
+    // ring stays above the threshold. Available data includes this record (it counts from
+    // reservation). Should two CPUs race past the line, the daemon's drain timer still comes.
+    let waiting = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    if waiting >= wakeup_bytes && waiting < wakeup_bytes + RECORD_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
 #[inline(always)]
 unsafe fn on_state_change(ctx: &TracePointContext) {
     let protocol: u16 = unsafe { field(ctx, tp::PROTOCOL) };
@@ -114,20 +191,49 @@ unsafe fn on_state_change(ctx: &TracePointContext) {
         None => bump(&EVENT_COUNTERS, counter::STATE_OUT_OF_RANGE),
     }
 
-    let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
-        bump(&EVENT_COUNTERS, counter::RING_RESERVE_FAILED);
-        return;
-    };
-    let event = entry.as_mut_ptr();
+    let offsets = OFFSETS.load();
+    if wants_stats(oldstate, newstate) {
+        let Some(mut entry) = EVENTS.reserve::<StateEventWithStats>(0) else {
+            bump(&EVENT_COUNTERS, counter::RING_RESERVE_FAILED);
+            return;
+        };
+        let record = entry.as_mut_ptr();
+        unsafe {
+            fill(ctx, &raw mut (*record).event, oldstate, newstate, &offsets);
+            (*record).stats = tcp_stats((*record).event.skaddr, &offsets);
+        }
+        entry.submit(wakeup_flags());
+    } else {
+        let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
+            bump(&EVENT_COUNTERS, counter::RING_RESERVE_FAILED);
+            return;
+        };
+        unsafe { fill(ctx, entry.as_mut_ptr(), oldstate, newstate, &offsets) };
+        entry.submit(wakeup_flags());
+    }
+}
+
+/// Writes the transition straight into its ring entry (no stack copy).
+#[inline(always)]
+unsafe fn fill(
+    ctx: &TracePointContext,
+    event: *mut StateEvent,
+    oldstate: i32,
+    newstate: i32,
+    offsets: &KernelOffsets,
+) {
     let skaddr: u64 = unsafe { field(ctx, tp::SKADDR) };
     let sock_err = if newstate == TCP_CLOSE {
-        let offset = SK_ERR_OFFSET.load();
-        if offset == u32::MAX {
+        if offsets.sk_err == OFFSET_UNKNOWN {
             SOCK_ERR_UNKNOWN
         } else {
-            unsafe { bpf_probe_read_kernel((skaddr + offset as u64) as *const i32) }
-                .unwrap_or(SOCK_ERR_UNKNOWN)
+            unsafe { read_kernel(skaddr, offsets.sk_err) }.unwrap_or(SOCK_ERR_UNKNOWN)
         }
+    } else {
+        0
+    };
+    let netns = if is_birth(oldstate, newstate) || wants_stats(oldstate, newstate) {
+        unsafe { netns_inum(skaddr, offsets) }
     } else {
         0
     };
@@ -142,12 +248,11 @@ unsafe fn on_state_change(ctx: &TracePointContext) {
         (*event).dport = field(ctx, tp::DPORT);
         (*event).family = field(ctx, tp::FAMILY);
         (*event)._pad0 = 0;
-        (*event)._pad1 = 0;
+        (*event).netns = netns;
         copy_addr(ctx, tp::SADDR_V6, &mut (*event).saddr);
         copy_addr(ctx, tp::DADDR_V6, &mut (*event).daddr);
         if runs_in_owner_context(oldstate, newstate) {
             (*event).pid_tgid = bpf_get_current_pid_tgid();
-            // Written straight into the ring entry: no stack copy.
             generated::bpf_get_current_comm((*event).comm.as_mut_ptr().cast(), 16);
         } else {
             // Ring memory is not zeroed by reserve.
@@ -156,24 +261,78 @@ unsafe fn on_state_change(ctx: &TracePointContext) {
             core::ptr::write_unaligned(comm.add(1), 0);
         }
     }
+}
 
-    let wakeup_bytes = WAKEUP_BYTES.load();
-    let flags = if wakeup_bytes == 0 {
-        0
-    } else {
-        // Wake the daemon once, with the record that crosses the threshold, not with every
-        // record after it: a forced wake-up queues an irq_work, and until the daemon runs
-        // the ring stays above the threshold. Available data includes this record (it counts
-        // from reservation). Should two CPUs race past the line, the daemon's drain timer
-        // still comes.
-        let waiting = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-        if waiting >= wakeup_bytes && waiting < wakeup_bytes + RECORD_BYTES {
-            BPF_RB_FORCE_WAKEUP as u64
-        } else {
-            BPF_RB_NO_WAKEUP as u64
-        }
+/// Submits a [`SocketNote`]; a full ring is counted apart from lost transitions.
+#[inline(always)]
+fn submit_note(skaddr: u64, kind: u32, value: u32) {
+    let Some(mut entry) = EVENTS.reserve::<SocketNote>(0) else {
+        bump(&EVENT_COUNTERS, counter::NOTE_RESERVE_FAILED);
+        return;
     };
-    entry.submit(flags);
+    entry.write(SocketNote {
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        skaddr,
+        kind,
+        value,
+        _reserved: 0,
+    });
+    entry.submit(wakeup_flags());
+}
+
+/// Copies a 16-byte address field that is only 2-aligned in the record, 2 bytes at a time
+/// (tracepoint context loads must be aligned to their size).
+#[inline(always)]
+unsafe fn copy_addr_2aligned(ctx: &TracePointContext, offset: usize, dst: &mut [u8; 16]) {
+    let dst = dst.as_mut_ptr().cast::<u16>();
+    for i in 0..8 {
+        unsafe { core::ptr::write_unaligned(dst.add(i), field::<u16>(ctx, offset + 2 * i)) };
+    }
+}
+
+/// `tcp:tcp_retransmit_synack(listener, req)`: a request socket resent its SYN-ACK (timer,
+/// or a retransmitted SYN). The request socket knows when its *first* SYN-ACK left
+/// (`tcp_rsk(req)->snt_synack`); its child will carry the same 4-tuple. Rare, so its cost
+/// does not matter.
+#[tracepoint]
+pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
+    let Some(mut entry) = EVENTS.reserve::<SynAckRetransmit>(0) else {
+        bump(&EVENT_COUNTERS, counter::NOTE_RESERVE_FAILED);
+        return 0;
+    };
+    let record = entry.as_mut_ptr();
+    // SAFETY: the loader verified the offsets against the event's `format` file.
+    unsafe {
+        let req: u64 = field(&ctx, synack::REQ);
+        (*record).timestamp_ns = bpf_ktime_get_ns();
+        (*record).first_synack_us = read_kernel(req, OFFSETS.load().snt_synack).unwrap_or(0);
+        (*record).sport = field(&ctx, synack::SPORT);
+        (*record).dport = field(&ctx, synack::DPORT);
+        (*record).family = field(&ctx, synack::FAMILY);
+        (*record)._pad = 0;
+        copy_addr_2aligned(&ctx, synack::SADDR_V6, &mut (*record).saddr);
+        copy_addr_2aligned(&ctx, synack::DADDR_V6, &mut (*record).daddr);
+    }
+    entry.submit(wakeup_flags());
+    0
+}
+
+/// `tcp:tcp_send_reset(sk, skb, reason)`: `sk` is NULL when no socket owns the segment
+/// answered, and may be a listener or a timewait socket; userspace matches full sockets.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: BtfTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let reason: u32 = ctx.arg(2);
+    submit_note(sk, note::RESET_SENT, reason);
+    0
+}
+
+/// `tcp:tcp_receive_reset(sk)`, from `tcp_reset()` before `tcp_done()` closes the socket.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    submit_note(sk, note::RESET_RECEIVED, 0);
+    0
 }
 
 #[cfg(not(test))]

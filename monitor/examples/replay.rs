@@ -87,15 +87,15 @@ fn main() {
 
     // Warm-up pass: grows the table to its working size, so the timed pass measures steady state.
     for record in &records {
-        aggregator.record_received();
-        tracker.on_event(&decode(record).expect("valid"), &mut &aggregator);
+        aggregator.record_received(true);
+        tracker.on_record(&decode(record).expect("valid"), &mut &aggregator);
     }
     let allocations_before = ALLOCATIONS.load(Ordering::Relaxed);
     let started = Instant::now();
     for record in &records {
-        aggregator.record_received();
+        aggregator.record_received(true);
         match decode(record) {
-            Ok(event) => tracker.on_event(&event, &mut &aggregator),
+            Ok(record) => tracker.on_record(&record, &mut &aggregator),
             Err(_) => aggregator.record_undecodable(),
         }
     }
@@ -114,7 +114,7 @@ fn main() {
             (TcpState::Close, TcpState::SynSent, 0),
             (TcpState::SynSent, TcpState::Established, 40_000),
         ] {
-            tracker.on_event(
+            tracker.on_record(
                 &decode(&fixture::bytes(&fixture::v4(i, sk, old, new, sport, 80, 0)))
                     .expect("valid"),
                 &mut sink,

@@ -12,7 +12,7 @@ use prometheus::{
 
 use crate::decode::TcpState;
 use crate::metrics::catch_up;
-use crate::tracker::{CloseReason, Observation, ObservationSink, Side, Tracker};
+use crate::tracker::{CloseReason, Observation, ObservationSink, ResetDirection, Side, Tracker};
 
 /// Buckets (seconds) for handshake and teardown latency: from loopback (tens of µs) to SYN
 /// retries. Linux retransmits an unanswered SYN after 1 s, then 2, 4, 8, 16, 32 s
@@ -53,7 +53,10 @@ const SIDES: [Side; 2] = [Side::Active, Side::Passive];
 
 /// The daemon's metrics that come from observations and from its own work.
 pub struct Aggregator {
-    handshake_active: Histogram,
+    handshake: [Histogram; 2],
+    handshake_retransmits: [IntCounter; 2],
+    /// `[sent, received]`
+    resets: [IntCounter; 2],
     teardown: [Histogram; 2],
     close_wait: Histogram,
     lifetime: [Histogram; 2],
@@ -64,12 +67,14 @@ pub struct Aggregator {
     connections: [IntGauge; 12],
     tracked_sockets: IntGauge,
     events_received: IntCounter,
+    notes_received: IntCounter,
     events_undecodable: IntCounter,
     evictions: IntCounter,
     inconsistent: IntCounter,
     first_seen_midlife: IntCounter,
     replaced_stale: IntCounter,
     passive_open_aborted: IntCounter,
+    synack_untracked: IntCounter,
     last_drain: Gauge,
 }
 
@@ -102,7 +107,9 @@ impl Aggregator {
         let handshake = histogram(
             "tcpmon_handshake_duration_seconds",
             "TCP three-way handshake latency. side=active: SYN sent to SYN-ACK received \
-             (SYN_SENT -> ESTABLISHED).",
+             (SYN_SENT -> ESTABLISHED). side=passive: first SYN-ACK sent to the final ACK \
+             (the request socket's snt_synack to SYN_RECV -> ESTABLISHED). Retransmissions \
+             are included: a lost first SYN or SYN-ACK adds the 1 s initial RTO.",
             LATENCY_BUCKETS,
             &["side"],
         )?;
@@ -140,6 +147,18 @@ impl Aggregator {
              (unknown: open before tcpmon saw it) and how they ended.",
             &["side", "reason"],
         )?;
+        let handshake_retransmits = counter(
+            "tcpmon_handshake_retransmits_total",
+            "Handshake retransmissions: SYNs (side=active, completed or failed connects) and \
+             SYN-ACKs (side=passive, accepted connections).",
+            &["side"],
+        )?;
+        let resets = counter(
+            "tcpmon_resets_total",
+            "RST segments the kernel sent (tcp:tcp_send_reset; also for segments no socket \
+             owns) or processed from a peer (tcp:tcp_receive_reset).",
+            &["direction"],
+        )?;
         let failures = counter(
             "tcpmon_connect_failures_total",
             "Active opens that never reached ESTABLISHED (SYN_SENT -> CLOSE), by reason.",
@@ -173,7 +192,11 @@ impl Aggregator {
         let unknown_side = ["unknown"];
         let side_labels = |side: Side| [side.as_str()];
         Ok(Aggregator {
-            handshake_active: handshake.with_label_values(&side_labels(Side::Active)),
+            handshake: SIDES.map(|s| handshake.with_label_values(&side_labels(s))),
+            handshake_retransmits: SIDES
+                .map(|s| handshake_retransmits.with_label_values(&side_labels(s))),
+            resets: [ResetDirection::Sent, ResetDirection::Received]
+                .map(|d| resets.with_label_values(&[d.as_str()])),
             teardown: SIDES.map(|s| teardown.with_label_values(&side_labels(s))),
             close_wait: close_wait.with_label_values(&[] as &[&str]),
             lifetime: SIDES.map(|s| lifetime.with_label_values(&side_labels(s))),
@@ -188,6 +211,10 @@ impl Aggregator {
             events_received: plain_counter(
                 "tcpmon_events_received_total",
                 "State-transition records read from the ring buffer.",
+            )?,
+            notes_received: plain_counter(
+                "tcpmon_notes_received_total",
+                "Reset and SYN-ACK-retransmission records read from the ring buffer.",
             )?,
             events_undecodable: plain_counter(
                 "tcpmon_events_undecodable_total",
@@ -212,13 +239,23 @@ impl Aggregator {
                 "tcpmon_passive_opens_aborted_total",
                 "Accepted connections that closed before reaching ESTABLISHED.",
             )?,
+            synack_untracked: plain_counter(
+                "tcpmon_tracker_synack_untracked_total",
+                "SYN-ACK retransmissions not remembered because the pending table was full \
+                 (a SYN flood); their connections report retries but no handshake duration.",
+            )?,
             last_drain,
         })
     }
 
-    /// Counts one record read from the ring buffer.
-    pub fn record_received(&self) {
-        self.events_received.inc();
+    /// Counts one record read from the ring buffer: a state transition (which the kernel
+    /// also counts, so received + lost adds up to its count) or a note.
+    pub fn record_received(&self, transition: bool) {
+        if transition {
+            self.events_received.inc();
+        } else {
+            self.notes_received.inc();
+        }
     }
 
     /// Counts one record that failed to decode.
@@ -238,6 +275,7 @@ impl Aggregator {
         catch_up(&self.first_seen_midlife, stats.first_seen_midlife);
         catch_up(&self.replaced_stale, stats.replaced_stale);
         catch_up(&self.passive_open_aborted, stats.passive_open_aborted);
+        catch_up(&self.synack_untracked, stats.synack_untracked);
         self.last_drain.set(unix_time);
     }
 }
@@ -246,14 +284,18 @@ impl ObservationSink for &Aggregator {
     fn observe(&mut self, observation: &Observation) {
         match *observation {
             Observation::Opened { side } => self.opened[side_index(side)].inc(),
-            Observation::Handshake { side: Side::Active, duration_ns } => {
-                self.handshake_active.observe(seconds(duration_ns));
+            Observation::Handshake { side, duration_ns, retransmits } => {
+                self.handshake[side_index(side)].observe(seconds(duration_ns));
+                self.handshake_retransmits[side_index(side)]
+                    .inc_by(u64::from(retransmits.unwrap_or(0)));
             }
-            // Passive handshakes need the SYN-ACK time (kernel struct fields); until that is
-            // measured nothing is published under this name.
-            Observation::Handshake { side: Side::Passive, .. } => {}
-            Observation::ConnectFailed { reason, .. } => {
+            Observation::ConnectFailed { reason, retransmits, .. } => {
                 self.connect_failures[reason_index(reason)].inc();
+                self.handshake_retransmits[side_index(Side::Active)]
+                    .inc_by(u64::from(retransmits.unwrap_or(0)));
+            }
+            Observation::Reset { direction } => {
+                self.resets[matches!(direction, ResetDirection::Received) as usize].inc();
             }
             Observation::CloseWait { duration_ns } => self.close_wait.observe(seconds(duration_ns)),
             Observation::Closed { side, reason, lifetime_ns, teardown } => {
@@ -275,7 +317,12 @@ impl ObservationSink for &Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{decode_record, fixture::v4};
+    use crate::decode::{
+        decode,
+        fixture::{self, v4},
+        TcpStats,
+    };
+    use monitor_common::note;
     use prometheus::Encoder;
 
     fn scrape(registry: &Registry) -> String {
@@ -307,10 +354,29 @@ mod tests {
             (ms, 3, SynSent, Close, libc::ECONNREFUSED),
         ];
         for (ts, sk, old, new, err) in steps {
-            let event = decode_record(&v4(ts, sk, old, new, 1, 2, err)).unwrap();
-            aggregator.record_received();
-            tracker.on_event(&event, &mut &aggregator);
+            let raw = v4(ts, sk, old, new, 1, 2, err);
+            let bytes = match (sk, old, new) {
+                // The refused connect retried its SYN twice.
+                (3, SynSent, Close) => {
+                    let stats = TcpStats { total_retrans: 2, ..TcpStats::default() };
+                    fixture::bytes(&fixture::with_stats(raw, stats))
+                }
+                // The passive child's SYN-ACK was resent once; its first one left 1.2 s
+                // before the final ACK.
+                (2, SynRecv, Established) => {
+                    let synack = fixture::synack_retransmit(ts, 1_000, 1, 2);
+                    tracker.on_record(&decode(&fixture::bytes(&synack)).unwrap(), &mut &aggregator);
+                    let raw = v4(1_200 * ms + 1_000_000, sk, old, new, 1, 2, err);
+                    let stats = TcpStats { total_retrans: 1, ..TcpStats::default() };
+                    fixture::bytes(&fixture::with_stats(raw, stats))
+                }
+                _ => fixture::bytes(&raw),
+            };
+            aggregator.record_received(true);
+            tracker.on_record(&decode(&bytes).unwrap(), &mut &aggregator);
         }
+        let reset = fixture::note(0, 0, note::RESET_SENT, 1);
+        tracker.on_record(&decode(&fixture::bytes(&reset)).unwrap(), &mut &aggregator);
         aggregator.publish_tracker(&tracker, 1.0);
         let text = scrape(&registry);
         let v = |series: &str| {
@@ -326,7 +392,12 @@ mod tests {
             v("tcpmon_handshake_duration_seconds_bucket{side=\"active\",le=\"0.0025\"}"),
             1.0
         );
-        assert!(!text.contains("tcpmon_handshake_duration_seconds_count{side=\"passive\"}"));
+        assert_eq!(v("tcpmon_handshake_duration_seconds_bucket{side=\"passive\",le=\"1\"}"), 0.0);
+        assert_eq!(v("tcpmon_handshake_duration_seconds_bucket{side=\"passive\",le=\"1.5\"}"), 1.0);
+        assert_eq!(v("tcpmon_handshake_retransmits_total{side=\"active\"}"), 2.0);
+        assert_eq!(v("tcpmon_handshake_retransmits_total{side=\"passive\"}"), 1.0);
+        assert_eq!(v("tcpmon_resets_total{direction=\"sent\"}"), 1.0);
+        assert_eq!(v("tcpmon_resets_total{direction=\"received\"}"), 0.0);
         assert_eq!(v("tcpmon_close_wait_duration_seconds_bucket{le=\"0.25\"}"), 0.0);
         assert_eq!(v("tcpmon_close_wait_duration_seconds_bucket{le=\"0.5\"}"), 1.0);
         assert_eq!(v("tcpmon_teardown_duration_seconds_bucket{side=\"passive\",le=\"0.25\"}"), 0.0);

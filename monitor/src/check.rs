@@ -99,12 +99,29 @@ pub fn run_checks() -> Vec<Finding> {
         }
     };
 
-    match loader::sk_err_offset(Path::new(loader::VMLINUX_BTF)) {
-        Ok(offset) => findings.push(finding("BTF", Status::Ok, format!("{}: struct sock.sk_err at byte {offset}", loader::VMLINUX_BTF))),
+    match loader::kernel_offsets(Path::new(loader::VMLINUX_BTF)) {
+        Ok(report) if report.missing.is_empty() => findings.push(finding(
+            "BTF",
+            Status::Ok,
+            format!(
+                "{}: all {} struct fields found (struct sock.sk_err at byte {})",
+                loader::VMLINUX_BTF,
+                loader::KERNEL_FIELDS.len(),
+                report.offsets.sk_err
+            ),
+        )),
+        Ok(report) => findings.push(finding(
+            "BTF",
+            Status::Warn,
+            format!(
+                "tcpmon runs, but does not report what needs these fields: {}",
+                report.missing.join("; ")
+            ),
+        )),
         Err(e) => findings.push(finding(
             "BTF",
             Status::Warn,
-            format!("{e}: tcpmon runs, but cannot tell refused from timed-out connects or resets from aborts (needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)"),
+            format!("{e}: tcpmon runs, but cannot tell refused from timed-out connects or resets from aborts, nor report passive handshakes and per-connection totals (needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)"),
         )),
     }
 

@@ -169,7 +169,8 @@ pub struct TailArgs {
     #[arg(long = "side", value_parser = parse_side)]
     pub sides: Vec<String>,
 
-    /// How connections ended: fin, reset, abort, timeout, refused, unreachable, error, unknown.
+    /// How connections ended: fin, reset_received, reset_sent, reset (either), abort, timeout,
+    /// refused, unreachable, error, unknown.
     #[arg(long = "outcome", value_parser = parse_outcome, conflicts_with = "events")]
     pub outcomes: Vec<String>,
 

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::aggregate::Aggregator;
 use crate::cli::RunArgs;
-use crate::decode::decode;
+use crate::decode::{decode, is_transition};
 use crate::loader::{self, LoadOptions, Loaded};
 use crate::metrics::{self, CounterSource, KernelCollector};
 use crate::source::{Recorder, RingSource, BATCH_RECORDS};
@@ -109,7 +109,7 @@ impl Pipeline {
         let mut sink = DaemonSink { aggregator, hub };
         source.drain(BATCH_RECORDS, |bytes| {
             summary.received += 1;
-            aggregator.record_received();
+            aggregator.record_received(is_transition(bytes));
             if let Some(out) = recorder.as_mut() {
                 if let Err(e) = out.write(bytes) {
                     warn!("recording stopped: {e}");
@@ -117,7 +117,7 @@ impl Pipeline {
                 }
             }
             match decode(bytes) {
-                Ok(event) => tracker.on_event(&event, &mut sink),
+                Ok(record) => tracker.on_record(&record, &mut sink),
                 Err(e) => {
                     summary.undecodable += 1;
                     aggregator.record_undecodable();
@@ -221,15 +221,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "daemon");
 
     let options = PipelineOptions::from_run(&args);
-    let Loaded { ebpf, ring, counters, reads_sock_err } = options.load()?;
+    let Loaded { ebpf, ring, counters, reads_sock_err, enrichments } = options.load()?;
     let collector = Arc::new(KernelCollector::new(counters).context("creating kernel metrics")?);
     registry
         .register(Box::new(SharedCollector(collector.clone())))
         .context("registering kernel metrics")?;
     let mut pipeline = Pipeline::new(ring, &options)?;
     info!(
-        "attached to sock:inet_sock_set_state (ring {} KiB, {}; close reasons from sk_err: {}); \
-         metrics on http://{}/metrics, tails on {}",
+        "attached to sock:inet_sock_set_state (ring {} KiB, {}; close reasons from sk_err: {}; \
+         SYN-ACK times: {}; reset direction: {}); metrics on http://{}/metrics, tails on {}",
         args.ring_bytes / 1024,
         if args.low_latency {
             "wake-up per event".to_owned()
@@ -237,6 +237,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             format!("drain every {:?}", args.drain_interval)
         },
         if reads_sock_err { "yes" } else { "no" },
+        if enrichments.synack { "yes" } else { "no" },
+        if enrichments.resets { "yes" } else { "no" },
         listener.local_addr().unwrap_or(args.listen),
         args.tail_socket.display(),
     );

@@ -1,6 +1,8 @@
-//! Ring-buffer bytes → typed [`Event`]s.
+//! Ring-buffer bytes → typed [`Record`]s.
 //!
-//! The kernel side writes [`monitor_common::StateEvent`] records; nothing here trusts them.
+//! The kernel side writes three record types, told apart by their length:
+//! [`monitor_common::StateEvent`], [`monitor_common::StateEventWithStats`] and
+//! [`monitor_common::SocketNote`]. Nothing here trusts them.
 //! Every malformed record becomes a [`DecodeError`] value (the daemon counts them), never a
 //! panic. Decoding allocates nothing: an [`Event`] is `Copy` and keeps addresses and the
 //! task name as raw bytes until something wants to print them.
@@ -8,7 +10,12 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use monitor_common::{StateEvent, SOCK_ERR_UNKNOWN, STATE_EVENT_SIZE};
+use monitor_common::{
+    note, SocketNote, StateEvent, StateEventWithStats, SynAckRetransmit, NOTE_SIZE,
+    SOCK_ERR_UNKNOWN, STATE_EVENT_SIZE, STATE_EVENT_WITH_STATS_SIZE, SYNACK_RETRANSMIT_SIZE,
+};
+
+pub use monitor_common::TcpStats;
 
 /// `AF_INET` from `<sys/socket.h>`.
 pub const AF_INET: u16 = 2;
@@ -106,14 +113,14 @@ impl fmt::Display for TcpState {
 /// Why a ring-buffer record could not be decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    /// The record is not the size of a `StateEvent` (truncated or from another program).
-    #[error("record is {actual} bytes, expected {expected}")]
-    WrongSize {
-        /// Bytes received.
-        actual: usize,
-        /// Bytes a record must have.
-        expected: usize,
-    },
+    /// The record's size is none of the record types' (truncated or from another program).
+    #[error(
+        "record is {0} bytes, expected {STATE_EVENT_SIZE}, {STATE_EVENT_WITH_STATS_SIZE}, {NOTE_SIZE} or {SYNACK_RETRANSMIT_SIZE}"
+    )]
+    WrongSize(usize),
+    /// A socket note of a kind this version does not know.
+    #[error("unknown socket note kind {0}")]
+    UnknownNote(u32),
     /// A state number outside the kernel's `TCP_*` range.
     #[error("unknown TCP state number {0}")]
     UnknownState(i32),
@@ -154,10 +161,59 @@ pub struct Event {
     pub endpoints: Endpoints,
     /// NUL-padded task name.
     pub comm: [u8; 16],
+    /// Inode of the socket's network namespace; 0 when the record did not carry it.
+    pub netns: u32,
+    /// The socket's counters, on handshake completion and CLOSE records.
+    pub stats: Option<TcpStats>,
+}
+
+/// A fact about a socket that is not a state change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Note {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub timestamp_ns: u64,
+    /// The socket it is about (0: none).
+    pub skaddr: u64,
+    /// What happened.
+    pub kind: NoteKind,
+}
+
+/// What a [`Note`] says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoteKind {
+    /// The kernel sent a RST for the socket.
+    ResetSent {
+        /// The kernel's `enum sk_rst_reason` (e.g. 11: TCP_ABORT_ON_CLOSE).
+        reason: u32,
+    },
+    /// The socket processed a RST from its peer.
+    ResetReceived,
+}
+
+/// A request socket retransmitted its SYN-ACK.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynAckRetransmitted {
+    /// CLOCK_MONOTONIC ns of the retransmission.
+    pub timestamp_ns: u64,
+    /// CLOCK_MONOTONIC ns of the request's first SYN-ACK (µs precision); `None` if unread.
+    pub first_synack_ns: Option<u64>,
+    /// The 4-tuple the accepted child socket will have.
+    pub endpoints: Endpoints,
+}
+
+/// One decoded ring-buffer record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// A TCP state transition.
+    State(Event),
+    /// A reset note.
+    Note(Note),
+    /// A SYN-ACK retransmission.
+    SynAckRetransmit(SynAckRetransmitted),
 }
 
 /// A socket's addresses as the latest transition reported them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoints {
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
@@ -230,15 +286,66 @@ impl Event {
     }
 }
 
-/// Decodes one ring-buffer record.
-pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
-    if bytes.len() != STATE_EVENT_SIZE {
-        return Err(DecodeError::WrongSize { actual: bytes.len(), expected: STATE_EVENT_SIZE });
+/// Whether a ring record of this length is a state transition (the records the kernel also
+/// counts); notes and malformed records are not.
+pub fn is_transition(record: &[u8]) -> bool {
+    matches!(record.len(), STATE_EVENT_SIZE | STATE_EVENT_WITH_STATS_SIZE)
+}
+
+/// Decodes one ring-buffer record; its length tells its type.
+pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+    match bytes.len() {
+        STATE_EVENT_SIZE => {
+            // SAFETY: the length was checked; the record types are plain integers (any bit
+            // pattern is valid) and read_unaligned makes no assumption about the ring's
+            // alignment.
+            let raw: StateEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            decode_record(&raw).map(Record::State)
+        }
+        STATE_EVENT_WITH_STATS_SIZE => {
+            // SAFETY: as above.
+            let raw: StateEventWithStats =
+                unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            let mut event = decode_record(&raw.event)?;
+            event.stats = Some(raw.stats);
+            Ok(Record::State(event))
+        }
+        NOTE_SIZE => {
+            // SAFETY: as above.
+            let raw: SocketNote = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            decode_note(&raw).map(Record::Note)
+        }
+        SYNACK_RETRANSMIT_SIZE => {
+            // SAFETY: as above.
+            let raw: SynAckRetransmit = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            if raw.family != AF_INET && raw.family != AF_INET6 {
+                return Err(DecodeError::UnknownFamily(raw.family));
+            }
+            Ok(Record::SynAckRetransmit(SynAckRetransmitted {
+                timestamp_ns: raw.timestamp_ns,
+                first_synack_ns: (raw.first_synack_us != 0)
+                    .then(|| raw.first_synack_us.saturating_mul(1000)),
+                endpoints: Endpoints {
+                    family: raw.family,
+                    sport: raw.sport,
+                    dport: raw.dport,
+                    saddr: raw.saddr,
+                    daddr: raw.daddr,
+                },
+            }))
+        }
+        other => Err(DecodeError::WrongSize(other)),
     }
-    // SAFETY: the length was checked; StateEvent is plain integers (any bit pattern is valid)
-    // and read_unaligned makes no alignment assumption about the ring's memory.
-    let raw: StateEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    decode_record(&raw)
+}
+
+/// Validates and converts a raw socket note.
+pub fn decode_note(raw: &SocketNote) -> Result<Note, DecodeError> {
+    let kind = match raw.kind {
+        note::RESET_SENT => NoteKind::ResetSent { reason: raw.value },
+        note::RESET_RECEIVED => NoteKind::ResetReceived,
+        other => return Err(DecodeError::UnknownNote(other)),
+    };
+    Ok(Note { timestamp_ns: raw.timestamp_ns, skaddr: raw.skaddr, kind })
 }
 
 /// Validates and converts a raw record.
@@ -269,6 +376,8 @@ pub fn decode_record(raw: &StateEvent) -> Result<Event, DecodeError> {
             daddr: raw.daddr,
         },
         comm: raw.comm,
+        netns: raw.netns,
+        stats: None,
     })
 }
 
@@ -301,20 +410,56 @@ pub mod fixture {
             dport,
             family: AF_INET,
             _pad0: 0,
-            _pad1: 0,
+            netns: 0,
             saddr: mapped(Ipv4Addr::LOCALHOST),
             daddr: mapped(Ipv4Addr::LOCALHOST),
             comm,
         }
     }
 
-    /// The record's bytes, as the ring buffer delivers them.
-    pub fn bytes(raw: &StateEvent) -> Vec<u8> {
-        // SAFETY: StateEvent is repr(C) plain data with explicit padding.
-        unsafe {
-            std::slice::from_raw_parts((raw as *const StateEvent).cast::<u8>(), STATE_EVENT_SIZE)
+    /// `event` with the socket counters the kernel adds on handshake and CLOSE records.
+    pub fn with_stats(event: StateEvent, stats: TcpStats) -> StateEventWithStats {
+        StateEventWithStats { event, stats }
+    }
+
+    /// A reset note.
+    pub fn note(timestamp_ns: u64, skaddr: u64, kind: u32, value: u32) -> SocketNote {
+        SocketNote { timestamp_ns, skaddr, kind, value, _reserved: 0 }
+    }
+
+    /// A SYN-ACK retransmission of a request between 127.0.0.1:`sport` (listener) and
+    /// 127.0.0.1:`dport`, whose first SYN-ACK left at `first_synack_us`.
+    pub fn synack_retransmit(
+        timestamp_ns: u64,
+        first_synack_us: u64,
+        sport: u16,
+        dport: u16,
+    ) -> SynAckRetransmit {
+        let loopback = Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
+        SynAckRetransmit {
+            timestamp_ns,
+            first_synack_us,
+            sport,
+            dport,
+            family: AF_INET,
+            _pad: 0,
+            saddr: loopback,
+            daddr: loopback,
         }
-        .to_vec()
+    }
+
+    /// The ring-buffer record types (plain integers, no implicit padding).
+    pub trait RawRecord: Copy {}
+    impl RawRecord for StateEvent {}
+    impl RawRecord for StateEventWithStats {}
+    impl RawRecord for SocketNote {}
+    impl RawRecord for SynAckRetransmit {}
+
+    /// The record's bytes, as the ring buffer delivers them.
+    pub fn bytes<T: RawRecord>(raw: &T) -> Vec<u8> {
+        // SAFETY: the record types are repr(C) plain data with explicit padding.
+        unsafe { std::slice::from_raw_parts((raw as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
     }
 }
 
@@ -327,7 +472,7 @@ mod tests {
     fn decodes_an_ipv4_record() {
         let raw =
             v4(10, 0xffff_8880_1234_5600, TcpState::SynSent, TcpState::Established, 40000, 80, 0);
-        let event = decode(&bytes(&raw)).unwrap();
+        let event = state(&bytes(&raw));
         assert_eq!(event.old, TcpState::SynSent);
         assert_eq!(event.new, TcpState::Established);
         assert_eq!(event.local(), "127.0.0.1:40000".parse().unwrap());
@@ -342,25 +487,26 @@ mod tests {
         let mut raw = v4(10, 1, TcpState::SynSent, TcpState::Close, 1, 2, 111);
         raw.family = AF_INET6;
         raw.daddr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
-        let event = decode(&bytes(&raw)).unwrap();
+        let event = state(&bytes(&raw));
         assert_eq!(event.remote(), "[2001:db8::1]:2".parse().unwrap());
         assert_eq!(event.sock_err, SockErr::Errno(111));
         raw.sock_err = SOCK_ERR_UNKNOWN;
-        assert_eq!(decode(&bytes(&raw)).unwrap().sock_err, SockErr::Unknown);
+        assert_eq!(state(&bytes(&raw)).sock_err, SockErr::Unknown);
     }
 
     #[test]
     fn rejects_malformed_records() {
         let raw = v4(10, 1, TcpState::Close, TcpState::SynSent, 1, 2, 0);
         let good = bytes(&raw);
-        assert_eq!(
-            decode(&good[..50]),
-            Err(DecodeError::WrongSize { actual: 50, expected: STATE_EVENT_SIZE })
-        );
-        assert!(matches!(decode(&[]), Err(DecodeError::WrongSize { .. })));
+        assert_eq!(decode(&good[..50]), Err(DecodeError::WrongSize(50)));
+        assert_eq!(decode(&[]), Err(DecodeError::WrongSize(0)));
         let mut long = good.clone();
         long.push(0);
-        assert!(matches!(decode(&long), Err(DecodeError::WrongSize { .. })));
+        assert_eq!(decode(&long), Err(DecodeError::WrongSize(97)));
+        assert_eq!(decode(&bytes(&fixture::note(1, 2, 99, 0))), Err(DecodeError::UnknownNote(99)));
+        let mut synack = fixture::synack_retransmit(1, 2, 3, 4);
+        synack.family = 3;
+        assert_eq!(decode(&bytes(&synack)), Err(DecodeError::UnknownFamily(3)));
 
         for bad_state in [0, 13, -5, i32::MAX] {
             let mut r = raw;
@@ -372,11 +518,51 @@ mod tests {
         assert_eq!(decode(&bytes(&r)), Err(DecodeError::UnknownFamily(1)));
     }
 
+    fn state(bytes: &[u8]) -> Event {
+        match decode(bytes).unwrap() {
+            Record::State(event) => event,
+            other => panic!("not a state record: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_stats_netns_and_notes() {
+        let mut raw = v4(10, 7, TcpState::FinWait2, TcpState::Close, 1, 2, 0);
+        raw.netns = 4026531840;
+        let stats = TcpStats {
+            bytes_acked: 1 << 33,
+            bytes_received: 5,
+            segs_out: 3,
+            segs_in: 4,
+            total_retrans: 1,
+            srtt_us_x8: 800,
+            ..TcpStats::default()
+        };
+        let event = state(&bytes(&fixture::with_stats(raw, stats)));
+        assert_eq!((event.netns, event.stats), (4026531840, Some(stats)));
+        assert_eq!(state(&bytes(&raw)).stats, None);
+
+        let synack = decode(&bytes(&fixture::synack_retransmit(9, 1_500, 80, 40000))).unwrap();
+        let Record::SynAckRetransmit(synack) = synack else { panic!("{synack:?}") };
+        assert_eq!(synack.first_synack_ns, Some(1_500_000));
+        assert_eq!(synack.endpoints.local(), "127.0.0.1:80".parse().unwrap());
+        assert_eq!(synack.endpoints.remote(), "127.0.0.1:40000".parse().unwrap());
+        let reset = decode(&bytes(&fixture::note(9, 7, note::RESET_SENT, 11))).unwrap();
+        assert_eq!(
+            reset,
+            Record::Note(Note {
+                timestamp_ns: 9,
+                skaddr: 7,
+                kind: NoteKind::ResetSent { reason: 11 }
+            })
+        );
+    }
+
     #[test]
     fn garbage_never_panics() {
         // A deterministic sweep of pseudo-random records of every nearby length.
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        for len in 0..=(STATE_EVENT_SIZE + 8) {
+        for len in 0..=(STATE_EVENT_WITH_STATS_SIZE + 8) {
             for _ in 0..200 {
                 let buf: Vec<u8> = (0..len)
                     .map(|_| {
@@ -386,7 +572,7 @@ mod tests {
                         seed as u8
                     })
                     .collect();
-                if let Ok(event) = decode(&buf) {
+                if let Ok(Record::State(event)) = decode(&buf) {
                     let _ = (event.local(), event.remote(), event.comm());
                 }
             }

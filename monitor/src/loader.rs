@@ -8,11 +8,14 @@ use std::path::{Path, PathBuf};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use aya::programs::{ProgramFd, TracePoint};
-use aya::{Ebpf, EbpfLoader};
+use aya::programs::{BtfTracePoint, ProgramFd, TracePoint};
+use aya::{Btf, Ebpf, EbpfLoader};
 use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
 use log::{info, warn};
-use monitor_common::{counter, names, tracepoint_layout, TRANSITION_SLOTS};
+use monitor_common::{
+    counter, names, synack_layout, tracepoint_layout, KernelOffsets, OFFSET_UNKNOWN,
+    TRANSITION_SLOTS,
+};
 
 /// The eBPF object built by `build.rs` (aya-build) from `monitor-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
@@ -100,6 +103,8 @@ pub struct Loaded {
     pub counters: KernelCounters,
     /// Whether `sk_err` is read (close reasons); false without kernel BTF.
     pub reads_sock_err: bool,
+    /// Which enrichment programs are attached.
+    pub enrichments: Enrichments,
 }
 
 /// In-kernel per-CPU counters, summed over CPUs when read, and the program's own statistics.
@@ -116,6 +121,8 @@ pub struct KernelCounts {
     pub transitions: Vec<(i32, i32, u64)>,
     /// Records lost because the ring was full.
     pub ring_reserve_failed: u64,
+    /// Reset and SYN-ACK records lost because the ring was full.
+    pub notes_lost: u64,
     /// Runs the kernel skipped because another BPF program was already running on that CPU
     /// (`trace_call_bpf`'s `bpf_prog_active` guard): transitions nobody counted.
     pub recursion_misses: u64,
@@ -145,6 +152,7 @@ impl KernelCounters {
         }
         counts.ring_reserve_failed =
             self.events.get(&counter::RING_RESERVE_FAILED, 0)?.iter().sum();
+        counts.notes_lost = self.events.get(&counter::NOTE_RESERVE_FAILED, 0)?.iter().sum();
         // The statistics are a bonus: counters are still worth reporting without them.
         if let Ok(info) = program_info(self.program.as_fd()) {
             counts.recursion_misses = info.recursion_misses;
@@ -250,8 +258,16 @@ pub fn parse_format(text: &str) -> Vec<FormatField> {
 /// Checks that every field the program reads is where it expects it, with the size it
 /// expects. Returns a description of every difference.
 pub fn check_layout(fields: &[FormatField]) -> Result<(), String> {
+    check_fields(fields, &tracepoint_layout::FIELDS)
+}
+
+/// Checks `fields` (a parsed `format` file) against `expected` `(name, offset, size)`.
+pub fn check_fields(
+    fields: &[FormatField],
+    expected: &[(&str, usize, usize)],
+) -> Result<(), String> {
     let mut problems = Vec::new();
-    for (name, offset, size) in tracepoint_layout::FIELDS {
+    for &(name, offset, size) in expected {
         match fields.iter().find(|f| f.name == name) {
             None => problems.push(format!("field `{name}` is missing")),
             Some(f) if f.offset != offset || f.size != size => problems.push(format!(
@@ -268,25 +284,137 @@ pub fn check_layout(fields: &[FormatField]) -> Result<(), String> {
     }
 }
 
-/// Reads the offset of `sk_err` in `struct sock` from the kernel's BTF.
-pub fn sk_err_offset(btf_path: &Path) -> Result<u32, String> {
+/// The kernel struct fields the programs read, each as `(struct, member path)`, in the order
+/// of [`KernelOffsets`]' fields.
+pub const KERNEL_FIELDS: [(&str, &[&str]); 13] = [
+    ("sock", &["sk_err"]),
+    ("sock", &["__sk_common", "skc_net"]),
+    ("net", &["ns", "inum"]),
+    ("tcp_sock", &["bytes_acked"]),
+    ("tcp_sock", &["bytes_received"]),
+    ("tcp_sock", &["segs_out"]),
+    ("tcp_sock", &["segs_in"]),
+    ("tcp_sock", &["total_retrans"]),
+    ("tcp_sock", &["srtt_us"]),
+    ("tcp_request_sock", &["snt_synack"]),
+    ("tcp_sock", &["bytes_sent"]),
+    ("tcp_sock", &["bytes_retrans"]),
+    ("sock", &["__sk_common", "skc_flags"]),
+];
+
+/// The offsets found in the kernel's BTF, and a note for each field that was not.
+#[derive(Clone, Debug)]
+pub struct OffsetReport {
+    /// What the programs will read (unknown fields disabled).
+    pub offsets: KernelOffsets,
+    /// `"struct X.member: why"` for every field that could not be located.
+    pub missing: Vec<String>,
+}
+
+impl OffsetReport {
+    /// Close reasons come from `sk_err`.
+    pub fn reads_sock_err(&self) -> bool {
+        self.offsets.sk_err != OFFSET_UNKNOWN
+    }
+}
+
+/// Reads the byte offsets of every field the programs use from the kernel's BTF. Fails only
+/// when the BTF itself cannot be read.
+pub fn kernel_offsets(btf_path: &Path) -> Result<OffsetReport, String> {
     let btf = btf_rs::Btf::from_file(btf_path)
         .map_err(|e| format!("reading {}: {e}", btf_path.display()))?;
-    let types = btf.resolve_types_by_name("sock").map_err(|e| format!("struct sock: {e}"))?;
-    for ty in types {
-        let btf_rs::Type::Struct(sock) = ty else { continue };
-        for member in &sock.members {
-            if btf.resolve_name(member).ok().as_deref() == Some("sk_err") {
-                if member.bitfield_size().is_some_and(|bits| bits != 0)
-                    || member.bit_offset() % 8 != 0
-                {
-                    return Err("struct sock.sk_err is a bitfield".into());
+    let mut found = [OFFSET_UNKNOWN; KERNEL_FIELDS.len()];
+    let mut missing = Vec::new();
+    for (slot, (ty, path)) in found.iter_mut().zip(KERNEL_FIELDS) {
+        match member_offset(&btf, ty, path) {
+            Ok(offset) => *slot = offset,
+            Err(e) => missing.push(format!("struct {ty}.{}: {e}", path.join("."))),
+        }
+    }
+    let [sk_err, skc_net, net_inum, bytes_acked, bytes_received, segs_out, segs_in, total_retrans, srtt_us, snt_synack, bytes_sent, bytes_retrans, sk_flags] =
+        found;
+    let offsets = KernelOffsets {
+        sk_err,
+        skc_net,
+        net_inum,
+        bytes_acked,
+        bytes_received,
+        segs_out,
+        segs_in,
+        total_retrans,
+        srtt_us,
+        snt_synack,
+        bytes_sent,
+        bytes_retrans,
+        sk_flags,
+        _pad: 0,
+    };
+    Ok(OffsetReport { offsets, missing })
+}
+
+/// Byte offset of `path` (a member, then members of that member) inside `struct name`.
+/// Anonymous struct and union members are searched through, as C does.
+fn member_offset(btf: &btf_rs::Btf, name: &str, path: &[&str]) -> Result<u32, String> {
+    let mut current = btf
+        .resolve_types_by_name(name)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find_map(|ty| match ty {
+            btf_rs::Type::Struct(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
+        .ok_or("no such struct")?;
+    let mut offset_bits = 0;
+    for (depth, field) in path.iter().enumerate() {
+        let (bits, member) =
+            find_member(btf, &current, field, 0).ok_or_else(|| format!("no member {field}"))?;
+        if member.bitfield_size().is_some_and(|size| size != 0) || bits % 8 != 0 {
+            return Err(format!("{field} is a bitfield"));
+        }
+        offset_bits += bits;
+        if depth + 1 < path.len() {
+            current = struct_of(btf, &member).ok_or_else(|| format!("{field} is not a struct"))?;
+        }
+    }
+    Ok(offset_bits / 8)
+}
+
+/// `(bit offset, member)` of `field` in `s`, looking inside anonymous members.
+fn find_member(
+    btf: &btf_rs::Btf,
+    s: &btf_rs::Struct,
+    field: &str,
+    depth: u32,
+) -> Option<(u32, btf_rs::Member)> {
+    for member in &s.members {
+        let name = btf.resolve_name(member).unwrap_or_default();
+        if name == field {
+            return Some((member.bit_offset(), member.clone()));
+        }
+        if name.is_empty() && depth < 8 {
+            if let Some(inner) = struct_of(btf, member) {
+                if let Some((bits, found)) = find_member(btf, &inner, field, depth + 1) {
+                    return Some((member.bit_offset() + bits, found));
                 }
-                return Ok(member.bit_offset() / 8);
             }
         }
     }
-    Err("struct sock has no sk_err member".into())
+    None
+}
+
+/// The struct or union a member's type is, through typedefs and qualifiers.
+fn struct_of(btf: &btf_rs::Btf, member: &btf_rs::Member) -> Option<btf_rs::Struct> {
+    let mut ty = btf.resolve_chained_type(member).ok()?;
+    for _ in 0..8 {
+        ty = match ty {
+            btf_rs::Type::Struct(s) | btf_rs::Type::Union(s) => return Some(s),
+            btf_rs::Type::Typedef(t) => btf.resolve_chained_type(&t).ok()?,
+            btf_rs::Type::Const(t) => btf.resolve_chained_type(&t).ok()?,
+            btf_rs::Type::Volatile(t) => btf.resolve_chained_type(&t).ok()?,
+            _ => return None,
+        };
+    }
+    None
 }
 
 /// Prepares the kernel, loads the program with `options` and attaches it.
@@ -305,13 +433,11 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     };
     check_layout(&parse_format(&format)).map_err(LoadError::Layout)?;
 
-    let sk_err = match sk_err_offset(Path::new(VMLINUX_BTF)) {
-        Ok(offset) => Some(offset),
-        Err(e) => {
-            warn!("close reasons limited to what TCP states tell: cannot locate sk_err ({e})");
-            None
-        }
-    };
+    let report = kernel_offsets(Path::new(VMLINUX_BTF))
+        .unwrap_or_else(|e| OffsetReport { offsets: KernelOffsets::UNKNOWN, missing: vec![e] });
+    for problem in &report.missing {
+        warn!("not read from the kernel (the numbers that need it are not reported): {problem}");
+    }
     // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; harmless on newer ones.
     let _ = nix::sys::resource::setrlimit(
         nix::sys::resource::Resource::RLIMIT_MEMLOCK,
@@ -319,9 +445,11 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         nix::sys::resource::RLIM_INFINITY,
     );
 
-    let sk_err_global = sk_err.unwrap_or(u32::MAX);
+    // One parse of the kernel's BTF serves relocations and the BTF tracepoints.
+    let btf = Btf::from_sys_fs().ok();
     let mut ebpf = EbpfLoader::new()
-        .override_global(names::SK_ERR_OFFSET_GLOBAL, &sk_err_global, true)
+        .btf(btf.as_ref())
+        .override_global(names::OFFSETS_GLOBAL, &report.offsets, true)
         .override_global(names::WAKEUP_BYTES_GLOBAL, &options.wakeup_bytes, true)
         .map_max_entries(names::EVENTS_MAP, options.ring_bytes)
         .load(EBPF_OBJECT)
@@ -341,6 +469,8 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         .and_then(|fd| fd.try_clone().map_err(Into::into))
         .map_err(|e| aya_error("duplicating the program fd", e))?;
 
+    let enrichments = attach_enrichments(&mut ebpf, btf.as_ref(), tracefs, &report.offsets);
+
     let mut take = |name: &'static str| {
         ebpf.take_map(name)
             .ok_or_else(|| LoadError::Layout(format!("map {name} missing from the eBPF object")))
@@ -359,8 +489,81 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         ebpf,
         ring,
         counters: KernelCounters { transitions, events, program: program_fd },
-        reads_sock_err: sk_err.is_some(),
+        reads_sock_err: report.reads_sock_err(),
+        enrichments,
     })
+}
+
+/// Which of the programs beside the state tracepoint are attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enrichments {
+    /// `tcp:tcp_retransmit_synack`: passive handshakes whose SYN-ACK was resent.
+    pub synack: bool,
+    /// `tcp:tcp_send_reset` and `tcp:tcp_receive_reset`: who reset a connection.
+    pub resets: bool,
+}
+
+/// Loads and attaches the enrichment programs. Each is optional: without it the daemon still
+/// runs and the numbers it would give are not reported (a warning says which).
+fn attach_enrichments(
+    ebpf: &mut Ebpf,
+    btf: Option<&Btf>,
+    tracefs: &str,
+    offsets: &KernelOffsets,
+) -> Enrichments {
+    let format = Path::new(tracefs).join("events/tcp/tcp_retransmit_synack/format");
+    let synack = match fs::read_to_string(&format) {
+        Err(e) => {
+            warn!("{}: {e}; SYN-ACK retransmissions are not seen", format.display());
+            false
+        }
+        Ok(text) => match check_fields(&parse_format(&text), &synack_layout::FIELDS) {
+            Err(e) => {
+                warn!("tcp:tcp_retransmit_synack has an unexpected layout ({e}); not attached");
+                false
+            }
+            Ok(()) if offsets.snt_synack == OFFSET_UNKNOWN => false,
+            Ok(()) => attach_program(ebpf, names::SYNACK_PROGRAM, |program: &mut TracePoint| {
+                program.load()?;
+                program.attach("tcp", "tcp_retransmit_synack").map(drop)
+            }),
+        },
+    };
+    let Some(btf) = btf else {
+        warn!("no kernel BTF: reset direction is not reported");
+        return Enrichments { synack, resets: false };
+    };
+    let resets =
+        attach_program(ebpf, names::RESET_SENT_PROGRAM, |program: &mut BtfTracePoint| {
+            program.load("tcp_send_reset", btf)?;
+            program.attach().map(drop)
+        }) && attach_program(ebpf, names::RESET_RECEIVED_PROGRAM, |program: &mut BtfTracePoint| {
+            program.load("tcp_receive_reset", btf)?;
+            program.attach().map(drop)
+        });
+    Enrichments { synack, resets }
+}
+
+/// Loads and attaches one program with `attach`; logs and returns false on failure.
+fn attach_program<P>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    attach: impl FnOnce(&mut P) -> Result<(), aya::programs::ProgramError>,
+) -> bool
+where
+    for<'p> &'p mut P: TryFrom<&'p mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let result = match ebpf.program_mut(name) {
+        Some(program) => <&mut P>::try_from(program).and_then(attach).map_err(|e| format!("{e:#}")),
+        None => Err("missing from the eBPF object".to_owned()),
+    };
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            warn!("program {name} not attached ({e}); the numbers it gives are not reported");
+            false
+        }
+    }
 }
 
 #[cfg(test)]
@@ -426,15 +629,24 @@ print fmt: \"family=%s\"";
     }
 
     #[test]
-    fn finds_sk_err_in_the_running_kernels_btf() {
+    fn finds_every_field_in_the_running_kernels_btf() {
         let path = Path::new(VMLINUX_BTF);
         if !path.exists() {
             eprintln!("skipped: no {VMLINUX_BTF} on this machine");
             return;
         }
-        let offset = sk_err_offset(path).unwrap();
-        // struct sock is several hundred bytes; sk_err lives well inside it.
-        assert!((100..1024).contains(&offset), "offset {offset}");
-        assert!(sk_err_offset(Path::new("/nonexistent")).is_err());
+        let report = kernel_offsets(path).unwrap();
+        assert!(report.missing.is_empty(), "{:?}", report.missing);
+        let o = report.offsets;
+        // struct sock is several hundred bytes; sk_err lives well inside it, skc_net in its
+        // first cache line (struct sock_common).
+        assert!((100..1024).contains(&o.sk_err), "sk_err {}", o.sk_err);
+        assert!(o.skc_net < 64, "skc_net {}", o.skc_net);
+        // tcp_sock embeds struct sock (and inet_connection_sock) first.
+        for tcp in [o.bytes_acked, o.bytes_received, o.segs_in, o.segs_out, o.srtt_us] {
+            assert!(tcp > o.sk_err, "tcp_sock field at {tcp}");
+        }
+        assert_eq!(o.bytes_acked % 8, 0);
+        assert!(kernel_offsets(Path::new("/nonexistent")).is_err());
     }
 }

@@ -49,6 +49,7 @@ pub struct KernelCollector<S: CounterSource> {
     source: Mutex<S>,
     transitions: IntCounterVec,
     lost: IntCounter,
+    notes_lost: IntCounter,
     missed: IntCounter,
     run_seconds: Counter,
     runs: IntCounter,
@@ -70,6 +71,11 @@ impl<S: CounterSource> KernelCollector<S> {
             "tcpmon_events_lost_total",
             "Transitions the kernel could not queue because the ring buffer was full.",
         )?;
+        let notes_lost = IntCounter::new(
+            "tcpmon_notes_lost_total",
+            "Reset and SYN-ACK-retransmission records the kernel could not queue because the \
+             ring buffer was full (their connections lose only that detail).",
+        )?;
         let missed = IntCounter::new(
             "tcpmon_bpf_recursion_misses_total",
             "Transitions the kernel did not run tcpmon's program for, because another BPF \
@@ -90,6 +96,7 @@ impl<S: CounterSource> KernelCollector<S> {
         let descs = [
             transitions.desc(),
             lost.desc(),
+            notes_lost.desc(),
             missed.desc(),
             run_seconds.desc(),
             runs.desc(),
@@ -103,6 +110,7 @@ impl<S: CounterSource> KernelCollector<S> {
             source: Mutex::new(source),
             transitions,
             lost,
+            notes_lost,
             missed,
             run_seconds,
             runs,
@@ -127,6 +135,7 @@ impl<S: CounterSource> KernelCollector<S> {
                     catch_up(&counter, total);
                 }
                 catch_up(&self.lost, counts.ring_reserve_failed);
+                catch_up(&self.notes_lost, counts.notes_lost);
                 catch_up(&self.missed, counts.recursion_misses);
                 catch_up(&self.runs, counts.run_count);
                 let seconds = counts.run_time_ns as f64 / 1e9;
@@ -149,6 +158,7 @@ impl<S: CounterSource> Collector for KernelCollector<S> {
         self.refresh();
         let mut families = self.transitions.collect();
         families.extend(self.lost.collect());
+        families.extend(self.notes_lost.collect());
         families.extend(self.missed.collect());
         families.extend(self.run_seconds.collect());
         families.extend(self.runs.collect());
@@ -285,6 +295,7 @@ mod tests {
         *counts.lock().unwrap() = KernelCounts {
             transitions: vec![(7, 2, 9), (2, 1, 4)],
             ring_reserve_failed: 3,
+            notes_lost: 4,
             recursion_misses: 2,
             run_time_ns: 1_500_000_000,
             run_count: 13,
@@ -295,6 +306,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("tcpmon_events_lost_total 3"));
+        assert!(text.contains("tcpmon_notes_lost_total 4"));
         assert!(text.contains("tcpmon_bpf_recursion_misses_total 2"));
         assert!(text.contains("tcpmon_bpf_run_seconds_total 1.5"));
         assert!(text.contains("tcpmon_bpf_runs_total 13"));

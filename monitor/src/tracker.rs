@@ -9,7 +9,7 @@
 //! | sequence                                         | observation                          |
 //! |--------------------------------------------------|--------------------------------------|
 //! | CLOSE → SYN_SENT → ESTABLISHED                   | active open, handshake = SYN → SYN-ACK |
-//! | LISTEN → SYN_RECV → ESTABLISHED (child socket)   | passive open (no handshake: see below) |
+//! | LISTEN → SYN_RECV → ESTABLISHED (child socket)   | passive open, handshake = first SYN-ACK → ACK (see below) |
 //! | SYN_SENT → CLOSE                                 | connect failure (reason from `sk_err`) |
 //! | ESTABLISHED → FIN_WAIT1 → FIN_WAIT2 → CLOSE      | active teardown (we sent the first FIN) |
 //! | ESTABLISHED → FIN_WAIT1 → CLOSING → CLOSE        | simultaneous close, active teardown  |
@@ -20,7 +20,16 @@
 //! - A passive child socket reports LISTEN → SYN_RECV and SYN_RECV → ESTABLISHED microseconds
 //!   apart, both when the final ACK arrives (`tcp_check_req` → `inet_csk_clone_lock`): the
 //!   request socket's life emits nothing. SYN_RECV → ESTABLISHED is therefore *not* the passive
-//!   handshake, and we do not report it as one.
+//!   handshake. What is: the first SYN-ACK sent → the final ACK. The child starts with its
+//!   request socket's SYN-ACK retransmissions in `total_retrans` (`tcp_create_openreq_child`)
+//!   and, when there were none, with that exact interval as its first RTT sample in `srtt_us`
+//!   (`tcp_check_req` → `tcp_synack_rtt_meas`: now − `snt_synack`), both read at SYN_RECV →
+//!   ESTABLISHED. When the SYN-ACK was resent, Karn's rule leaves no such sample; then
+//!   `tcp:tcp_retransmit_synack` has told us the request's first SYN-ACK time
+//!   (`snt_synack`) under the 4-tuple the child inherits, and the handshake runs from it to
+//!   ESTABLISHED.
+//! - At SYN_SENT → ESTABLISHED and SYN_SENT → CLOSE the socket's `total_retrans` counts the
+//!   SYN retransmissions (`tcp_retransmit_skb`), read from the record's stats.
 //! - An orphaned active closer leaves FIN_WAIT2 for CLOSE as soon as its FIN is acknowledged
 //!   (`tcp_rcv_state_process` → `tcp_time_wait`): the peer's FIN is handled by the timewait
 //!   mini-socket, which the tracepoint does not show. Active teardown therefore ends when the
@@ -29,12 +38,17 @@
 //! - `tcp_done_with_error()` stores `sk_err` *before* `tcp_done()` sets TCP_CLOSE, so the error
 //!   read at the CLOSE transition tells refused (ECONNREFUSED) from timed out (ETIMEDOUT) from
 //!   reset (ECONNRESET, or EPIPE in CLOSE_WAIT). An application close that sends RST instead of
-//!   FIN (unread data, SO_LINGER 0) leaves `sk_err` at 0.
+//!   FIN (unread data, SO_LINGER 0) leaves `sk_err` at 0, and the kernel sends that RST only
+//!   after the CLOSE (`__tcp_close`, `tcp_disconnect`): it is an abort. RSTs the kernel sends
+//!   *before* closing (orphaned FIN_WAIT2 timeout, out of orphan memory) arrive as reset
+//!   notes (`tcp:tcp_send_reset`) and make the close `reset_sent`.
 
 use rustc_hash::FxHashMap;
 
 pub use crate::decode::Endpoints;
-use crate::decode::{comm_text, Event, SockErr, TcpState};
+use crate::decode::{
+    comm_text, Event, Note, NoteKind, Record, SockErr, SynAckRetransmitted, TcpState, TcpStats,
+};
 
 /// Which end started something: the open (connect vs accept) or the teardown (first FIN).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -61,9 +75,12 @@ pub enum CloseReason {
     /// Orderly FIN exchange.
     Fin,
     /// Reset received from the peer (ECONNRESET, or EPIPE in CLOSE_WAIT).
-    Reset,
-    /// Closed locally without a FIN exchange: RST sent on close (unread data, SO_LINGER 0),
-    /// `connect()` abandoned, or killed (ECONNABORTED, e.g. `ss -K`).
+    ResetReceived,
+    /// The kernel reset the connection on its own before closing it (orphaned FIN_WAIT2 or
+    /// orphan-memory timeout): seen through `tcp:tcp_send_reset`.
+    ResetSent,
+    /// Closed by the local application without a FIN exchange: RST sent on close (unread
+    /// data, SO_LINGER 0), `connect()` abandoned, or killed (ECONNABORTED, e.g. `ss -K`).
     Abort,
     /// Retransmission, SYN or keepalive timeout (ETIMEDOUT).
     Timeout,
@@ -80,9 +97,10 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason, for pre-creating metric label sets.
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::Fin,
-        CloseReason::Reset,
+        CloseReason::ResetReceived,
+        CloseReason::ResetSent,
         CloseReason::Abort,
         CloseReason::Timeout,
         CloseReason::Refused,
@@ -95,7 +113,8 @@ impl CloseReason {
     pub const fn as_str(self) -> &'static str {
         match self {
             CloseReason::Fin => "fin",
-            CloseReason::Reset => "reset",
+            CloseReason::ResetReceived => "reset_received",
+            CloseReason::ResetSent => "reset_sent",
             CloseReason::Abort => "abort",
             CloseReason::Timeout => "timeout",
             CloseReason::Refused => "refused",
@@ -105,14 +124,21 @@ impl CloseReason {
         }
     }
 
-    /// Classifies a transition to CLOSE from `old` with the socket error the kernel had set.
-    /// `local_port` is the socket's port at the transition (0: never assigned one).
-    pub fn classify(old: TcpState, err: SockErr, local_port: u16) -> CloseReason {
+    /// Classifies a transition to CLOSE from `old` with the socket error the kernel had set
+    /// and the resets seen on the socket before it. `local_port` is the socket's port at the
+    /// transition (0: never assigned one).
+    pub fn classify(old: TcpState, err: SockErr, local_port: u16, resets: Resets) -> CloseReason {
         use TcpState::*;
         let orderly = matches!(old, FinWait2 | Closing | LastAck | TimeWait);
         match err {
+            // A RST the kernel sent before closing, with no error of its own: the kernel gave
+            // up on the connection (tcp_keepalive_timer for an orphaned FIN_WAIT2,
+            // tcp_out_of_resources). With an error, the error says why (a keepalive timeout
+            // also sends RST).
+            SockErr::None | SockErr::Unknown if resets.sent => CloseReason::ResetSent,
+            SockErr::None | SockErr::Unknown if resets.received => CloseReason::ResetReceived,
             SockErr::Errno(libc::ECONNREFUSED) => CloseReason::Refused,
-            SockErr::Errno(libc::ECONNRESET | libc::EPIPE) => CloseReason::Reset,
+            SockErr::Errno(libc::ECONNRESET | libc::EPIPE) => CloseReason::ResetReceived,
             SockErr::Errno(libc::ETIMEDOUT) => CloseReason::Timeout,
             SockErr::Errno(libc::ECONNABORTED) => CloseReason::Abort,
             // An ICMP error can sit in sk_err of an open socket (IP_RECVERR) until the
@@ -140,6 +166,34 @@ impl CloseReason {
     }
 }
 
+/// Resets seen on a socket before it closed (from reset notes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resets {
+    /// The kernel sent a RST for it.
+    pub sent: bool,
+    /// It processed a RST from the peer.
+    pub received: bool,
+}
+
+/// Which way a RST went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ResetDirection {
+    /// This host sent it.
+    Sent,
+    /// This host received it.
+    Received,
+}
+
+impl ResetDirection {
+    /// Label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ResetDirection::Sent => "sent",
+            ResetDirection::Received => "received",
+        }
+    }
+}
+
 /// Something worth a metric or a tail line, derived from one transition.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Observation {
@@ -148,12 +202,16 @@ pub enum Observation {
         /// Active (connect) or passive (accept).
         side: Side,
     },
-    /// An active open finished its handshake: SYN sent → SYN-ACK received.
+    /// A handshake completed. Active: SYN sent (CLOSE → SYN_SENT) → SYN-ACK received
+    /// (SYN_SENT → ESTABLISHED). Passive: first SYN-ACK sent → final ACK (SYN_RECV →
+    /// ESTABLISHED).
     Handshake {
-        /// Always [`Side::Active`] until passive handshakes are measured with kernel fields.
+        /// Which end.
         side: Side,
-        /// Nanoseconds from CLOSE → SYN_SENT to SYN_SENT → ESTABLISHED.
+        /// Nanoseconds.
         duration_ns: u64,
+        /// SYN (active) or SYN-ACK (passive) retransmissions, when the kernel told.
+        retransmits: Option<u32>,
     },
     /// An active open failed before ESTABLISHED.
     ConnectFailed {
@@ -161,6 +219,13 @@ pub enum Observation {
         reason: CloseReason,
         /// Nanoseconds since the SYN was sent, when known.
         duration_ns: Option<u64>,
+        /// SYN retransmissions before it failed, when the kernel told.
+        retransmits: Option<u32>,
+    },
+    /// The kernel sent or processed a RST (for a tracked socket or not).
+    Reset {
+        /// Sent or received.
+        direction: ResetDirection,
     },
     /// The application closed a socket the peer had closed: CLOSE_WAIT → LAST_ACK.
     CloseWait {
@@ -237,8 +302,14 @@ pub struct ConnectionRecord {
     pub owner: Owner,
     /// Addresses and ports.
     pub endpoints: Endpoints,
-    /// Active opens: SYN sent → SYN-ACK received.
+    /// Active: SYN sent → SYN-ACK received; passive: first SYN-ACK sent → final ACK.
     pub handshake_ns: Option<u64>,
+    /// SYN (active) or SYN-ACK (passive) retransmissions during the handshake.
+    pub handshake_retransmits: Option<u32>,
+    /// Inode of the connection's network namespace, when known.
+    pub netns: Option<u32>,
+    /// The socket's counters at CLOSE (closed and failed records only).
+    pub stats: Option<TcpStats>,
     /// ESTABLISHED → CLOSE.
     pub lifetime_ns: Option<u64>,
     /// Orderly closes: who sent the first FIN, and first FIN → CLOSE.
@@ -260,6 +331,8 @@ pub struct TransitionRecord {
     pub owner: Owner,
     /// Addresses and ports.
     pub endpoints: Endpoints,
+    /// Inode of the connection's network namespace, when known.
+    pub netns: Option<u32>,
     /// State before.
     pub old: TcpState,
     /// State after.
@@ -314,6 +387,9 @@ pub struct TrackerStats {
     pub replaced_stale: u64,
     /// Passive children that closed before ESTABLISHED (not a connect failure of ours).
     pub passive_open_aborted: u64,
+    /// SYN-ACK retransmissions not remembered because the pending table was full (their
+    /// connections report retries but no handshake duration).
+    pub synack_untracked: u64,
 }
 
 /// What the tracker remembers per socket: timestamps of the transitions that start the
@@ -336,7 +412,14 @@ struct SocketEntry {
     open_side: Option<Side>,
     /// CLOSE → SYN_SENT time (active opens only).
     syn_sent_ns: Option<u64>,
+    /// SYN or SYN-ACK retransmissions, once known.
+    handshake_retransmits: Option<u32>,
+    /// Handshake duration, once established.
+    handshake_ns: Option<u64>,
     established_ns: Option<u64>,
+    /// Network namespace inode; 0 until a record carried it.
+    netns: u32,
+    resets: Resets,
     /// First FIN (sent or received) and who sent it.
     teardown: Option<(Side, u64)>,
     close_wait_ns: Option<u64>,
@@ -356,7 +439,11 @@ impl SocketEntry {
             endpoints: event.endpoints,
             open_side,
             syn_sent_ns: None,
+            handshake_retransmits: None,
+            handshake_ns: None,
             established_ns: None,
+            netns: event.netns,
+            resets: Resets::default(),
             teardown: None,
             close_wait_ns: None,
             close_wait_until_ns: None,
@@ -381,6 +468,10 @@ fn elapsed(from: u64, to: u64) -> u64 {
     to.saturating_sub(from)
 }
 
+fn netns(inum: u32) -> Option<u32> {
+    (inum != 0).then_some(inum)
+}
+
 fn transition_record(
     event: &Event,
     entry: &SocketEntry,
@@ -391,6 +482,7 @@ fn transition_record(
         side: entry.open_side,
         owner: entry.owner,
         endpoints: entry.endpoints,
+        netns: netns(entry.netns),
         old: event.old,
         new: event.new,
         in_old_ns,
@@ -403,10 +495,6 @@ fn connection_record(
     now: u64,
     outcome: Option<CloseReason>,
 ) -> ConnectionRecord {
-    let handshake_ns = match (entry.open_side, entry.syn_sent_ns, entry.established_ns) {
-        (Some(Side::Active), Some(sent), Some(established)) => Some(elapsed(sent, established)),
-        _ => None,
-    };
     let close_wait_ns = match (entry.close_wait_ns, entry.close_wait_until_ns) {
         (Some(since), Some(until)) => Some(elapsed(since, until)),
         _ => None,
@@ -418,13 +506,24 @@ fn connection_record(
         side: entry.open_side,
         owner: entry.owner,
         endpoints: entry.endpoints,
-        handshake_ns,
+        handshake_ns: entry.handshake_ns,
+        handshake_retransmits: entry.handshake_retransmits,
+        netns: netns(entry.netns),
+        stats: None,
         lifetime_ns: None,
         teardown: None,
         close_wait_ns,
         outcome,
     }
 }
+
+/// Most request sockets with a resent SYN-ACK remembered at once (a SYN flood makes many; its
+/// requests are never established, and the table is bounded).
+pub const MAX_PENDING_SYNACKS: usize = 65_536;
+
+/// How long a request socket can still become a connection after its first SYN-ACK: the
+/// default 5 retries take ~63 s; allow for `tcp_synack_retries` up to 6.
+const SYNACK_HORIZON_NS: u64 = 130 * 1_000_000_000;
 
 /// Default table capacity: ~4× the sockets of a very busy host, ~100 bytes each.
 pub const DEFAULT_MAX_SOCKETS: usize = 1 << 20;
@@ -436,6 +535,9 @@ pub struct Tracker {
     /// Listening sockets by port: `listen()` runs in the owner's context, accepted children
     /// are created in softirq context, so the listener is how we know a child's owner.
     listeners: FxHashMap<u16, (u64, Owner)>,
+    /// First SYN-ACK time of request sockets that retransmitted it, by the 4-tuple their
+    /// child will have; taken when the child is established.
+    synack_retransmits: FxHashMap<Endpoints, u64>,
     per_state: [u64; 12],
     max_sockets: usize,
     stats: TrackerStats,
@@ -453,6 +555,7 @@ impl Tracker {
         Tracker {
             table: FxHashMap::default(),
             listeners: FxHashMap::default(),
+            synack_retransmits: FxHashMap::default(),
             per_state: [0; 12],
             max_sockets: max_sockets.max(1),
             stats: TrackerStats::default(),
@@ -482,6 +585,55 @@ impl Tracker {
     /// The tracker's own counters.
     pub fn stats(&self) -> TrackerStats {
         self.stats
+    }
+
+    /// Applies one decoded ring record.
+    pub fn on_record(&mut self, record: &Record, sink: &mut impl ObservationSink) {
+        match record {
+            Record::State(event) => self.on_event(event, sink),
+            Record::Note(note) => self.on_note(note, sink),
+            Record::SynAckRetransmit(synack) => self.on_synack_retransmit(synack),
+        }
+    }
+
+    /// Remembers when a request socket that is resending its SYN-ACK sent the first one.
+    pub fn on_synack_retransmit(&mut self, synack: &SynAckRetransmitted) {
+        let Some(first) = synack.first_synack_ns else { return };
+        if self.synack_retransmits.len() >= MAX_PENDING_SYNACKS
+            && !self.synack_retransmits.contains_key(&synack.endpoints)
+        {
+            // Requests give up after net.ipv4.tcp_synack_retries (5: ~63 s): older ones
+            // never become connections.
+            let horizon = synack.timestamp_ns.saturating_sub(SYNACK_HORIZON_NS);
+            self.synack_retransmits.retain(|_, first| *first >= horizon);
+            if self.synack_retransmits.len() >= MAX_PENDING_SYNACKS {
+                self.stats.synack_untracked += 1;
+                return;
+            }
+        }
+        self.synack_retransmits.insert(synack.endpoints, first);
+    }
+
+    /// Applies a socket note: facts the state transitions do not carry.
+    pub fn on_note(&mut self, note: &Note, sink: &mut impl ObservationSink) {
+        let entry = self.table.get_mut(&note.skaddr);
+        match note.kind {
+            NoteKind::ResetSent { .. } | NoteKind::ResetReceived => {
+                let direction = if note.kind == NoteKind::ResetReceived {
+                    ResetDirection::Received
+                } else {
+                    ResetDirection::Sent
+                };
+                sink.observe(&Observation::Reset { direction });
+                // A listener answering a bad segment is not closing: only flag connections.
+                if let Some(entry) = entry.filter(|e| e.state != TcpState::Listen) {
+                    match direction {
+                        ResetDirection::Sent => entry.resets.sent = true,
+                        ResetDirection::Received => entry.resets.received = true,
+                    }
+                }
+            }
+        }
     }
 
     /// Applies one transition and reports what it completes to `sink`.
@@ -552,6 +704,9 @@ impl Tracker {
         };
         entry.last_seen_ns = now;
         entry.endpoints = event.endpoints;
+        if event.netns != 0 {
+            entry.netns = event.netns;
+        }
         // close() and shutdown() run in the owner's context: the one safe moment to learn
         // the owner of a socket first seen mid-life.
         if entry.owner.pid.is_none()
@@ -573,11 +728,32 @@ impl Tracker {
                 if let Some(side) = entry.open_side {
                     sink.observe(&Observation::Opened { side });
                 }
-                if let (Some(Side::Active), Some(sent)) = (entry.open_side, entry.syn_sent_ns) {
-                    let duration_ns = elapsed(sent, now);
-                    sink.observe(&Observation::Handshake { side: Side::Active, duration_ns });
+                // total_retrans at SYN_SENT → ESTABLISHED counts SYN retransmissions; a
+                // passive child inherits its request socket's SYN-ACK retransmissions.
+                if let Some(stats) = event.stats.filter(|_| matches!(event.old, SynSent | SynRecv))
+                {
+                    entry.handshake_retransmits = Some(stats.total_retrans);
+                }
+                let duration = match entry.open_side {
+                    Some(Side::Active) if event.old == SynSent => {
+                        entry.syn_sent_ns.map(|sent| elapsed(sent, now))
+                    }
+                    Some(Side::Passive) if event.old == SynRecv => {
+                        self.passive_handshake(&entry.endpoints, event.stats.as_ref(), now)
+                    }
+                    _ => None,
+                };
+                if let (Some(side), Some(duration_ns)) = (entry.open_side, duration) {
+                    entry.handshake_ns = Some(duration_ns);
+                    sink.observe(&Observation::Handshake {
+                        side,
+                        duration_ns,
+                        retransmits: entry.handshake_retransmits,
+                    });
                 }
                 entry.established_ns = Some(now);
+                // A RST sent while still connecting (e.g. to a bad SYN-ACK) did not end it.
+                entry.resets = Resets::default();
                 if records {
                     let record = connection_record(&entry, ConnectionPhase::Established, now, None);
                     sink.observe(&Observation::Connection(record));
@@ -621,6 +797,24 @@ impl Tracker {
         self.upsert(event.skaddr, entry);
     }
 
+    /// First SYN-ACK → final ACK of an accepted child at SYN_RECV → ESTABLISHED (see the
+    /// module docs).
+    fn passive_handshake(
+        &mut self,
+        endpoints: &Endpoints,
+        stats: Option<&TcpStats>,
+        now: u64,
+    ) -> Option<u64> {
+        let resent = self.synack_retransmits.remove(endpoints);
+        match stats {
+            Some(stats) if stats.total_retrans == 0 && stats.srtt_us_x8 != 0 => {
+                Some(u64::from(stats.srtt_us_x8 >> 3) * 1_000)
+            }
+            Some(stats) if stats.total_retrans > 0 => resent.map(|first| elapsed(first, now)),
+            _ => None,
+        }
+    }
+
     fn track_listener(&mut self, event: &Event) {
         match (event.old, event.new) {
             (TcpState::Close, TcpState::Listen) => {
@@ -650,22 +844,29 @@ impl Tracker {
         records: bool,
     ) {
         let now = event.timestamp_ns;
-        let reason = CloseReason::classify(event.old, event.sock_err, event.endpoints.sport);
+        let reason =
+            CloseReason::classify(event.old, event.sock_err, event.endpoints.sport, entry.resets);
         if event.old == TcpState::Listen {
             return;
         }
         let pre_established = matches!(event.old, TcpState::SynSent | TcpState::SynRecv)
             && entry.established_ns.is_none();
         if pre_established {
+            // SYN retransmissions of a connect that never completed.
+            let retransmits = event.stats.map(|stats| stats.total_retrans);
             match entry.open_side {
                 Some(Side::Passive) => self.stats.passive_open_aborted += 1,
                 _ => sink.observe(&Observation::ConnectFailed {
                     reason,
                     duration_ns: entry.syn_sent_ns.map(|sent| elapsed(sent, now)),
+                    retransmits,
                 }),
             }
             if records {
-                let record = connection_record(entry, ConnectionPhase::Failed, now, Some(reason));
+                let mut record =
+                    connection_record(entry, ConnectionPhase::Failed, now, Some(reason));
+                record.handshake_retransmits = retransmits.or(entry.handshake_retransmits);
+                record.stats = event.stats;
                 sink.observe(&Observation::Connection(record));
             }
             return;
@@ -680,6 +881,7 @@ impl Tracker {
             let mut record = connection_record(entry, ConnectionPhase::Closed, now, Some(reason));
             record.lifetime_ns = lifetime_ns;
             record.teardown = teardown;
+            record.stats = event.stats;
             sink.observe(&Observation::Connection(record));
         }
     }
@@ -750,6 +952,203 @@ mod tests {
         (out, tracker)
     }
 
+    /// Feeds raw records (as the ring delivers them) and returns every observation.
+    fn feed(tracker: &mut Tracker, records: &[Vec<u8>]) -> Vec<Observation> {
+        let mut out = RecordingSink::default();
+        for bytes in records {
+            tracker.on_record(&crate::decode::decode(bytes).unwrap(), &mut out);
+        }
+        out.0
+    }
+
+    fn stats(total_retrans: u32, srtt_us: u32) -> TcpStats {
+        TcpStats { total_retrans, srtt_us_x8: srtt_us << 3, ..TcpStats::default() }
+    }
+
+    fn handshakes(out: &[Observation]) -> Vec<(Side, u64, Option<u32>)> {
+        out.iter()
+            .filter_map(|o| match *o {
+                Observation::Handshake { side, duration_ns, retransmits } => {
+                    Some((side, duration_ns, retransmits))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn passive_handshake_is_the_synack_rtt_sample_without_retransmissions() {
+        use crate::decode::fixture::{bytes, with_stats};
+        let mut tracker = Tracker::default();
+        let out = feed(
+            &mut tracker,
+            &[
+                bytes(&v4(5 * MS, 9, Listen, SynRecv, 80, 40000, 0)),
+                // srtt_us after tcp_synack_rtt_meas: 250 µs from SYN-ACK to ACK.
+                bytes(&with_stats(
+                    v4(5 * MS, 9, SynRecv, Established, 80, 40000, 0),
+                    stats(0, 250),
+                )),
+            ],
+        );
+        assert_eq!(handshakes(&out), [(Side::Passive, 250_000, Some(0))]);
+    }
+
+    #[test]
+    fn passive_handshake_with_a_resent_synack_runs_from_the_first_synack() {
+        use crate::decode::fixture::{bytes, synack_retransmit, with_stats};
+        let mut tracker = Tracker::default();
+        let out = feed(
+            &mut tracker,
+            &[
+                // First SYN-ACK at t = 2 s; resent at 3 s; final ACK at 3.0004 s. Karn's rule
+                // leaves srtt from the timestamp echo (small), which must not be used.
+                bytes(&synack_retransmit(3_000 * MS, 2_000_000, 80, 40000)),
+                bytes(&v4(3_000 * MS + 400_000, 9, Listen, SynRecv, 80, 40000, 0)),
+                bytes(&with_stats(
+                    v4(3_000 * MS + 400_000, 9, SynRecv, Established, 80, 40000, 0),
+                    stats(1, 300),
+                )),
+            ],
+        );
+        assert_eq!(handshakes(&out), [(Side::Passive, 1_000_400_000, Some(1))]);
+        assert!(tracker.synack_retransmits.is_empty(), "taken when established");
+
+        // Another child with a retransmitted SYN-ACK whose note was lost: retries are
+        // reported, a duration is not (it would be the wrong one).
+        let out = feed(
+            &mut tracker,
+            &[
+                bytes(&v4(4_000 * MS, 10, Listen, SynRecv, 80, 40001, 0)),
+                bytes(&with_stats(
+                    v4(4_000 * MS, 10, SynRecv, Established, 80, 40001, 0),
+                    stats(2, 300),
+                )),
+            ],
+        );
+        assert_eq!(handshakes(&out), []);
+        assert!(out.contains(&Observation::Opened { side: Side::Passive }));
+    }
+
+    #[test]
+    fn pending_synack_retransmissions_are_bounded() {
+        use crate::decode::fixture::synack_retransmit;
+        // A SYN flood whose requests all resend their SYN-ACK, from distinct peers.
+        let mut tracker = Tracker::default();
+        for i in 0..MAX_PENDING_SYNACKS as u64 + 10 {
+            let mut raw = synack_retransmit(MS, 1, 80, i as u16);
+            raw.daddr[14..].copy_from_slice(&((i >> 16) as u16).to_be_bytes());
+            let record = crate::decode::decode(&crate::decode::fixture::bytes(&raw)).unwrap();
+            tracker.on_record(&record, &mut Vec::new());
+        }
+        assert_eq!(tracker.synack_retransmits.len(), MAX_PENDING_SYNACKS);
+        assert_eq!(tracker.stats().synack_untracked, 10);
+        // Requests past the horizon can no longer complete: they make room.
+        let late = synack_retransmit(SYNACK_HORIZON_NS + 2 * MS, SYNACK_HORIZON_NS / 1000, 81, 1);
+        feed(&mut tracker, &[crate::decode::fixture::bytes(&late)]);
+        assert_eq!(tracker.synack_retransmits.len(), 1);
+    }
+
+    #[test]
+    fn syn_retransmissions_are_counted_on_success_and_failure() {
+        use crate::decode::fixture::{bytes, with_stats};
+        let mut tracker = Tracker::default();
+        let out = feed(
+            &mut tracker,
+            &[
+                bytes(&v4(0, 1, Close, SynSent, 0, 80, 0)),
+                bytes(&with_stats(
+                    v4(1_003 * MS, 1, SynSent, Established, 40000, 80, 0),
+                    stats(1, 3),
+                )),
+                bytes(&v4(0, 2, Close, SynSent, 0, 81, 0)),
+                bytes(&with_stats(
+                    v4(127_000 * MS, 2, SynSent, Close, 40001, 81, libc::ETIMEDOUT),
+                    stats(6, 0),
+                )),
+            ],
+        );
+        assert_eq!(handshakes(&out), [(Side::Active, 1_003 * MS, Some(1))]);
+        assert!(out.contains(&Observation::ConnectFailed {
+            reason: CloseReason::Timeout,
+            duration_ns: Some(127_000 * MS),
+            retransmits: Some(6),
+        }));
+    }
+
+    #[test]
+    fn resets_tell_sent_from_received_and_count_every_rst() {
+        use crate::decode::fixture::{bytes, note};
+        use monitor_common::note::{RESET_RECEIVED, RESET_SENT};
+        let mut tracker = Tracker::default();
+        let open = |sk| {
+            [
+                bytes(&v4(0, sk, Close, SynSent, 0, 80, 0)),
+                bytes(&v4(MS, sk, SynSent, Established, 40000, 80, 0)),
+            ]
+        };
+        let mut records: Vec<Vec<u8>> = Vec::new();
+        // 1: orphaned FIN_WAIT2 killed by tcp_fin_timeout: RST sent, no error, then CLOSE.
+        records.extend(open(1));
+        records.push(bytes(&v4(2 * MS, 1, Established, FinWait1, 40000, 80, 0)));
+        records.push(bytes(&v4(3 * MS, 1, FinWait1, FinWait2, 40000, 80, 0)));
+        records.push(bytes(&note(60_000 * MS, 1, RESET_SENT, 0)));
+        records.push(bytes(&v4(60_000 * MS, 1, FinWait2, Close, 40000, 80, 0)));
+        // 2: the peer resets: tcp_reset() reports it, then sk_err = ECONNRESET.
+        records.extend(open(2));
+        records.push(bytes(&note(5 * MS, 2, RESET_RECEIVED, 0)));
+        records.push(bytes(&v4(5 * MS, 2, Established, Close, 40000, 80, libc::ECONNRESET)));
+        // 3: close() with unread data: CLOSE first, then the RST (tcp_send_active_reset).
+        records.extend(open(3));
+        records.push(bytes(&v4(5 * MS, 3, Established, Close, 40000, 80, 0)));
+        records.push(bytes(&note(5 * MS, 3, RESET_SENT, 11)));
+        // A RST for a segment no socket owns (a closed port).
+        records.push(bytes(&note(6 * MS, 0, RESET_SENT, 1)));
+        let out = feed(&mut tracker, &records);
+        let reasons: Vec<CloseReason> = out
+            .iter()
+            .filter_map(|o| match o {
+                Observation::Closed { reason, .. } => Some(*reason),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            [CloseReason::ResetSent, CloseReason::ResetReceived, CloseReason::Abort]
+        );
+        let count = |d| out.iter().filter(|o| **o == Observation::Reset { direction: d }).count();
+        assert_eq!((count(ResetDirection::Sent), count(ResetDirection::Received)), (3, 1));
+    }
+
+    #[test]
+    fn connection_records_carry_netns_and_totals() {
+        use crate::decode::fixture::{bytes, with_stats};
+        let mut tracker = Tracker::default();
+        let mut born = v4(0, 1, Close, SynSent, 0, 80, 0);
+        born.netns = 4026532000;
+        let totals = TcpStats { bytes_sent: 10, bytes_received: 20, ..stats(0, 5) };
+        let out = feed(
+            &mut tracker,
+            &[
+                bytes(&born),
+                bytes(&v4(MS, 1, SynSent, Established, 40000, 80, 0)),
+                bytes(&v4(2 * MS, 1, Established, CloseWait, 40000, 80, 0)),
+                bytes(&v4(3 * MS, 1, CloseWait, LastAck, 40000, 80, 0)),
+                bytes(&with_stats(v4(4 * MS, 1, LastAck, Close, 40000, 80, 0), totals)),
+            ],
+        );
+        let closed = out
+            .iter()
+            .find_map(|o| match o {
+                Observation::Connection(r) if r.phase == ConnectionPhase::Closed => Some(*r),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(closed.netns, Some(4026532000));
+        assert_eq!(closed.stats, Some(totals));
+        assert_eq!(closed.handshake_retransmits, None);
+    }
+
     #[test]
     fn active_open_and_active_close() {
         let (out, tracker) = run(&[
@@ -763,7 +1162,11 @@ mod tests {
             out,
             vec![
                 Observation::Opened { side: Side::Active },
-                Observation::Handshake { side: Side::Active, duration_ns: 3 * MS },
+                Observation::Handshake {
+                    side: Side::Active,
+                    duration_ns: 3 * MS,
+                    retransmits: None
+                },
                 Observation::Closed {
                     side: Some(Side::Active),
                     reason: CloseReason::Fin,
@@ -848,9 +1251,9 @@ mod tests {
         assert_eq!(
             closes,
             vec![
-                (Some(Side::Active), CloseReason::Reset, None),
+                (Some(Side::Active), CloseReason::ResetReceived, None),
                 (Some(Side::Active), CloseReason::Abort, None),
-                (Some(Side::Passive), CloseReason::Reset, None),
+                (Some(Side::Passive), CloseReason::ResetReceived, None),
             ]
         );
     }
@@ -870,18 +1273,25 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                Observation::ConnectFailed { reason: CloseReason::Refused, duration_ns: Some(MS) },
+                Observation::ConnectFailed {
+                    reason: CloseReason::Refused,
+                    duration_ns: Some(MS),
+                    retransmits: None
+                },
                 Observation::ConnectFailed {
                     reason: CloseReason::Timeout,
-                    duration_ns: Some(127_000 * MS)
+                    duration_ns: Some(127_000 * MS),
+                    retransmits: None,
                 },
                 Observation::ConnectFailed {
                     reason: CloseReason::Abort,
-                    duration_ns: Some(50 * MS)
+                    duration_ns: Some(50 * MS),
+                    retransmits: None,
                 },
                 Observation::ConnectFailed {
                     reason: CloseReason::Unreachable,
-                    duration_ns: Some(3 * MS)
+                    duration_ns: Some(3 * MS),
+                    retransmits: None,
                 },
             ]
         );
@@ -931,7 +1341,11 @@ mod tests {
         ]);
         assert_eq!(
             out.last(),
-            Some(&Observation::Handshake { side: Side::Active, duration_ns: 5 * MS })
+            Some(&Observation::Handshake {
+                side: Side::Active,
+                duration_ns: 5 * MS,
+                retransmits: None
+            })
         );
         assert_eq!(tracker.len(), 1);
         assert_eq!(tracker.per_state()[Established.index()], 1);
@@ -1012,7 +1426,11 @@ mod tests {
         }
         assert_eq!(
             out,
-            vec![Observation::ConnectFailed { reason: CloseReason::Error, duration_ns: Some(MS) }]
+            vec![Observation::ConnectFailed {
+                reason: CloseReason::Error,
+                duration_ns: Some(MS),
+                retransmits: None
+            }]
         );
     }
 
@@ -1042,33 +1460,59 @@ mod tests {
     #[test]
     fn stale_icmp_errors_do_not_relabel_an_orderly_close() {
         assert_eq!(
-            CloseReason::classify(LastAck, SockErr::Errno(libc::EHOSTUNREACH), 40000),
+            CloseReason::classify(
+                LastAck,
+                SockErr::Errno(libc::EHOSTUNREACH),
+                40000,
+                Resets::default()
+            ),
             CloseReason::Fin
         );
         assert_eq!(
-            CloseReason::classify(LastAck, SockErr::Errno(libc::ETIMEDOUT), 40000),
+            CloseReason::classify(
+                LastAck,
+                SockErr::Errno(libc::ETIMEDOUT),
+                40000,
+                Resets::default()
+            ),
             CloseReason::Timeout
         );
         assert_eq!(
-            CloseReason::classify(FinWait2, SockErr::Errno(libc::ECONNRESET), 40000),
-            CloseReason::Reset
+            CloseReason::classify(
+                FinWait2,
+                SockErr::Errno(libc::ECONNRESET),
+                40000,
+                Resets::default()
+            ),
+            CloseReason::ResetReceived
         );
         assert_eq!(
-            CloseReason::classify(SynSent, SockErr::Errno(libc::EACCES), 40000),
+            CloseReason::classify(SynSent, SockErr::Errno(libc::EACCES), 40000, Resets::default()),
             CloseReason::Unreachable
         );
     }
 
     #[test]
     fn unknown_sock_err_falls_back_to_the_states() {
-        assert_eq!(CloseReason::classify(LastAck, SockErr::Unknown, 40000), CloseReason::Fin);
-        assert_eq!(CloseReason::classify(SynSent, SockErr::Unknown, 40000), CloseReason::Unknown);
         assert_eq!(
-            CloseReason::classify(Established, SockErr::Errno(libc::EIO), 40000),
+            CloseReason::classify(LastAck, SockErr::Unknown, 40000, Resets::default()),
+            CloseReason::Fin
+        );
+        assert_eq!(
+            CloseReason::classify(SynSent, SockErr::Unknown, 40000, Resets::default()),
+            CloseReason::Unknown
+        );
+        assert_eq!(
+            CloseReason::classify(Established, SockErr::Errno(libc::EIO), 40000, Resets::default()),
             CloseReason::Error
         );
         assert_eq!(
-            CloseReason::classify(Established, SockErr::Errno(libc::ECONNABORTED), 40000),
+            CloseReason::classify(
+                Established,
+                SockErr::Errno(libc::ECONNABORTED),
+                40000,
+                Resets::default()
+            ),
             CloseReason::Abort
         );
     }
@@ -1191,7 +1635,11 @@ mod tests {
         let out = replay(&mut tracker, &[(2000, 999, SynSent, Established, 0)]);
         assert_eq!(
             out.last(),
-            Some(&Observation::Handshake { side: Side::Active, duration_ns: 1001 * MS })
+            Some(&Observation::Handshake {
+                side: Side::Active,
+                duration_ns: 1001 * MS,
+                retransmits: None
+            })
         );
     }
 }

@@ -2,7 +2,7 @@
 //! invariants under any sequence of transitions — including sequences no kernel would produce
 //! (lost events, reordered or garbage states), since a lossy ring can make them.
 
-use monitor::decode::{decode, fixture, TcpState};
+use monitor::decode::{decode, fixture, Record, TcpState};
 use monitor::tracker::{Observation, RecordingSink, Tracker};
 use proptest::prelude::*;
 
@@ -15,7 +15,7 @@ proptest! {
 
     #[test]
     fn decoding_any_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-        if let Ok(event) = decode(&bytes) {
+        if let Ok(Record::State(event)) = decode(&bytes) {
             let _ = (event.local(), event.remote(), event.comm());
         }
     }
@@ -24,7 +24,9 @@ proptest! {
     fn records_round_trip(ts in any::<u64>(), sk in any::<u64>(), old in state(), new in state(),
                           sport in any::<u16>(), dport in any::<u16>(), err in any::<i32>()) {
         let raw = fixture::v4(ts, sk, old, new, sport, dport, err);
-        let event = decode(&fixture::bytes(&raw)).unwrap();
+        let Record::State(event) = decode(&fixture::bytes(&raw)).unwrap() else {
+            return Err(TestCaseError::fail("not a state record"));
+        };
         prop_assert_eq!((event.timestamp_ns, event.skaddr, event.old, event.new), (ts, sk, old, new));
         prop_assert_eq!((event.local().port(), event.remote().port()), (sport, dport));
     }
@@ -39,8 +41,8 @@ proptest! {
         let mut now = 0u64;
         for (sk, old, new, dt, err) in steps {
             now += dt;
-            let event = decode(&fixture::bytes(&fixture::v4(now, sk, old, new, 1, 2, err))).unwrap();
-            tracker.on_event(&event, &mut sink);
+            let record = decode(&fixture::bytes(&fixture::v4(now, sk, old, new, 1, 2, err))).unwrap();
+            tracker.on_record(&record, &mut sink);
             // The per-state gauges always add up to the table, which never exceeds its cap.
             prop_assert_eq!(tracker.per_state().iter().sum::<u64>(), tracker.len() as u64);
             prop_assert!(tracker.len() <= cap);

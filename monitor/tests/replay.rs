@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use monitor::decode::{decode, AF_INET6};
+use monitor::decode::{decode, Record, AF_INET6};
 use monitor::source::{read_recording, ReplaySource};
 use monitor::tracker::{CloseReason, Observation, Side, Tracker};
 
@@ -19,9 +19,11 @@ fn replay() -> (Vec<Observation>, Tracker, Vec<monitor::decode::Event>) {
     let mut observations = Vec::new();
     let mut events = Vec::new();
     source.drain(usize::MAX, |bytes| {
-        let event = decode(bytes).expect("every recorded record decodes");
-        tracker.on_event(&event, &mut observations);
-        events.push(event);
+        let record = decode(bytes).expect("every recorded record decodes");
+        tracker.on_record(&record, &mut observations);
+        if let Record::State(event) = record {
+            events.push(event);
+        }
     });
     (observations, tracker, events)
 }
@@ -43,7 +45,7 @@ fn the_recorded_loopback_stream_yields_exactly_its_connections() {
     let handshakes: Vec<u64> = observations
         .iter()
         .filter_map(|o| match o {
-            Observation::Handshake { side: Side::Active, duration_ns } => Some(*duration_ns),
+            Observation::Handshake { side: Side::Active, duration_ns, .. } => Some(*duration_ns),
             _ => None,
         })
         .collect();
@@ -97,7 +99,11 @@ fn the_recorded_loopback_stream_yields_exactly_its_connections() {
     assert_eq!(
         count(&|o| matches!(
             o,
-            Observation::Closed { side: Some(Side::Active), reason: CloseReason::Reset, .. }
+            Observation::Closed {
+                side: Some(Side::Active),
+                reason: CloseReason::ResetReceived,
+                ..
+            }
         )),
         1
     );

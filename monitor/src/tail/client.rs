@@ -215,6 +215,7 @@ mod tests {
                 side: None,
                 pid: None,
                 comm: None,
+                netns: None,
                 family: "ipv4".into(),
                 local_addr: "127.0.0.1".into(),
                 local_port: 1,

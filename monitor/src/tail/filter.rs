@@ -83,10 +83,13 @@ pub fn parse_net(text: &str) -> Result<IpNet, String> {
 
 /// Parses an outcome name.
 pub fn parse_outcome(text: &str) -> Result<String, String> {
+    if text == "reset" {
+        return Ok(text.to_owned());
+    }
     CloseReason::ALL.iter().find(|r| r.as_str() == text).map(|r| r.as_str().to_owned()).ok_or_else(
         || {
             let names: Vec<_> = CloseReason::ALL.iter().map(|r| r.as_str()).collect();
-            format!("`{text}` is not an outcome; one of: {}", names.join(", "))
+            format!("`{text}` is not an outcome; one of: {}, reset (either)", names.join(", "))
         },
     )
 }
@@ -162,7 +165,11 @@ impl Filter {
         };
         self.matches_identity(record.side, &record.owner, &record.endpoints)
             && any_or_empty(&self.outcomes, |o| {
-                record.outcome.is_some_and(|outcome| outcome.as_str() == o)
+                record.outcome.is_some_and(|outcome| {
+                    // `reset` is either direction.
+                    outcome.as_str() == o
+                        || (o == "reset" && outcome.as_str().starts_with("reset_"))
+                })
             })
             && at_least(self.min_handshake_us, record.handshake_ns)
             && at_least(self.min_lifetime_us, record.lifetime_ns)
@@ -207,6 +214,9 @@ mod tests {
             owner: Owner { pid, comm: *b"psql\0\0\0\0\0\0\0\0\0\0\0\0" },
             endpoints: Endpoints::new(local.parse().unwrap(), remote.parse().unwrap()),
             handshake_ns: Some(250_000_000),
+            handshake_retransmits: None,
+            netns: None,
+            stats: None,
             lifetime_ns: Some(1_000_000_000),
             teardown: None,
             close_wait_ns: None,
@@ -222,7 +232,7 @@ mod tests {
 
     #[test]
     fn criteria_combine_as_documented() {
-        let r = record("10.1.2.3:40000", "192.0.2.7:5432", Some(9), CloseReason::Reset);
+        let r = record("10.1.2.3:40000", "192.0.2.7:5432", Some(9), CloseReason::ResetReceived);
         assert!(Filter::default().matches_connection(&r));
         assert!(filter(|f| f.ports = vec![5432]).matches_connection(&r));
         assert!(filter(|f| f.ports = vec![80, 40000]).matches_connection(&r)); // OR within
@@ -238,8 +248,10 @@ mod tests {
         assert!(!filter(|f| f.comms = vec!["psq".into()]).matches_connection(&r));
         assert!(filter(|f| f.sides = vec!["active".into()]).matches_connection(&r));
         assert!(!filter(|f| f.sides = vec!["passive".into()]).matches_connection(&r));
-        assert!(filter(|f| f.outcomes = vec!["fin".into(), "reset".into()]).matches_connection(&r));
+        assert!(filter(|f| f.outcomes = vec!["fin".into(), "reset_received".into()])
+            .matches_connection(&r));
         assert!(!filter(|f| f.outcomes = vec!["fin".into()]).matches_connection(&r));
+        assert!(filter(|f| f.outcomes = vec!["reset".into()]).matches_connection(&r));
         // AND across criteria.
         assert!(!filter(|f| {
             f.ports = vec![5432];

@@ -4,6 +4,8 @@
 use std::fmt::Write as _;
 
 use super::filter::View;
+#[cfg(test)]
+use super::record::Totals;
 use super::record::{ConnectionLine, Identity, TailRecord, TransitionLine};
 
 const ADDR_WIDTH: usize = 23;
@@ -23,6 +25,33 @@ pub fn duration(us: u64) -> String {
 
 fn optional_duration(us: Option<u64>) -> String {
     us.map_or_else(|| "-".to_owned(), duration)
+}
+
+/// `512B`, `1.5K`, `977K`, `12M`, `3.4G` (powers of 1024, like `ss` and `tcplife`'s KB).
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["K", "M", "G", "T"];
+    if n < 1024 {
+        return format!("{n}B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value < 10.0 {
+        format!("{value:.1}{}", UNITS[unit])
+    } else {
+        format!("{value:.0}{}", UNITS[unit])
+    }
+}
+
+/// The handshake column: its duration, and `+N` when N SYNs or SYN-ACKs were retransmitted.
+fn handshake(us: Option<u64>, retransmits: Option<u32>) -> String {
+    match (us, retransmits) {
+        (Some(us), Some(n)) if n > 0 => format!("{}+{n}", duration(us)),
+        (us, _) => optional_duration(us),
+    }
 }
 
 /// `HH:MM:SS.mmm` of an RFC 3339 time, or the input when it has no such part.
@@ -65,9 +94,9 @@ fn identity_columns(who: &Identity) -> String {
 pub fn header(view: View) -> String {
     match view {
         View::Connections => format!(
-            "{:<12} {:<7} {:>7} {:<15} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:>9} {:>9} {:>9} {:>10}  {}",
+            "{:<12} {:<7} {:>7} {:<15} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:>9} {:>9} {:>9} {:>10} {:>6} {:>6}  {}",
             "TIME(UTC)", "SIDE", "PID", "COMM", "LOCAL", "REMOTE", "HANDSHAKE", "LIFETIME",
-            "TEARDOWN", "CLOSE_WAIT", "OUTCOME"
+            "TEARDOWN", "CLOSE_WAIT", "TX", "RX", "OUTCOME"
         ),
         View::Events => format!(
             "{:<12} {:<7} {:>7} {:<15} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<26} {:>9}",
@@ -81,9 +110,9 @@ fn colored(text: &str, outcome: &str, color: bool) -> String {
         return text.to_owned();
     }
     let code = match outcome {
-        "fin" => "32",                                 // green
-        "reset" | "abort" | "error" => "31",           // red
-        "timeout" | "refused" | "unreachable" => "33", // yellow
+        "fin" => "32",                                               // green
+        "reset_received" | "reset_sent" | "abort" | "error" => "31", // red
+        "timeout" | "refused" | "unreachable" => "33",               // yellow
         _ => return text.to_owned(),
     };
     format!("\x1b[{code}m{text}\x1b[0m")
@@ -99,13 +128,15 @@ pub fn connection(line: &ConnectionLine, color: bool) -> String {
     let mut out = String::with_capacity(160);
     let _ = write!(
         out,
-        "{:<12} {} {:>9} {:>9} {:>9} {:>10}  {}",
+        "{:<12} {} {:>9} {:>9} {:>9} {:>10} {:>6} {:>6}  {}",
         time,
         identity_columns(&line.who),
-        optional_duration(line.handshake_us),
+        handshake(line.handshake_us, line.handshake_retransmits),
         optional_duration(line.lifetime_us),
         optional_duration(line.teardown_us),
         optional_duration(line.close_wait_us),
+        line.totals.bytes_sent.map_or_else(|| "-".to_owned(), bytes),
+        line.totals.bytes_received.map_or_else(|| "-".to_owned(), bytes),
         outcome,
     );
     out
@@ -148,6 +179,7 @@ mod tests {
                 side: Some("active".into()),
                 pid: Some(27810),
                 comm: Some("python3".into()),
+                netns: Some(4026531840),
                 family: "ipv4".into(),
                 local_addr: "127.0.0.1".into(),
                 local_port: 49104,
@@ -155,11 +187,21 @@ mod tests {
                 remote_port: 48493,
             },
             handshake_us: Some(43),
+            handshake_retransmits: Some(0),
             lifetime_us: Some(300_412),
             teardown_us: Some(300_301),
             teardown_side: Some("active".into()),
             close_wait_us: None,
             outcome: Some("fin".into()),
+            totals: Totals {
+                bytes_sent: Some(1_500),
+                bytes_acked: Some(1_502),
+                bytes_received: Some(1_000_000),
+                segments_out: Some(5),
+                segments_in: Some(6),
+                retransmits: Some(0),
+                srtt_us: Some(30),
+            },
         }
     }
 
@@ -167,11 +209,11 @@ mod tests {
     fn golden_connection_lines() {
         assert_eq!(
             header(View::Connections),
-            "TIME(UTC)    SIDE        PID COMM            LOCAL                   REMOTE                  HANDSHAKE  LIFETIME  TEARDOWN CLOSE_WAIT  OUTCOME"
+            "TIME(UTC)    SIDE        PID COMM            LOCAL                   REMOTE                  HANDSHAKE  LIFETIME  TEARDOWN CLOSE_WAIT     TX     RX  OUTCOME"
         );
         assert_eq!(
             connection(&closed_v4(), false),
-            "08:10:57.880 active    27810 python3         127.0.0.1:49104         127.0.0.1:48493              43µs     300ms     300ms          -  fin"
+            "08:10:57.880 active    27810 python3         127.0.0.1:49104         127.0.0.1:48493              43µs     300ms     300ms          -   1.5K   977K  fin"
         );
 
         // IPv6, unknown owner, a 15-character comm elsewhere, mid-life start, still open.
@@ -188,22 +230,26 @@ mod tests {
         v6.handshake_us = None;
         v6.lifetime_us = None;
         v6.teardown_us = None;
+        v6.totals = Totals::default();
         assert_eq!(
             connection(&v6, false),
-            "08:10:58.180 -             - -               [2001:db8::1]:49104     [::1]:48493                     -         -         -          -  established"
+            "08:10:58.180 -             - -               [2001:db8::1]:49104     [::1]:48493                     -         -         -          -      -      -  established"
         );
 
         let mut long = closed_v4();
         long.who.comm = Some("kworker/u16:3-e".into());
-        long.outcome = Some("reset".into());
+        long.outcome = Some("reset_received".into());
         long.close_wait_us = Some(4_200_000_000);
+        long.handshake_us = Some(1_003_000);
+        long.handshake_retransmits = Some(1);
+        long.totals.bytes_received = Some(5 << 30);
         assert_eq!(
             connection(&long, false),
-            "08:10:57.880 active    27810 kworker/u16:3-e 127.0.0.1:49104         127.0.0.1:48493              43µs     300ms     300ms      1h10m  reset"
+            "08:10:57.880 active    27810 kworker/u16:3-e 127.0.0.1:49104         127.0.0.1:48493           1.00s+1     300ms     300ms      1h10m   1.5K   5.0G  reset_received"
         );
         assert_eq!(
             connection(&long, true),
-            "08:10:57.880 active    27810 kworker/u16:3-e 127.0.0.1:49104         127.0.0.1:48493              43µs     300ms     300ms      1h10m  \x1b[31mreset\x1b[0m"
+            "08:10:57.880 active    27810 kworker/u16:3-e 127.0.0.1:49104         127.0.0.1:48493           1.00s+1     300ms     300ms      1h10m   1.5K   5.0G  \x1b[31mreset_received\x1b[0m"
         );
     }
 
@@ -215,6 +261,7 @@ mod tests {
                 side: Some("passive".into()),
                 pid: Some(1),
                 comm: Some("nginx".into()),
+                netns: None,
                 family: "ipv6".into(),
                 local_addr: "::1".into(),
                 local_port: 443,

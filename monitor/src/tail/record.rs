@@ -4,8 +4,8 @@
 //!
 //! | type | fields |
 //! |---|---|
-//! | `connection` | `event` (`established`, `closed`, `failed`), `start_time` (null if first seen mid-life), `time`, `side` (`active`, `passive`, null), `pid`, `comm` (null when unknown), `family` (`ipv4`, `ipv6`), `local_addr`, `local_port`, `remote_addr`, `remote_port`, `handshake_us`, `lifetime_us`, `teardown_us`, `teardown_side`, `close_wait_us`, `outcome` (`fin`, `reset`, `abort`, `timeout`, `refused`, `unreachable`, `error`, `unknown`; null while established) |
-//! | `transition` | `time`, `side`, `pid`, `comm`, `family`, addresses and ports as above, `old_state`, `new_state`, `in_old_state_us` (null when the old state's start was not seen) |
+//! | `connection` | `event` (`established`, `closed`, `failed`), `start_time` (null if first seen mid-life), `time`, `side` (`active`, `passive`, null), `pid`, `comm` (null when unknown), `netns` (network namespace inode, as in `/proc/PID/ns/net`), `family` (`ipv4`, `ipv6`), `local_addr`, `local_port`, `remote_addr`, `remote_port`, `handshake_us` (active: SYN → SYN-ACK; passive: first SYN-ACK → ACK), `handshake_retransmits` (SYNs or SYN-ACKs resent), `lifetime_us`, `teardown_us`, `teardown_side`, `close_wait_us`, `outcome` (`fin`, `reset_received`, `reset_sent`, `abort`, `timeout`, `refused`, `unreachable`, `error`, `unknown`; null while established); on `closed` and `failed`: `bytes_sent` and `bytes_received` (application payload, exact), `bytes_acked` (the kernel's counter as `ss`/`tcplife` show it: payload + 1 for each acknowledged SYN and FIN), `segments_out`, `segments_in`, `retransmits`, `srtt_us` (null when unknown) |
+//! | `transition` | `time`, `side`, `pid`, `comm`, `netns`, `family`, addresses and ports as above, `old_state`, `new_state`, `in_old_state_us` (null when the old state's start was not seen) |
 //! | `missed` | `records`: how many records the daemon dropped because this client read too slowly |
 //! | `hello` | `version`, `mode` (`daemon`, `standalone`): first line of a stream (not printed) |
 //! | `error` | `message`: the daemon refused the request (not printed to stdout) |
@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::decode::TcpStats;
 use crate::tracker::{ConnectionPhase, ConnectionRecord, Endpoints, Owner, Side, TransitionRecord};
 
 /// Protocol version of the subscribe request and the records.
@@ -55,6 +56,8 @@ pub struct Identity {
     pub pid: Option<u32>,
     /// Owning task name.
     pub comm: Option<String>,
+    /// Network namespace inode.
+    pub netns: Option<u32>,
     /// `ipv4` or `ipv6`.
     pub family: String,
     /// Local address.
@@ -69,7 +72,12 @@ pub struct Identity {
 
 impl Identity {
     /// The identity of a tracked socket.
-    pub fn of(side: Option<Side>, owner: &Owner, endpoints: &Endpoints) -> Self {
+    pub fn of(
+        side: Option<Side>,
+        owner: &Owner,
+        endpoints: &Endpoints,
+        netns: Option<u32>,
+    ) -> Self {
         let (local, remote) = (endpoints.local(), endpoints.remote());
         let (pid, comm) = match owner.pid {
             Some(pid) => (Some(pid), Some(owner.comm())),
@@ -79,6 +87,7 @@ impl Identity {
             side: side.map(|s| s.as_str().to_owned()),
             pid,
             comm,
+            netns,
             family: if local.is_ipv4() { "ipv4" } else { "ipv6" }.to_owned(),
             local_addr: local.ip().to_string(),
             local_port: local.port(),
@@ -100,8 +109,10 @@ pub struct ConnectionLine {
     /// Side, owner, addresses and ports (flattened into the record's own fields).
     #[serde(flatten)]
     pub who: Identity,
-    /// SYN sent → SYN-ACK received (active opens).
+    /// Active: SYN sent → SYN-ACK received; passive: first SYN-ACK sent → final ACK.
     pub handshake_us: Option<u64>,
+    /// SYN (active) or SYN-ACK (passive) retransmissions in the handshake.
+    pub handshake_retransmits: Option<u32>,
     /// ESTABLISHED → CLOSE.
     pub lifetime_us: Option<u64>,
     /// First FIN → CLOSE, orderly closes.
@@ -112,6 +123,44 @@ pub struct ConnectionLine {
     pub close_wait_us: Option<u64>,
     /// How it ended.
     pub outcome: Option<String>,
+    /// The socket's counters at CLOSE (null on `established`).
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+/// A connection's `tcp_sock` counters at CLOSE.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Application payload sent, each byte once (`bytes_sent` − `bytes_retrans`).
+    pub bytes_sent: Option<u64>,
+    /// Application payload received (`bytes_received` without the peer's FIN).
+    pub bytes_received: Option<u64>,
+    /// The kernel's `bytes_acked` as `ss -i` and `tcplife` show it: acknowledged sequence
+    /// space, i.e. payload plus one each for an acknowledged SYN and FIN.
+    pub bytes_acked: Option<u64>,
+    /// Segments sent, retransmissions included.
+    pub segments_out: Option<u32>,
+    /// Segments received.
+    pub segments_in: Option<u32>,
+    /// Segments retransmitted over the connection's life.
+    pub retransmits: Option<u32>,
+    /// Smoothed RTT at close, µs (null when no RTT was ever sampled).
+    pub srtt_us: Option<u32>,
+}
+
+impl Totals {
+    fn of(stats: Option<&TcpStats>) -> Self {
+        let Some(stats) = stats else { return Totals::default() };
+        Totals {
+            bytes_sent: Some(stats.payload_sent()),
+            bytes_received: Some(stats.payload_received()),
+            bytes_acked: Some(stats.bytes_acked),
+            segments_out: Some(stats.segs_out),
+            segments_in: Some(stats.segs_in),
+            retransmits: Some(stats.total_retrans),
+            srtt_us: (stats.srtt_us_x8 != 0).then_some(stats.srtt_us_x8 >> 3),
+        }
+    }
 }
 
 /// A `transition` record.
@@ -178,13 +227,15 @@ impl ConnectionLine {
             .to_owned(),
             start_time: record.start_ns.map(|ns| clock.format(ns)),
             time: clock.format(record.time_ns),
-            who: Identity::of(record.side, &record.owner, &record.endpoints),
+            who: Identity::of(record.side, &record.owner, &record.endpoints, record.netns),
             handshake_us: record.handshake_ns.map(micros),
+            handshake_retransmits: record.handshake_retransmits,
             lifetime_us: record.lifetime_ns.map(micros),
             teardown_us: record.teardown.map(|(_, ns)| micros(ns)),
             teardown_side: record.teardown.map(|(s, _)| s.as_str().to_owned()),
             close_wait_us: record.close_wait_ns.map(micros),
             outcome: record.outcome.map(|o| o.as_str().to_owned()),
+            totals: Totals::of(record.stats.as_ref()),
         }
     }
 }
@@ -194,7 +245,7 @@ impl TransitionLine {
     pub fn from_record(record: &TransitionRecord, clock: &WallClock) -> Self {
         TransitionLine {
             time: clock.format(record.time_ns),
-            who: Identity::of(record.side, &record.owner, &record.endpoints),
+            who: Identity::of(record.side, &record.owner, &record.endpoints, record.netns),
             old_state: record.old.name().to_owned(),
             new_state: record.new.name().to_owned(),
             in_old_state_us: record.in_old_ns.map(micros),
@@ -227,6 +278,20 @@ mod tests {
             owner: Owner { pid: Some(7), comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0" },
             endpoints: Endpoints::new("[::1]:443".parse().unwrap(), "[::1]:50000".parse().unwrap()),
             handshake_ns: None,
+            handshake_retransmits: Some(1),
+            netns: Some(4026531840),
+            stats: Some(TcpStats {
+                bytes_acked: 1_000_001,
+                bytes_received: 13,
+                bytes_sent: 1_001_000,
+                bytes_retrans: 1_000,
+                segs_out: 9,
+                segs_in: 8,
+                total_retrans: 1,
+                srtt_us_x8: 8 * 250,
+                sk_flags: 1 << monitor_common::SOCK_DONE,
+                _pad: 0,
+            }),
             lifetime_ns: Some(299_999_999),
             teardown: Some((Side::Passive, 300_000_000)),
             close_wait_ns: Some(250_000_000),
@@ -241,19 +306,28 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "bytes_acked",
+                "bytes_received",
+                "bytes_sent",
                 "close_wait_us",
                 "comm",
                 "event",
                 "family",
+                "handshake_retransmits",
                 "handshake_us",
                 "lifetime_us",
                 "local_addr",
                 "local_port",
+                "netns",
                 "outcome",
                 "pid",
                 "remote_addr",
                 "remote_port",
+                "retransmits",
+                "segments_in",
+                "segments_out",
                 "side",
+                "srtt_us",
                 "start_time",
                 "teardown_side",
                 "teardown_us",
@@ -268,6 +342,12 @@ mod tests {
         assert_eq!(value["close_wait_us"], 250_000);
         assert_eq!(value["handshake_us"], serde_json::Value::Null);
         assert_eq!(value["family"], "ipv6");
+        assert_eq!(value["netns"], 4026531840u32);
+        assert_eq!(value["handshake_retransmits"], 1);
+        assert_eq!(value["bytes_acked"], 1_000_001);
+        assert_eq!(value["bytes_sent"], 1_000_000);
+        assert_eq!(value["bytes_received"], 12);
+        assert_eq!(value["srtt_us"], 250); // the kernel keeps srtt << 3
         assert_eq!(value["local_addr"], "::1");
         assert_eq!(value["remote_port"], 50000);
         assert_eq!(value["start_time"], "2026-11-18T11:06:41.000000Z");
