@@ -18,6 +18,7 @@ use crate::cli::RunArgs;
 use crate::decode::{decode, is_transition};
 use crate::loader::{self, LoadOptions, Loaded};
 use crate::metrics::{self, CounterSource, KernelCollector};
+use crate::snapshot;
 use crate::source::{Recorder, RingSource, BATCH_RECORDS};
 use crate::tail::hub::{self, DaemonSink, NewSubscriber, TailHub, TailMetrics};
 use crate::tail::record::WallClock;
@@ -133,6 +134,25 @@ impl Pipeline {
     }
 
     /// Drains until the ring is empty, yielding between full batches.
+    /// Reads the sockets that existed before the program was attached (see [`snapshot`]) and
+    /// hands them to the tracker, after the events that already describe some of them.
+    async fn load_snapshot(&mut self, aggregator: &Aggregator, hub: &mut TailHub) {
+        let started = Instant::now();
+        self.tracker.expect_snapshot();
+        let snapshot = tokio::task::spawn_blocking(snapshot::take).await.unwrap_or_default();
+        while self.drain_batch(aggregator, hub) > 0 {}
+        let added = self.tracker.preload(&snapshot.sockets);
+        for problem in &snapshot.problems {
+            warn!("start-up snapshot incomplete: {problem}");
+        }
+        info!(
+            "start-up snapshot: {added} existing TCP sockets in {} network namespaces ({:.0?})",
+            snapshot.namespaces,
+            started.elapsed()
+        );
+        aggregator.publish_tracker(&self.tracker, unix_now());
+    }
+
     async fn drain_all(&mut self, aggregator: &Aggregator, hub: &mut TailHub) {
         while self.drain_batch(aggregator, hub) == BATCH_RECORDS {
             // A flood: let the HTTP server, tail writers and signals in between batches.
@@ -227,6 +247,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .register(Box::new(SharedCollector(collector.clone())))
         .context("registering kernel metrics")?;
     let mut pipeline = Pipeline::new(ring, &options)?;
+    pipeline.load_snapshot(&aggregator, &mut hub).await;
     info!(
         "attached to sock:inet_sock_set_state (ring {} KiB, {}; close reasons from sk_err: {}; \
          SYN-ACK times: {}; reset direction: {}); metrics on http://{}/metrics, tails on {}",
@@ -299,6 +320,7 @@ pub async fn standalone(options: PipelineOptions, client: NewSubscriber) -> anyh
     let mut hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "standalone");
     let loaded = options.load()?;
     let mut pipeline = Pipeline::new(loaded.ring, &options)?;
+    pipeline.load_snapshot(&aggregator, &mut hub).await;
     hub.add(client);
     let (_keep, mut none) = mpsc::channel(1);
     pipeline.run(&aggregator, &mut hub, &mut none, std::future::pending(), true, || {}).await?;

@@ -2,8 +2,9 @@
 //!
 //! Data flows kernel → [`loader`] (attach) → [`source`] (ring buffer) → [`decode`] (bytes →
 //! events) → [`tracker`] (per-socket state machine → observations) → [`aggregate`]
-//! (Prometheus metrics) → [`metrics`] (HTTP). Only `loader` and `source` touch the kernel;
-//! everything else is plain Rust driven by unit tests with recorded events.
+//! (Prometheus metrics) → [`metrics`] (HTTP). Only `loader`, `source` and [`snapshot`] (the
+//! sockets that exist at start-up) touch the kernel; everything else is plain Rust driven by
+//! unit tests with recorded events.
 
 pub mod aggregate;
 pub mod check;
@@ -13,6 +14,7 @@ pub mod daemon;
 pub mod decode;
 pub mod loader;
 pub mod metrics;
+pub mod snapshot;
 pub mod source;
 pub mod tail;
 pub mod tracker;

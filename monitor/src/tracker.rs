@@ -43,12 +43,13 @@
 //!   *before* closing (orphaned FIN_WAIT2 timeout, out of orphan memory) arrive as reset
 //!   notes (`tcp:tcp_send_reset`) and make the close `reset_sent`.
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 pub use crate::decode::Endpoints;
 use crate::decode::{
     comm_text, Event, Note, NoteKind, Record, SockErr, SynAckRetransmitted, TcpState, TcpStats,
 };
+use crate::snapshot::ExistingSocket;
 
 /// Which end started something: the open (connect vs accept) or the teardown (first FIN).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -532,9 +533,16 @@ pub const DEFAULT_MAX_SOCKETS: usize = 1 << 20;
 #[derive(Debug)]
 pub struct Tracker {
     table: FxHashMap<u64, SocketEntry>,
-    /// Listening sockets by port: `listen()` runs in the owner's context, accepted children
-    /// are created in softirq context, so the listener is how we know a child's owner.
-    listeners: FxHashMap<u16, (u64, Owner)>,
+    /// Listening sockets by network namespace and port: `listen()` runs in the owner's
+    /// context, accepted children are created in softirq context, so the listener is how we
+    /// know a child's owner. The kernel address is 0 for listeners from the snapshot.
+    listeners: FxHashMap<(u32, u16), (u64, Owner)>,
+    /// Sockets from the start-up snapshot not yet seen in an event, by 4-tuple (`sock_diag`
+    /// does not give the kernel address).
+    existing: FxHashMap<Endpoints, ExistingSocket>,
+    /// While a snapshot is being taken: the 4-tuples of every event since the program was
+    /// attached, whose sockets the events already describe better than the snapshot.
+    touched: Option<FxHashSet<Endpoints>>,
     /// First SYN-ACK time of request sockets that retransmitted it, by the 4-tuple their
     /// child will have; taken when the child is established.
     synack_retransmits: FxHashMap<Endpoints, u64>,
@@ -555,6 +563,8 @@ impl Tracker {
         Tracker {
             table: FxHashMap::default(),
             listeners: FxHashMap::default(),
+            existing: FxHashMap::default(),
+            touched: None,
             synack_retransmits: FxHashMap::default(),
             per_state: [0; 12],
             max_sockets: max_sockets.max(1),
@@ -562,9 +572,9 @@ impl Tracker {
         }
     }
 
-    /// Sockets currently tracked.
+    /// Sockets currently tracked, snapshot sockets not yet seen in an event included.
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.table.len() + self.existing.len()
     }
 
     /// Sockets the table can hold before it grows (it doubles, rehashing every entry).
@@ -574,7 +584,39 @@ impl Tracker {
 
     /// True when no socket is tracked.
     pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
+        self.len() == 0
+    }
+
+    /// Starts remembering which sockets events describe, until [`Tracker::preload`]: call
+    /// before taking the snapshot, with the program already attached.
+    pub fn expect_snapshot(&mut self) {
+        self.touched = Some(FxHashSet::default());
+    }
+
+    /// Adds the sockets of the start-up snapshot, except those events already described
+    /// (they were born, changed state or closed since the program was attached; drain the
+    /// ring after taking the snapshot and before calling this). Returns how many were added.
+    pub fn preload(&mut self, sockets: &[ExistingSocket]) -> usize {
+        let touched = self.touched.take().unwrap_or_default();
+        let mut added = 0;
+        for socket in sockets {
+            if touched.contains(&socket.endpoints) || self.len() >= self.max_sockets {
+                continue;
+            }
+            if socket.state == TcpState::Listen {
+                self.listeners
+                    .entry((socket.netns, socket.endpoints.sport))
+                    .or_insert((0, socket.owner));
+            }
+            // Two namespaces can hold the same 4-tuple (containers); events carry no
+            // namespace mid-life, so only one of them can be matched: keep the last.
+            match self.existing.insert(socket.endpoints, *socket) {
+                Some(replaced) => self.per_state[replaced.state.index()] -= 1,
+                None => added += 1,
+            }
+            self.per_state[socket.state.index()] += 1;
+        }
+        added
     }
 
     /// Tracked sockets per state, indexed by [`TcpState::index`].
@@ -641,6 +683,9 @@ impl Tracker {
         use TcpState::*;
         let now = event.timestamp_ns;
         let records = sink.wants_records();
+        if let Some(touched) = self.touched.as_mut() {
+            touched.insert(event.endpoints);
+        }
         self.track_listener(event);
 
         // A socket's birth: connect(), listen(), or a passive child cloned from a listener.
@@ -659,7 +704,7 @@ impl Tracker {
                 }
                 SynRecv => {
                     let mut entry = SocketEntry::new(SynRecv, Some(Side::Passive), event);
-                    entry.owner = self.listener_owner(event.endpoints.sport);
+                    entry.owner = self.listener_owner(event.netns, event.endpoints.sport);
                     entry
                 }
                 Listen => {
@@ -699,7 +744,15 @@ impl Tracker {
                     SynRecv => Some(Side::Passive),
                     _ => None,
                 };
-                (SocketEntry::new(event.old, side, event), false)
+                let mut entry = SocketEntry::new(event.old, side, event);
+                // A socket from the start-up snapshot: its owner and namespace are known,
+                // its birth is not (no handshake, no lifetime).
+                if let Some(existing) = self.existing.remove(&event.endpoints) {
+                    self.per_state[existing.state.index()] -= 1;
+                    entry.owner = existing.owner;
+                    entry.netns = existing.netns;
+                }
+                (entry, false)
             }
         };
         entry.last_seen_ns = now;
@@ -816,24 +869,26 @@ impl Tracker {
     }
 
     fn track_listener(&mut self, event: &Event) {
+        let key = (event.netns, event.endpoints.sport);
         match (event.old, event.new) {
             (TcpState::Close, TcpState::Listen) => {
-                self.listeners.insert(event.endpoints.sport, (event.skaddr, Owner::current(event)));
+                self.listeners.insert(key, (event.skaddr, Owner::current(event)));
             }
+            // The listener itself closes (0: one from the snapshot, whose address is unknown).
             (TcpState::Listen, TcpState::Close)
                 if self
                     .listeners
-                    .get(&event.endpoints.sport)
-                    .is_some_and(|(sk, _)| *sk == event.skaddr) =>
+                    .get(&key)
+                    .is_some_and(|(sk, _)| [0, event.skaddr].contains(sk)) =>
             {
-                self.listeners.remove(&event.endpoints.sport);
+                self.listeners.remove(&key);
             }
             _ => {}
         }
     }
 
-    fn listener_owner(&self, port: u16) -> Owner {
-        self.listeners.get(&port).map_or(Owner::UNKNOWN, |(_, owner)| *owner)
+    fn listener_owner(&self, netns: u32, port: u16) -> Owner {
+        self.listeners.get(&(netns, port)).map_or(Owner::UNKNOWN, |(_, owner)| *owner)
     }
 
     fn close(
@@ -1147,6 +1202,60 @@ mod tests {
         assert_eq!(closed.netns, Some(4026532000));
         assert_eq!(closed.stats, Some(totals));
         assert_eq!(closed.handshake_retransmits, None);
+    }
+
+    #[test]
+    fn snapshot_sockets_are_counted_matched_and_closed_without_invented_times() {
+        use crate::snapshot::ExistingSocket;
+        let existing = |state, local: &str, remote: &str, pid| ExistingSocket {
+            state,
+            endpoints: Endpoints::new(local.parse().unwrap(), remote.parse().unwrap()),
+            netns: 77,
+            owner: Owner { pid: Some(pid), comm: *b"db\0\0\0\0\0\0\0\0\0\0\0\0\0\0" },
+        };
+        let mut tracker = Tracker::default();
+        tracker.expect_snapshot();
+        // An event between attach and preload: this socket is already described.
+        let mut out = RecordingSink::default();
+        let raced = decode_record(&v4(MS, 5, Established, CloseWait, 41000, 80, 0)).unwrap();
+        tracker.on_event(&raced, &mut out);
+        let added = tracker.preload(&[
+            existing(Listen, "127.0.0.1:80", "0.0.0.0:0", 7),
+            existing(Established, "127.0.0.1:40000", "127.0.0.1:80", 8),
+            existing(Established, "127.0.0.1:41000", "127.0.0.1:80", 8),
+        ]);
+        assert_eq!(added, 2);
+        assert_eq!(tracker.per_state()[Listen.index()], 1);
+        assert_eq!(tracker.per_state()[Established.index()], 1);
+        assert_eq!(tracker.per_state()[CloseWait.index()], 1);
+        assert_eq!(tracker.len(), 3);
+
+        // The existing connection closes: matched by 4-tuple, owner from the snapshot, no
+        // lifetime or teardown start invented for the part of its life we did not see.
+        let mut out = RecordingSink::default();
+        for (ms, old, new) in
+            [(10, Established, FinWait1), (11, FinWait1, FinWait2), (12, FinWait2, Close)]
+        {
+            tracker.on_event(
+                &decode_record(&v4(ms * MS, 9, old, new, 40000, 80, 0)).unwrap(),
+                &mut out,
+            );
+        }
+        let closed = out.0.iter().find_map(|o| match o {
+            Observation::Connection(r) if r.phase == ConnectionPhase::Closed => Some(*r),
+            _ => None,
+        });
+        let closed = closed.unwrap();
+        assert_eq!((closed.owner.pid, closed.netns, closed.side), (Some(8), Some(77), None));
+        assert_eq!((closed.start_ns, closed.lifetime_ns, closed.handshake_ns), (None, None, None));
+        assert_eq!(tracker.per_state()[Established.index()], 0);
+        assert_eq!(tracker.len(), 2);
+
+        // The listener from the snapshot owns the connections it accepts.
+        let mut child = v4(20 * MS, 11, Listen, SynRecv, 80, 50000, 0);
+        child.netns = 77;
+        tracker.on_event(&decode_record(&child).unwrap(), &mut out);
+        assert_eq!(tracker.table[&11].owner.pid, Some(7));
     }
 
     #[test]

@@ -6,105 +6,16 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    churn_on, delta, free_port, kernel_tests_enabled, listener_with_deep_backlog,
-    unique_socket_path, Daemon, SERIAL,
+    churn_on, delta, free_port, kernel_tests_enabled, listener_with_deep_backlog, set_linger_zero,
+    unique_socket_path, Daemon, Tail, SERIAL,
 };
 use serde_json::Value;
-
-/// A running `tcpmon tail`, with its stderr forwarded line by line.
-struct Tail {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Tail {
-    /// Starts `tcpmon tail ARGS` and waits until it says it sees every record from now on.
-    fn start(socket: &Path, args: &[&str], ready: &str) -> Tail {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tcpmon"))
-            .arg("tail")
-            .arg("--socket")
-            .arg(socket)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting tcpmon tail");
-        let (send, stderr) = mpsc::channel();
-        let pipe = child.stderr.take().unwrap();
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let _ = send.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match stderr.recv_timeout(left) {
-                Ok(line) if line.contains(ready) => break,
-                Ok(_) => {}
-                Err(_) => panic!("tcpmon tail never printed {ready:?}"),
-            }
-        }
-        Tail { child, stderr }
-    }
-
-    /// Waits (at most 60 s) for the tail to exit — it was given --count — and returns its
-    /// stdout lines.
-    fn finish(mut self) -> Vec<String> {
-        let mut pipe = self.child.stdout.take().unwrap();
-        let reader = thread::spawn(move || {
-            let mut out = String::new();
-            let _ = pipe.read_to_string(&mut out);
-            out
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("tail did not exit within 60 s: a record never came");
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        let out = reader.join().unwrap();
-        let stderr: Vec<String> = self.stderr.try_iter().collect();
-        assert!(status.success(), "tail failed ({status}): {stderr:?}");
-        out.lines().map(str::to_owned).collect()
-    }
-}
-
-impl Drop for Tail {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn set_linger_zero(stream: &TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: setsockopt with a valid fd and a correctly sized linger struct.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as u32,
-        )
-    };
-    assert_eq!(rc, 0);
-}
 
 /// The test's own traffic on three ports: a connection whose server waits 300 ms in
 /// CLOSE_WAIT, a connection the server resets (SO_LINGER 0), and a refused connect.

@@ -4,10 +4,11 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -253,4 +254,173 @@ pub fn churn_on(listener: TcpListener, count: usize, clients: usize) {
         .collect();
     clients.into_iter().for_each(|c| c.join().unwrap());
     server.join().unwrap();
+}
+
+/// A running `tcpmon tail`, with its stderr forwarded line by line.
+pub struct Tail {
+    pub child: Child,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl Tail {
+    /// Starts `tcpmon tail ARGS` and waits until it says it sees every record from now on.
+    pub fn start(socket: &Path, args: &[&str], ready: &str) -> Tail {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tcpmon"))
+            .arg("tail")
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting tcpmon tail");
+        let (send, stderr) = mpsc::channel();
+        let pipe = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = send.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match stderr.recv_timeout(left) {
+                Ok(line) if line.contains(ready) => break,
+                Ok(_) => {}
+                Err(_) => panic!("tcpmon tail never printed {ready:?}"),
+            }
+        }
+        Tail { child, stderr }
+    }
+
+    /// Waits (at most 60 s) for the tail to exit — it was given --count — and returns its
+    /// stdout lines.
+    pub fn finish(mut self) -> Vec<String> {
+        let mut pipe = self.child.stdout.take().unwrap();
+        let reader = thread::spawn(move || {
+            let mut out = String::new();
+            let _ = pipe.read_to_string(&mut out);
+            out
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("tail did not exit within 60 s: a record never came");
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let out = reader.join().unwrap();
+        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        assert!(status.success(), "tail failed ({status}): {stderr:?}");
+        out.lines().map(str::to_owned).collect()
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn set_linger_zero(stream: &TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt with a valid fd and a correctly sized linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+    assert_eq!(rc, 0);
+}
+
+/// Two network namespaces joined by a veth pair: a real, non-loopback path between a
+/// "server" at `10.X.0.1` and a "client" at `10.X.0.2`. Removed on drop.
+pub struct NetnsPair {
+    /// Name of the server's namespace (under /run/netns).
+    pub server: String,
+    /// Name of the client's namespace.
+    pub client: String,
+    /// The server's address.
+    pub server_ip: std::net::Ipv4Addr,
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("running ip(8)");
+    assert!(status.success(), "ip {args:?} failed");
+}
+
+impl NetnsPair {
+    pub fn new(tag: &str) -> NetnsPair {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{n}", std::process::id() % 100_000);
+        let pair = NetnsPair {
+            server: format!("tcpmon-{tag}-s{id}"),
+            client: format!("tcpmon-{tag}-c{id}"),
+            server_ip: std::net::Ipv4Addr::new(10, 201, n as u8, 1),
+        };
+        let (s, c) = (&pair.server, &pair.client);
+        let (vs, vc) = (format!("tms{id}"), format!("tmc{id}"));
+        let subnet = |host| format!("10.201.{n}.{host}/24");
+        ip(&["netns", "add", s]);
+        ip(&["netns", "add", c]);
+        ip(&["link", "add", &vs, "netns", s, "type", "veth", "peer", "name", &vc, "netns", c]);
+        ip(&["-n", s, "addr", "add", &subnet(1), "dev", &vs]);
+        ip(&["-n", c, "addr", "add", &subnet(2), "dev", &vc]);
+        for (ns, dev) in [(s, &vs), (c, &vc)] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+
+    /// The namespace's inode, as tcpmon reports it.
+    pub fn inode(name: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/run/netns/{name}")).unwrap().ino()
+    }
+
+    /// Loads an nftables ruleset into a namespace.
+    pub fn nft(namespace: &str, ruleset: &str) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", namespace, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("running nft");
+        child.stdin.take().unwrap().write_all(ruleset.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "nft rejected:\n{ruleset}");
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for ns in [&self.server, &self.client] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `name`: sockets it creates live
+/// there and keep working from any thread.
+pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = Path::new("/run/netns").join(name);
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let handle = std::fs::File::open(&path).unwrap();
+                nix::sched::setns(handle, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+    })
 }

@@ -1,0 +1,291 @@
+//! Kernel tests of what the state tracepoint alone cannot tell, over a real veth path between
+//! two network namespaces the tests create: handshakes that lost their first SYN or SYN-ACK
+//! (the kernel's 1 s initial RTO is the ground truth), exact byte totals, reset direction,
+//! listeners older than the daemon, and each connection's namespace. Needs root.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::thread;
+use std::time::Duration;
+
+use common::{
+    delta, in_netns, kernel_tests_enabled, set_linger_zero, Daemon, NetnsPair, Tail, SERIAL,
+};
+use serde_json::Value;
+
+const US_PER_S: u64 = 1_000_000;
+
+fn us(record: &Value, field: &str) -> u64 {
+    record[field].as_u64().unwrap_or_else(|| panic!("no {field} in {record}"))
+}
+
+/// The tail's JSON records, each side of each connection once.
+fn records(lines: &[String]) -> Vec<Value> {
+    lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn side<'a>(records: &'a [Value], side: &str) -> &'a Value {
+    records
+        .iter()
+        .find(|r| r["side"] == side)
+        .unwrap_or_else(|| panic!("no {side} in {records:#?}"))
+}
+
+/// One exchange: the client sends `up` bytes and half-closes; the server reads them all,
+/// answers with `down` bytes and closes; the client reads to EOF and closes.
+fn exchange(pair: &NetnsPair, listener: TcpListener, up: usize, down: usize) {
+    let server = listener.local_addr().unwrap();
+    let acceptor = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), up);
+        conn.write_all(&vec![b'd'; down]).unwrap();
+    });
+    let mut client = in_netns(&pair.client, || TcpStream::connect(server)).unwrap();
+    client.write_all(&vec![b'u'; up]).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), down);
+    acceptor.join().unwrap();
+}
+
+/// Drops the first packets matching `rule` in `namespace` for 300 ms: the kernel's 1 s
+/// retransmission then gets through.
+fn drop_for_a_moment(namespace: &str, rule: &str) -> thread::JoinHandle<()> {
+    NetnsPair::nft(
+        namespace,
+        &format!(
+            "table inet tcpmon_test {{\n chain input {{\n  type filter hook input priority 0;\n  {rule} drop\n }}\n}}\n"
+        ),
+    );
+    let namespace = namespace.to_owned();
+    thread::spawn(move || {
+        thread::sleep(Duration::from_millis(300));
+        NetnsPair::nft(&namespace, "delete table inet tcpmon_test");
+    })
+}
+
+#[test]
+fn a_lost_first_syn_costs_the_client_one_second_and_one_retry_and_bytes_are_exact() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pair = NetnsPair::new("syn");
+    let listener = in_netns(&pair.server, || TcpListener::bind((pair.server_ip, 8080))).unwrap();
+    let mut daemon = Daemon::start(&[]);
+    let tail = Tail::start(
+        &daemon.tail_socket,
+        &["--json", "--port", "8080", "--addr", "10.201.0.0/16", "--count", "2"],
+        "following the daemon",
+    );
+    let before = daemon.settled_scrape();
+
+    let restore = drop_for_a_moment(&pair.server, "tcp dport 8080 tcp flags & (syn | ack) == syn");
+    exchange(&pair, listener, 1000, 2345);
+    restore.join().unwrap();
+
+    let records = records(&tail.finish());
+    let client = side(&records, "active");
+    let server = side(&records, "passive");
+    // The SYN was retransmitted after the initial RTO (1 s): one retry, ~1 s handshake.
+    let handshake = us(client, "handshake_us");
+    assert!((US_PER_S..US_PER_S * 3 / 2).contains(&handshake), "{client}");
+    assert_eq!(client["handshake_retransmits"], 1, "{client}");
+    // The server never saw the first SYN: its handshake is one round trip, no retry.
+    assert!(us(server, "handshake_us") < US_PER_S / 10, "{server}");
+    assert_eq!(server["handshake_retransmits"], 0, "{server}");
+    // Exact application payload each way.
+    assert_eq!(
+        (client["bytes_sent"].as_u64(), client["bytes_received"].as_u64()),
+        (Some(1000), Some(2345))
+    );
+    assert_eq!(
+        (server["bytes_sent"].as_u64(), server["bytes_received"].as_u64()),
+        (Some(2345), Some(1000))
+    );
+    // Each end in its own namespace; the accepted one owned by the listening process.
+    assert_eq!(client["netns"].as_u64(), Some(NetnsPair::inode(&pair.client)));
+    assert_eq!(server["netns"].as_u64(), Some(NetnsPair::inode(&pair.server)));
+    assert_eq!(server["pid"], std::process::id());
+    assert_eq!(client["pid"], std::process::id());
+
+    let after = daemon.settled_scrape();
+    let retries = |s: &str| {
+        delta(&before, &after, &format!("tcpmon_handshake_retransmits_total{{side=\"{s}\"}}"))
+    };
+    assert_eq!((retries("active"), retries("passive")), (1.0, 0.0));
+    let handshakes = |s: &str| {
+        delta(&before, &after, &format!("tcpmon_handshake_duration_seconds_count{{side=\"{s}\"}}"))
+    };
+    assert!(handshakes("passive") >= 1.0);
+    let slow = delta(
+        &before,
+        &after,
+        "tcpmon_handshake_duration_seconds_bucket{side=\"active\",le=\"1.5\"}",
+    ) - delta(
+        &before,
+        &after,
+        "tcpmon_handshake_duration_seconds_bucket{side=\"active\",le=\"1\"}",
+    );
+    assert_eq!(slow, 1.0, "the one-retry handshake lands in (1, 1.5]");
+}
+
+#[test]
+fn a_lost_first_synack_costs_both_ends_one_second() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pair = NetnsPair::new("synack");
+    let listener = in_netns(&pair.server, || TcpListener::bind((pair.server_ip, 8081))).unwrap();
+    let daemon = Daemon::start(&[]);
+    let tail = Tail::start(
+        &daemon.tail_socket,
+        &["--json", "--port", "8081", "--addr", "10.201.0.0/16", "--count", "2"],
+        "following the daemon",
+    );
+
+    let restore =
+        drop_for_a_moment(&pair.client, "tcp sport 8081 tcp flags & (syn | ack) == syn | ack");
+    exchange(&pair, listener, 10, 10);
+    restore.join().unwrap();
+
+    let records = records(&tail.finish());
+    let client = side(&records, "active");
+    let server = side(&records, "passive");
+    // The server's handshake runs from its first SYN-ACK, not from the one that got through.
+    let passive = us(server, "handshake_us");
+    assert!((US_PER_S * 9 / 10..US_PER_S * 3 / 2).contains(&passive), "{server}");
+    // Resent on its own timer and/or for the client's retransmitted SYN.
+    let resent = server["handshake_retransmits"].as_u64().unwrap();
+    assert!((1..=2).contains(&resent), "{server}");
+    let active = us(client, "handshake_us");
+    assert!((US_PER_S * 9 / 10..US_PER_S * 3 / 2).contains(&active), "{client}");
+    assert_eq!(client["handshake_retransmits"], 1, "{client}");
+}
+
+#[test]
+fn resets_are_told_apart_and_older_listeners_own_their_connections() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pair = NetnsPair::new("rst");
+    // Listening before the daemon starts: only the start-up snapshot knows its owner.
+    let listener = in_netns(&pair.server, || TcpListener::bind((pair.server_ip, 8082))).unwrap();
+    let server: SocketAddr = listener.local_addr().unwrap();
+    let mut daemon = Daemon::start(&[]);
+    let tail = Tail::start(
+        &daemon.tail_socket,
+        &["--json", "--port", "8082", "--addr", "10.201.0.0/16", "--count", "2"],
+        "following the daemon",
+    );
+    let before = daemon.settled_scrape();
+
+    // The server aborts (SO_LINGER 0 sends a RST); the client receives it.
+    let acceptor = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut byte = [0u8; 1];
+        conn.read_exact(&mut byte).unwrap();
+        set_linger_zero(&conn);
+    });
+    let mut client = in_netns(&pair.client, || TcpStream::connect(server)).unwrap();
+    client.write_all(b"x").unwrap();
+    acceptor.join().unwrap();
+    let mut rest = Vec::new();
+    let error = client.read_to_end(&mut rest).unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+    drop(client);
+
+    let records = records(&tail.finish());
+    let server_side = side(&records, "passive");
+    assert_eq!(server_side["outcome"], "abort", "{server_side}");
+    assert_eq!(server_side["pid"], std::process::id(), "owned by the pre-existing listener");
+    assert!(server_side["comm"].as_str().is_some_and(|c| !c.is_empty()), "{server_side}");
+    let client_side = side(&records, "active");
+    assert_eq!(client_side["outcome"], "reset_received", "{client_side}");
+
+    let after = daemon.settled_scrape();
+    let resets =
+        |d: &str| delta(&before, &after, &format!("tcpmon_resets_total{{direction=\"{d}\"}}"));
+    assert!(
+        resets("sent") >= 1.0 && resets("received") >= 1.0,
+        "{} {}",
+        resets("sent"),
+        resets("received")
+    );
+    let closed = |reason: &str| {
+        delta(
+            &before,
+            &after,
+            &format!("tcpmon_connections_closed_total{{reason=\"{reason}\",side=\"passive\"}}"),
+        )
+    };
+    assert_eq!(closed("abort"), 1.0);
+}
+
+#[test]
+fn connections_open_before_the_start_are_counted_at_once_and_close_without_invented_times() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pair = NetnsPair::new("pre");
+    let listener = in_netns(&pair.server, || TcpListener::bind((pair.server_ip, 8083))).unwrap();
+    let server = listener.local_addr().unwrap();
+    const OPEN: usize = 5;
+    let clients: Vec<TcpStream> =
+        (0..OPEN).map(|_| in_netns(&pair.client, || TcpStream::connect(server)).unwrap()).collect();
+    let accepted: Vec<TcpStream> = (0..OPEN).map(|_| listener.accept().unwrap().0).collect();
+
+    let mut daemon = Daemon::start(&[]);
+    // The very first scrape already counts them (both ends of each, and the listener).
+    let first = daemon.scrape();
+    assert!(first["tcpmon_connections{state=\"ESTABLISHED\"}"] >= (2 * OPEN) as f64, "{first:?}");
+    assert!(first["tcpmon_connections{state=\"LISTEN\"}"] >= 1.0);
+    let tail = Tail::start(
+        &daemon.tail_socket,
+        &[
+            "--json",
+            "--port",
+            "8083",
+            "--addr",
+            "10.201.0.0/16",
+            "--count",
+            &(2 * OPEN).to_string(),
+        ],
+        "following the daemon",
+    );
+    let before = daemon.settled_scrape();
+    for (client, server_end) in clients.into_iter().zip(accepted) {
+        drop(client); // our FIN first
+        let mut rest = Vec::new();
+        let mut server_end = server_end;
+        server_end.read_to_end(&mut rest).unwrap();
+        drop(server_end);
+    }
+    let records = records(&tail.finish());
+    for record in &records {
+        assert_eq!(record["event"], "closed", "{record}");
+        assert_eq!(record["outcome"], "fin", "{record}");
+        // First seen mid-life: no start, handshake or lifetime is invented.
+        for field in ["start_time", "side", "handshake_us", "lifetime_us"] {
+            assert_eq!(record[field], Value::Null, "{field} in {record}");
+        }
+        // Owners and namespaces come from the snapshot.
+        assert_eq!(record["pid"], std::process::id(), "{record}");
+        let home = if record["local_port"] == 8083 { &pair.server } else { &pair.client };
+        assert_eq!(record["netns"].as_u64(), Some(NetnsPair::inode(home)), "{record}");
+    }
+    let after = daemon.settled_scrape();
+    let closed =
+        delta(&before, &after, "tcpmon_connections_closed_total{reason=\"fin\",side=\"unknown\"}");
+    assert_eq!(closed, (2 * OPEN) as f64);
+    let established = delta(&before, &after, "tcpmon_connections{state=\"ESTABLISHED\"}");
+    assert_eq!(established, -((2 * OPEN) as f64));
+}
