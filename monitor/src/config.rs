@@ -88,6 +88,23 @@ pub fn apply_text(text: &str, cli: &mut Cli, matches: &ArgMatches) -> Result<(),
     Ok(())
 }
 
+/// The daemon's settings as they would be if it started now: the process's own command line
+/// and environment, and `path` read again (SIGHUP).
+pub fn reread(path: &Path) -> Result<(Cli, RunArgs), String> {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches =
+        Cli::command().try_get_matches_from(std::env::args_os()).map_err(|e| e.to_string())?;
+    let mut cli = Cli::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+    apply(path, &mut cli, &matches)?;
+    match &cli.command {
+        crate::cli::Command::Run(run) => {
+            let run = run.clone();
+            Ok((cli, run))
+        }
+        _ => Err("not a `tcpmon run` command line".into()),
+    }
+}
+
 fn apply_run(run: &mut RunArgs, key: &str, value: &str) -> Result<(), String> {
     match key {
         "listen" => run.listen = value.parse().map_err(|e| format!("`{value}`: {e}"))?,

@@ -171,22 +171,34 @@ impl Pipeline {
         aggregator.publish_tracker(&self.tracker, unix_now());
     }
 
-    /// Runs until `stop` resolves (returning its reason), or until the last tail client
-    /// leaves when `until_no_clients` is set.
+    /// Runs until `control.stop` resolves (returning its reason), or until the last tail
+    /// client leaves when `control.until_no_clients` is set.
     async fn run<S: Future<Output = &'static str>>(
         &mut self,
         aggregator: &Aggregator,
         hub: &mut TailHub,
         new_subscribers: &mut mpsc::Receiver<NewSubscriber>,
-        stop: S,
-        until_no_clients: bool,
+        control: Control<'_, S>,
         drained: impl Fn(),
     ) -> anyhow::Result<&'static str> {
+        let Control { stop, mut reloader, until_no_clients } = control;
         tokio::pin!(stop);
         loop {
+            let hangup = async {
+                match reloader.as_mut() {
+                    Some(reloader) => reloader.hangup.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 reason = &mut stop => return Ok(reason),
+                Some(()) = hangup => {
+                    if let Some(reloader) = reloader.as_mut() {
+                        reloader.reload(self);
+                    }
+                    continue;
+                }
                 Some(subscriber) = new_subscribers.recv() => hub.add(subscriber),
                 ready = self.source.ready() => ready.context("waiting on the ring buffer")?,
             }
@@ -225,10 +237,89 @@ fn termination() -> anyhow::Result<impl Future<Output = &'static str>> {
     })
 }
 
+/// When [`Pipeline::run`] ends, and what it does on SIGHUP.
+struct Control<'a, S> {
+    /// Resolves with the reason to stop.
+    stop: S,
+    /// Reloads the configuration on SIGHUP (the daemon only).
+    reloader: Option<&'a mut Reloader>,
+    /// Stop when the last tail client leaves (the stand-alone tail).
+    until_no_clients: bool,
+}
+
+/// What SIGHUP may change without a restart, and how.
+struct Reloader {
+    hangup: tokio::signal::unix::Signal,
+    config: Option<PathBuf>,
+    current: RunArgs,
+}
+
+impl Reloader {
+    /// Re-reads the config file and applies what can change while running: the log level
+    /// (a plain level), the drain interval and the socket table's cap. Counters, histograms
+    /// and tracked sockets are untouched; a bad file changes nothing.
+    fn reload(&mut self, pipeline: &mut Pipeline) {
+        let Some(path) = self.config.clone() else {
+            info!("SIGHUP: no --config file to reload");
+            return;
+        };
+        let (cli, new) = match crate::config::reread(&path) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                warn!("SIGHUP: keeping the running configuration: {e}");
+                return;
+            }
+        };
+        let mut changed = Vec::new();
+        let level = cli.log_level.as_deref().unwrap_or("info");
+        match level.parse::<log::LevelFilter>() {
+            Ok(level) if level != log::max_level() => {
+                changed.push(format!("log level {} -> {level}", log::max_level()));
+                log::set_max_level(level);
+            }
+            Ok(_) => {}
+            Err(_) => warn!("SIGHUP: module log filters (`{level}`) need a restart"),
+        }
+        if new.drain_interval != self.current.drain_interval {
+            changed.push(format!(
+                "drain interval {:?} -> {:?}",
+                self.current.drain_interval, new.drain_interval
+            ));
+            pipeline.source.set_drain_interval(new.drain_interval);
+        }
+        if new.max_sockets != self.current.max_sockets {
+            changed
+                .push(format!("max sockets {} -> {}", self.current.max_sockets, new.max_sockets));
+            pipeline.tracker.set_max_sockets(new.max_sockets);
+        }
+        let fixed = [
+            ("listen", new.listen != self.current.listen),
+            ("ring-bytes", new.ring_bytes != self.current.ring_bytes),
+            ("low-latency", new.low_latency != self.current.low_latency),
+            ("tail-socket", new.tail_socket != self.current.tail_socket),
+            ("record", new.record != self.current.record),
+        ];
+        for (key, _) in fixed.iter().filter(|(_, differs)| *differs) {
+            warn!("SIGHUP: `{key}` changed in {}; it takes effect at restart", path.display());
+        }
+        info!(
+            "SIGHUP: reloaded {}: {}",
+            path.display(),
+            if changed.is_empty() { "nothing to change".to_owned() } else { changed.join(", ") }
+        );
+        let (drain_interval, max_sockets) = (new.drain_interval, new.max_sockets);
+        self.current.drain_interval = drain_interval;
+        self.current.max_sockets = max_sockets;
+    }
+}
+
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let stop = termination()?;
+    // SIGHUP's default action ends the process: take it over before anything slow.
+    let hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut reloader = Reloader { hangup, config: args.config.clone(), current: args.clone() };
     if !nix::unistd::geteuid().is_root() {
         warn!("not running as root: loading needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)");
     }
@@ -285,9 +376,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let tails = tokio::spawn(hub::serve(tail_listener, subscribe, live_clients.clone()));
 
     let stop = pipeline
-        .run(&aggregator, &mut hub, &mut new_subscribers, stop, false, || {
-            last_drain_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed)
-        })
+        .run(
+            &aggregator,
+            &mut hub,
+            &mut new_subscribers,
+            Control { stop, reloader: Some(&mut reloader), until_no_clients: false },
+            || last_drain_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed),
+        )
         .await?;
 
     // Detach first so nothing new arrives, then take what is already in the ring.
@@ -323,7 +418,15 @@ pub async fn standalone(options: PipelineOptions, client: NewSubscriber) -> anyh
     pipeline.load_snapshot(&aggregator, &mut hub).await;
     hub.add(client);
     let (_keep, mut none) = mpsc::channel(1);
-    pipeline.run(&aggregator, &mut hub, &mut none, std::future::pending(), true, || {}).await?;
+    pipeline
+        .run(
+            &aggregator,
+            &mut hub,
+            &mut none,
+            Control { stop: std::future::pending(), reloader: None, until_no_clients: true },
+            || {},
+        )
+        .await?;
     drop(loaded.ebpf);
     Ok(())
 }

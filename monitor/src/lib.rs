@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod decode;
+pub mod exit;
 pub mod loader;
 pub mod metrics;
 pub mod snapshot;

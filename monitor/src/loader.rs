@@ -54,6 +54,22 @@ pub enum LoadError {
         /// The format file that was looked for.
         path: PathBuf,
     },
+    /// BPF ring buffers need Linux 5.8.
+    #[error("kernel {release} is too old: tcpmon needs BPF ring buffers, in Linux 5.8 and newer")]
+    KernelTooOld {
+        /// `uname -r`.
+        release: String,
+    },
+    /// The kernel exposes no BTF, which the programs need to find struct fields.
+    #[error(
+        "the kernel has no BTF at {}: tcpmon needs a kernel built with CONFIG_DEBUG_INFO_BTF=y \
+         (every major distribution's kernel since 2021)",
+        path.display()
+    )]
+    NoBtf {
+        /// Where it was looked for.
+        path: PathBuf,
+    },
     /// The tracepoint's record layout is not the one the program was built for.
     #[error("sock:inet_sock_set_state has an unexpected layout on this kernel: {0}")]
     Layout(String),
@@ -419,6 +435,15 @@ fn struct_of(btf: &btf_rs::Btf, member: &btf_rs::Member) -> Option<btf_rs::Struc
 
 /// Prepares the kernel, loads the program with `options` and attaches it.
 pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if crate::check::kernel_version(&release).is_some_and(|version| version < (5, 8)) {
+        return Err(LoadError::KernelTooOld { release });
+    }
+    if !Path::new(VMLINUX_BTF).exists() {
+        return Err(LoadError::NoBtf { path: VMLINUX_BTF.into() });
+    }
     let (tracefs, mounted) = ensure_tracefs()?;
     if mounted {
         info!("tracefs was not mounted; mounted it at {TRACEFS} (the tracepoint attach needs it)");

@@ -5,11 +5,19 @@ use clap::{CommandFactory, FromArgMatches};
 use monitor::cli::{Cli, Command, LogFormat};
 
 fn init_logging(cli: &Cli) {
-    let env = env_logger::Env::default().default_filter_or("info");
-    let mut builder = env_logger::Builder::from_env(env);
-    if let Some(level) = &cli.log_level {
-        builder.parse_filters(level);
-    }
+    let spec = cli
+        .log_level
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".to_owned());
+    let mut builder = env_logger::Builder::new();
+    // A plain level is applied through log's global maximum, so SIGHUP can change it;
+    // per-module filters are fixed until restart.
+    let plain: Option<log::LevelFilter> = spec.parse().ok();
+    match plain {
+        Some(_) => builder.filter_level(log::LevelFilter::Trace),
+        None => builder.parse_filters(&spec),
+    };
     if cli.log_format == LogFormat::Json {
         builder.format(|out, record| {
             let line = serde_json::json!({
@@ -22,6 +30,9 @@ fn init_logging(cli: &Cli) {
         });
     }
     builder.init();
+    if let Some(level) = plain {
+        log::set_max_level(level);
+    }
 }
 
 /// Parses the command line, then the config file if one is named; exits 2 on bad input.
@@ -86,7 +97,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(monitor::exit::code(&e))
         }
     }
 }

@@ -35,6 +35,12 @@ impl RingSource {
         Ok(RingSource { ring, tick })
     }
 
+    /// Changes the longest wait between drains (config reload).
+    pub fn set_drain_interval(&mut self, drain_interval: Duration) {
+        self.tick = tokio::time::interval(drain_interval);
+        self.tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+
     /// Waits until records may be available: the kernel woke us, or the drain timer fired.
     pub async fn ready(&mut self) -> io::Result<()> {
         tokio::select! {

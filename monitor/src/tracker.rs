@@ -519,7 +519,8 @@ fn connection_record(
 }
 
 /// Most request sockets with a resent SYN-ACK remembered at once (a SYN flood makes many; its
-/// requests are never established, and the table is bounded).
+/// requests are never established, and the table is bounded), and never more than the
+/// socket table's cap.
 pub const MAX_PENDING_SYNACKS: usize = 65_536;
 
 /// How long a request socket can still become a connection after its first SYN-ACK: the
@@ -570,6 +571,11 @@ impl Tracker {
             max_sockets: max_sockets.max(1),
             stats: TrackerStats::default(),
         }
+    }
+
+    /// Changes the table's cap (config reload); a lower cap takes effect as sockets are added.
+    pub fn set_max_sockets(&mut self, max_sockets: usize) {
+        self.max_sockets = max_sockets.max(1);
     }
 
     /// Sockets currently tracked, snapshot sockets not yet seen in an event included.
@@ -641,14 +647,15 @@ impl Tracker {
     /// Remembers when a request socket that is resending its SYN-ACK sent the first one.
     pub fn on_synack_retransmit(&mut self, synack: &SynAckRetransmitted) {
         let Some(first) = synack.first_synack_ns else { return };
-        if self.synack_retransmits.len() >= MAX_PENDING_SYNACKS
+        let cap = MAX_PENDING_SYNACKS.min(self.max_sockets);
+        if self.synack_retransmits.len() >= cap
             && !self.synack_retransmits.contains_key(&synack.endpoints)
         {
             // Requests give up after net.ipv4.tcp_synack_retries (5: ~63 s): older ones
             // never become connections.
             let horizon = synack.timestamp_ns.saturating_sub(SYNACK_HORIZON_NS);
             self.synack_retransmits.retain(|_, first| *first >= horizon);
-            if self.synack_retransmits.len() >= MAX_PENDING_SYNACKS {
+            if self.synack_retransmits.len() >= cap {
                 self.stats.synack_untracked += 1;
                 return;
             }

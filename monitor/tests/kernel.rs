@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    churn_on, delta, exchange_with_slow_close, in_bucket, kernel_tests_enabled,
+    churn_on, delta, exchange_with_slow_close, free_port, in_bucket, kernel_tests_enabled,
     listener_with_deep_backlog, Daemon, SERIAL,
 };
 
@@ -137,20 +137,51 @@ fn sigterm_detaches_and_exits_zero_with_a_summary() {
     assert_eq!(programs(), before, "no program left behind");
 }
 
+/// Runs `tcpmon run ARGS` (optionally as nobody, without capabilities) expecting it to fail.
+fn failed_run(unprivileged: bool, args: &[&str]) -> (Option<i32>, String) {
+    let mut command = if unprivileged {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+            .args(["--bounding-set=-all", env!("CARGO_BIN_EXE_tcpmon")]);
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_tcpmon"))
+    };
+    let out = command.arg("run").args(args).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 #[test]
-fn a_taken_listen_address_is_a_clear_error() {
+fn environment_errors_have_clear_messages_and_distinct_exit_codes() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !kernel_tests_enabled() {
         return;
     }
-    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tcpmon"))
-        .args(["run", "--listen", &taken.local_addr().unwrap().to_string()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let free = || format!("127.0.0.1:{}", free_port());
+    let socket = common::unique_socket_path();
+    let socket = socket.to_str().unwrap();
+
+    let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap().to_string();
+    let (code, stderr) = failed_run(false, &["--listen", &taken, "--tail-socket", socket]);
+    assert_eq!(code, Some(6), "{stderr}");
     assert!(stderr.contains("the address is in use"), "{stderr}");
+
+    let (code, stderr) =
+        failed_run(false, &["--listen", &free(), "--tail-socket", "/proc/tcpmon/tail.sock"]);
+    assert_eq!(code, Some(7), "{stderr}");
+    assert!(stderr.contains("cannot create the tail socket /proc/tcpmon/tail.sock"), "{stderr}");
+
+    let (code, stderr) = failed_run(true, &["--listen", &free(), "--tail-socket", socket]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains("CAP_BPF + CAP_PERFMON"), "{stderr}");
+
+    let daemon = Daemon::start(&[]);
+    let tail_socket = daemon.tail_socket.to_str().unwrap().to_owned();
+    let (code, stderr) = failed_run(false, &["--listen", &free(), "--tail-socket", &tail_socket]);
+    assert_eq!(code, Some(8), "{stderr}");
+    assert!(stderr.contains("another tcpmon daemon is already running"), "{stderr}");
+    drop(daemon);
 }
 
 #[test]

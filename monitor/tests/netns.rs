@@ -289,3 +289,84 @@ fn connections_open_before_the_start_are_counted_at_once_and_close_without_inven
     let established = delta(&before, &after, "tcpmon_connections{state=\"ESTABLISHED\"}");
     assert_eq!(established, -((2 * OPEN) as f64));
 }
+
+/// A non-blocking connect() from the current thread's namespace: the socket stays in
+/// SYN_SENT while its SYN-ACKs are dropped.
+fn start_connect(to: SocketAddr) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = to else { panic!("IPv4 only") };
+    // SAFETY: plain socket(2)/connect(2) with a correctly sized sockaddr_in; the fd is owned.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let address = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: to.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(*to.ip()).to_be() },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            (&address as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        assert!(rc == 0 || err.raw_os_error() == Some(libc::EINPROGRESS), "connect: {err}");
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    }
+}
+
+#[test]
+fn a_syn_flood_does_not_grow_the_daemon_past_its_cap() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const CAP: usize = 1000;
+    const HALF_OPEN: usize = 3000;
+    // SAFETY: raising our own soft fd limit to the hard one.
+    unsafe {
+        let mut limit = std::mem::zeroed::<libc::rlimit>();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    let pair = NetnsPair::new("flood");
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &pair.server, "sysctl", "-qw", "net.ipv4.tcp_max_syn_backlog=8192"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let listener = in_netns(&pair.server, || TcpListener::bind((pair.server_ip, 8084))).unwrap();
+    // SAFETY: listen(2) again on our socket only raises its backlog.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 8192) };
+    // The client never sees a SYN-ACK: its sockets stay in SYN_SENT, the server's requests
+    // keep resending SYN-ACKs.
+    NetnsPair::nft(
+        &pair.client,
+        "table inet flood {\n chain input {\n  type filter hook input priority 0;\n  tcp sport 8084 drop\n }\n}\n",
+    );
+    let mut daemon = Daemon::start(&["--max-sockets", &CAP.to_string()]);
+    let before = daemon.settled_scrape();
+    let rss_before = daemon.rss_kib();
+
+    let server = listener.local_addr().unwrap();
+    let half_open: Vec<_> =
+        in_netns(&pair.client, || (0..HALF_OPEN).map(|_| start_connect(server)).collect());
+    // Past the first SYN and SYN-ACK retransmissions (1 s).
+    thread::sleep(Duration::from_millis(2500));
+    let after = daemon.settled_scrape();
+    let rss_after = daemon.rss_kib();
+
+    assert!(after["tcpmon_tracked_sockets"] <= CAP as f64, "{}", after["tcpmon_tracked_sockets"]);
+    let evicted = delta(&before, &after, "tcpmon_tracker_evictions_total{reason=\"capacity\"}");
+    assert!(evicted >= (HALF_OPEN - CAP) as f64, "evicted {evicted}");
+    let synacks = delta(&before, &after, "tcpmon_notes_received_total");
+    let untracked = delta(&before, &after, "tcpmon_tracker_synack_untracked_total");
+    assert!(synacks >= HALF_OPEN as f64, "every request resent its SYN-ACK: {synacks}");
+    assert!(untracked >= (HALF_OPEN - CAP) as f64, "untracked {untracked}");
+    // Bounded tables: memory does not follow the flood (3000 entries would be < 1 MiB anyway;
+    // the bound catches a leak, not a byte count).
+    assert!(rss_after < rss_before + 16 * 1024, "RSS {rss_before} KiB -> {rss_after} KiB");
+    drop(half_open);
+}

@@ -108,7 +108,7 @@ fn json_logs_are_one_object_per_line() {
         .arg(unique_socket_path())
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(6));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<serde_json::Value> = stderr
         .lines()
@@ -163,4 +163,43 @@ fn the_config_file_sets_what_flags_do_not() {
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.lines().all(|l| l.starts_with('{')), "log-format from the file: {stderr}");
+}
+
+#[test]
+fn sighup_reloads_the_config_file_without_losing_counts() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("tcpmon-hup-{}.toml", std::process::id()));
+    std::fs::write(&path, "max-sockets = 1000\nlog-level = \"info\"\n").unwrap();
+    let mut daemon = common::Daemon::start(&["--config", path.to_str().unwrap()]);
+    let listener = common::listener_with_deep_backlog();
+    common::churn_on(listener, 50, 2);
+    let before = daemon.settled_scrape();
+    let opened = "tcpmon_connections_opened_total{side=\"active\"}";
+    assert!(before[opened] >= 50.0, "{before:?}");
+
+    // Changes that apply at once, one that needs a restart, then a broken file.
+    std::fs::write(&path, "max-sockets = 500\nlog-level = \"debug\"\nring-bytes = \"1MiB\"\n")
+        .unwrap();
+    daemon.signal(libc::SIGHUP);
+    thread::sleep(Duration::from_millis(300));
+    std::fs::write(&path, "max-sockets = \"many\"\n").unwrap();
+    daemon.signal(libc::SIGHUP);
+    thread::sleep(Duration::from_millis(300));
+
+    let after = daemon.settled_scrape();
+    assert!(after[opened] >= before[opened], "counts survive a reload");
+    let (status, stderr, _) = daemon.stop();
+    std::fs::remove_file(&path).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("max sockets 1000 -> 500"), "{stderr}");
+    assert!(stderr.contains("log level INFO -> DEBUG"), "{stderr}");
+    assert!(
+        stderr.contains("`ring-bytes` changed") && stderr.contains("takes effect at restart"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("keeping the running configuration"), "{stderr}");
+    assert!(stderr.contains("`max-sockets`"), "the broken key is named: {stderr}");
 }

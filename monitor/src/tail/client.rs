@@ -117,7 +117,7 @@ pub async fn run(args: TailArgs) -> ExitCode {
             if let Some(handle) = standalone {
                 if let Ok(Err(e)) = handle.await {
                     eprintln!("tcpmon tail: error: {e:#}");
-                    return ExitCode::FAILURE;
+                    return ExitCode::from(crate::exit::code(&e));
                 }
             }
             eprintln!("tcpmon tail: error: {message}");

@@ -6,6 +6,7 @@
 //! `tcpmon_tail_records_dropped_total`. A client that reads nothing for a minute is
 //! disconnected. A client must keep its side of the socket open: end-of-file means it left.
 
+use crate::exit::StartError;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -224,26 +225,22 @@ impl ObservationSink for DaemonSink<'_> {
 
 /// Binds the tail socket with owner-only permissions. A live socket at `path` means another
 /// daemon is running: that is an error. A dead one (left by a crash) is replaced.
-pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+pub fn bind_socket(path: &Path) -> Result<UnixListener, StartError> {
+    let failed = |reason: String| StartError::SocketPath { path: path.to_owned(), reason };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
-            .map_err(|e| anyhow::anyhow!("creating {}: {e}", parent.display()))?;
+            .map_err(|e| failed(format!("creating {}: {e}", parent.display())))?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another tcpmon daemon is already running (it serves tails on {}); stop it \
-                 first, or give this one another --tail-socket",
-                path.display()
-            );
+            return Err(StartError::AlreadyRunning { path: path.to_owned() });
         }
         std::fs::remove_file(path)
-            .map_err(|e| anyhow::anyhow!("removing the stale socket {}: {e}", path.display()))?;
+            .map_err(|e| failed(format!("removing the stale socket: {e}")))?;
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| anyhow::anyhow!("cannot create the tail socket {}: {e}", path.display()))?;
+    let listener = UnixListener::bind(path).map_err(|e| failed(e.to_string()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| anyhow::anyhow!("restricting {}: {e}", path.display()))?;
+        .map_err(|e| failed(format!("restricting it to its owner: {e}")))?;
     Ok(listener)
 }
 

@@ -72,7 +72,11 @@ impl Daemon {
             thread::sleep(Duration::from_millis(50));
         };
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Daemon { child, scraper: BufReader::new(stream), address: listen, tail_socket }
+        let mut daemon =
+            Daemon { child, scraper: BufReader::new(stream), address: listen, tail_socket };
+        // The port is bound before the program is attached; /metrics answers only after.
+        daemon.scrape();
+        daemon
     }
 
     /// Where /metrics is served.
@@ -134,6 +138,19 @@ impl Daemon {
             );
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The daemon's resident memory, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
     }
 
     pub fn stop(mut self) -> (std::process::ExitStatus, String, Duration) {
