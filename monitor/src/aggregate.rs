@@ -76,6 +76,58 @@ pub struct Aggregator {
     passive_open_aborted: IntCounter,
     synack_untracked: IntCounter,
     last_drain: Gauge,
+    /// Per-namespace series, when `--netns-labels` asks for them.
+    namespaces: Option<NamespaceMetrics>,
+}
+
+/// The main connection metrics split by network namespace (`--netns-labels N`): the first N
+/// namespaces seen get a `netns` label of their own (the inode, as `readlink
+/// /proc/PID/ns/net` shows it), later ones share `netns="other"`, so the series stay bounded
+/// on a host that creates namespaces all day.
+struct NamespaceMetrics {
+    opened: IntCounterVec,
+    closed: IntCounterVec,
+    failures: IntCounterVec,
+    handshake: HistogramVec,
+    labels: std::sync::Mutex<std::collections::HashMap<u32, String>>,
+    limit: usize,
+}
+
+impl NamespaceMetrics {
+    fn label(&self, netns: u32) -> String {
+        if netns == 0 {
+            return "unknown".to_owned();
+        }
+        let Ok(mut labels) = self.labels.lock() else { return "other".to_owned() };
+        if let Some(label) = labels.get(&netns) {
+            return label.clone();
+        }
+        if labels.len() >= self.limit {
+            return "other".to_owned();
+        }
+        labels.entry(netns).or_insert_with(|| netns.to_string()).clone()
+    }
+
+    fn observe(&self, observation: &Observation, netns: u32) {
+        let ns = self.label(netns);
+        match *observation {
+            Observation::Opened { side } => {
+                self.opened.with_label_values(&[ns.as_str(), side.as_str()]).inc()
+            }
+            Observation::Handshake { side, duration_ns, .. } => self
+                .handshake
+                .with_label_values(&[ns.as_str(), side.as_str()])
+                .observe(seconds(duration_ns)),
+            Observation::ConnectFailed { reason, .. } => {
+                self.failures.with_label_values(&[ns.as_str(), reason.as_str()]).inc()
+            }
+            Observation::Closed { side, reason, .. } => {
+                let side = side.map_or("unknown", Side::as_str);
+                self.closed.with_label_values(&[ns.as_str(), side, reason.as_str()]).inc()
+            }
+            _ => {}
+        }
+    }
 }
 
 fn reason_index(reason: CloseReason) -> usize {
@@ -245,7 +297,51 @@ impl Aggregator {
                  (a SYN flood); their connections report retries but no handshake duration.",
             )?,
             last_drain,
+            namespaces: None,
         })
+    }
+
+    /// Adds the per-namespace series (`--netns-labels`), for at most `limit` namespaces.
+    pub fn enable_netns_labels(
+        &mut self,
+        registry: &Registry,
+        limit: usize,
+    ) -> prometheus::Result<()> {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok::<_, prometheus::Error>(vec)
+        };
+        let handshake = HistogramVec::new(
+            HistogramOpts::new(
+                "tcpmon_netns_handshake_duration_seconds",
+                "tcpmon_handshake_duration_seconds by network namespace.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["netns", "side"],
+        )?;
+        registry.register(Box::new(handshake.clone()))?;
+        self.namespaces = Some(NamespaceMetrics {
+            opened: counter(
+                "tcpmon_netns_connections_opened_total",
+                "tcpmon_connections_opened_total by network namespace.",
+                &["netns", "side"],
+            )?,
+            closed: counter(
+                "tcpmon_netns_connections_closed_total",
+                "tcpmon_connections_closed_total by network namespace.",
+                &["netns", "side", "reason"],
+            )?,
+            failures: counter(
+                "tcpmon_netns_connect_failures_total",
+                "tcpmon_connect_failures_total by network namespace.",
+                &["netns", "reason"],
+            )?,
+            handshake,
+            labels: Default::default(),
+            limit,
+        });
+        Ok(())
     }
 
     /// Counts one record read from the ring buffer: a state transition (which the kernel
@@ -281,6 +377,13 @@ impl Aggregator {
 }
 
 impl ObservationSink for &Aggregator {
+    fn observe_in(&mut self, observation: &Observation, netns: u32) {
+        self.observe(observation);
+        if let Some(namespaces) = &self.namespaces {
+            namespaces.observe(observation, netns);
+        }
+    }
+
     fn observe(&mut self, observation: &Observation) {
         match *observation {
             Observation::Opened { side } => self.opened[side_index(side)].inc(),
@@ -411,6 +514,29 @@ mod tests {
         assert_eq!(v("tcpmon_tracked_sockets"), 1.0);
         assert_eq!(v("tcpmon_events_received_total"), 9.0);
         assert_eq!(v("tcpmon_build_info{version=\"0.1.0\"}"), 1.0);
+    }
+
+    #[test]
+    fn netns_labels_are_bounded() {
+        let registry = Registry::new();
+        let mut aggregator = Aggregator::new(&registry).unwrap();
+        aggregator.enable_netns_labels(&registry, 2).unwrap();
+        for netns in [11, 12, 13, 14, 11, 0] {
+            (&aggregator).observe_in(&Observation::Opened { side: Side::Active }, netns);
+        }
+        let text = scrape(&registry);
+        let v = |ns: &str| {
+            value(
+                &text,
+                &format!("tcpmon_netns_connections_opened_total{{netns=\"{ns}\",side=\"active\"}}"),
+            )
+        };
+        assert_eq!(
+            (v("11"), v("12"), v("other"), v("unknown")),
+            (Some(2.0), Some(1.0), Some(2.0), Some(1.0))
+        );
+        assert_eq!(v("13"), None, "beyond the limit");
+        assert_eq!(value(&text, "tcpmon_connections_opened_total{side=\"active\"}"), Some(6.0));
     }
 
     #[test]

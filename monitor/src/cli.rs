@@ -90,6 +90,12 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(usize))]
     pub max_sockets: usize,
 
+    /// Also export the main connection metrics by network namespace (`tcpmon_netns_*`, with a
+    /// `netns` label): up to N namespaces get their own series, the rest share
+    /// netns="other". 0 (the default) turns them off.
+    #[arg(long, env = "TCPMON_NETNS_LABELS", value_name = "N", default_value_t = 0)]
+    pub netns_labels: usize,
+
     /// Also append every raw ring-buffer record to FILE, for replay tests and bug reports
     /// (contains addresses, ports and process names).
     #[arg(long, env = "TCPMON_RECORD", value_name = "FILE")]

@@ -9,6 +9,7 @@
 //! drain-interval = "100ms"
 //! low-latency = false
 //! max-sockets = 1048576
+//! netns-labels = 0      # split the main metrics by network namespace, for up to N of them
 //! tail-socket = "/run/tcpmon/tail.sock"
 //! record = "/var/tmp/tcpmon.rec"   # raw records, for bug reports
 //! log-level = "info"
@@ -25,8 +26,9 @@ use clap::ArgMatches;
 use crate::cli::{parse_interval, parse_ring_bytes, Cli, LogFormat, RunArgs};
 
 /// Keys the file may hold.
-const KEYS: [&str; 9] = [
+const KEYS: [&str; 10] = [
     "listen",
+    "netns-labels",
     "record",
     "ring-bytes",
     "drain-interval",
@@ -118,6 +120,9 @@ fn apply_run(run: &mut RunArgs, key: &str, value: &str) -> Result<(), String> {
             run.max_sockets = value.parse().map_err(|_| format!("`{value}` is not a count"))?
         }
         "tail-socket" => run.tail_socket = value.into(),
+        "netns-labels" => {
+            run.netns_labels = value.parse().map_err(|_| format!("`{value}` is not a count"))?
+        }
         "record" => run.record = Some(value.into()),
         _ => {}
     }

@@ -298,6 +298,7 @@ impl Reloader {
             ("low-latency", new.low_latency != self.current.low_latency),
             ("tail-socket", new.tail_socket != self.current.tail_socket),
             ("record", new.record != self.current.record),
+            ("netns-labels", new.netns_labels != self.current.netns_labels),
         ];
         for (key, _) in fixed.iter().filter(|(_, differs)| *differs) {
             warn!("SIGHUP: `{key}` changed in {}; it takes effect at restart", path.display());
@@ -328,7 +329,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = metrics::bind(args.listen).await?;
     let tail_listener = hub::bind_socket(&args.tail_socket)?;
     let registry = Registry::new();
-    let aggregator = Aggregator::new(&registry).context("creating the metrics")?;
+    let mut aggregator = Aggregator::new(&registry).context("creating the metrics")?;
+    if args.netns_labels > 0 {
+        aggregator
+            .enable_netns_labels(&registry, args.netns_labels)
+            .context("creating the per-namespace metrics")?;
+    }
     let mut hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "daemon");
 
     let options = PipelineOptions::from_run(&args);

@@ -347,6 +347,13 @@ pub trait ObservationSink {
     /// Called once per observation, in order.
     fn observe(&mut self, observation: &Observation);
 
+    /// An observation about a connection in network namespace `netns` (0: unknown). Sinks
+    /// that split metrics by namespace override this; the others see [`Self::observe`].
+    fn observe_in(&mut self, observation: &Observation, netns: u32) {
+        let _ = netns;
+        self.observe(observation);
+    }
+
     /// Whether to also build [`Observation::Connection`] and [`Observation::Transition`]
     /// records (only worth it while someone is tailing).
     fn wants_records(&self) -> bool {
@@ -786,7 +793,7 @@ impl Tracker {
         match (event.old, event.new) {
             (_, Established) => {
                 if let Some(side) = entry.open_side {
-                    sink.observe(&Observation::Opened { side });
+                    sink.observe_in(&Observation::Opened { side }, entry.netns);
                 }
                 // total_retrans at SYN_SENT → ESTABLISHED counts SYN retransmissions; a
                 // passive child inherits its request socket's SYN-ACK retransmissions.
@@ -805,11 +812,9 @@ impl Tracker {
                 };
                 if let (Some(side), Some(duration_ns)) = (entry.open_side, duration) {
                     entry.handshake_ns = Some(duration_ns);
-                    sink.observe(&Observation::Handshake {
-                        side,
-                        duration_ns,
-                        retransmits: entry.handshake_retransmits,
-                    });
+                    let retransmits = entry.handshake_retransmits;
+                    let handshake = Observation::Handshake { side, duration_ns, retransmits };
+                    sink.observe_in(&handshake, entry.netns);
                 }
                 entry.established_ns = Some(now);
                 // A RST sent while still connecting (e.g. to a bad SYN-ACK) did not end it.
@@ -824,7 +829,7 @@ impl Tracker {
             // (tcp_set_state), and so do we.
             (SynRecv, FinWait1 | CloseWait) if entry.established_ns.is_none() => {
                 if let Some(side) = entry.open_side {
-                    sink.observe(&Observation::Opened { side });
+                    sink.observe_in(&Observation::Opened { side }, entry.netns);
                 }
                 entry.established_ns = Some(now);
                 if event.new == FinWait1 {
@@ -918,11 +923,11 @@ impl Tracker {
             let retransmits = event.stats.map(|stats| stats.total_retrans);
             match entry.open_side {
                 Some(Side::Passive) => self.stats.passive_open_aborted += 1,
-                _ => sink.observe(&Observation::ConnectFailed {
-                    reason,
-                    duration_ns: entry.syn_sent_ns.map(|sent| elapsed(sent, now)),
-                    retransmits,
-                }),
+                _ => {
+                    let duration_ns = entry.syn_sent_ns.map(|sent| elapsed(sent, now));
+                    let failed = Observation::ConnectFailed { reason, duration_ns, retransmits };
+                    sink.observe_in(&failed, entry.netns);
+                }
             }
             if records {
                 let mut record =
@@ -938,7 +943,8 @@ impl Tracker {
             _ => None,
         };
         let lifetime_ns = entry.established_ns.map(|since| elapsed(since, now));
-        sink.observe(&Observation::Closed { side: entry.open_side, reason, lifetime_ns, teardown });
+        let closed = Observation::Closed { side: entry.open_side, reason, lifetime_ns, teardown };
+        sink.observe_in(&closed, entry.netns);
         if records {
             let mut record = connection_record(entry, ConnectionPhase::Closed, now, Some(reason));
             record.lifetime_ns = lifetime_ns;

@@ -77,7 +77,7 @@ fn a_lost_first_syn_costs_the_client_one_second_and_one_retry_and_bytes_are_exac
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let pair = NetnsPair::new("syn");
     let listener = in_netns(&pair.server, || TcpListener::bind((pair.server_ip, 8080))).unwrap();
-    let mut daemon = Daemon::start(&[]);
+    let mut daemon = Daemon::start(&["--netns-labels", "64"]);
     let tail = Tail::start(
         &daemon.tail_socket,
         &["--json", "--port", "8080", "--addr", "10.201.0.0/16", "--count", "2"],
@@ -133,6 +133,27 @@ fn a_lost_first_syn_costs_the_client_one_second_and_one_retry_and_bytes_are_exac
         "tcpmon_handshake_duration_seconds_bucket{side=\"active\",le=\"1\"}",
     );
     assert_eq!(slow, 1.0, "the one-retry handshake lands in (1, 1.5]");
+    // --netns-labels: the same connection in its namespaces' own series.
+    let (client_ns, server_ns) = (NetnsPair::inode(&pair.client), NetnsPair::inode(&pair.server));
+    let in_ns = |series: String| delta(&before, &after, &series);
+    assert_eq!(
+        in_ns(format!(
+            "tcpmon_netns_connections_opened_total{{netns=\"{client_ns}\",side=\"active\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        in_ns(format!(
+            "tcpmon_netns_connections_opened_total{{netns=\"{server_ns}\",side=\"passive\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        in_ns(format!(
+            "tcpmon_netns_connections_closed_total{{netns=\"{server_ns}\",reason=\"fin\",side=\"passive\"}}"
+        )),
+        1.0
+    );
 }
 
 #[test]
@@ -332,14 +353,18 @@ fn a_syn_flood_does_not_grow_the_daemon_past_its_cap() {
         libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
     }
     let pair = NetnsPair::new("flood");
-    let status = std::process::Command::new("ip")
-        .args(["netns", "exec", &pair.server, "sysctl", "-qw", "net.ipv4.tcp_max_syn_backlog=8192"])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    // Room for every request, so the kernel keeps and retransmits all of them (a queue more
+    // than half full has its old requests pruned instead: reqsk_timer_handler).
+    for setting in ["net.ipv4.tcp_max_syn_backlog=65535", "net.core.somaxconn=65535"] {
+        let status = std::process::Command::new("ip")
+            .args(["netns", "exec", &pair.server, "sysctl", "-qw", setting])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{setting}");
+    }
     let listener = in_netns(&pair.server, || TcpListener::bind((pair.server_ip, 8084))).unwrap();
     // SAFETY: listen(2) again on our socket only raises its backlog.
-    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 8192) };
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 65535) };
     // The client never sees a SYN-ACK: its sockets stay in SYN_SENT, the server's requests
     // keep resending SYN-ACKs.
     NetnsPair::nft(

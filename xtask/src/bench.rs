@@ -94,7 +94,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 /// A `kB` field of `/proc/PID/status`, e.g. `VmRSS` or `VmHWM` (peak RSS); 0 if unreadable.
-fn status_kib(pid: u32, field: &str) -> u64 {
+pub(crate) fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -108,7 +108,7 @@ fn clock_ticks_per_sec() -> f64 {
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
 }
 
-fn http_get(address: &str, path: &str) -> Option<String> {
+pub(crate) fn http_get(address: &str, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(address).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(stream, "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").ok()?;
@@ -117,11 +117,11 @@ fn http_get(address: &str, path: &str) -> Option<String> {
     response.starts_with("HTTP/1.1 200").then_some(response)
 }
 
-fn metric(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-fn stop(child: &mut Child, signal: i32) {
+pub(crate) fn stop(child: &mut Child, signal: i32) {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, signal) };
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -138,6 +138,17 @@ fn stop(child: &mut Child, signal: i32) {
 struct Monitor {
     processes: Vec<Child>,
     metrics_address: Option<String>,
+}
+
+/// Starts `tcpmon run` with a `tail --json` attached (soak); returns the processes, daemon
+/// first, and the metrics address.
+pub(crate) fn start_tcpmon_with_tail(
+    tcpmon: &Path,
+    scratch: &Path,
+) -> Result<(Vec<Child>, String)> {
+    let monitor = start(&Config::TcpmonTail, tcpmon, scratch)?;
+    let address = monitor.metrics_address.clone().context("no metrics address")?;
+    Ok((monitor.processes, address))
 }
 
 fn start(config: &Config, tcpmon: &Path, scratch: &Path) -> Result<Monitor> {

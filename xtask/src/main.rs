@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | run | test`.
+//! Project tasks: `cargo xtask setup | run | test | bench | soak`.
 //!
 //! `setup` makes a fresh Debian machine able to build the eBPF program: Debian's Rust with
 //! its prebuilt `core` for the BPF target, bpf-linker, a rustup toolchain entry tying them
@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod churn;
 mod setup;
+mod soak;
 
 /// tcpmon's project tasks.
 #[derive(Parser)]
@@ -50,6 +51,13 @@ enum Task {
         /// Connections to hold.
         #[arg(long)]
         connections: usize,
+    },
+    /// Run the release daemon under churn with a tail and scrapes for MINUTES; checks RSS stays
+    /// flat and no event goes unaccounted (root).
+    Soak {
+        /// How long, in minutes.
+        #[arg(long, default_value_t = 5)]
+        minutes: u64,
     },
     /// Loopback connection churn (connect, 1-byte echo, close) for a fixed time.
     Churn {
@@ -110,6 +118,10 @@ fn run(cli: Cli) -> Result<()> {
             bench::run(options)
         }
         Task::Hold { connections } => bench::hold(connections),
+        Task::Soak { minutes } => {
+            setup::ensure()?;
+            soak::run(minutes)
+        }
         Task::Churn { seconds, clients } => {
             let report = churn::run(std::time::Duration::from_secs(seconds), clients)?;
             println!(

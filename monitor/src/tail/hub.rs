@@ -218,6 +218,11 @@ impl ObservationSink for DaemonSink<'_> {
         }
     }
 
+    fn observe_in(&mut self, observation: &Observation, netns: u32) {
+        let mut aggregator = self.aggregator;
+        aggregator.observe_in(observation, netns);
+    }
+
     fn wants_records(&self) -> bool {
         !self.hub.is_empty()
     }

@@ -277,6 +277,8 @@ pub fn churn_on(listener: TcpListener, count: usize, clients: usize) {
 pub struct Tail {
     pub child: Child,
     pub stderr: mpsc::Receiver<String>,
+    /// Collects stdout while the tail runs (see [`Tail::drain_in_background`]).
+    stdout: Option<thread::JoinHandle<String>>,
 }
 
 impl Tail {
@@ -307,18 +309,30 @@ impl Tail {
                 Err(_) => panic!("tcpmon tail never printed {ready:?}"),
             }
         }
-        Tail { child, stderr }
+        Tail { child, stderr, stdout: None }
+    }
+
+    /// Reads stdout as it comes, so a long stream never fills the pipe and stalls the tail.
+    pub fn drain_in_background(mut self) -> Tail {
+        self.stdout = Some(self.drain_stdout());
+        self
     }
 
     /// Waits (at most 60 s) for the tail to exit — it was given --count — and returns its
     /// stdout lines.
-    pub fn finish(mut self) -> Vec<String> {
-        let mut pipe = self.child.stdout.take().unwrap();
-        let reader = thread::spawn(move || {
-            let mut out = String::new();
-            let _ = pipe.read_to_string(&mut out);
-            out
-        });
+    pub fn finish(self) -> Vec<String> {
+        let (status, lines, stderr) = self.wait();
+        assert!(status.success(), "tail failed ({status}): {stderr:?}");
+        lines
+    }
+
+    /// Waits (at most 60 s) for the tail to exit however it ends; returns its exit status,
+    /// stdout lines and stderr lines.
+    pub fn wait(mut self) -> (std::process::ExitStatus, Vec<String>, Vec<String>) {
+        let reader = match self.stdout.take() {
+            Some(reader) => reader,
+            None => self.drain_stdout(),
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -332,8 +346,18 @@ impl Tail {
         };
         let out = reader.join().unwrap();
         let stderr: Vec<String> = self.stderr.try_iter().collect();
-        assert!(status.success(), "tail failed ({status}): {stderr:?}");
-        out.lines().map(str::to_owned).collect()
+        (status, out.lines().map(str::to_owned).collect(), stderr)
+    }
+}
+
+impl Tail {
+    fn drain_stdout(&mut self) -> thread::JoinHandle<String> {
+        let mut pipe = self.child.stdout.take().unwrap();
+        thread::spawn(move || {
+            let mut out = String::new();
+            let _ = pipe.read_to_string(&mut out);
+            out
+        })
     }
 }
 
