@@ -36,7 +36,7 @@ pub struct StateEvent {
     /// Explicit padding; always zero.
     pub _pad0: u16,
     /// Inode number of the socket's network namespace (as in `/proc/PID/ns/net`), read on
-    /// the transitions that start a socket's life and on the enriched ones; 0 when not read.
+    /// the transitions that start a socket's life and on CLOSE; 0 when not read.
     pub netns: u32,
     /// Local address. For `AF_INET` the tracepoint stores the IPv4-mapped IPv6 address.
     pub saddr: [u8; 16],
@@ -52,8 +52,8 @@ pub const STATE_EVENT_SIZE: usize = core::mem::size_of::<StateEvent>();
 
 /// Counters of the socket's `struct tcp_sock` (the ones `ss -i` and `tcplife` show), read by
 /// the eBPF program at the transitions where they mean something: handshake completion
-/// (`total_retrans` then counts SYN or SYN-ACK retransmissions, `srtt_us` holds the
-/// handshake's RTT sample) and CLOSE (totals of the connection's life).
+/// (only `total_retrans`, which then counts SYN or SYN-ACK retransmissions, and `srtt_us`,
+/// the handshake's RTT sample; the rest are zero) and CLOSE (totals of the connection's life).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpStats {

@@ -141,16 +141,24 @@ unsafe fn netns_inum(skaddr: u64, offsets: &KernelOffsets) -> u32 {
     }
 }
 
+/// The socket's counters: all of them at CLOSE; at handshake completion only the two the
+/// handshake needs (each read is a helper call, and this runs on 4 of a connection's ~10
+/// transitions).
 #[inline(always)]
-unsafe fn tcp_stats(skaddr: u64, offsets: &KernelOffsets) -> TcpStats {
+unsafe fn tcp_stats(skaddr: u64, offsets: &KernelOffsets, closing: bool) -> TcpStats {
     unsafe {
+        let total_retrans = read_kernel(skaddr, offsets.total_retrans).unwrap_or(0);
+        let srtt_us_x8 = read_kernel(skaddr, offsets.srtt_us).unwrap_or(0);
+        if !closing {
+            return TcpStats { total_retrans, srtt_us_x8, ..TcpStats::default() };
+        }
         TcpStats {
             bytes_acked: read_kernel(skaddr, offsets.bytes_acked).unwrap_or(0),
             bytes_received: read_kernel(skaddr, offsets.bytes_received).unwrap_or(0),
             segs_out: read_kernel(skaddr, offsets.segs_out).unwrap_or(0),
             segs_in: read_kernel(skaddr, offsets.segs_in).unwrap_or(0),
-            total_retrans: read_kernel(skaddr, offsets.total_retrans).unwrap_or(0),
-            srtt_us_x8: read_kernel(skaddr, offsets.srtt_us).unwrap_or(0),
+            total_retrans,
+            srtt_us_x8,
             bytes_sent: read_kernel(skaddr, offsets.bytes_sent).unwrap_or(0),
             bytes_retrans: read_kernel(skaddr, offsets.bytes_retrans).unwrap_or(0),
             sk_flags: read_kernel(skaddr, offsets.sk_flags).unwrap_or(0),
@@ -200,7 +208,7 @@ unsafe fn on_state_change(ctx: &TracePointContext) {
         let record = entry.as_mut_ptr();
         unsafe {
             fill(ctx, &raw mut (*record).event, oldstate, newstate, &offsets);
-            (*record).stats = tcp_stats((*record).event.skaddr, &offsets);
+            (*record).stats = tcp_stats((*record).event.skaddr, &offsets, newstate == TCP_CLOSE);
         }
         entry.submit(wakeup_flags());
     } else {
@@ -232,7 +240,8 @@ unsafe fn fill(
     } else {
         0
     };
-    let netns = if is_birth(oldstate, newstate) || wants_stats(oldstate, newstate) {
+    // At birth for the tracker, and at CLOSE for sockets it first saw mid-life.
+    let netns = if is_birth(oldstate, newstate) || newstate == TCP_CLOSE {
         unsafe { netns_inum(skaddr, offsets) }
     } else {
         0
