@@ -6,17 +6,19 @@ use std::path::Path;
 
 use monitor::decode::{decode, Record, AF_INET6};
 use monitor::source::{read_recording, ReplaySource};
-use monitor::tracker::{CloseReason, Observation, Side, Tracker};
+use monitor::tracker::{
+    CloseReason, ConnectionPhase, Observation, RecordingSink, ResetDirection, Side, Tracker,
+};
 
 const MS: u64 = 1_000_000;
 
 fn replay() -> (Vec<Observation>, Tracker, Vec<monitor::decode::Event>) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loopback.rec");
     let records = read_recording(&path).expect("reading the fixture");
-    assert_eq!(records.len(), 54);
+    assert_eq!(records.len(), 58);
     let mut source = ReplaySource::new(records);
     let mut tracker = Tracker::default();
-    let mut observations = Vec::new();
+    let mut observations = RecordingSink::default();
     let mut events = Vec::new();
     source.drain(usize::MAX, |bytes| {
         let record = decode(bytes).expect("every recorded record decodes");
@@ -25,7 +27,7 @@ fn replay() -> (Vec<Observation>, Tracker, Vec<monitor::decode::Event>) {
             events.push(event);
         }
     });
-    (observations, tracker, events)
+    (observations.0, tracker, events)
 }
 
 #[test]
@@ -41,16 +43,51 @@ fn the_recorded_loopback_stream_yields_exactly_its_connections() {
     );
     assert_eq!(count(&|o| matches!(o, Observation::ConnectFailed { .. })), 1);
 
-    // Handshakes on loopback: real, positive, well under 5 ms.
-    let handshakes: Vec<u64> = observations
+    // Handshakes on loopback, both ends: real, positive, well under 5 ms, no retries.
+    for side in [Side::Active, Side::Passive] {
+        let handshakes: Vec<(u64, Option<u32>)> = observations
+            .iter()
+            .filter_map(|o| match *o {
+                Observation::Handshake { side: s, duration_ns, retransmits } if s == side => {
+                    Some((duration_ns, retransmits))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(handshakes.len(), 5, "{side:?}");
+        assert!(
+            handshakes.iter().all(|&(ns, retries)| ns > 0 && ns < 5 * MS && retries == Some(0)),
+            "{side:?}: {handshakes:?}"
+        );
+    }
+
+    // Every client sent "hello" (5 bytes) and the servers sent nothing; every record knows
+    // its namespace.
+    let closed: Vec<_> = observations
         .iter()
         .filter_map(|o| match o {
-            Observation::Handshake { side: Side::Active, duration_ns, .. } => Some(*duration_ns),
+            Observation::Connection(r) if r.phase == ConnectionPhase::Closed => Some(*r),
             _ => None,
         })
         .collect();
-    assert_eq!(handshakes.len(), 5);
-    assert!(handshakes.iter().all(|&ns| ns > 0 && ns < 5 * MS), "{handshakes:?}");
+    assert_eq!(closed.len(), 10);
+    for record in &closed {
+        let stats = record.stats.expect("CLOSE records carry the socket's counters");
+        let (sent, received) = match record.side {
+            Some(Side::Active) => (5, 0),
+            _ => (0, 5),
+        };
+        assert_eq!(
+            (stats.payload_sent(), stats.payload_received()),
+            (sent, received),
+            "{record:?}"
+        );
+        assert!(record.netns.is_some());
+    }
+
+    // The abort's RST, and the RST refusing the last connect: each sent and received once.
+    let resets = |direction| count(&|o| *o == Observation::Reset { direction });
+    assert_eq!((resets(ResetDirection::Sent), resets(ResetDirection::Received)), (2, 2));
 
     // Close-wait: three of ~300 ms, one of ~100 ms (sleep() never returns early).
     let mut close_waits: Vec<u64> = observations
