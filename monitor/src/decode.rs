@@ -318,24 +318,29 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         SYNACK_RETRANSMIT_SIZE => {
             // SAFETY: as above.
             let raw: SynAckRetransmit = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            if raw.family != AF_INET && raw.family != AF_INET6 {
-                return Err(DecodeError::UnknownFamily(raw.family));
-            }
             Ok(Record::SynAckRetransmit(SynAckRetransmitted {
                 timestamp_ns: raw.timestamp_ns,
                 first_synack_ns: (raw.first_synack_us != 0)
                     .then(|| raw.first_synack_us.saturating_mul(1000)),
-                endpoints: Endpoints {
-                    family: raw.family,
-                    sport: raw.sport,
-                    dport: raw.dport,
-                    saddr: raw.saddr,
-                    daddr: raw.daddr,
-                },
+                endpoints: endpoints(raw.family, raw.sport, raw.dport, raw.saddr, raw.daddr)?,
             }))
         }
         other => Err(DecodeError::WrongSize(other)),
     }
+}
+
+/// Addresses and ports as the kernel records them, for a family we know.
+fn endpoints(
+    family: u16,
+    sport: u16,
+    dport: u16,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+) -> Result<Endpoints, DecodeError> {
+    if family != AF_INET && family != AF_INET6 {
+        return Err(DecodeError::UnknownFamily(family));
+    }
+    Ok(Endpoints { family, sport, dport, saddr, daddr })
 }
 
 /// Validates and converts a raw socket note.
@@ -352,9 +357,7 @@ pub fn decode_note(raw: &SocketNote) -> Result<Note, DecodeError> {
 pub fn decode_record(raw: &StateEvent) -> Result<Event, DecodeError> {
     let old = TcpState::try_from(raw.oldstate)?;
     let new = TcpState::try_from(raw.newstate)?;
-    if raw.family != AF_INET && raw.family != AF_INET6 {
-        return Err(DecodeError::UnknownFamily(raw.family));
-    }
+    let endpoints = endpoints(raw.family, raw.sport, raw.dport, raw.saddr, raw.daddr)?;
     let sock_err = match raw.sock_err {
         0 => SockErr::None,
         SOCK_ERR_UNKNOWN => SockErr::Unknown,
@@ -368,13 +371,7 @@ pub fn decode_record(raw: &StateEvent) -> Result<Event, DecodeError> {
         old,
         new,
         sock_err,
-        endpoints: Endpoints {
-            family: raw.family,
-            sport: raw.sport,
-            dport: raw.dport,
-            saddr: raw.saddr,
-            daddr: raw.daddr,
-        },
+        endpoints,
         comm: raw.comm,
         netns: raw.netns,
         stats: None,
