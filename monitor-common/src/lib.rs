@@ -79,8 +79,9 @@ pub struct TcpStats {
     /// Low 32 bits of `sk->sk_flags` (`enum sock_flags` bits: [`SOCK_DONE`] is set by
     /// `tcp_fin()` when the peer's FIN arrives).
     pub sk_flags: u32,
-    /// Explicit padding; always zero.
-    pub _pad: u32,
+    /// 1 when every counter the program meant to read was read (their offsets are known and
+    /// no read faulted); 0 otherwise, and then userspace reports none of them.
+    pub complete: u32,
 }
 
 impl TcpStats {
@@ -127,7 +128,7 @@ pub struct SocketNote {
     pub skaddr: u64,
     /// One of [`note`].
     pub kind: u32,
-    /// For [`note::RESET_SENT`]: the kernel's `enum sk_rst_reason`; 0 otherwise.
+    /// Reserved for a kind-specific value; 0 today.
     pub value: u32,
     /// Reserved; always zero.
     pub _reserved: u64,

@@ -146,23 +146,40 @@ unsafe fn netns_inum(skaddr: u64, offsets: &KernelOffsets) -> u32 {
 /// transitions).
 #[inline(always)]
 unsafe fn tcp_stats(skaddr: u64, offsets: &KernelOffsets, closing: bool) -> TcpStats {
-    unsafe {
-        let total_retrans = read_kernel(skaddr, offsets.total_retrans).unwrap_or(0);
-        let srtt_us_x8 = read_kernel(skaddr, offsets.srtt_us).unwrap_or(0);
-        if !closing {
-            return TcpStats { total_retrans, srtt_us_x8, ..TcpStats::default() };
-        }
+    // `complete` tells userspace every read succeeded; otherwise it reports no counters
+    // rather than zeros that would look real.
+    let mut complete = 1;
+    let total_retrans = unsafe { read_or_flag(skaddr, offsets.total_retrans, &mut complete) };
+    let srtt_us_x8 = unsafe { read_or_flag(skaddr, offsets.srtt_us, &mut complete) };
+    if !closing {
+        return TcpStats { total_retrans, srtt_us_x8, complete, ..TcpStats::default() };
+    }
+    let c = &mut complete;
+    let stats = unsafe {
         TcpStats {
-            bytes_acked: read_kernel(skaddr, offsets.bytes_acked).unwrap_or(0),
-            bytes_received: read_kernel(skaddr, offsets.bytes_received).unwrap_or(0),
-            segs_out: read_kernel(skaddr, offsets.segs_out).unwrap_or(0),
-            segs_in: read_kernel(skaddr, offsets.segs_in).unwrap_or(0),
+            bytes_acked: read_or_flag(skaddr, offsets.bytes_acked, c),
+            bytes_received: read_or_flag(skaddr, offsets.bytes_received, c),
+            bytes_sent: read_or_flag(skaddr, offsets.bytes_sent, c),
+            bytes_retrans: read_or_flag(skaddr, offsets.bytes_retrans, c),
+            segs_out: read_or_flag(skaddr, offsets.segs_out, c),
+            segs_in: read_or_flag(skaddr, offsets.segs_in, c),
+            sk_flags: read_or_flag(skaddr, offsets.sk_flags, c),
             total_retrans,
             srtt_us_x8,
-            bytes_sent: read_kernel(skaddr, offsets.bytes_sent).unwrap_or(0),
-            bytes_retrans: read_kernel(skaddr, offsets.bytes_retrans).unwrap_or(0),
-            sk_flags: read_kernel(skaddr, offsets.sk_flags).unwrap_or(0),
-            _pad: 0,
+            complete: 0,
+        }
+    };
+    TcpStats { complete, ..stats }
+}
+
+/// [`read_kernel`], or 0 with `complete` cleared.
+#[inline(always)]
+unsafe fn read_or_flag<T: Default>(base: u64, offset: u32, complete: &mut u32) -> T {
+    match unsafe { read_kernel(base, offset) } {
+        Some(value) => value,
+        None => {
+            *complete = 0;
+            T::default()
         }
     }
 }
@@ -326,13 +343,14 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// `tcp:tcp_send_reset(sk, skb, reason)`: `sk` is NULL when no socket owns the segment
+/// `tcp:tcp_send_reset(sk, skb[, reason])`: `sk` is NULL when no socket owns the segment
 /// answered, and may be a listener or a timewait socket; userspace matches full sockets.
+/// Only the first argument is read: `reason` exists since Linux 6.10, and the verifier
+/// rejects reading an argument a kernel's tracepoint does not have.
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: BtfTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
-    let reason: u32 = ctx.arg(2);
-    submit_note(sk, note::RESET_SENT, reason);
+    submit_note(sk, note::RESET_SENT, 0);
     0
 }
 

@@ -387,10 +387,11 @@ impl ObservationSink for &Aggregator {
     fn observe(&mut self, observation: &Observation) {
         match *observation {
             Observation::Opened { side } => self.opened[side_index(side)].inc(),
-            Observation::Handshake { side, duration_ns, retransmits } => {
+            Observation::Handshake { side, duration_ns, .. } => {
                 self.handshake[side_index(side)].observe(seconds(duration_ns));
-                self.handshake_retransmits[side_index(side)]
-                    .inc_by(u64::from(retransmits.unwrap_or(0)));
+            }
+            Observation::HandshakeRetransmits { side, count } => {
+                self.handshake_retransmits[side_index(side)].inc_by(u64::from(count));
             }
             Observation::ConnectFailed { reason, retransmits, .. } => {
                 self.connect_failures[reason_index(reason)].inc();

@@ -120,8 +120,8 @@ pub fn run_checks() -> Vec<Finding> {
         )),
         Err(e) => findings.push(finding(
             "BTF",
-            Status::Warn,
-            format!("{e}: tcpmon runs, but cannot tell refused from timed-out connects or resets from aborts, nor report passive handshakes and per-connection totals (needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)"),
+            Status::Fail,
+            format!("{e}: tcpmon needs the kernel's BTF to find the struct fields it reads (a kernel built with CONFIG_DEBUG_INFO_BTF=y)"),
         )),
     }
 

@@ -139,7 +139,19 @@ impl Pipeline {
     async fn load_snapshot(&mut self, aggregator: &Aggregator, hub: &mut TailHub) {
         let started = Instant::now();
         self.tracker.expect_snapshot();
-        let snapshot = tokio::task::spawn_blocking(snapshot::take).await.unwrap_or_default();
+        // Walking /proc can take a while on a big host: keep draining meanwhile, so the ring
+        // does not overflow (events seen now also tell the tracker which sockets it knows).
+        let mut task = tokio::task::spawn_blocking(snapshot::take);
+        let snapshot = loop {
+            tokio::select! {
+                done = &mut task => break done.unwrap_or_default(),
+                ready = self.source.ready() => {
+                    if ready.is_ok() {
+                        while self.drain_batch(aggregator, hub) == BATCH_RECORDS {}
+                    }
+                }
+            }
+        };
         while self.drain_batch(aggregator, hub) > 0 {}
         let added = self.tracker.preload(&snapshot.sockets);
         for problem in &snapshot.problems {
@@ -271,7 +283,13 @@ impl Reloader {
             }
         };
         let mut changed = Vec::new();
-        let level = cli.log_level.as_deref().unwrap_or("info");
+        // The same source as at start-up: the flag or file, else RUST_LOG, else info.
+        let level = cli
+            .log_level
+            .clone()
+            .or_else(|| std::env::var("RUST_LOG").ok())
+            .unwrap_or_else(|| "info".to_owned());
+        let level = level.as_str();
         match level.parse::<log::LevelFilter>() {
             Ok(level) if level != log::max_level() => {
                 changed.push(format!("log level {} -> {level}", log::max_level()));

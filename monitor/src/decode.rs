@@ -182,10 +182,7 @@ pub struct Note {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NoteKind {
     /// The kernel sent a RST for the socket.
-    ResetSent {
-        /// The kernel's `enum sk_rst_reason` (e.g. 11: TCP_ABORT_ON_CLOSE).
-        reason: u32,
-    },
+    ResetSent,
     /// The socket processed a RST from its peer.
     ResetReceived,
 }
@@ -307,7 +304,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
             let raw: StateEventWithStats =
                 unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
             let mut event = decode_record(&raw.event)?;
-            event.stats = Some(raw.stats);
+            event.stats = (raw.stats.complete != 0).then_some(raw.stats);
             Ok(Record::State(event))
         }
         NOTE_SIZE => {
@@ -346,7 +343,7 @@ fn endpoints(
 /// Validates and converts a raw socket note.
 pub fn decode_note(raw: &SocketNote) -> Result<Note, DecodeError> {
     let kind = match raw.kind {
-        note::RESET_SENT => NoteKind::ResetSent { reason: raw.value },
+        note::RESET_SENT => NoteKind::ResetSent,
         note::RESET_RECEIVED => NoteKind::ResetReceived,
         other => return Err(DecodeError::UnknownNote(other)),
     };
@@ -414,9 +411,10 @@ pub mod fixture {
         }
     }
 
-    /// `event` with the socket counters the kernel adds on handshake and CLOSE records.
+    /// `event` with the socket counters the kernel adds on handshake and CLOSE records, all
+    /// read (`complete`).
     pub fn with_stats(event: StateEvent, stats: TcpStats) -> StateEventWithStats {
-        StateEventWithStats { event, stats }
+        StateEventWithStats { event, stats: TcpStats { complete: 1, ..stats } }
     }
 
     /// A reset note.
@@ -536,7 +534,13 @@ mod tests {
             ..TcpStats::default()
         };
         let event = state(&bytes(&fixture::with_stats(raw, stats)));
-        assert_eq!((event.netns, event.stats), (4026531840, Some(stats)));
+        assert_eq!(
+            (event.netns, event.stats),
+            (4026531840, Some(TcpStats { complete: 1, ..stats }))
+        );
+        // A counter the program could not read: none are reported, rather than zeros.
+        let partial = StateEventWithStats { event: raw, stats: TcpStats { complete: 0, ..stats } };
+        assert_eq!(state(&bytes(&partial)).stats, None);
         assert_eq!(state(&bytes(&raw)).stats, None);
 
         let synack = decode(&bytes(&fixture::synack_retransmit(9, 1_500, 80, 40000))).unwrap();
@@ -547,11 +551,7 @@ mod tests {
         let reset = decode(&bytes(&fixture::note(9, 7, note::RESET_SENT, 11))).unwrap();
         assert_eq!(
             reset,
-            Record::Note(Note {
-                timestamp_ns: 9,
-                skaddr: 7,
-                kind: NoteKind::ResetSent { reason: 11 }
-            })
+            Record::Note(Note { timestamp_ns: 9, skaddr: 7, kind: NoteKind::ResetSent })
         );
     }
 

@@ -558,14 +558,17 @@ fn attach_enrichments(
         warn!("no kernel BTF: reset direction is not reported");
         return Enrichments { synack, resets: false };
     };
-    let resets =
-        attach_program(ebpf, names::RESET_SENT_PROGRAM, |program: &mut BtfTracePoint| {
-            program.load("tcp_send_reset", btf)?;
-            program.attach().map(drop)
-        }) && attach_program(ebpf, names::RESET_RECEIVED_PROGRAM, |program: &mut BtfTracePoint| {
+    // Attached independently: either one alone still counts its direction.
+    let sent = attach_program(ebpf, names::RESET_SENT_PROGRAM, |program: &mut BtfTracePoint| {
+        program.load("tcp_send_reset", btf)?;
+        program.attach().map(drop)
+    });
+    let received =
+        attach_program(ebpf, names::RESET_RECEIVED_PROGRAM, |program: &mut BtfTracePoint| {
             program.load("tcp_receive_reset", btf)?;
             program.attach().map(drop)
         });
+    let resets = sent && received;
     Enrichments { synack, resets }
 }
 

@@ -60,7 +60,13 @@ fn wanted_states() -> StateFlags {
 /// cannot be read is listed in [`Snapshot::problems`].
 pub fn take() -> Snapshot {
     let mut snapshot = Snapshot::default();
-    let owners = socket_owners();
+    let (owners, unreadable) = socket_owners();
+    if unreadable > 0 {
+        snapshot.problems.push(format!(
+            "the sockets of {unreadable} processes could not be read (/proc/PID/fd needs \
+             CAP_SYS_PTRACE for other users): their owners stay unknown"
+        ));
+    }
     let own = fs::metadata("/proc/self/ns/net").map(|m| m.ino() as u32).unwrap_or(0);
     for (netns, path) in namespaces(own) {
         let dumped = if netns == own {
@@ -121,10 +127,20 @@ fn pids() -> impl Iterator<Item = u32> {
 }
 
 /// Socket inode → the first process found holding it (`/proc/PID/fd/N` → `socket:[INODE]`).
-fn socket_owners() -> HashMap<u32, Owner> {
+/// Also returns how many processes' fd tables could not be read.
+fn socket_owners() -> (HashMap<u32, Owner>, usize) {
     let mut owners = HashMap::new();
+    let mut unreadable = 0;
     for pid in pids() {
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
+            Ok(fds) => fds,
+            // The process ended meanwhile: nothing to read.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(_) => {
+                unreadable += 1;
+                continue;
+            }
+        };
         let mut comm = None;
         for fd in fds.flatten() {
             let Ok(target) = fs::read_link(fd.path()) else { continue };
@@ -140,7 +156,7 @@ fn socket_owners() -> HashMap<u32, Owner> {
             owners.entry(inode).or_insert(Owner { pid: Some(pid), comm });
         }
     }
-    owners
+    (owners, unreadable)
 }
 
 /// `/proc/PID/comm` as the kernel's NUL-padded 16-byte name.
@@ -198,6 +214,11 @@ fn dump(family: u8) -> io::Result<Vec<(TcpState, Endpoints, u32)>> {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
                     let h = &response.header;
                     let Ok(state) = TcpState::try_from(i32::from(h.state)) else { continue };
+                    // The SYN_RECV filter also dumps request sockets (no inode, no full
+                    // socket, never a state event); their children are born later.
+                    if state == TcpState::SynRecv && h.inode == 0 {
+                        continue;
+                    }
                     let id = &h.socket_id;
                     let local = SocketAddr::new(id.source_address, id.source_port);
                     let remote = SocketAddr::new(id.destination_address, id.destination_port);

@@ -24,7 +24,8 @@
 //!   request socket's SYN-ACK retransmissions in `total_retrans` (`tcp_create_openreq_child`)
 //!   and, when there were none, with that exact interval as its first RTT sample in `srtt_us`
 //!   (`tcp_check_req` → `tcp_synack_rtt_meas`: now − `snt_synack`), both read at SYN_RECV →
-//!   ESTABLISHED. When the SYN-ACK was resent, Karn's rule leaves no such sample; then
+//!   ESTABLISHED. When the SYN-ACK was resent, Karn's rule forbids that sample (with
+//!   timestamps the kernel samples the echo of the *last* SYN-ACK instead); then
 //!   `tcp:tcp_retransmit_synack` has told us the request's first SYN-ACK time
 //!   (`snt_synack`) under the 4-tuple the child inherits, and the handshake runs from it to
 //!   ESTABLISHED.
@@ -213,6 +214,14 @@ pub enum Observation {
         duration_ns: u64,
         /// SYN (active) or SYN-ACK (passive) retransmissions, when the kernel told.
         retransmits: Option<u32>,
+    },
+    /// SYNs (active) or SYN-ACKs (passive) a completed handshake resent, whether or not its
+    /// duration is known.
+    HandshakeRetransmits {
+        /// Which end.
+        side: Side,
+        /// How many.
+        count: u32,
     },
     /// An active open failed before ESTABLISHED.
     ConnectFailed {
@@ -577,6 +586,8 @@ pub struct Tracker {
     /// First SYN-ACK time of request sockets that retransmitted it, by the 4-tuple their
     /// child will have; taken when the child is established.
     synack_retransmits: FxHashMap<Endpoints, u64>,
+    /// When `synack_retransmits` was last pruned.
+    synack_pruned_ns: u64,
     per_state: [u64; 12],
     max_sockets: usize,
     stats: TrackerStats,
@@ -597,6 +608,7 @@ impl Tracker {
             existing: FxHashMap::default(),
             touched: None,
             synack_retransmits: FxHashMap::default(),
+            synack_pruned_ns: 0,
             per_state: [0; 12],
             max_sockets: max_sockets.max(1),
             stats: TrackerStats::default(),
@@ -682,9 +694,13 @@ impl Tracker {
             && !self.synack_retransmits.contains_key(&synack.endpoints)
         {
             // Requests give up after net.ipv4.tcp_synack_retries (5: ~63 s): older ones
-            // never become connections.
-            let horizon = synack.timestamp_ns.saturating_sub(SYNACK_HORIZON_NS);
-            self.synack_retransmits.retain(|_, first| *first >= horizon);
+            // never become connections. Scan at most once a second, so a sustained flood
+            // costs a lookup per record, not a scan.
+            if synack.timestamp_ns >= self.synack_pruned_ns.saturating_add(1_000_000_000) {
+                self.synack_pruned_ns = synack.timestamp_ns;
+                let horizon = synack.timestamp_ns.saturating_sub(SYNACK_HORIZON_NS);
+                self.synack_retransmits.retain(|_, first| *first >= horizon);
+            }
             if self.synack_retransmits.len() >= cap {
                 self.stats.synack_untracked += 1;
                 return;
@@ -697,7 +713,7 @@ impl Tracker {
     pub fn on_note(&mut self, note: &Note, sink: &mut impl ObservationSink) {
         let entry = self.table.get_mut(&note.skaddr);
         match note.kind {
-            NoteKind::ResetSent { .. } | NoteKind::ResetReceived => {
+            NoteKind::ResetSent | NoteKind::ResetReceived => {
                 let direction = if note.kind == NoteKind::ResetReceived {
                     ResetDirection::Received
                 } else {
@@ -730,6 +746,12 @@ impl Tracker {
         if born {
             if self.remove(event.skaddr).is_some() {
                 self.stats.replaced_stale += 1;
+            }
+            // A snapshot socket with the same 4-tuple is gone (its CLOSE was missed).
+            if !self.existing.is_empty() {
+                if let Some(stale) = self.existing.remove(&event.endpoints) {
+                    self.per_state[stale.state.index()] -= 1;
+                }
             }
             let mut entry = match event.new {
                 Close => return,
@@ -823,6 +845,10 @@ impl Tracker {
                 if let Some(stats) = event.stats.filter(|_| matches!(event.old, SynSent | SynRecv))
                 {
                     entry.handshake_retransmits = Some(stats.total_retrans);
+                    if let Some(side) = entry.open_side.filter(|_| stats.total_retrans > 0) {
+                        let count = stats.total_retrans;
+                        sink.observe(&Observation::HandshakeRetransmits { side, count });
+                    }
                 }
                 let duration = match entry.open_side {
                     Some(Side::Active) if event.old == SynSent => {
@@ -898,7 +924,10 @@ impl Tracker {
             Some(stats) if stats.total_retrans == 0 && stats.srtt_us_x8 != 0 => {
                 Some(u64::from(stats.srtt_us_x8 >> 3) * 1_000)
             }
-            Some(stats) if stats.total_retrans > 0 => resent.map(|first| elapsed(first, now)),
+            // An entry older than any request can live is another connection's.
+            Some(stats) if stats.total_retrans > 0 => resent
+                .filter(|first| now.saturating_sub(*first) <= SYNACK_HORIZON_NS)
+                .map(|first| elapsed(first, now)),
             _ => None,
         }
     }
@@ -984,8 +1013,12 @@ impl Tracker {
     }
 
     fn insert(&mut self, skaddr: u64, entry: SocketEntry) {
-        if self.table.len() >= self.max_sockets {
-            self.evict_oldest();
+        if self.len() >= self.max_sockets {
+            if self.existing.len() > self.table.len() {
+                self.evict_existing();
+            } else {
+                self.evict_oldest();
+            }
         }
         self.per_state[entry.state.index()] += 1;
         self.table.insert(skaddr, entry);
@@ -1000,6 +1033,19 @@ impl Tracker {
             }
             None => self.insert(skaddr, entry),
         }
+    }
+
+    /// Makes room by dropping 1/16 (at least one) of the snapshot sockets not seen since the
+    /// start: they have no activity time to order them by.
+    fn evict_existing(&mut self) {
+        let count = (self.existing.len() / 16).max(1);
+        let victims: Vec<Endpoints> = self.existing.keys().take(count).copied().collect();
+        for key in victims {
+            if let Some(gone) = self.existing.remove(&key) {
+                self.per_state[gone.state.index()] -= 1;
+            }
+        }
+        self.stats.evicted_capacity += count as u64;
     }
 
     /// Makes room by evicting the least recently updated 1/16 of the table (at least one).
@@ -1119,6 +1165,7 @@ mod tests {
         );
         assert_eq!(handshakes(&out), []);
         assert!(out.contains(&Observation::Opened { side: Side::Passive }));
+        assert!(out.contains(&Observation::HandshakeRetransmits { side: Side::Passive, count: 2 }));
     }
 
     #[test]
@@ -1236,7 +1283,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(closed.netns, Some(4026532000));
-        assert_eq!(closed.stats, Some(totals));
+        assert_eq!(closed.stats, Some(TcpStats { complete: 1, ..totals }));
         assert_eq!(closed.handshake_retransmits, None);
     }
 

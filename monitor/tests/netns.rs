@@ -303,12 +303,14 @@ fn connections_open_before_the_start_are_counted_at_once_and_close_without_inven
         let home = if record["local_port"] == 8083 { &pair.server } else { &pair.client };
         assert_eq!(record["netns"].as_u64(), Some(NetnsPair::inode(home)), "{record}");
     }
+    // Global series: other sockets of the host may close meanwhile (the tail above is the
+    // exact check of our own).
     let after = daemon.settled_scrape();
     let closed =
         delta(&before, &after, "tcpmon_connections_closed_total{reason=\"fin\",side=\"unknown\"}");
-    assert_eq!(closed, (2 * OPEN) as f64);
+    assert!(closed >= (2 * OPEN) as f64, "{closed}");
     let established = delta(&before, &after, "tcpmon_connections{state=\"ESTABLISHED\"}");
-    assert_eq!(established, -((2 * OPEN) as f64));
+    assert!(established <= -((2 * OPEN) as f64), "{established}");
 }
 
 /// A non-blocking connect() from the current thread's namespace: the socket stays in

@@ -184,10 +184,10 @@ fn sighup_reloads_the_config_file_without_losing_counts() {
     std::fs::write(&path, "max-sockets = 500\nlog-level = \"debug\"\nring-bytes = \"1MiB\"\n")
         .unwrap();
     daemon.signal(libc::SIGHUP);
-    thread::sleep(Duration::from_millis(300));
+    thread::sleep(Duration::from_secs(1));
     std::fs::write(&path, "max-sockets = \"many\"\n").unwrap();
     daemon.signal(libc::SIGHUP);
-    thread::sleep(Duration::from_millis(300));
+    thread::sleep(Duration::from_secs(1));
 
     let after = daemon.settled_scrape();
     assert!(after[opened] >= before[opened], "counts survive a reload");

@@ -290,7 +290,7 @@ mod tests {
                 total_retrans: 1,
                 srtt_us_x8: 8 * 250,
                 sk_flags: 1 << monitor_common::SOCK_DONE,
-                _pad: 0,
+                complete: 1,
             }),
             lifetime_ns: Some(299_999_999),
             teardown: Some((Side::Passive, 300_000_000)),
