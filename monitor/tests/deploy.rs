@@ -260,7 +260,7 @@ fn a_real_prometheus_scrapes_tcpmon_and_answers_the_dashboard_queries() {
             evaluated += 1;
         }
     }
-    assert_eq!(evaluated, 23);
+    assert_eq!(evaluated, 25);
     let (status, stderr, _) = daemon.stop();
     assert!(status.success(), "{stderr}");
 }
