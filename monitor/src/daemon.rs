@@ -421,7 +421,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&args.tail_socket);
     let lost = collector.lost_so_far();
     info!(
-        "{stop}: detached and stopped after {:.1?}: {} events received, {lost} lost \
+        "{stop}: detached and stopped after {:.1?}: {} records received, {lost} transitions lost \
          (ring full), {} undecodable, {} sockets tracked at exit",
         started.elapsed(),
         summary.received,
