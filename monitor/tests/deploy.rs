@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{exchange_with_slow_close, free_port, kernel_tests_enabled, Daemon, SERIAL};
+use common::{exchange_with_slow_close, kernel_tests_enabled, server_port, Daemon, SERIAL};
 use serde_json::Value;
 
 fn deploy(path: &str) -> PathBuf {
@@ -128,7 +128,7 @@ impl Prometheus {
             ),
         )
         .unwrap();
-        let address = format!("127.0.0.1:{}", free_port());
+        let address = format!("127.0.0.1:{}", server_port());
         let child = Command::new(tool("prometheus"))
             .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
             .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))

@@ -30,6 +30,21 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A free port below the ephemeral range (32768–60999 by default), for a server another
+/// program binds later: ports from [`free_port`] can meanwhile become some connection's
+/// source port.
+pub fn server_port() -> u16 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let mut seed = u64::from(std::process::id()) ^ u64::from(now.subsec_nanos());
+    loop {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let port = 20_000 + (seed >> 33) as u16 % 10_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// A running `tcpmon run`, stopped with SIGTERM on drop.
 pub struct Daemon {
     child: Child,
@@ -37,19 +52,23 @@ pub struct Daemon {
     address: SocketAddr,
     /// The daemon's tail socket.
     pub tail_socket: PathBuf,
+    /// Everything the daemon wrote to stderr so far.
+    stderr: std::sync::Arc<Mutex<String>>,
+    reader: Option<thread::JoinHandle<()>>,
 }
 
 pub type Metrics = HashMap<String, f64>;
 
 impl Daemon {
+    /// Starts `tcpmon run` on a port the kernel picks (a port chosen beforehand can be taken
+    /// by someone else before the daemon binds it) and waits until it serves `/metrics`.
     pub fn start(extra: &[&str]) -> Daemon {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let tail_socket = unique_socket_path();
         // Drain often, so tests see their records quickly, unless the test says otherwise.
         let drain: &[&str] =
             if extra.contains(&"--drain-interval") { &[] } else { &["--drain-interval", "10ms"] };
         let mut child = Command::new(env!("CARGO_BIN_EXE_tcpmon"))
-            .args(["run", "--listen", &listen.to_string()])
+            .args(["run", "--listen", "127.0.0.1:0"])
             .args(drain)
             .arg("--tail-socket")
             .arg(&tail_socket)
@@ -58,23 +77,45 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting tcpmon");
+        // stderr is read as it comes (kept for `stop`); the start-up line names the address.
+        let stderr = std::sync::Arc::new(Mutex::new(String::new()));
+        let (lines, startup) = mpsc::channel();
+        let pipe = child.stderr.take().unwrap();
+        let collected = stderr.clone();
+        let reader = thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut all = collected.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+                let _ = lines.send(line);
+            }
+        });
         let deadline = Instant::now() + Duration::from_secs(30);
-        let stream = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut stderr = String::new();
-                child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-                panic!("tcpmon exited early ({status}):\n{stderr}");
+        let address: SocketAddr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match startup.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("metrics on http://").nth(1) {
+                        break rest.split('/').next().unwrap().parse().unwrap();
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("tcpmon did not start within 30 s:\n{}", stderr.lock().unwrap());
+                }
             }
-            if let Ok(stream) = TcpStream::connect(listen) {
-                break stream;
-            }
-            assert!(Instant::now() < deadline, "tcpmon did not start listening within 30s");
-            thread::sleep(Duration::from_millis(50));
         };
+        let stream = TcpStream::connect(address).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut daemon =
-            Daemon { child, scraper: BufReader::new(stream), address: listen, tail_socket };
-        // The port is bound before the program is attached; /metrics answers only after.
+        let mut daemon = Daemon {
+            child,
+            scraper: BufReader::new(stream),
+            address,
+            tail_socket,
+            stderr,
+            reader: Some(reader),
+        };
         daemon.scrape();
         daemon
     }
@@ -159,8 +200,10 @@ impl Daemon {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().unwrap();
         let elapsed = started.elapsed();
-        let mut stderr = String::new();
-        self.child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join(); // ends with the daemon's stderr
+        }
+        let stderr = self.stderr.lock().unwrap().clone();
         (status, stderr, elapsed)
     }
 }
