@@ -110,7 +110,6 @@ impl Pipeline {
         let mut sink = DaemonSink { aggregator, hub };
         source.drain(BATCH_RECORDS, |bytes| {
             summary.received += 1;
-            aggregator.record_received(is_transition(bytes));
             if let Some(out) = recorder.as_mut() {
                 if let Err(e) = out.write(bytes) {
                     warn!("recording stopped: {e}");
@@ -130,6 +129,10 @@ impl Pipeline {
                     }
                 }
             }
+            // Counted once its observations are published: a scrape that sees this record
+            // received (e.g. one waiting until received + lost reaches the kernel's count)
+            // also sees everything it produced.
+            aggregator.record_received(is_transition(bytes));
         })
     }
 

@@ -51,7 +51,14 @@ fn check_own_traffic(ip: &str) {
     // Said in full if it fails: a refused connect is the test's only SYN_SENT -> CLOSE.
     let failures: Vec<String> = after
         .keys()
-        .filter(|k| k.starts_with("tcpmon_connect_failures_total") || k.contains("recursion"))
+        .filter(|k| {
+            k.starts_with("tcpmon_connect_failures_total")
+                || k.contains("recursion")
+                || k.contains("tracker")
+                || k.contains("closed_total")
+                || k.contains("passive_opens")
+                || k.contains("undecodable")
+        })
         .map(|k| format!("{k} +{}", d(k)))
         .collect();
     assert_eq!(

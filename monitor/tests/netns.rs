@@ -405,3 +405,58 @@ fn a_syn_flood_does_not_grow_the_daemon_past_its_cap() {
     assert!(rss_after < rss_before + 16 * 1024, "RSS {rss_before} KiB -> {rss_after} KiB");
     drop(half_open);
 }
+
+/// Sets a host-wide sysctl for the guard's life (some, like tcp_max_orphans, have no
+/// per-namespace copy).
+struct SysctlGuard {
+    path: &'static str,
+    old: String,
+}
+
+impl SysctlGuard {
+    fn set(path: &'static str, value: &str) -> SysctlGuard {
+        let old = std::fs::read_to_string(path).unwrap();
+        std::fs::write(path, value).unwrap();
+        SysctlGuard { path, old }
+    }
+}
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, self.old.trim());
+    }
+}
+
+#[test]
+fn an_orphan_the_kernel_resets_is_reset_sent() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pair = NetnsPair::new("orphan");
+    let listener = in_netns(&pair.server, || TcpListener::bind((pair.server_ip, 8085))).unwrap();
+    let daemon = Daemon::start(&[]);
+    let tail = Tail::start(
+        &daemon.tail_socket,
+        &["--json", "--port", "8085", "--side", "active", "--count", "1"],
+        "following the daemon",
+    );
+    let mut client =
+        in_netns(&pair.client, || TcpStream::connect(listener.local_addr().unwrap())).unwrap();
+    let (_server_end, _) = listener.accept().unwrap();
+    // From now on nothing reaches the server: the client's data and FIN stay unacknowledged.
+    NetnsPair::nft(
+        &pair.server,
+        "table inet orphan {\n chain input {\n  type filter hook input priority 0;\n  tcp dport 8085 drop\n }\n}\n",
+    );
+    client.write_all(&[b'x'; 1000]).unwrap();
+    drop(client); // an orphan in FIN_WAIT1 with unacknowledged data
+                  // Then no orphan is allowed: at its next retransmission timeout the kernel gives up on it
+                  // and resets it (tcp_write_timeout -> tcp_out_of_resources), with no socket error. (Set
+                  // before close(), __tcp_close would abort it itself: CLOSE first, then the RST.)
+    let _orphans = SysctlGuard::set("/proc/sys/net/ipv4/tcp_max_orphans", "0");
+
+    let records = records(&tail.finish());
+    assert_eq!(records[0]["outcome"], "reset_sent", "{}", records[0]);
+    assert_eq!(records[0]["bytes_sent"], 1000, "{}", records[0]);
+}
