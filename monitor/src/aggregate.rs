@@ -94,36 +94,30 @@ struct NamespaceMetrics {
 }
 
 impl NamespaceMetrics {
-    fn label(&self, netns: u32) -> String {
-        if netns == 0 {
-            return "unknown".to_owned();
-        }
-        let Ok(mut labels) = self.labels.lock() else { return "other".to_owned() };
-        if let Some(label) = labels.get(&netns) {
-            return label.clone();
-        }
-        if labels.len() >= self.limit {
-            return "other".to_owned();
-        }
-        labels.entry(netns).or_insert_with(|| netns.to_string()).clone()
-    }
-
+    /// Records `observation` under its namespace's label. The label strings live in the map,
+    /// so this allocates only the first time a namespace is seen.
     fn observe(&self, observation: &Observation, netns: u32) {
-        let ns = self.label(netns);
+        let mut labels = self.labels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if netns != 0 && labels.len() < self.limit {
+            labels.entry(netns).or_insert_with(|| netns.to_string());
+        }
+        let ns = match netns {
+            0 => "unknown",
+            _ => labels.get(&netns).map_or("other", String::as_str),
+        };
         match *observation {
             Observation::Opened { side } => {
-                self.opened.with_label_values(&[ns.as_str(), side.as_str()]).inc()
+                self.opened.with_label_values(&[ns, side.as_str()]).inc()
             }
-            Observation::Handshake { side, duration_ns, .. } => self
-                .handshake
-                .with_label_values(&[ns.as_str(), side.as_str()])
-                .observe(seconds(duration_ns)),
+            Observation::Handshake { side, duration_ns, .. } => {
+                self.handshake.with_label_values(&[ns, side.as_str()]).observe(seconds(duration_ns))
+            }
             Observation::ConnectFailed { reason, .. } => {
-                self.failures.with_label_values(&[ns.as_str(), reason.as_str()]).inc()
+                self.failures.with_label_values(&[ns, reason.as_str()]).inc()
             }
             Observation::Closed { side, reason, .. } => {
                 let side = side.map_or("unknown", Side::as_str);
-                self.closed.with_label_values(&[ns.as_str(), side, reason.as_str()]).inc()
+                self.closed.with_label_values(&[ns, side, reason.as_str()]).inc()
             }
             _ => {}
         }
