@@ -87,13 +87,13 @@ fn main() {
 
     // Warm-up pass: grows the table to its working size, so the timed pass measures steady state.
     for record in &records {
-        aggregator.record_received(true);
+        aggregator.records_received(1, 0);
         tracker.on_record(&decode(record).expect("valid"), &mut &aggregator);
     }
     let allocations_before = ALLOCATIONS.load(Ordering::Relaxed);
     let started = Instant::now();
     for record in &records {
-        aggregator.record_received(true);
+        aggregator.records_received(1, 0);
         match decode(record) {
             Ok(record) => tracker.on_record(&record, &mut &aggregator),
             Err(_) => aggregator.record_undecodable(),

@@ -338,14 +338,11 @@ impl Aggregator {
         Ok(())
     }
 
-    /// Counts one record read from the ring buffer: a state transition (which the kernel
-    /// also counts, so received + lost adds up to its count) or a note.
-    pub fn record_received(&self, transition: bool) {
-        if transition {
-            self.events_received.inc();
-        } else {
-            self.notes_received.inc();
-        }
+    /// Counts records read from the ring buffer: state transitions (which the kernel also
+    /// counts, so received + lost adds up to its count) and notes.
+    pub fn records_received(&self, transitions: u64, notes: u64) {
+        self.events_received.inc_by(transitions);
+        self.notes_received.inc_by(notes);
     }
 
     /// Counts one record that failed to decode.
@@ -470,7 +467,7 @@ mod tests {
                 }
                 _ => fixture::bytes(&raw),
             };
-            aggregator.record_received(true);
+            aggregator.records_received(1, 0);
             tracker.on_record(&decode(&bytes).unwrap(), &mut &aggregator);
         }
         let reset = fixture::note(0, 0, note::RESET_SENT, 1);

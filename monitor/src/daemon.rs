@@ -104,12 +104,18 @@ impl Pipeline {
         })
     }
 
-    /// Drains one batch; returns how many records it took.
+    /// Drains one batch and publishes what it changed; returns how many records it took.
+    ///
+    /// The batch's records are counted as received last, after the tracker's gauges are
+    /// published: a scrape that sees them received (e.g. one waiting until received + lost
+    /// reaches the kernel's count) also sees everything they produced.
     fn drain_batch(&mut self, aggregator: &Aggregator, hub: &mut TailHub) -> usize {
         let Pipeline { source, tracker, recorder, summary, .. } = self;
         let mut sink = DaemonSink { aggregator, hub };
-        source.drain(BATCH_RECORDS, |bytes| {
+        let mut transitions = 0;
+        let taken = source.drain(BATCH_RECORDS, |bytes| {
             summary.received += 1;
+            transitions += u64::from(is_transition(bytes));
             if let Some(out) = recorder.as_mut() {
                 if let Err(e) = out.write(bytes) {
                     warn!("recording stopped: {e}");
@@ -129,11 +135,10 @@ impl Pipeline {
                     }
                 }
             }
-            // Counted once its observations are published: a scrape that sees this record
-            // received (e.g. one waiting until received + lost reaches the kernel's count)
-            // also sees everything it produced.
-            aggregator.record_received(is_transition(bytes));
-        })
+        });
+        aggregator.publish_tracker(tracker, unix_now());
+        aggregator.records_received(transitions, taken as u64 - transitions);
+        taken
     }
 
     /// Drains until the ring is empty, yielding between full batches.
@@ -183,7 +188,6 @@ impl Pipeline {
             unsafe { libc::malloc_trim(0) };
             self.capacity = capacity;
         }
-        aggregator.publish_tracker(&self.tracker, unix_now());
     }
 
     /// Runs until `control.stop` resolves (returning its reason), or until the last tail
@@ -230,7 +234,6 @@ impl Pipeline {
 
     fn finish(mut self, aggregator: &Aggregator, hub: &mut TailHub) -> Summary {
         while self.drain_batch(aggregator, hub) > 0 {}
-        aggregator.publish_tracker(&self.tracker, unix_now());
         if let Some(e) = self.recorder.as_mut().and_then(|out| out.flush().err()) {
             warn!("flushing the recording failed: {e}");
         }

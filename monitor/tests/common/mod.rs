@@ -171,10 +171,7 @@ impl Daemon {
                 .sum();
             let received = m["tcpmon_events_received_total"];
             if received == kernel - m["tcpmon_events_lost_total"] {
-                // The tracker's gauges are published when the drain pass ends, just after
-                // its last record is counted: give that pass a moment to finish.
-                thread::sleep(Duration::from_millis(50));
-                return self.scrape();
+                return m;
             }
             assert!(
                 Instant::now() < deadline,
