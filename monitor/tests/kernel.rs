@@ -69,6 +69,13 @@ fn check_own_traffic(ip: &str) {
         (1.0, 1.0),
         "{failures:?}"
     );
+    // Said with every bucket assertion below if one fails: a transition the kernel skipped
+    // the program for, or one seen out of order, removes an interval.
+    let why = format!(
+        "recursion misses +{}, inconsistent +{}",
+        d("tcpmon_bpf_recursion_misses_total"),
+        d("tcpmon_tracker_inconsistent_transitions_total")
+    );
     // Loopback handshakes take microseconds, far below 25 ms.
     assert_eq!(
         in_bucket(
@@ -79,12 +86,14 @@ fn check_own_traffic(ip: &str) {
             "0",
             "0.025"
         ),
-        n
+        n,
+        "{why}"
     );
     // The server sat 300 ms in CLOSE_WAIT: (0.25, 0.5] holds every one of them.
     assert_eq!(
         in_bucket(&before, &after, "tcpmon_close_wait_duration_seconds", "", "0.25", "0.5"),
-        n
+        n,
+        "{why}"
     );
     // Both teardowns span the 300 ms: the server's from the client's FIN to the final ACK, the
     // client's from its FIN to the server's FIN (it still held the socket, so no early TIME_WAIT).
@@ -97,7 +106,8 @@ fn check_own_traffic(ip: &str) {
             "0.25",
             "0.5"
         ),
-        n
+        n,
+        "{why}"
     );
     assert_eq!(
         in_bucket(
@@ -108,7 +118,8 @@ fn check_own_traffic(ip: &str) {
             "0.25",
             "0.5"
         ),
-        n
+        n,
+        "{why}"
     );
     assert_eq!(
         in_bucket(
@@ -119,7 +130,8 @@ fn check_own_traffic(ip: &str) {
             "0.1",
             "0.5"
         ),
-        n
+        n,
+        "{why}"
     );
     let (status, stderr, _) = daemon.stop();
     assert!(status.success(), "{stderr}");
@@ -159,10 +171,7 @@ fn sigterm_detaches_and_exits_zero_with_a_summary() {
 /// Runs `tcpmon run ARGS` (optionally as nobody, without capabilities) expecting it to fail.
 fn failed_run(unprivileged: bool, args: &[&str]) -> (Option<i32>, String) {
     let mut command = if unprivileged {
-        let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
-            .args(["--bounding-set=-all", env!("CARGO_BIN_EXE_tcpmon")]);
-        c
+        common::unprivileged_tcpmon()
     } else {
         Command::new(env!("CARGO_BIN_EXE_tcpmon"))
     };
@@ -320,7 +329,14 @@ fn slow_malformed_and_huge_requests_do_not_block_metrics_for_others() {
         Some(200)
     );
     drop(slow);
-    assert!(daemon.scrape()["tcpmon_events_received_total"] > 0.0);
+    let m = daemon.scrape();
+    assert!(
+        m["tcpmon_events_received_total"] > 0.0,
+        "{:?}",
+        m.iter()
+            .filter(|(k, _)| k.contains("received") || k.contains("transitions_total{"))
+            .collect::<Vec<_>>()
+    );
     let (status, stderr, _) = daemon.stop();
     assert!(status.success(), "{stderr}");
 }

@@ -56,18 +56,7 @@ fn check_tells_an_unprivileged_user_what_is_missing() {
     if !kernel_tests_enabled() {
         return;
     }
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
-        .arg(env!("CARGO_BIN_EXE_tcpmon"))
-        .arg("check")
-        .output()
-        .expect("setpriv (util-linux)");
+    let out = common::unprivileged_tcpmon().arg("check").output().expect("setpriv (util-linux)");
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(

@@ -26,6 +26,16 @@ pub fn kernel_tests_enabled() -> bool {
     panic!("kernel tests need root (CAP_BPF, CAP_PERFMON); set TCPMON_SKIP_KERNEL_TESTS=1 to skip them");
 }
 
+/// `tcpmon` run as nobody with no capabilities at all (setpriv, util-linux).
+pub fn unprivileged_tcpmon() -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["--inh-caps=-all", "--bounding-set=-all"])
+        .arg(env!("CARGO_BIN_EXE_tcpmon"));
+    command
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
