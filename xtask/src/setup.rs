@@ -27,8 +27,10 @@ const PACKAGES: &[&str] = &[
     // The end-to-end tests: a real Prometheus and promtool; systemd-analyze for the unit.
     "prometheus",
     "systemd",
-    // Namespace tests drop the first SYN or SYN-ACK with a firewall rule.
+    // Namespace tests drop the first SYN or SYN-ACK with a firewall rule, and set
+    // per-namespace sysctls (procps: sysctl).
     "nftables",
+    "procps",
 ];
 const LIBLLVM: &str = "/usr/lib/x86_64-linux-gnu/libLLVM.so.22.1";
 const BPF_LINKER_VERSION: &str = "0.10.4";
