@@ -206,6 +206,27 @@ pub struct KernelOffsets {
     pub bytes_retrans: u32,
     /// `struct sock.__sk_common.skc_flags` (`sk_flags`).
     pub sk_flags: u32,
+    /// `struct sock.__sk_common.skc_family`.
+    pub skc_family: u32,
+    /// `struct sock.__sk_common.skc_num`: local port, host byte order.
+    pub skc_num: u32,
+    /// `struct sock.__sk_common.skc_dport`: remote port, network byte order.
+    pub skc_dport: u32,
+    /// `struct sock.__sk_common.skc_rcv_saddr`: local IPv4 address.
+    pub skc_rcv_saddr: u32,
+    /// `struct sock.__sk_common.skc_daddr`: remote IPv4 address.
+    pub skc_daddr: u32,
+    /// `struct sock.__sk_common.skc_v6_rcv_saddr`: local IPv6 address.
+    pub skc_v6_rcv_saddr: u32,
+    /// `struct sock.__sk_common.skc_v6_daddr`: remote IPv6 address.
+    pub skc_v6_daddr: u32,
+    /// `struct sock.sk_protocol` (a plain `u16` since Linux 5.6; a bitfield before, then
+    /// unknown).
+    pub sk_protocol: u32,
+    /// `struct tcp_sock.inet_conn.icsk_inet.inet_sport`: local port, network byte order.
+    /// Unlike `skc_num`, which `inet_put_port()` zeroes before the state becomes CLOSE, it
+    /// keeps the port (the classic tracepoint reports this one).
+    pub inet_sport: u32,
     /// Explicit padding; always zero.
     pub _pad: u32,
 }
@@ -229,12 +250,44 @@ impl KernelOffsets {
         bytes_sent: OFFSET_UNKNOWN,
         bytes_retrans: OFFSET_UNKNOWN,
         sk_flags: OFFSET_UNKNOWN,
+        skc_family: OFFSET_UNKNOWN,
+        skc_num: OFFSET_UNKNOWN,
+        skc_dport: OFFSET_UNKNOWN,
+        skc_rcv_saddr: OFFSET_UNKNOWN,
+        skc_daddr: OFFSET_UNKNOWN,
+        skc_v6_rcv_saddr: OFFSET_UNKNOWN,
+        skc_v6_daddr: OFFSET_UNKNOWN,
+        sk_protocol: OFFSET_UNKNOWN,
+        inet_sport: OFFSET_UNKNOWN,
         _pad: 0,
     };
+
+    /// Whether every field the BTF state program reads from the socket is known: without
+    /// them only the classic tracepoint, which copies them for us, can run.
+    pub fn socket_fields_known(&self) -> bool {
+        [
+            self.skc_family,
+            self.skc_num,
+            self.skc_dport,
+            self.skc_rcv_saddr,
+            self.skc_daddr,
+            self.skc_v6_rcv_saddr,
+            self.skc_v6_daddr,
+            self.sk_protocol,
+            self.inet_sport,
+        ]
+        .iter()
+        .all(|&offset| offset != OFFSET_UNKNOWN)
+    }
 }
 
 /// `sock_err` value meaning "the program could not read `sk->sk_err`".
 pub const SOCK_ERR_UNKNOWN: i32 = -1;
+
+/// `AF_INET` from `<sys/socket.h>`.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6` from `<sys/socket.h>`.
+pub const AF_INET6: u16 = 10;
 
 /// `IPPROTO_TCP`: the tracepoint also reports SCTP and MPTCP sockets, which we skip.
 pub const IPPROTO_TCP: u16 = 6;
@@ -277,8 +330,10 @@ pub mod names {
     pub const TRANSITIONS_MAP: &str = "TRANSITIONS";
     /// Per-CPU `u64` counters indexed by [`super::counter`].
     pub const EVENT_COUNTERS_MAP: &str = "EVENT_COUNTERS";
-    /// The tracepoint program.
+    /// The classic tracepoint build of the state program.
     pub const STATE_PROGRAM: &str = "inet_sock_set_state";
+    /// The BTF tracepoint build of the state program.
+    pub const STATE_BTF_PROGRAM: &str = "inet_sock_set_state_btf";
     /// Global: the [`super::KernelOffsets`] of the running kernel.
     pub const OFFSETS_GLOBAL: &str = "OFFSETS";
     /// Tracepoint program on `tcp:tcp_retransmit_synack`.
@@ -381,7 +436,7 @@ mod tests {
         assert_eq!(size_of::<TcpStats>(), 56);
         assert_eq!(size_of::<StateEventWithStats>(), 152);
         assert_eq!(size_of::<SocketNote>(), 32);
-        assert_eq!(size_of::<KernelOffsets>(), 56);
+        assert_eq!(size_of::<KernelOffsets>(), 92);
         assert_eq!(size_of::<SynAckRetransmit>(), 56);
     }
 

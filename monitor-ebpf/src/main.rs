@@ -1,9 +1,12 @@
 //! The kernel side of tcpmon.
 //!
 //! The main program sits on `sock:inet_sock_set_state`. It counts every TCP transition in a
-//! per-CPU array (so the counts stay exact when the ring buffer is full), copies the record's
+//! per-CPU array (so the counts stay exact when the ring buffer is full), copies the socket's
 //! fields into a ring buffer entry, and submits it; at handshake completion and at CLOSE it
-//! adds the socket's `tcp_sock` counters. Three small programs add facts the state tracepoint
+//! adds the socket's `tcp_sock` counters. It comes in two builds of the same logic: a BTF
+//! tracepoint that reads the socket directly (preferred: no trace record is built, and its
+//! loads are plain memory loads the verifier checks against the kernel's BTF), and a classic
+//! tracepoint reading the trace record, for kernels where the BTF build does not load. Three small programs add facts the state tracepoint
 //! cannot show: SYN-ACK retransmissions with the first SYN-ACK's time
 //! (`tcp:tcp_retransmit_synack`) and resets sent and received (BTF tracepoints). All
 //! interpretation happens in userspace, where unit tests reach it.
@@ -12,7 +15,10 @@
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_skc_to_tcp_sock,
+        generated,
+    },
     macros::{btf_tracepoint, map, tracepoint},
     maps::{PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
@@ -21,7 +27,7 @@ use aya_ebpf::{
 use monitor_common::{
     counter, note, synack_layout as synack, tracepoint_layout as tp, transition_index,
     KernelOffsets, SocketNote, StateEvent, StateEventWithStats, SynAckRetransmit, TcpStats,
-    IPPROTO_TCP, OFFSET_UNKNOWN, SOCK_ERR_UNKNOWN, TRANSITION_SLOTS,
+    AF_INET, IPPROTO_TCP, OFFSET_UNKNOWN, SOCK_ERR_UNKNOWN, TRANSITION_SLOTS,
 };
 
 // The kernel's TCP states (include/net/tcp_states.h).
@@ -88,11 +94,40 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::UNKNOWN);
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: Global<u64> = Global::new(0);
 
+/// The classic build: fields come from the trace record the kernel fills for us.
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     // SAFETY: the loader verified these offsets against the event's `format` file; tracepoint
     // context loads at constant, aligned offsets are checked by the verifier.
-    unsafe { on_state_change(&ctx) };
+    unsafe {
+        let protocol: u16 = field(&ctx, tp::PROTOCOL);
+        if protocol != IPPROTO_TCP {
+            return 0;
+        }
+        let socket = TraceRecord { ctx: &ctx, skaddr: field(&ctx, tp::SKADDR) };
+        on_state_change(&socket, field(&ctx, tp::OLDSTATE), field(&ctx, tp::NEWSTATE));
+    }
+    0
+}
+
+/// The BTF build: `trace_inet_sock_set_state(sk, oldstate, newstate)`'s arguments, with the
+/// socket's fields read from the socket itself. The kernel skips building the trace record
+/// (`perf_trace_inet_sock_set_state`) for a raw attachment, and every read is a direct load.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
+    let sk: *const u8 = ctx.arg(0);
+    let socket = Direct(sk);
+    let offsets = OFFSETS.load();
+    // SAFETY: `sk` is the tracepoint's socket; the offsets come from this kernel's BTF and
+    // the verifier checks every load against it (the loader falls back to the classic build
+    // when it refuses).
+    unsafe {
+        let protocol: Option<u16> = socket.read(offsets.sk_protocol);
+        if protocol != Some(IPPROTO_TCP) {
+            return 0;
+        }
+        on_state_change(&socket, ctx.arg(1), ctx.arg(2));
+    }
     0
 }
 
@@ -122,48 +157,218 @@ fn bump(map: &PerCpuArray<u64>, index: u32) {
     }
 }
 
-/// Reads a `T` at `base + offset` of kernel memory; `None` when the offset is unknown or the
-/// read faults.
-#[inline(always)]
-unsafe fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
-    if offset == OFFSET_UNKNOWN || base == 0 {
-        return None;
+/// Reads kernel memory at known offsets from a base address.
+trait Reader: Sized {
+    /// The `T` at `offset` from the base; `None` when the offset is unknown, the base is
+    /// NULL or the read faults.
+    unsafe fn read<T: Copy>(&self, offset: u32) -> Option<T>;
+
+    /// A reader of the struct whose address is the pointer at `offset`.
+    unsafe fn follow(&self, offset: u32) -> Self;
+}
+
+/// Reads through `bpf_probe_read_kernel` from an untyped address (the classic build: the
+/// verifier knows nothing of the socket's type).
+#[derive(Clone, Copy)]
+struct Probe(u64);
+
+impl Reader for Probe {
+    #[inline(always)]
+    unsafe fn read<T: Copy>(&self, offset: u32) -> Option<T> {
+        if offset == OFFSET_UNKNOWN || self.0 == 0 {
+            return None;
+        }
+        unsafe { bpf_probe_read_kernel((self.0 + offset as u64) as *const T) }.ok()
     }
-    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.ok()
+
+    #[inline(always)]
+    unsafe fn follow(&self, offset: u32) -> Self {
+        Probe(unsafe { self.read(offset) }.unwrap_or(0))
+    }
+}
+
+/// Reads with plain loads from a BTF-typed pointer (the BTF build). The offsets live in the
+/// read-only, frozen `OFFSETS` map, so the verifier knows them as constants, checks each load
+/// against the kernel's BTF (field and size), and prunes the branches of unknown offsets; a
+/// faulting load reads 0 instead of crashing (`BPF_PROBE_MEM`).
+#[derive(Clone, Copy)]
+struct Direct(*const u8);
+
+impl Reader for Direct {
+    #[inline(always)]
+    unsafe fn read<T: Copy>(&self, offset: u32) -> Option<T> {
+        if offset == OFFSET_UNKNOWN || self.0.is_null() {
+            return None;
+        }
+        Some(unsafe { core::ptr::read_volatile(self.0.add(offset as usize).cast::<T>()) })
+    }
+
+    #[inline(always)]
+    unsafe fn follow(&self, offset: u32) -> Self {
+        Direct(unsafe { self.read::<*const u8>(offset) }.unwrap_or(core::ptr::null()))
+    }
+}
+
+/// The socket of one transition, as one build of the program sees it.
+trait Socket {
+    /// How the socket's memory is read.
+    type Reader: Reader;
+    /// The `struct sock` address: the connection's identity.
+    fn skaddr(&self) -> u64;
+    /// A reader of the `struct sock`.
+    fn sock(&self) -> Self::Reader;
+    /// A reader of the socket as `struct tcp_sock`.
+    unsafe fn tcp_sock(&self) -> Self::Reader;
+    /// Copies ports, family and both addresses into the record.
+    unsafe fn write_endpoints(&self, event: *mut StateEvent, offsets: &KernelOffsets);
+    /// Corrects what [`Socket::write_endpoints`] wrote for a transition to CLOSE, given the
+    /// socket as a `tcp_sock`.
+    unsafe fn fix_closing_endpoints(
+        &self,
+        _event: *mut StateEvent,
+        _tcp: &Self::Reader,
+        _offsets: &KernelOffsets,
+    ) {
+    }
+}
+
+/// The classic tracepoint's record.
+struct TraceRecord<'a> {
+    ctx: &'a TracePointContext,
+    skaddr: u64,
+}
+
+impl Socket for TraceRecord<'_> {
+    type Reader = Probe;
+
+    fn skaddr(&self) -> u64 {
+        self.skaddr
+    }
+
+    fn sock(&self) -> Probe {
+        Probe(self.skaddr)
+    }
+
+    unsafe fn tcp_sock(&self) -> Probe {
+        Probe(self.skaddr)
+    }
+
+    #[inline(always)]
+    unsafe fn write_endpoints(&self, event: *mut StateEvent, _offsets: &KernelOffsets) {
+        unsafe {
+            (*event).sport = field(self.ctx, tp::SPORT);
+            (*event).dport = field(self.ctx, tp::DPORT);
+            (*event).family = field(self.ctx, tp::FAMILY);
+            copy_addr(self.ctx, tp::SADDR_V6, &mut (*event).saddr);
+            copy_addr(self.ctx, tp::DADDR_V6, &mut (*event).daddr);
+        }
+    }
+}
+
+impl Socket for Direct {
+    type Reader = Direct;
+
+    /// `tcp_set_state(TCP_CLOSE)` releases the local port (`inet_put_port()` zeroes
+    /// `skc_num`) before the tracepoint runs; `inet_sport`, which the classic tracepoint
+    /// reports, still holds it.
+    #[inline(always)]
+    unsafe fn fix_closing_endpoints(
+        &self,
+        event: *mut StateEvent,
+        tcp: &Direct,
+        offsets: &KernelOffsets,
+    ) {
+        if let Some(sport) = unsafe { tcp.read::<u16>(offsets.inet_sport) } {
+            unsafe { (*event).sport = u16::from_be(sport) };
+        }
+    }
+
+    fn skaddr(&self) -> u64 {
+        self.0 as u64
+    }
+
+    fn sock(&self) -> Direct {
+        *self
+    }
+
+    #[inline(always)]
+    unsafe fn tcp_sock(&self) -> Direct {
+        // The verifier only allows loads inside the pointer's BTF type: `tcp_sock` fields lie
+        // past `struct sock`, so the pointer must be retyped (NULL unless a full TCP socket).
+        Direct(unsafe { bpf_skc_to_tcp_sock(self.0 as *mut _) } as *const u8)
+    }
+
+    /// Stores what `TP_STORE_ADDRS` (include/trace/events/sock.h) would: ports in host byte
+    /// order, and for `AF_INET` the IPv4-mapped IPv6 form of both addresses.
+    #[inline(always)]
+    unsafe fn write_endpoints(&self, event: *mut StateEvent, o: &KernelOffsets) {
+        unsafe {
+            let family: u16 = self.read(o.skc_family).unwrap_or(0);
+            let dport: u16 = self.read(o.skc_dport).unwrap_or(0);
+            (*event).sport = self.read(o.skc_num).unwrap_or(0);
+            (*event).dport = u16::from_be(dport);
+            (*event).family = family;
+            let saddr = (*event).saddr.as_mut_ptr().cast::<u64>();
+            let daddr = (*event).daddr.as_mut_ptr().cast::<u64>();
+            if family == AF_INET {
+                // ::ffff:a.b.c.d; little-endian u64 of bytes 8..16 = [0, 0, ff, ff, a, b, c, d].
+                let mapped = |v4: u32| 0xffff_0000u64 | (u64::from(v4) << 32);
+                core::ptr::write_unaligned(saddr, 0);
+                core::ptr::write_unaligned(
+                    saddr.add(1),
+                    mapped(self.read(o.skc_rcv_saddr).unwrap_or(0)),
+                );
+                core::ptr::write_unaligned(daddr, 0);
+                core::ptr::write_unaligned(
+                    daddr.add(1),
+                    mapped(self.read(o.skc_daddr).unwrap_or(0)),
+                );
+            } else {
+                let s = o.skc_v6_rcv_saddr;
+                let d = o.skc_v6_daddr;
+                core::ptr::write_unaligned(saddr, self.read(s).unwrap_or(0u64));
+                core::ptr::write_unaligned(
+                    saddr.add(1),
+                    self.read(s.wrapping_add(8)).unwrap_or(0u64),
+                );
+                core::ptr::write_unaligned(daddr, self.read(d).unwrap_or(0u64));
+                core::ptr::write_unaligned(
+                    daddr.add(1),
+                    self.read(d.wrapping_add(8)).unwrap_or(0u64),
+                );
+            }
+        }
+    }
 }
 
 /// Inode number of the socket's network namespace, 0 when unknown.
 #[inline(always)]
-unsafe fn netns_inum(skaddr: u64, offsets: &KernelOffsets) -> u32 {
-    unsafe {
-        let net: u64 = read_kernel(skaddr, offsets.skc_net).unwrap_or(0);
-        read_kernel(net, offsets.net_inum).unwrap_or(0)
-    }
+unsafe fn netns_inum<R: Reader>(sock: &R, offsets: &KernelOffsets) -> u32 {
+    unsafe { sock.follow(offsets.skc_net).read(offsets.net_inum).unwrap_or(0) }
 }
 
 /// The socket's counters: all of them at CLOSE; at handshake completion only the two the
-/// handshake needs (each read is a helper call, and this runs on 4 of a connection's ~10
-/// transitions).
+/// handshake needs (this runs on 4 of a connection's ~10 transitions).
 #[inline(always)]
-unsafe fn tcp_stats(skaddr: u64, offsets: &KernelOffsets, closing: bool) -> TcpStats {
+unsafe fn tcp_stats<R: Reader>(tcp: &R, offsets: &KernelOffsets, closing: bool) -> TcpStats {
     // `complete` tells userspace every read succeeded; otherwise it reports no counters
     // rather than zeros that would look real.
     let mut complete = 1;
-    let total_retrans = unsafe { read_or_flag(skaddr, offsets.total_retrans, &mut complete) };
-    let srtt_us_x8 = unsafe { read_or_flag(skaddr, offsets.srtt_us, &mut complete) };
+    let total_retrans = unsafe { read_or_flag(tcp, offsets.total_retrans, &mut complete) };
+    let srtt_us_x8 = unsafe { read_or_flag(tcp, offsets.srtt_us, &mut complete) };
     if !closing {
         return TcpStats { total_retrans, srtt_us_x8, complete, ..TcpStats::default() };
     }
     let c = &mut complete;
     let stats = unsafe {
         TcpStats {
-            bytes_acked: read_or_flag(skaddr, offsets.bytes_acked, c),
-            bytes_received: read_or_flag(skaddr, offsets.bytes_received, c),
-            bytes_sent: read_or_flag(skaddr, offsets.bytes_sent, c),
-            bytes_retrans: read_or_flag(skaddr, offsets.bytes_retrans, c),
-            segs_out: read_or_flag(skaddr, offsets.segs_out, c),
-            segs_in: read_or_flag(skaddr, offsets.segs_in, c),
-            sk_flags: read_or_flag(skaddr, offsets.sk_flags, c),
+            bytes_acked: read_or_flag(tcp, offsets.bytes_acked, c),
+            bytes_received: read_or_flag(tcp, offsets.bytes_received, c),
+            bytes_sent: read_or_flag(tcp, offsets.bytes_sent, c),
+            bytes_retrans: read_or_flag(tcp, offsets.bytes_retrans, c),
+            segs_out: read_or_flag(tcp, offsets.segs_out, c),
+            segs_in: read_or_flag(tcp, offsets.segs_in, c),
+            sk_flags: read_or_flag(tcp, offsets.sk_flags, c),
             total_retrans,
             srtt_us_x8,
             complete: 0,
@@ -172,10 +377,14 @@ unsafe fn tcp_stats(skaddr: u64, offsets: &KernelOffsets, closing: bool) -> TcpS
     TcpStats { complete, ..stats }
 }
 
-/// [`read_kernel`], or 0 with `complete` cleared.
+/// [`Reader::read`], or 0 with `complete` cleared.
 #[inline(always)]
-unsafe fn read_or_flag<T: Default>(base: u64, offset: u32, complete: &mut u32) -> T {
-    match unsafe { read_kernel(base, offset) } {
+unsafe fn read_or_flag<R: Reader, T: Copy + Default>(
+    tcp: &R,
+    offset: u32,
+    complete: &mut u32,
+) -> T {
+    match unsafe { tcp.read(offset) } {
         Some(value) => value,
         None => {
             *complete = 0;
@@ -203,14 +412,9 @@ fn wakeup_flags() -> u64 {
     }
 }
 
+/// What both builds do with a TCP transition: count it, and submit its record.
 #[inline(always)]
-unsafe fn on_state_change(ctx: &TracePointContext) {
-    let protocol: u16 = unsafe { field(ctx, tp::PROTOCOL) };
-    if protocol != IPPROTO_TCP {
-        return;
-    }
-    let oldstate: i32 = unsafe { field(ctx, tp::OLDSTATE) };
-    let newstate: i32 = unsafe { field(ctx, tp::NEWSTATE) };
+unsafe fn on_state_change<S: Socket>(socket: &S, oldstate: i32, newstate: i32) {
     match transition_index(oldstate, newstate) {
         Some(index) => bump(&TRANSITIONS, index),
         None => bump(&EVENT_COUNTERS, counter::STATE_OUT_OF_RANGE),
@@ -224,8 +428,13 @@ unsafe fn on_state_change(ctx: &TracePointContext) {
         };
         let record = entry.as_mut_ptr();
         unsafe {
-            fill(ctx, &raw mut (*record).event, oldstate, newstate, &offsets);
-            (*record).stats = tcp_stats((*record).event.skaddr, &offsets, newstate == TCP_CLOSE);
+            fill(socket, &raw mut (*record).event, oldstate, newstate, &offsets);
+            let tcp = socket.tcp_sock();
+            let closing = newstate == TCP_CLOSE;
+            if closing {
+                socket.fix_closing_endpoints(&raw mut (*record).event, &tcp, &offsets);
+            }
+            (*record).stats = tcp_stats(&tcp, &offsets, closing);
         }
         entry.submit(wakeup_flags());
     } else {
@@ -233,50 +442,42 @@ unsafe fn on_state_change(ctx: &TracePointContext) {
             bump(&EVENT_COUNTERS, counter::RING_RESERVE_FAILED);
             return;
         };
-        unsafe { fill(ctx, entry.as_mut_ptr(), oldstate, newstate, &offsets) };
+        unsafe { fill(socket, entry.as_mut_ptr(), oldstate, newstate, &offsets) };
         entry.submit(wakeup_flags());
     }
 }
 
 /// Writes the transition straight into its ring entry (no stack copy).
 #[inline(always)]
-unsafe fn fill(
-    ctx: &TracePointContext,
+unsafe fn fill<S: Socket>(
+    socket: &S,
     event: *mut StateEvent,
     oldstate: i32,
     newstate: i32,
     offsets: &KernelOffsets,
 ) {
-    let skaddr: u64 = unsafe { field(ctx, tp::SKADDR) };
+    let sock = socket.sock();
     let sock_err = if newstate == TCP_CLOSE {
-        if offsets.sk_err == OFFSET_UNKNOWN {
-            SOCK_ERR_UNKNOWN
-        } else {
-            unsafe { read_kernel(skaddr, offsets.sk_err) }.unwrap_or(SOCK_ERR_UNKNOWN)
-        }
+        unsafe { sock.read(offsets.sk_err) }.unwrap_or(SOCK_ERR_UNKNOWN)
     } else {
         0
     };
     // At birth for the tracker, and at CLOSE for sockets it first saw mid-life.
     let netns = if is_birth(oldstate, newstate) || newstate == TCP_CLOSE {
-        unsafe { netns_inum(skaddr, offsets) }
+        unsafe { netns_inum(&sock, offsets) }
     } else {
         0
     };
     unsafe {
         (*event).timestamp_ns = bpf_ktime_get_ns();
-        (*event).skaddr = skaddr;
+        (*event).skaddr = socket.skaddr();
         (*event).pid_tgid = 0;
         (*event).oldstate = oldstate;
         (*event).newstate = newstate;
         (*event).sock_err = sock_err;
-        (*event).sport = field(ctx, tp::SPORT);
-        (*event).dport = field(ctx, tp::DPORT);
-        (*event).family = field(ctx, tp::FAMILY);
         (*event)._pad0 = 0;
         (*event).netns = netns;
-        copy_addr(ctx, tp::SADDR_V6, &mut (*event).saddr);
-        copy_addr(ctx, tp::DADDR_V6, &mut (*event).daddr);
+        socket.write_endpoints(event, offsets);
         if runs_in_owner_context(oldstate, newstate) {
             (*event).pid_tgid = bpf_get_current_pid_tgid();
             generated::bpf_get_current_comm((*event).comm.as_mut_ptr().cast(), 16);
@@ -331,7 +532,7 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
     unsafe {
         let req: u64 = field(&ctx, synack::REQ);
         (*record).timestamp_ns = bpf_ktime_get_ns();
-        (*record).first_synack_us = read_kernel(req, OFFSETS.load().snt_synack).unwrap_or(0);
+        (*record).first_synack_us = Probe(req).read(OFFSETS.load().snt_synack).unwrap_or(0);
         (*record).sport = field(&ctx, synack::SPORT);
         (*record).dport = field(&ctx, synack::DPORT);
         (*record).family = field(&ctx, synack::FAMILY);

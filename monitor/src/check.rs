@@ -195,13 +195,18 @@ pub fn run_checks() -> Vec<Finding> {
 
     // The real thing, when it changes nothing on the host (no tracefs mount).
     if kernel_ok && can_load && tracefs.is_some() {
-        match loader::load(LoadOptions { ring_bytes: 64 * 1024, wakeup_bytes: 0 }) {
+        match loader::load(LoadOptions {
+            ring_bytes: 64 * 1024,
+            wakeup_bytes: 0,
+            hook: Default::default(),
+        }) {
             Ok(loaded) => {
+                let hook = loaded.hook.name();
                 drop(loaded);
                 findings.push(finding(
                     "trial load",
                     Status::Ok,
-                    "program loaded and attached, then detached",
+                    format!("program loaded and attached ({hook} build), then detached"),
                 ));
             }
             Err(e) => findings.push(finding("trial load", Status::Fail, format!("{e}"))),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
+pub use crate::loader::HookChoice;
 use crate::tail::filter::{parse_net, parse_outcome, parse_side, Filter, Subscribe, View};
 use crate::tail::record::PROTOCOL_VERSION;
 
@@ -95,6 +96,12 @@ pub struct RunArgs {
     /// netns="other". 0 (the default) turns them off.
     #[arg(long, env = "TCPMON_NETNS_LABELS", value_name = "N", default_value_t = 0)]
     pub netns_labels: usize,
+
+    /// Which build of the kernel program to attach: `btf` reads the socket directly and
+    /// costs least (Linux 5.10+ in practice); `tracepoint` is the classic tracepoint, which
+    /// needs tracefs; `auto` tries `btf` first.
+    #[arg(long, env = "TCPMON_HOOK", value_enum, default_value_t = HookChoice::Auto)]
+    pub hook: HookChoice,
 
     /// Also append every raw ring-buffer record to FILE, for replay tests and bug reports
     /// (contains addresses, ports and process names).

@@ -10,6 +10,7 @@
 //! low-latency = false
 //! max-sockets = 1048576
 //! netns-labels = 0      # split the main metrics by network namespace, for up to N of them
+//! hook = "auto"         # or "btf", "tracepoint": which build of the kernel program
 //! tail-socket = "/run/tcpmon/tail.sock"
 //! record = "/var/tmp/tcpmon.rec"   # raw records, for bug reports
 //! log-level = "info"
@@ -26,8 +27,9 @@ use clap::ArgMatches;
 use crate::cli::{parse_interval, parse_ring_bytes, Cli, LogFormat, RunArgs};
 
 /// Keys the file may hold.
-const KEYS: [&str; 10] = [
+const KEYS: [&str; 11] = [
     "listen",
+    "hook",
     "netns-labels",
     "record",
     "ring-bytes",
@@ -124,6 +126,10 @@ fn apply_run(run: &mut RunArgs, key: &str, value: &str) -> Result<(), String> {
             run.netns_labels = value.parse().map_err(|_| format!("`{value}` is not a count"))?
         }
         "record" => run.record = Some(value.into()),
+        "hook" => {
+            run.hook = clap::ValueEnum::from_str(value, false)
+                .map_err(|_| format!("`{value}` is not auto, btf or tracepoint"))?
+        }
         _ => {}
     }
     Ok(())
@@ -157,6 +163,8 @@ mod tests {
         assert_eq!(run(&cli).max_sockets, 5000);
         assert!(run(&cli).low_latency);
         assert_eq!(cli.log_format, LogFormat::Json);
+        let cli = parse(&["tcpmon", "run"], "hook = \"tracepoint\"").unwrap();
+        assert_eq!(run(&cli).hook, crate::loader::HookChoice::Tracepoint);
     }
 
     #[test]
@@ -165,6 +173,8 @@ mod tests {
         assert!(err.contains("unknown key `lisen`"), "{err}");
         let err = parse(&["tcpmon", "run"], "ring-bytes = \"3MiB\"").unwrap_err();
         assert!(err.contains("`ring-bytes`") && err.contains("power of two"), "{err}");
+        let err = parse(&["tcpmon", "run"], "hook = \"kprobe\"").unwrap_err();
+        assert!(err.contains("`hook`") && err.contains("auto, btf or tracepoint"), "{err}");
         let err = parse(&["tcpmon", "run"], "listen = [1, 2]").unwrap_err();
         assert!(err.contains("unexpected array"), "{err}");
         assert!(parse(&["tcpmon", "run"], "not toml at all =").is_err());

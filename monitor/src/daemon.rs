@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::aggregate::Aggregator;
 use crate::cli::RunArgs;
 use crate::decode::{decode, is_transition};
-use crate::loader::{self, LoadOptions, Loaded};
+use crate::loader::{self, HookChoice, LoadOptions, Loaded};
 use crate::metrics::{self, CounterSource, KernelCollector};
 use crate::snapshot;
 use crate::source::{Recorder, RingSource, BATCH_RECORDS};
@@ -41,12 +41,18 @@ pub struct PipelineOptions {
     pub max_sockets: usize,
     /// Where to record raw records, if anywhere.
     pub record: Option<PathBuf>,
+    /// Which build of the state program to attach.
+    pub hook: HookChoice,
 }
 
 impl PipelineOptions {
     /// Loads and attaches the eBPF program with these options.
     fn load(&self) -> anyhow::Result<Loaded> {
-        let options = LoadOptions { ring_bytes: self.ring_bytes, wakeup_bytes: self.wakeup_bytes };
+        let options = LoadOptions {
+            ring_bytes: self.ring_bytes,
+            wakeup_bytes: self.wakeup_bytes,
+            hook: self.hook,
+        };
         loader::load(options).context("loading the eBPF program")
     }
 
@@ -58,6 +64,7 @@ impl PipelineOptions {
             drain_interval: args.drain_interval,
             max_sockets: args.max_sockets,
             record: args.record.clone(),
+            hook: args.hook,
         }
     }
 }
@@ -323,6 +330,7 @@ impl Reloader {
             ("tail-socket", new.tail_socket != self.current.tail_socket),
             ("record", new.record != self.current.record),
             ("netns-labels", new.netns_labels != self.current.netns_labels),
+            ("hook", new.hook != self.current.hook),
         ];
         for (key, _) in fixed.iter().filter(|(_, differs)| *differs) {
             warn!("SIGHUP: `{key}` changed in {}; it takes effect at restart", path.display());
@@ -362,7 +370,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "daemon");
 
     let options = PipelineOptions::from_run(&args);
-    let Loaded { ebpf, ring, counters, reads_sock_err, enrichments } = options.load()?;
+    let Loaded { ebpf, ring, counters, reads_sock_err, enrichments, hook } = options.load()?;
     let collector = Arc::new(KernelCollector::new(counters).context("creating kernel metrics")?);
     registry
         .register(Box::new(SharedCollector(collector.clone())))
@@ -370,8 +378,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut pipeline = Pipeline::new(ring, &options)?;
     pipeline.load_snapshot(&aggregator, &mut hub).await;
     info!(
-        "attached to sock:inet_sock_set_state (ring {} KiB, {}; close reasons from sk_err: {}; \
+        "attached to sock:inet_sock_set_state ({} build; ring {} KiB, {}; close reasons from sk_err: {}; \
          SYN-ACK times: {}; reset direction: {}); metrics on http://{}/metrics, tails on {}",
+        hook.name(),
         args.ring_bytes / 1024,
         if args.low_latency {
             "wake-up per event".to_owned()

@@ -17,10 +17,7 @@ use monitor_common::{
 
 pub use monitor_common::TcpStats;
 
-/// `AF_INET` from `<sys/socket.h>`.
-pub const AF_INET: u16 = 2;
-/// `AF_INET6` from `<sys/socket.h>`.
-pub const AF_INET6: u16 = 10;
+pub use monitor_common::{AF_INET, AF_INET6};
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -107,6 +107,40 @@ pub struct LoadOptions {
     pub ring_bytes: u32,
     /// Wake userspace once this many bytes wait in the ring; 0 wakes it for every event.
     pub wakeup_bytes: u64,
+    /// Which build of the state program to attach.
+    pub hook: HookChoice,
+}
+
+/// Which build of the state program to attach to `sock:inet_sock_set_state`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HookChoice {
+    /// The BTF tracepoint, else the classic one.
+    #[default]
+    Auto,
+    /// Only the BTF tracepoint (`tp_btf`): reads the socket directly, skips the trace record.
+    Btf,
+    /// Only the classic tracepoint: needs tracefs; for kernels whose verifier refuses the
+    /// BTF build.
+    Tracepoint,
+}
+
+/// The build of the state program that is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// The BTF tracepoint (`tp_btf/inet_sock_set_state`).
+    Btf,
+    /// The classic tracepoint (`tracepoint/sock/inet_sock_set_state`).
+    Tracepoint,
+}
+
+impl Hook {
+    /// How logs and metrics name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Btf => "btf",
+            Hook::Tracepoint => "tracepoint",
+        }
+    }
 }
 
 /// The loaded, attached program and its maps.
@@ -121,6 +155,8 @@ pub struct Loaded {
     pub reads_sock_err: bool,
     /// Which enrichment programs are attached.
     pub enrichments: Enrichments,
+    /// Which build of the state program is attached.
+    pub hook: Hook,
 }
 
 /// In-kernel per-CPU counters, summed over CPUs when read, and the program's own statistics.
@@ -302,7 +338,7 @@ pub fn check_fields(
 
 /// The kernel struct fields the programs read, each as `(struct, member path)`, in the order
 /// of [`KernelOffsets`]' fields.
-pub const KERNEL_FIELDS: [(&str, &[&str]); 13] = [
+pub const KERNEL_FIELDS: [(&str, &[&str]); 22] = [
     ("sock", &["sk_err"]),
     ("sock", &["__sk_common", "skc_net"]),
     ("net", &["ns", "inum"]),
@@ -316,6 +352,15 @@ pub const KERNEL_FIELDS: [(&str, &[&str]); 13] = [
     ("tcp_sock", &["bytes_sent"]),
     ("tcp_sock", &["bytes_retrans"]),
     ("sock", &["__sk_common", "skc_flags"]),
+    ("sock", &["__sk_common", "skc_family"]),
+    ("sock", &["__sk_common", "skc_num"]),
+    ("sock", &["__sk_common", "skc_dport"]),
+    ("sock", &["__sk_common", "skc_rcv_saddr"]),
+    ("sock", &["__sk_common", "skc_daddr"]),
+    ("sock", &["__sk_common", "skc_v6_rcv_saddr"]),
+    ("sock", &["__sk_common", "skc_v6_daddr"]),
+    ("sock", &["sk_protocol"]),
+    ("tcp_sock", &["inet_conn", "icsk_inet", "inet_sport"]),
 ];
 
 /// The offsets found in the kernel's BTF, and a note for each field that was not.
@@ -347,7 +392,7 @@ pub fn kernel_offsets(btf_path: &Path) -> Result<OffsetReport, String> {
             Err(e) => missing.push(format!("struct {ty}.{}: {e}", path.join("."))),
         }
     }
-    let [sk_err, skc_net, net_inum, bytes_acked, bytes_received, segs_out, segs_in, total_retrans, srtt_us, snt_synack, bytes_sent, bytes_retrans, sk_flags] =
+    let [sk_err, skc_net, net_inum, bytes_acked, bytes_received, segs_out, segs_in, total_retrans, srtt_us, snt_synack, bytes_sent, bytes_retrans, sk_flags, skc_family, skc_num, skc_dport, skc_rcv_saddr, skc_daddr, skc_v6_rcv_saddr, skc_v6_daddr, sk_protocol, inet_sport] =
         found;
     let offsets = KernelOffsets {
         sk_err,
@@ -363,6 +408,15 @@ pub fn kernel_offsets(btf_path: &Path) -> Result<OffsetReport, String> {
         bytes_sent,
         bytes_retrans,
         sk_flags,
+        skc_family,
+        skc_num,
+        skc_dport,
+        skc_rcv_saddr,
+        skc_daddr,
+        skc_v6_rcv_saddr,
+        skc_v6_daddr,
+        sk_protocol,
+        inet_sport,
         _pad: 0,
     };
     Ok(OffsetReport { offsets, missing })
@@ -444,19 +498,11 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     if !Path::new(VMLINUX_BTF).exists() {
         return Err(LoadError::NoBtf { path: VMLINUX_BTF.into() });
     }
-    let (tracefs, mounted) = ensure_tracefs()?;
-    if mounted {
-        info!("tracefs was not mounted; mounted it at {TRACEFS} (the tracepoint attach needs it)");
+    // Only the classic tracepoints need tracefs: a failure matters once one of them does.
+    let tracefs = ensure_tracefs();
+    if let Ok((_, true)) = tracefs {
+        info!("tracefs was not mounted; mounted it at {TRACEFS} (tracepoint attachment needs it)");
     }
-    let format_path = Path::new(tracefs).join("events/sock/inet_sock_set_state/format");
-    let format = match fs::read_to_string(&format_path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Err(LoadError::Permission { what: "reading the tracepoint format" });
-        }
-        Err(_) => return Err(LoadError::MissingTracepoint { path: format_path }),
-    };
-    check_layout(&parse_format(&format)).map_err(LoadError::Layout)?;
 
     let report = kernel_offsets(Path::new(VMLINUX_BTF))
         .unwrap_or_else(|e| OffsetReport { offsets: KernelOffsets::UNKNOWN, missing: vec![e] });
@@ -480,21 +526,20 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         .load(EBPF_OBJECT)
         .map_err(|e| aya_error("loading the eBPF object", e))?;
 
-    let program: &mut TracePoint = ebpf
-        .program_mut(names::STATE_PROGRAM)
+    let hook =
+        attach_state_program(&mut ebpf, btf.as_ref(), &report.offsets, options.hook, &tracefs)?;
+    let program_name = match hook {
+        Hook::Btf => names::STATE_BTF_PROGRAM,
+        Hook::Tracepoint => names::STATE_PROGRAM,
+    };
+    let program_fd = ebpf
+        .program(program_name)
         .ok_or_else(|| LoadError::Layout("program missing from the eBPF object".into()))?
-        .try_into()
-        .map_err(|e| aya_error("finding the tracepoint program", e))?;
-    program.load().map_err(|e| aya_error("loading the program into the kernel", e))?;
-    program
-        .attach("sock", "inet_sock_set_state")
-        .map_err(|e| aya_error("attaching to sock:inet_sock_set_state", e))?;
-    let program_fd = program
         .fd()
         .and_then(|fd| fd.try_clone().map_err(Into::into))
         .map_err(|e| aya_error("duplicating the program fd", e))?;
 
-    let enrichments = attach_enrichments(&mut ebpf, btf.as_ref(), tracefs, &report.offsets);
+    let enrichments = attach_enrichments(&mut ebpf, btf.as_ref(), &tracefs, &report.offsets);
 
     let mut take = |name: &'static str| {
         ebpf.take_map(name)
@@ -516,7 +561,74 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         counters: KernelCounters { transitions, events, program: program_fd },
         reads_sock_err: report.reads_sock_err(),
         enrichments,
+        hook,
     })
+}
+
+/// Attaches the state program as `choice` asks: the BTF build when the kernel's verifier
+/// accepts it (checked by loading it), else the classic tracepoint.
+fn attach_state_program(
+    ebpf: &mut Ebpf,
+    btf: Option<&Btf>,
+    offsets: &KernelOffsets,
+    choice: HookChoice,
+    tracefs: &Result<(&'static str, bool), LoadError>,
+) -> Result<Hook, LoadError> {
+    if choice != HookChoice::Tracepoint {
+        match attach_btf_state_program(ebpf, btf, offsets) {
+            Ok(()) => return Ok(Hook::Btf),
+            Err(e) if choice == HookChoice::Btf => return Err(e),
+            Err(e) => info!("BTF tracepoint not usable ({e}); using the classic tracepoint"),
+        }
+    }
+    let tracefs = match tracefs {
+        Ok((root, _)) => *root,
+        Err(LoadError::Permission { what }) => return Err(LoadError::Permission { what }),
+        Err(LoadError::Tracefs { source }) => return Err(LoadError::Tracefs { source: *source }),
+        Err(e) => return Err(LoadError::Layout(e.to_string())),
+    };
+    let format_path = Path::new(tracefs).join("events/sock/inet_sock_set_state/format");
+    let format = match fs::read_to_string(&format_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(LoadError::Permission { what: "reading the tracepoint format" });
+        }
+        Err(_) => return Err(LoadError::MissingTracepoint { path: format_path }),
+    };
+    check_layout(&parse_format(&format)).map_err(LoadError::Layout)?;
+    let program: &mut TracePoint = ebpf
+        .program_mut(names::STATE_PROGRAM)
+        .ok_or_else(|| LoadError::Layout("program missing from the eBPF object".into()))?
+        .try_into()
+        .map_err(|e| aya_error("finding the tracepoint program", e))?;
+    program.load().map_err(|e| aya_error("loading the program into the kernel", e))?;
+    program
+        .attach("sock", "inet_sock_set_state")
+        .map_err(|e| aya_error("attaching to sock:inet_sock_set_state", e))?;
+    Ok(Hook::Tracepoint)
+}
+
+/// Loads and attaches `tp_btf/inet_sock_set_state`. It needs the kernel's BTF and every
+/// socket field's offset; the verifier then checks each load against the BTF.
+fn attach_btf_state_program(
+    ebpf: &mut Ebpf,
+    btf: Option<&Btf>,
+    offsets: &KernelOffsets,
+) -> Result<(), LoadError> {
+    let btf = btf.ok_or_else(|| LoadError::NoBtf { path: VMLINUX_BTF.into() })?;
+    if !offsets.socket_fields_known() {
+        return Err(LoadError::Layout("a socket field's offset is unknown".into()));
+    }
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(names::STATE_BTF_PROGRAM)
+        .ok_or_else(|| LoadError::Layout("program missing from the eBPF object".into()))?
+        .try_into()
+        .map_err(|e| aya_error("finding the BTF tracepoint program", e))?;
+    program
+        .load("inet_sock_set_state", btf)
+        .map_err(|e| aya_error("loading the BTF state program", e))?;
+    program.attach().map_err(|e| aya_error("attaching to tp_btf/inet_sock_set_state", e))?;
+    Ok(())
 }
 
 /// Which of the programs beside the state tracepoint are attached.
@@ -533,11 +645,19 @@ pub struct Enrichments {
 fn attach_enrichments(
     ebpf: &mut Ebpf,
     btf: Option<&Btf>,
-    tracefs: &str,
+    tracefs: &Result<(&'static str, bool), LoadError>,
     offsets: &KernelOffsets,
 ) -> Enrichments {
+    let tracefs = match tracefs {
+        Ok((root, _)) => *root,
+        Err(e) => {
+            warn!("{e}; SYN-ACK retransmissions are not seen");
+            ""
+        }
+    };
     let format = Path::new(tracefs).join("events/tcp/tcp_retransmit_synack/format");
     let synack = match fs::read_to_string(&format) {
+        Err(_) if tracefs.is_empty() => false,
         Err(e) => {
             warn!("{}: {e}; SYN-ACK retransmissions are not seen", format.display());
             false

@@ -147,6 +147,105 @@ fn counts_and_latencies_of_own_ipv6_connections() {
     check_own_traffic("[::1]");
 }
 
+/// One exchange of known sizes: the client sends 3 bytes and half-closes, the server answers
+/// with 5 and closes, the client reads to EOF and closes. Returns the endpoints each side's
+/// own socket reports, as (side, local, remote).
+fn exchange_known_endpoints(listener: &TcpListener) -> [(&'static str, String, String); 2] {
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    let ends = [
+        (
+            "active",
+            client.local_addr().unwrap().to_string(),
+            client.peer_addr().unwrap().to_string(),
+        ),
+        (
+            "passive",
+            server.local_addr().unwrap().to_string(),
+            server.peer_addr().unwrap().to_string(),
+        ),
+    ];
+    client.write_all(b"abc").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut up = Vec::new();
+    server.read_to_end(&mut up).unwrap();
+    assert_eq!(up, b"abc");
+    server.write_all(b"hello").unwrap();
+    drop(server);
+    let mut down = Vec::new();
+    client.read_to_end(&mut down).unwrap();
+    assert_eq!(down, b"hello");
+    ends
+}
+
+/// Both builds of the kernel program — the BTF tracepoint, which reads the socket itself, and
+/// the classic tracepoint, which reads the kernel's trace record — report exactly what the
+/// sockets report about themselves: addresses and ports of IPv4 and IPv6 connections, the
+/// local port of a refused connect (which the kernel releases before the CLOSE transition),
+/// payload sizes, owners and outcomes.
+#[test]
+fn both_builds_report_what_the_sockets_report() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let address = |ip: &str, port: u64| {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        std::net::SocketAddr::new(ip, port as u16).to_string()
+    };
+    for hook in ["btf", "tracepoint"] {
+        let daemon = Daemon::start(&["--hook", hook]);
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let v6 = TcpListener::bind("[::1]:0").unwrap();
+        let closed = free_port();
+        let ports = [v4.local_addr().unwrap().port(), v6.local_addr().unwrap().port(), closed];
+        let mut args = vec!["--json".to_owned(), "--count".to_owned(), "5".to_owned()];
+        for port in ports {
+            args.extend(["--port".to_owned(), port.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let tail = Tail::start(&daemon.tail_socket, &args, "following the daemon");
+
+        let mut expected = Vec::new();
+        expected.extend(exchange_known_endpoints(&v4));
+        expected.extend(exchange_known_endpoints(&v6));
+        let err = TcpStream::connect(("127.0.0.1", closed)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+
+        let records: Vec<serde_json::Value> =
+            tail.finish().iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let endpoints = |r: &serde_json::Value| {
+            (
+                r["side"].as_str().unwrap_or_default().to_owned(),
+                address(r["local_addr"].as_str().unwrap(), r["local_port"].as_u64().unwrap()),
+                address(r["remote_addr"].as_str().unwrap(), r["remote_port"].as_u64().unwrap()),
+            )
+        };
+        for (side, local, remote) in &expected {
+            let record = records
+                .iter()
+                .find(|r| endpoints(r) == (side.to_string(), local.clone(), remote.clone()))
+                .unwrap_or_else(|| panic!("{hook}: no {side} {local} -> {remote} in {records:#?}"));
+            let (sent, received) = if *side == "active" { (3, 5) } else { (5, 3) };
+            assert_eq!(record["bytes_sent"], sent, "{hook}: {record}");
+            assert_eq!(record["bytes_received"], received, "{hook}: {record}");
+            assert_eq!(record["outcome"], "fin", "{hook}: {record}");
+            assert_eq!(record["pid"], std::process::id(), "{hook}: {record}");
+        }
+        let refused = records
+            .iter()
+            .find(|r| r["outcome"] == "refused")
+            .unwrap_or_else(|| panic!("{hook}: no refused connect in {records:#?}"));
+        assert_eq!(refused["remote_port"], closed, "{hook}: {refused}");
+        assert_eq!(refused["remote_addr"], "127.0.0.1", "{hook}: {refused}");
+        assert_ne!(refused["local_port"], 0, "{hook}: the kernel had picked a port: {refused}");
+
+        let (status, stderr, _) = daemon.stop();
+        assert!(status.success(), "{stderr}");
+        assert!(stderr.contains(&format!("({hook} build;")), "{hook}: {stderr}");
+    }
+}
+
 #[test]
 fn sigterm_detaches_and_exits_zero_with_a_summary() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -157,15 +256,30 @@ fn sigterm_detaches_and_exits_zero_with_a_summary() {
         let out = Command::new("bpftool").args(["prog", "show"]).output().expect("bpftool");
         String::from_utf8_lossy(&out.stdout).matches("inet_sock_set_state").count()
     };
-    let before = programs();
+    // The kernel frees a detached program after an RCU grace period, so the previous test's
+    // may still be listed for a moment: wait (at most 5 s) for the count to reach `want`.
+    let settle = |want: Option<usize>| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut count = programs();
+        while want != Some(count) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            let next = programs();
+            if want.is_none() && next == count {
+                break;
+            }
+            count = next;
+        }
+        count
+    };
+    let before = settle(None);
     let mut daemon = Daemon::start(&[]);
     daemon.settled_scrape();
-    assert_eq!(programs(), before + 1, "the program is attached while running");
+    assert_eq!(settle(Some(before + 1)), before + 1, "the program is attached while running");
     let (status, stderr, elapsed) = daemon.stop();
     assert!(status.success(), "exit status {status}; stderr:\n{stderr}");
     assert!(stderr.contains("SIGTERM: detached and stopped"), "{stderr}");
     assert!(elapsed < Duration::from_secs(5), "took {elapsed:?} to stop");
-    assert_eq!(programs(), before, "no program left behind");
+    assert_eq!(settle(Some(before)), before, "no program left behind");
 }
 
 /// Runs `tcpmon run ARGS` (optionally as nobody, without capabilities) expecting it to fail.

@@ -88,6 +88,7 @@ pub async fn run(args: TailArgs) -> ExitCode {
                 drain_interval: parse_interval(DEFAULT_DRAIN_INTERVAL).expect("valid constant"),
                 max_sockets: crate::tracker::DEFAULT_MAX_SOCKETS,
                 record: None,
+                hook: Default::default(),
             };
             standalone = Some(tokio::spawn(daemon::standalone(
                 options,
