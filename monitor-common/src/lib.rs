@@ -322,10 +322,20 @@ pub mod counter {
     pub const SLOTS: u32 = 3;
 }
 
+/// Most ring buffers the programs use: one per CPU up to this many; more CPUs share them.
+pub const MAX_RINGS: usize = 16;
+
 /// Map and program names, so the loader and the eBPF program cannot drift apart.
 pub mod names {
-    /// The ring buffer carrying [`super::StateEvent`] records.
-    pub const EVENTS_MAP: &str = "EVENTS";
+    /// The ring buffers carrying the records, one per CPU: `EVENTS0` ..
+    /// `EVENTS{MAX_RINGS - 1}`.
+    pub const EVENTS_MAPS: [&str; super::MAX_RINGS] = [
+        "EVENTS0", "EVENTS1", "EVENTS2", "EVENTS3", "EVENTS4", "EVENTS5", "EVENTS6", "EVENTS7",
+        "EVENTS8", "EVENTS9", "EVENTS10", "EVENTS11", "EVENTS12", "EVENTS13", "EVENTS14",
+        "EVENTS15",
+    ];
+    /// Global: how many of the rings are in use.
+    pub const RINGS_GLOBAL: &str = "RINGS";
     /// Per-CPU `u64` counters, one per `(old, new)` state pair.
     pub const TRANSITIONS_MAP: &str = "TRANSITIONS";
     /// Per-CPU `u64` counters indexed by [`super::counter`].

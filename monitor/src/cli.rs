@@ -71,8 +71,9 @@ pub struct RunArgs {
     #[arg(long, env = "TCPMON_LISTEN", default_value = "127.0.0.1:9979")]
     pub listen: SocketAddr,
 
-    /// Ring buffer size between kernel and daemon: a power of two of at least 4KiB
-    /// (suffixes KiB, MiB accepted). Each transition takes 104 bytes.
+    /// Ring buffer bytes between kernel and daemon, shared evenly by one ring per CPU (up to
+    /// 16): a power of two of at least 4KiB (suffixes KiB, MiB accepted). Each transition
+    /// takes 104 bytes.
     #[arg(long, env = "TCPMON_RING_BYTES", default_value = DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     pub ring_bytes: u32,
 

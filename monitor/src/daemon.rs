@@ -19,7 +19,7 @@ use crate::decode::{decode, is_transition};
 use crate::loader::{self, HookChoice, LoadOptions, Loaded};
 use crate::metrics::{self, CounterSource, KernelCollector};
 use crate::snapshot;
-use crate::source::{Recorder, RingSource, BATCH_RECORDS};
+use crate::source::{Drained, Recorder, RingSource, BATCH_RECORDS};
 use crate::tail::hub::{self, DaemonSink, NewSubscriber, TailHub, TailMetrics};
 use crate::tail::record::WallClock;
 use crate::tracker::Tracker;
@@ -92,7 +92,7 @@ struct Pipeline {
 
 impl Pipeline {
     fn new(
-        ring: aya::maps::RingBuf<aya::maps::MapData>,
+        rings: Vec<aya::maps::RingBuf<aya::maps::MapData>>,
         options: &PipelineOptions,
     ) -> anyhow::Result<Self> {
         let recorder = match &options.record {
@@ -102,8 +102,8 @@ impl Pipeline {
             None => None,
         };
         Ok(Pipeline {
-            source: RingSource::new(ring, options.drain_interval)
-                .context("watching the ring buffer")?,
+            source: RingSource::new(rings, options.drain_interval, options.wakeup_bytes == 0)
+                .context("watching the ring buffers")?,
             tracker: Tracker::new(options.max_sockets),
             capacity: 0,
             recorder,
@@ -116,11 +116,26 @@ impl Pipeline {
     /// The batch's records are counted as received last, after the tracker's gauges are
     /// published: a scrape that sees them received (e.g. one waiting until received + lost
     /// reaches the kernel's count) also sees everything they produced.
-    fn drain_batch(&mut self, aggregator: &Aggregator, hub: &mut TailHub) -> usize {
+    fn drain_batch(&mut self, aggregator: &Aggregator, hub: &mut TailHub) -> Drained {
+        self.process_batch(aggregator, hub, false)
+    }
+
+    /// Hands the tracker the records still waiting for their turn (at shutdown).
+    fn flush_held(&mut self, aggregator: &Aggregator, hub: &mut TailHub) {
+        self.process_batch(aggregator, hub, true);
+    }
+
+    /// [`Pipeline::drain_batch`], or with `flush` everything held back.
+    fn process_batch(
+        &mut self,
+        aggregator: &Aggregator,
+        hub: &mut TailHub,
+        flush: bool,
+    ) -> Drained {
         let Pipeline { source, tracker, recorder, summary, .. } = self;
         let mut sink = DaemonSink { aggregator, hub };
         let mut transitions = 0;
-        let taken = source.drain(BATCH_RECORDS, |bytes| {
+        let each = |bytes: &[u8]| {
             summary.received += 1;
             transitions += u64::from(is_transition(bytes));
             if let Some(out) = recorder.as_mut() {
@@ -142,10 +157,15 @@ impl Pipeline {
                     }
                 }
             }
-        });
+        };
+        let drained = if flush {
+            Drained { handed: source.flush(each), more: false }
+        } else {
+            source.drain(BATCH_RECORDS, each)
+        };
         aggregator.publish_tracker(tracker, unix_now());
-        aggregator.records_received(transitions, taken as u64 - transitions);
-        taken
+        aggregator.records_received(transitions, drained.handed as u64 - transitions);
+        drained
     }
 
     /// Drains until the ring is empty, yielding between full batches.
@@ -162,12 +182,12 @@ impl Pipeline {
                 done = &mut task => break done.unwrap_or_default(),
                 ready = self.source.ready() => {
                     if ready.is_ok() {
-                        while self.drain_batch(aggregator, hub) == BATCH_RECORDS {}
+                        while self.drain_batch(aggregator, hub).more {}
                     }
                 }
             }
         };
-        while self.drain_batch(aggregator, hub) > 0 {}
+        while self.drain_batch(aggregator, hub).more {}
         let added = self.tracker.preload(&snapshot.sockets);
         for problem in &snapshot.problems {
             warn!("start-up snapshot incomplete: {problem}");
@@ -181,7 +201,7 @@ impl Pipeline {
     }
 
     async fn drain_all(&mut self, aggregator: &Aggregator, hub: &mut TailHub) {
-        while self.drain_batch(aggregator, hub) == BATCH_RECORDS {
+        while self.drain_batch(aggregator, hub).more {
             // A flood: let the HTTP server, tail writers and signals in between batches.
             tokio::task::yield_now().await;
         }
@@ -240,7 +260,8 @@ impl Pipeline {
     }
 
     fn finish(mut self, aggregator: &Aggregator, hub: &mut TailHub) -> Summary {
-        while self.drain_batch(aggregator, hub) > 0 {}
+        while self.drain_batch(aggregator, hub).more {}
+        self.flush_held(aggregator, hub);
         if let Some(e) = self.recorder.as_mut().and_then(|out| out.flush().err()) {
             warn!("flushing the recording failed: {e}");
         }
@@ -370,18 +391,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "daemon");
 
     let options = PipelineOptions::from_run(&args);
-    let Loaded { ebpf, ring, counters, reads_sock_err, enrichments, hook } = options.load()?;
+    let Loaded { ebpf, rings, counters, reads_sock_err, enrichments, hook } = options.load()?;
     let collector = Arc::new(KernelCollector::new(counters).context("creating kernel metrics")?);
     registry
         .register(Box::new(SharedCollector(collector.clone())))
         .context("registering kernel metrics")?;
-    let mut pipeline = Pipeline::new(ring, &options)?;
+    let ring_count = rings.len();
+    let mut pipeline = Pipeline::new(rings, &options)?;
     pipeline.load_snapshot(&aggregator, &mut hub).await;
     info!(
-        "attached to sock:inet_sock_set_state ({} build; ring {} KiB, {}; close reasons from sk_err: {}; \
+        "attached to sock:inet_sock_set_state ({} build; {} rings, {} KiB in all, {}; close reasons from sk_err: {}; \
          SYN-ACK times: {}; reset direction: {}); metrics on http://{}/metrics, tails on {}",
         hook.name(),
-        args.ring_bytes / 1024,
+        ring_count,
+        ring_count as u32 * loader::ring_layout(ring_count, args.ring_bytes).1 / 1024,
         if args.low_latency {
             "wake-up per event".to_owned()
         } else {
@@ -453,7 +476,7 @@ pub async fn standalone(options: PipelineOptions, client: NewSubscriber) -> anyh
     let aggregator = Aggregator::new(&registry)?;
     let mut hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "standalone");
     let loaded = options.load()?;
-    let mut pipeline = Pipeline::new(loaded.ring, &options)?;
+    let mut pipeline = Pipeline::new(loaded.rings, &options)?;
     pipeline.load_snapshot(&aggregator, &mut hub).await;
     hub.add(client);
     let (_keep, mut none) = mpsc::channel(1);

@@ -1,6 +1,7 @@
 //! tcpmon: TCP connection-state monitoring with eBPF.
 //!
-//! Data flows kernel → [`loader`] (attach) → [`source`] (ring buffer) → [`decode`] (bytes →
+//! Data flows kernel → [`loader`] (attach) → [`source`] (per-CPU ring buffers, merged back
+//! into time order by [`reorder`]) → [`decode`] (bytes →
 //! events) → [`tracker`] (per-socket state machine → observations) → [`aggregate`]
 //! (Prometheus metrics) → [`metrics`] (HTTP). Only `loader`, `source` and [`snapshot`] (the
 //! sockets that exist at start-up) touch the kernel; everything else is plain Rust driven by
@@ -15,6 +16,7 @@ pub mod decode;
 pub mod exit;
 pub mod loader;
 pub mod metrics;
+pub mod reorder;
 pub mod snapshot;
 pub mod source;
 pub mod tail;

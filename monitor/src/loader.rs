@@ -13,7 +13,7 @@ use aya::{Btf, Ebpf, EbpfLoader};
 use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
 use log::{info, warn};
 use monitor_common::{
-    counter, names, synack_layout, tracepoint_layout, KernelOffsets, OFFSET_UNKNOWN,
+    counter, names, synack_layout, tracepoint_layout, KernelOffsets, MAX_RINGS, OFFSET_UNKNOWN,
     TRANSITION_SLOTS,
 };
 
@@ -111,6 +111,19 @@ pub struct LoadOptions {
     pub hook: HookChoice,
 }
 
+/// How many ring buffers to use for `cpus` CPUs, and the size of each: one per CPU up to
+/// [`MAX_RINGS`], sharing `total_bytes` (a power of two) evenly, each a power of two of at
+/// least one page as the kernel requires.
+pub fn ring_layout(cpus: usize, total_bytes: u32) -> (usize, u32) {
+    let rings = cpus.clamp(1, MAX_RINGS);
+    let share = (total_bytes / rings as u32).max(PAGE_BYTES);
+    // Round down to a power of two: the sum stays within the budget.
+    (rings, 1 << (31 - share.leading_zeros()))
+}
+
+/// The smallest ring buffer: one page.
+const PAGE_BYTES: u32 = 4096;
+
 /// Which build of the state program to attach to `sock:inet_sock_set_state`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum HookChoice {
@@ -147,8 +160,8 @@ impl Hook {
 pub struct Loaded {
     /// Keeps the program (and its link) alive; dropping it detaches.
     pub ebpf: Ebpf,
-    /// The ring buffer of [`monitor_common::StateEvent`] records.
-    pub ring: RingBuf<MapData>,
+    /// The ring buffers in use, one per CPU (see [`ring_layout`]).
+    pub rings: Vec<RingBuf<MapData>>,
     /// The in-kernel counters.
     pub counters: KernelCounters,
     /// Whether `sk_err` is read (close reasons); false without kernel BTF.
@@ -518,13 +531,19 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
 
     // One parse of the kernel's BTF serves relocations and the BTF tracepoints.
     let btf = Btf::from_sys_fs().ok();
-    let mut ebpf = EbpfLoader::new()
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| aya_error(what, e))?;
+    let (rings, ring_bytes) = ring_layout(cpus, options.ring_bytes);
+    let rings_global = rings as u32;
+    let mut loader = EbpfLoader::new();
+    loader
         .btf(btf.as_ref())
         .override_global(names::OFFSETS_GLOBAL, &report.offsets, true)
         .override_global(names::WAKEUP_BYTES_GLOBAL, &options.wakeup_bytes, true)
-        .map_max_entries(names::EVENTS_MAP, options.ring_bytes)
-        .load(EBPF_OBJECT)
-        .map_err(|e| aya_error("loading the eBPF object", e))?;
+        .override_global(names::RINGS_GLOBAL, &rings_global, true);
+    for name in &names::EVENTS_MAPS[..rings] {
+        loader.map_max_entries(name, ring_bytes);
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| aya_error("loading the eBPF object", e))?;
 
     let hook =
         attach_state_program(&mut ebpf, btf.as_ref(), &report.offsets, options.hook, &tracefs)?;
@@ -545,8 +564,12 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         ebpf.take_map(name)
             .ok_or_else(|| LoadError::Layout(format!("map {name} missing from the eBPF object")))
     };
-    let ring = RingBuf::try_from(take(names::EVENTS_MAP)?)
-        .map_err(|e| aya_error("opening the ring buffer", e))?;
+    let rings = names::EVENTS_MAPS[..rings]
+        .iter()
+        .map(|name| {
+            RingBuf::try_from(take(name)?).map_err(|e| aya_error("opening a ring buffer", e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let transitions = PerCpuArray::try_from(take(names::TRANSITIONS_MAP)?)
         .map_err(|e| aya_error("opening the transition counters", e))?;
     let events = PerCpuArray::try_from(take(names::EVENT_COUNTERS_MAP)?)
@@ -557,7 +580,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     unsafe { libc::malloc_trim(0) };
     Ok(Loaded {
         ebpf,
-        ring,
+        rings,
         counters: KernelCounters { transitions, events, program: program_fd },
         reads_sock_err: report.reads_sock_err(),
         enrichments,
@@ -717,6 +740,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rings_are_one_per_cpu_and_share_the_budget() {
+        assert_eq!(ring_layout(1, 8 << 20), (1, 8 << 20));
+        assert_eq!(ring_layout(2, 8 << 20), (2, 4 << 20));
+        // Not a power of two: each ring rounds down, the sum stays within the budget.
+        assert_eq!(ring_layout(6, 8 << 20), (6, 1 << 20));
+        // More CPUs than rings share them.
+        assert_eq!(ring_layout(256, 8 << 20), (MAX_RINGS, 512 << 10));
+        // Never below a page.
+        assert_eq!(ring_layout(16, 4096), (16, 4096));
+        assert_eq!(ring_layout(0, 4096), (1, 4096));
+    }
 
     const FORMAT_6_18: &str = "name: inet_sock_set_state
 ID: 2287

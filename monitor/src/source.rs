@@ -1,38 +1,70 @@
-//! Where events come from: the kernel's ring buffer (drained in batches on tokio), or a
-//! recorded stream for tests and benchmarks. Both hand out raw record bytes; decoding is
-//! the caller's business.
+//! Where events come from: the kernel's per-CPU ring buffers (drained in batches on tokio and
+//! merged back into time order), or a recorded stream for tests and benchmarks. Both hand out
+//! raw record bytes; decoding is the caller's business.
 
 use std::fs::File;
+use std::future::poll_fn;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
+use std::task::Poll;
 use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
+use crate::reorder::{timestamp_of, Reorder};
+
 /// How many records one batch drains before the caller gets control back (so metrics
 /// scrapes and shutdown are served between batches under a flood).
 pub const BATCH_RECORDS: usize = 4096;
 
-/// The kernel ring buffer, registered with tokio's reactor.
+/// Records stamped within this long before a drain began wait for the next drain (see
+/// [`crate::reorder`]): it covers clock differences between CPUs.
+const CLOCK_MARGIN_NS: u64 = 100_000;
+
+/// In low-latency mode, how soon to drain again when records wait for their turn.
+const HELD_RETRY: Duration = Duration::from_millis(1);
+
+/// The kernel's ring buffers (one per CPU), registered with tokio's reactor.
 pub struct RingSource {
-    ring: AsyncFd<RingBuf<MapData>>,
+    rings: Vec<AsyncFd<RingBuf<MapData>>>,
     tick: tokio::time::Interval,
+    reorder: Reorder,
+    low_latency: bool,
+}
+
+/// What one drain did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Records handed to the caller.
+    pub handed: usize,
+    /// A ring had more records than one batch takes: drain again.
+    pub more: bool,
 }
 
 impl RingSource {
-    /// Registers `ring`. The producer only wakes us once `wakeup_bytes` are waiting (see the
+    /// Registers `rings`. The producer only wakes us once `wakeup_bytes` are waiting (see the
     /// eBPF program), so we also drain every `drain_interval` to bound the delay of a quiet
-    /// stream. Must be called inside a tokio runtime.
-    pub fn new(ring: RingBuf<MapData>, drain_interval: Duration) -> io::Result<Self> {
-        // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
-        // RingBuf (owned by the AsyncFd from here on) is dropped.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
+    /// stream; with `low_latency` (a wake-up per record) records that must wait for their
+    /// turn are drained again within a millisecond. Must be called inside a tokio runtime.
+    pub fn new(
+        rings: Vec<RingBuf<MapData>>,
+        drain_interval: Duration,
+        low_latency: bool,
+    ) -> io::Result<Self> {
+        let rings = rings
+            .into_iter()
+            .map(|ring| {
+                // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
+                // until the RingBuf (owned by the AsyncFd from here on) is dropped.
+                unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+                    .map_err(|e| e.into_parts().1)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
         let mut tick = tokio::time::interval(drain_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Ok(RingSource { ring, tick })
+        Ok(RingSource { rings, tick, reorder: Reorder::default(), low_latency })
     }
 
     /// Changes the longest wait between drains (config reload).
@@ -43,28 +75,83 @@ impl RingSource {
 
     /// Waits until records may be available: the kernel woke us, or the drain timer fired.
     pub async fn ready(&mut self) -> io::Result<()> {
-        tokio::select! {
-            guard = self.ring.readable_mut() => {
-                // Clear before draining: a record submitted during the drain re-arms it.
-                guard?.clear_ready();
+        let retry_held = self.low_latency && !self.reorder.is_empty();
+        let rings = &mut self.rings;
+        let woken = poll_fn(|cx| {
+            let mut any = false;
+            for ring in rings.iter_mut() {
+                if let Poll::Ready(guard) = ring.poll_read_ready_mut(cx) {
+                    // Clear before draining: a record submitted during the drain re-arms it.
+                    guard?.clear_ready();
+                    any = true;
+                }
             }
+            if any {
+                Poll::Ready(Ok::<(), io::Error>(()))
+            } else {
+                Poll::Pending
+            }
+        });
+        tokio::select! {
+            woken = woken => woken?,
             _ = self.tick.tick() => {}
+            _ = tokio::time::sleep(HELD_RETRY), if retry_held => {}
         }
         Ok(())
     }
 
-    /// Hands up to `max` waiting records to `each`; returns how many it handed out. Each
-    /// record's bytes are valid only during the call (the slot is released after it).
-    pub fn drain(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> usize {
-        let ring = self.ring.get_mut();
-        let mut count = 0;
-        while count < max {
-            let Some(record) = ring.next() else { break };
-            each(&record);
-            count += 1;
+    /// Reads up to `max` waiting records and hands `each` those whose turn has come, in the
+    /// order they happened (records still in flight on another CPU could precede the rest:
+    /// those wait for a later drain). Each record's bytes are valid only during the call.
+    pub fn drain(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> Drained {
+        if let [ring] = self.rings.as_mut_slice() {
+            // One ring is already in commit order.
+            let ring = ring.get_mut();
+            let mut handed = 0;
+            while handed < max {
+                let Some(record) = ring.next() else { break };
+                each(&record);
+                handed += 1;
+            }
+            return Drained { handed, more: handed == max };
         }
-        count
+        // Taken before any ring is read: every record stamped earlier that any of its
+        // socket's later records depends on is already committed (see `reorder`).
+        let mut watermark = monotonic_ns().saturating_sub(CLOCK_MARGIN_NS);
+        let per_ring = (max / self.rings.len()).max(1);
+        let mut more = false;
+        for ring in &mut self.rings {
+            let ring = ring.get_mut();
+            let mut read = 0;
+            let mut last = 0;
+            while read < per_ring {
+                let Some(record) = ring.next() else { break };
+                last = timestamp_of(&record);
+                self.reorder.push(&record);
+                read += 1;
+            }
+            if read == per_ring {
+                // Cut short: what is still in this ring is stamped later than what was read.
+                more = true;
+                watermark = watermark.min(last);
+            }
+        }
+        Drained { handed: self.reorder.release(watermark, each), more }
     }
+
+    /// Hands out every record still waiting for its turn (at shutdown, after the rings are
+    /// drained).
+    pub fn flush(&mut self, each: impl FnMut(&[u8])) -> usize {
+        self.reorder.release_all(each)
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid timespec to write; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// First bytes of a recording file; the format is this magic, then per record a
@@ -139,7 +226,7 @@ impl ReplaySource {
         ReplaySource { records, position: 0 }
     }
 
-    /// Same contract as [`RingSource::drain`].
+    /// Hands up to `max` records to `each`, in recorded order; returns how many.
     pub fn drain(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> usize {
         let end = (self.position + max).min(self.records.len());
         for record in &self.records[self.position..end] {

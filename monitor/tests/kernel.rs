@@ -531,6 +531,10 @@ fn under_churn_concurrent_scrapes_and_two_tails_keep_working_and_nothing_goes_un
     // softirq interrupting it on the same CPU: `bpf_prog_active`) is counted as a recursion
     // miss; each costs at most its connection's two records per tail.
     let misses = delta(&before, &after, "tcpmon_bpf_recursion_misses_total");
+    // Both CPUs ran transitions into their own rings: merged back, every socket's sequence is
+    // whole and in order (a skipped transition can break at most its own socket's).
+    let inconsistent = delta(&before, &after, "tcpmon_tracker_inconsistent_transitions_total");
+    assert!(inconsistent <= 2.0 * misses, "{inconsistent} inconsistent, {misses} misses");
     let queued = delta(&before, &after, "tcpmon_tail_records_sent_total");
     let dropped = delta(&before, &after, "tcpmon_tail_records_dropped_total");
     assert!(
