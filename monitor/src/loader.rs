@@ -105,7 +105,8 @@ fn aya_error(
 pub struct LoadOptions {
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
     pub ring_bytes: u32,
-    /// Wake userspace once this many bytes wait in the ring; 0 wakes it for every event.
+    /// Wake userspace once this many bytes wait in a ring (at most a quarter of each ring is
+    /// used); 0 wakes it for every event.
     pub wakeup_bytes: u64,
     /// Which build of the state program to attach.
     pub hook: HookChoice,
@@ -534,11 +535,13 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| aya_error(what, e))?;
     let (rings, ring_bytes) = ring_layout(cpus, options.ring_bytes);
     let rings_global = rings as u32;
+    // The threshold applies to each ring: at most a quarter of one.
+    let wakeup_bytes = options.wakeup_bytes.min(u64::from(ring_bytes) / 4);
     let mut loader = EbpfLoader::new();
     loader
         .btf(btf.as_ref())
         .override_global(names::OFFSETS_GLOBAL, &report.offsets, true)
-        .override_global(names::WAKEUP_BYTES_GLOBAL, &options.wakeup_bytes, true)
+        .override_global(names::WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
         .override_global(names::RINGS_GLOBAL, &rings_global, true);
     for name in &names::EVENTS_MAPS[..rings] {
         loader.map_max_entries(name, ring_bytes);

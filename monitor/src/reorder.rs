@@ -13,23 +13,29 @@
 //! rings were read, hence is in hand and sorts first. Records stamped at or after W wait for
 //! the next drain. (A small margin covers clock differences between CPUs.)
 //!
-//! Held records are copied into one reused buffer, so after warm-up nothing is allocated.
+//! Each ring's records are kept in a queue of their own, in ring order, and the queues are
+//! merged by timestamp: no sort, and each held record is copied once (plus once more if it
+//! has to wait for the next drain). After warm-up nothing is allocated.
 
-/// Records not yet handed out, in one reused byte buffer.
+/// Records not yet handed out: one queue per ring.
 #[derive(Debug, Default)]
 pub struct Reorder {
-    bytes: Vec<u8>,
-    held: Vec<Held>,
-    next_sequence: u64,
+    queues: Vec<Queue>,
 }
 
-/// Where one held record is in `bytes`, and what it sorts by.
+/// One ring's records not yet handed out, in ring order, in a reused byte buffer.
+#[derive(Debug, Default)]
+struct Queue {
+    bytes: Vec<u8>,
+    held: Vec<Held>,
+    /// Index in `held` of the next record to hand out.
+    head: usize,
+}
+
+/// Where one held record is in its queue's `bytes`, and what it sorts by.
 #[derive(Clone, Copy, Debug)]
 struct Held {
     timestamp_ns: u64,
-    /// Arrival order: keeps ring order among equal timestamps (and is what an unstable sort,
-    /// which allocates nothing, needs to be stable).
-    sequence: u64,
     start: usize,
     len: usize,
 }
@@ -40,21 +46,46 @@ pub fn timestamp_of(record: &[u8]) -> u64 {
     record.get(..8).map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
 }
 
-impl Reorder {
-    /// Copies `record` in until [`Reorder::release`] hands it out.
-    pub fn push(&mut self, record: &[u8]) {
-        self.held.push(Held {
-            timestamp_ns: timestamp_of(record),
-            sequence: self.next_sequence,
-            start: self.bytes.len(),
-            len: record.len(),
-        });
-        self.next_sequence += 1;
-        self.bytes.extend_from_slice(record);
+impl Queue {
+    fn next_timestamp(&self) -> Option<u64> {
+        self.held.get(self.head).map(|h| h.timestamp_ns)
     }
 
-    /// Hands `each` every held record stamped before `watermark_ns`, oldest first; keeps the
-    /// others. Returns how many it handed out.
+    /// Drops what was handed out; the rest moves to the front (it is contiguous: the end).
+    fn compact(&mut self) {
+        let Some(first) = self.held.get(self.head).map(|h| h.start) else {
+            self.bytes.clear();
+            self.held.clear();
+            self.head = 0;
+            return;
+        };
+        self.bytes.drain(..first);
+        self.held.drain(..self.head);
+        for h in &mut self.held {
+            h.start -= first;
+        }
+        self.head = 0;
+    }
+}
+
+impl Reorder {
+    /// Copies `record`, read from ring `ring`, in until it is handed out. Records of one
+    /// ring must be pushed in ring order.
+    pub fn push(&mut self, ring: usize, record: &[u8]) {
+        if ring >= self.queues.len() {
+            self.queues.resize_with(ring + 1, Queue::default);
+        }
+        let queue = &mut self.queues[ring];
+        queue.held.push(Held {
+            timestamp_ns: timestamp_of(record),
+            start: queue.bytes.len(),
+            len: record.len(),
+        });
+        queue.bytes.extend_from_slice(record);
+    }
+
+    /// Hands `each` the held records stamped before `watermark_ns`, oldest first across
+    /// rings (ring order within one); keeps the others. Returns how many it handed out.
     pub fn release(&mut self, watermark_ns: u64, each: impl FnMut(&[u8])) -> usize {
         self.release_where(|timestamp_ns| timestamp_ns < watermark_ns, each)
     }
@@ -65,41 +96,41 @@ impl Reorder {
     }
 
     fn release_where(&mut self, due: impl Fn(u64) -> bool, mut each: impl FnMut(&[u8])) -> usize {
-        self.held.sort_unstable_by_key(|h| (h.timestamp_ns, h.sequence));
-        let released = self.held.partition_point(|h| due(h.timestamp_ns));
-        for h in &self.held[..released] {
-            each(&self.bytes[h.start..h.start + h.len]);
+        let mut released = 0;
+        loop {
+            // The queue whose next record is oldest (the first such queue on a tie).
+            let mut oldest: Option<(u64, usize)> = None;
+            for (ring, queue) in self.queues.iter().enumerate() {
+                if let Some(timestamp_ns) = queue.next_timestamp() {
+                    if oldest.is_none_or(|(best, _)| timestamp_ns < best) {
+                        oldest = Some((timestamp_ns, ring));
+                    }
+                }
+            }
+            let Some((timestamp_ns, ring)) = oldest else { break };
+            if !due(timestamp_ns) {
+                break;
+            }
+            let queue = &mut self.queues[ring];
+            let h = queue.held[queue.head];
+            each(&queue.bytes[h.start..h.start + h.len]);
+            queue.head += 1;
+            released += 1;
         }
-        self.held.drain(..released);
-        self.compact();
+        for queue in &mut self.queues {
+            queue.compact();
+        }
         released
     }
 
     /// How many records are held.
     pub fn len(&self) -> usize {
-        self.held.len()
+        self.queues.iter().map(|q| q.held.len() - q.head).sum()
     }
 
     /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
-    }
-
-    /// Moves the kept records to the front of the buffer, in their (sorted) order.
-    fn compact(&mut self) {
-        if self.held.is_empty() {
-            self.bytes.clear();
-            return;
-        }
-        // Kept records go after the current bytes, then the front is dropped: one copy each,
-        // no allocation once the buffer has grown to its working size.
-        let old_len = self.bytes.len();
-        for h in &mut self.held {
-            let start = self.bytes.len();
-            self.bytes.extend_from_within(h.start..h.start + h.len);
-            h.start = start - old_len;
-        }
-        self.bytes.drain(..old_len);
+        self.len() == 0
     }
 }
 
@@ -123,85 +154,90 @@ mod tests {
     #[test]
     fn records_come_out_in_timestamp_order_whatever_ring_they_came_from() {
         let mut reorder = Reorder::default();
-        // Ring 0 drained first holds the later transition of a socket whose earlier one ran
+        // Ring 0, drained first, holds the later transitions of a socket whose first one ran
         // on CPU 1.
-        reorder.push(&record(30, b'b', 96));
-        reorder.push(&record(40, b'c', 152));
-        reorder.push(&record(10, b'a', 96));
-        reorder.push(&record(35, b'n', 32));
+        reorder.push(0, &record(30, b'b', 96));
+        reorder.push(0, &record(40, b'c', 152));
+        reorder.push(1, &record(10, b'a', 96));
+        reorder.push(1, &record(35, b'n', 32));
         let out = released(&mut reorder, 100);
-        assert_eq!(
-            out,
-            vec![
-                record(10, b'a', 96),
-                record(30, b'b', 96),
-                record(35, b'n', 32),
-                record(40, b'c', 152)
-            ]
-        );
+        let expected = [(10, b'a', 96), (30, b'b', 96), (35, b'n', 32), (40, b'c', 152)];
+        assert_eq!(out, expected.map(|(t, tag, len)| record(t, tag, len)).to_vec());
         assert!(reorder.is_empty());
     }
 
     #[test]
     fn records_at_or_after_the_watermark_wait_for_the_next_drain() {
         let mut reorder = Reorder::default();
-        reorder.push(&record(50, b'x', 96));
-        reorder.push(&record(20, b'y', 96));
-        reorder.push(&record(60, b'z', 56));
+        reorder.push(0, &record(20, b'y', 96));
+        reorder.push(0, &record(50, b'x', 96));
+        reorder.push(1, &record(60, b'z', 56));
         assert_eq!(released(&mut reorder, 50), vec![record(20, b'y', 96)]);
         assert_eq!(reorder.len(), 2);
-        // The next drain brings an earlier record of another ring: it still goes first.
-        reorder.push(&record(45, b'w', 96));
+        // Anything stamped before the watermark was in hand (see the module docs); what the
+        // next drain brings interleaves with what waited.
+        reorder.push(0, &record(55, b'w', 96));
+        reorder.push(1, &record(70, b'v', 96));
         assert_eq!(
             released(&mut reorder, 1000),
-            vec![record(45, b'w', 96), record(50, b'x', 96), record(60, b'z', 56)]
+            vec![
+                record(50, b'x', 96),
+                record(55, b'w', 96),
+                record(60, b'z', 56),
+                record(70, b'v', 96)
+            ]
         );
     }
 
     #[test]
-    fn equal_timestamps_keep_arrival_order() {
+    fn one_ring_keeps_its_order_and_ties_go_to_the_lower_ring() {
         let mut reorder = Reorder::default();
-        for tag in [b'p', b'q', b'r', b's'] {
-            reorder.push(&record(7, tag, 32));
+        for tag in [b'p', b'q'] {
+            reorder.push(1, &record(7, tag, 32));
         }
+        reorder.push(0, &record(7, b'o', 32));
         let tags: Vec<u8> = released(&mut reorder, 8).iter().map(|r| r[8]).collect();
-        assert_eq!(tags, b"pqrs");
+        assert_eq!(tags, b"opq");
     }
 
     #[test]
     fn short_records_sort_first_and_are_handed_out_unchanged() {
         let mut reorder = Reorder::default();
-        reorder.push(&record(5, b'a', 96));
-        reorder.push(&[1, 2, 3]);
+        reorder.push(0, &record(5, b'a', 96));
+        reorder.push(1, &[1, 2, 3]);
         assert_eq!(released(&mut reorder, 6), vec![vec![1, 2, 3], record(5, b'a', 96)]);
     }
 
     #[test]
     fn release_all_hands_out_even_the_newest() {
         let mut reorder = Reorder::default();
-        reorder.push(&record(u64::MAX, b'm', 96));
-        reorder.push(&record(3, b'k', 96));
+        reorder.push(0, &record(u64::MAX, b'm', 96));
+        reorder.push(1, &record(3, b'k', 96));
         let mut out = Vec::new();
         assert_eq!(reorder.release_all(|r| out.push(r.to_vec())), 2);
         assert_eq!(out, vec![record(3, b'k', 96), record(u64::MAX, b'm', 96)]);
+        assert!(reorder.is_empty());
     }
 
     #[test]
-    fn the_buffer_is_reused_once_warm() {
+    fn the_buffers_are_reused_once_warm() {
         let mut reorder = Reorder::default();
-        for round in 0..50u64 {
+        let round = |reorder: &mut Reorder, n: u64| {
             for i in 0..100u64 {
-                reorder.push(&record(round * 1000 + (i * 7919) % 100, b'r', 96));
+                reorder.push((i % 2) as usize, &record(n * 1000 + i, b'r', 96));
             }
-            released(&mut reorder, round * 1000 + 50);
+            released(reorder, n * 1000 + 50);
+        };
+        for n in 0..50 {
+            round(&mut reorder, n);
         }
-        let capacity = (reorder.bytes.capacity(), reorder.held.capacity());
-        for round in 50..100u64 {
-            for i in 0..100u64 {
-                reorder.push(&record(round * 1000 + (i * 7919) % 100, b'r', 96));
-            }
-            released(&mut reorder, round * 1000 + 50);
+        let capacity = |r: &Reorder| -> Vec<(usize, usize)> {
+            r.queues.iter().map(|q| (q.bytes.capacity(), q.held.capacity())).collect()
+        };
+        let warm = capacity(&reorder);
+        for n in 50..100 {
+            round(&mut reorder, n);
         }
-        assert_eq!((reorder.bytes.capacity(), reorder.held.capacity()), capacity);
+        assert_eq!(capacity(&reorder), warm);
     }
 }

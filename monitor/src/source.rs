@@ -120,14 +120,14 @@ impl RingSource {
         let mut watermark = monotonic_ns().saturating_sub(CLOCK_MARGIN_NS);
         let per_ring = (max / self.rings.len()).max(1);
         let mut more = false;
-        for ring in &mut self.rings {
+        for (index, ring) in self.rings.iter_mut().enumerate() {
             let ring = ring.get_mut();
             let mut read = 0;
             let mut last = 0;
             while read < per_ring {
                 let Some(record) = ring.next() else { break };
                 last = timestamp_of(&record);
-                self.reorder.push(&record);
+                self.reorder.push(index, &record);
                 read += 1;
             }
             if read == per_ring {
