@@ -122,6 +122,13 @@ pub fn ring_layout(cpus: usize, total_bytes: u32) -> (usize, u32) {
     (rings, 1 << (31 - share.leading_zeros()))
 }
 
+/// The wake-up threshold each ring gets for a `requested` one (0: wake for every record):
+/// at most a quarter of the ring, or a ring smaller than the threshold would never wake the
+/// daemon and only its drain timer would empty it.
+pub fn wakeup_threshold(requested: u64, ring_bytes: u32) -> u64 {
+    requested.min(u64::from(ring_bytes) / 4)
+}
+
 /// The smallest ring buffer: one page.
 const PAGE_BYTES: u32 = 4096;
 
@@ -535,8 +542,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| aya_error(what, e))?;
     let (rings, ring_bytes) = ring_layout(cpus, options.ring_bytes);
     let rings_global = rings as u32;
-    // The threshold applies to each ring: at most a quarter of one.
-    let wakeup_bytes = options.wakeup_bytes.min(u64::from(ring_bytes) / 4);
+    let wakeup_bytes = wakeup_threshold(options.wakeup_bytes, ring_bytes);
     let mut loader = EbpfLoader::new();
     loader
         .btf(btf.as_ref())
@@ -755,6 +761,14 @@ mod tests {
         // Never below a page.
         assert_eq!(ring_layout(16, 4096), (16, 4096));
         assert_eq!(ring_layout(0, 4096), (1, 4096));
+    }
+
+    #[test]
+    fn each_ring_wakes_the_daemon_by_a_quarter_full() {
+        // `--ring-bytes 8MiB` asks for 2 MiB; 16 rings of 512 KiB wake at 128 KiB each.
+        assert_eq!(wakeup_threshold(2 << 20, 512 << 10), 128 << 10);
+        assert_eq!(wakeup_threshold(2 << 20, 8 << 20), 2 << 20);
+        assert_eq!(wakeup_threshold(0, 4 << 20), 0);
     }
 
     const FORMAT_6_18: &str = "name: inet_sock_set_state
