@@ -70,14 +70,16 @@ impl Queue {
 
 impl Reorder {
     /// Copies `record`, read from ring `ring`, in until it is handed out. Records of one
-    /// ring must be pushed in ring order.
-    pub fn push(&mut self, ring: usize, record: &[u8]) {
+    /// ring must be pushed in ring order. A stamp later than `now_ns` cannot come from the
+    /// kernel's clock; it counts as `now_ns`, so a damaged record cannot hold its ring's
+    /// queue back forever.
+    pub fn push(&mut self, ring: usize, record: &[u8], now_ns: u64) {
         if ring >= self.queues.len() {
             self.queues.resize_with(ring + 1, Queue::default);
         }
         let queue = &mut self.queues[ring];
         queue.held.push(Held {
-            timestamp_ns: timestamp_of(record),
+            timestamp_ns: timestamp_of(record).min(now_ns),
             start: queue.bytes.len(),
             len: record.len(),
         });
@@ -156,10 +158,10 @@ mod tests {
         let mut reorder = Reorder::default();
         // Ring 0, drained first, holds the later transitions of a socket whose first one ran
         // on CPU 1.
-        reorder.push(0, &record(30, b'b', 96));
-        reorder.push(0, &record(40, b'c', 152));
-        reorder.push(1, &record(10, b'a', 96));
-        reorder.push(1, &record(35, b'n', 32));
+        reorder.push(0, &record(30, b'b', 96), u64::MAX);
+        reorder.push(0, &record(40, b'c', 152), u64::MAX);
+        reorder.push(1, &record(10, b'a', 96), u64::MAX);
+        reorder.push(1, &record(35, b'n', 32), u64::MAX);
         let out = released(&mut reorder, 100);
         let expected = [(10, b'a', 96), (30, b'b', 96), (35, b'n', 32), (40, b'c', 152)];
         assert_eq!(out, expected.map(|(t, tag, len)| record(t, tag, len)).to_vec());
@@ -169,15 +171,15 @@ mod tests {
     #[test]
     fn records_at_or_after_the_watermark_wait_for_the_next_drain() {
         let mut reorder = Reorder::default();
-        reorder.push(0, &record(20, b'y', 96));
-        reorder.push(0, &record(50, b'x', 96));
-        reorder.push(1, &record(60, b'z', 56));
+        reorder.push(0, &record(20, b'y', 96), u64::MAX);
+        reorder.push(0, &record(50, b'x', 96), u64::MAX);
+        reorder.push(1, &record(60, b'z', 56), u64::MAX);
         assert_eq!(released(&mut reorder, 50), vec![record(20, b'y', 96)]);
         assert_eq!(reorder.len(), 2);
         // Anything stamped before the watermark was in hand (see the module docs); what the
         // next drain brings interleaves with what waited.
-        reorder.push(0, &record(55, b'w', 96));
-        reorder.push(1, &record(70, b'v', 96));
+        reorder.push(0, &record(55, b'w', 96), u64::MAX);
+        reorder.push(1, &record(70, b'v', 96), u64::MAX);
         assert_eq!(
             released(&mut reorder, 1000),
             vec![
@@ -193,9 +195,9 @@ mod tests {
     fn one_ring_keeps_its_order_and_ties_go_to_the_lower_ring() {
         let mut reorder = Reorder::default();
         for tag in [b'p', b'q'] {
-            reorder.push(1, &record(7, tag, 32));
+            reorder.push(1, &record(7, tag, 32), u64::MAX);
         }
-        reorder.push(0, &record(7, b'o', 32));
+        reorder.push(0, &record(7, b'o', 32), u64::MAX);
         let tags: Vec<u8> = released(&mut reorder, 8).iter().map(|r| r[8]).collect();
         assert_eq!(tags, b"opq");
     }
@@ -203,16 +205,26 @@ mod tests {
     #[test]
     fn short_records_sort_first_and_are_handed_out_unchanged() {
         let mut reorder = Reorder::default();
-        reorder.push(0, &record(5, b'a', 96));
-        reorder.push(1, &[1, 2, 3]);
+        reorder.push(0, &record(5, b'a', 96), u64::MAX);
+        reorder.push(1, &[1, 2, 3], u64::MAX);
         assert_eq!(released(&mut reorder, 6), vec![vec![1, 2, 3], record(5, b'a', 96)]);
+    }
+
+    #[test]
+    fn a_stamp_from_the_future_does_not_hold_its_ring_back() {
+        let mut reorder = Reorder::default();
+        reorder.push(0, &record(u64::MAX - 1, b'f', 96), 1_000);
+        reorder.push(0, &record(900, b'g', 96), 1_000);
+        // Stamped "now": released by the next drain's watermark, and what follows with it.
+        assert_eq!(released(&mut reorder, 1_000).len(), 0);
+        assert_eq!(released(&mut reorder, 2_000).len(), 2);
     }
 
     #[test]
     fn release_all_hands_out_even_the_newest() {
         let mut reorder = Reorder::default();
-        reorder.push(0, &record(u64::MAX, b'm', 96));
-        reorder.push(1, &record(3, b'k', 96));
+        reorder.push(0, &record(u64::MAX, b'm', 96), u64::MAX);
+        reorder.push(1, &record(3, b'k', 96), u64::MAX);
         let mut out = Vec::new();
         assert_eq!(reorder.release_all(|r| out.push(r.to_vec())), 2);
         assert_eq!(out, vec![record(3, b'k', 96), record(u64::MAX, b'm', 96)]);
@@ -224,7 +236,7 @@ mod tests {
         let mut reorder = Reorder::default();
         let round = |reorder: &mut Reorder, n: u64| {
             for i in 0..100u64 {
-                reorder.push((i % 2) as usize, &record(n * 1000 + i, b'r', 96));
+                reorder.push((i % 2) as usize, &record(n * 1000 + i, b'r', 96), u64::MAX);
             }
             released(reorder, n * 1000 + 50);
         };

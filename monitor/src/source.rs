@@ -117,7 +117,8 @@ impl RingSource {
         }
         // Taken before any ring is read: every record stamped earlier that any of its
         // socket's later records depends on is already committed (see `reorder`).
-        let mut watermark = monotonic_ns().saturating_sub(CLOCK_MARGIN_NS);
+        let now = monotonic_ns();
+        let mut watermark = now.saturating_sub(CLOCK_MARGIN_NS);
         let per_ring = (max / self.rings.len()).max(1);
         let mut more = false;
         for (index, ring) in self.rings.iter_mut().enumerate() {
@@ -127,7 +128,7 @@ impl RingSource {
             while read < per_ring {
                 let Some(record) = ring.next() else { break };
                 last = timestamp_of(&record);
-                self.reorder.push(index, &record);
+                self.reorder.push(index, &record, now + CLOCK_MARGIN_NS);
                 read += 1;
             }
             if read == per_ring {
