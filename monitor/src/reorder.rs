@@ -70,16 +70,16 @@ impl Queue {
 
 impl Reorder {
     /// Copies `record`, read from ring `ring`, in until it is handed out. Records of one
-    /// ring must be pushed in ring order. A stamp later than `now_ns` cannot come from the
-    /// kernel's clock; it counts as `now_ns`, so a damaged record cannot hold its ring's
-    /// queue back forever.
-    pub fn push(&mut self, ring: usize, record: &[u8], now_ns: u64) {
+    /// ring must be pushed in ring order. `read_by_ns` is a time taken after the record was
+    /// read: a later stamp cannot come from the kernel's clock and counts as `read_by_ns`,
+    /// so a damaged record cannot hold its ring's queue back forever.
+    pub fn push(&mut self, ring: usize, record: &[u8], read_by_ns: u64) {
         if ring >= self.queues.len() {
             self.queues.resize_with(ring + 1, Queue::default);
         }
         let queue = &mut self.queues[ring];
         queue.held.push(Held {
-            timestamp_ns: timestamp_of(record).min(now_ns),
+            timestamp_ns: timestamp_of(record).min(read_by_ns),
             start: queue.bytes.len(),
             len: record.len(),
         });

@@ -28,10 +28,97 @@ const HELD_RETRY: Duration = Duration::from_millis(1);
 
 /// The kernel's ring buffers (one per CPU), registered with tokio's reactor.
 pub struct RingSource {
-    rings: Vec<AsyncFd<RingBuf<MapData>>>,
+    rings: Vec<Ring>,
     tick: tokio::time::Interval,
     reorder: Reorder,
     low_latency: bool,
+}
+
+/// One ring, what is left in it, and the stamp of the last record read from it.
+struct Ring {
+    ring: AsyncFd<RingBuf<MapData>>,
+    positions: Positions,
+    last_timestamp_ns: u64,
+}
+
+/// Read-only views of a ring buffer's consumer and producer positions (the first two pages
+/// of the map, as libbpf and aya map them), to tell a drained ring from one whose reader
+/// stopped early.
+///
+/// The reader stops at the first record still being written (its BUSY bit set). Records
+/// committed after it stay out of sight until it is committed: a program interrupted
+/// between reserve and submit by a softirq that runs the programs again (BTF tracepoints do
+/// nest) leaves every record of that softirq behind its own.
+struct Positions {
+    consumer: *mut libc::c_void,
+    producer: *mut libc::c_void,
+    page: usize,
+}
+
+// SAFETY: the mappings are read-only views owned by this value; reading them from any thread
+// is as safe as from the one that made them.
+unsafe impl Send for Positions {}
+
+impl Positions {
+    fn map(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .map_err(|_| io::Error::other("page size unknown"))?;
+        let map_page = |index: usize| -> io::Result<*mut libc::c_void> {
+            // SAFETY: a fresh read-only shared mapping of one page of the map's fd; the kernel
+            // checks the offset and protection (ringbuf_map_mmap).
+            let address = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    page,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    (index * page) as libc::off_t,
+                )
+            };
+            if address == libc::MAP_FAILED {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(address)
+            }
+        };
+        let consumer = map_page(0)?;
+        let producer = match map_page(1) {
+            Ok(producer) => producer,
+            Err(e) => {
+                // SAFETY: `consumer` was mapped just above with this length.
+                unsafe { libc::munmap(consumer, page) };
+                return Err(e);
+            }
+        };
+        Ok(Positions { consumer, producer, page })
+    }
+
+    /// Whether records (committed or not) are left past the consumer position.
+    fn unread(&self) -> bool {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // SAFETY: both pages stay mapped while `self` lives and start with the position, an
+        // aligned word the kernel and aya update atomically.
+        let (producer, consumer) = unsafe {
+            (
+                (*self.producer.cast::<AtomicUsize>()).load(Ordering::Acquire),
+                (*self.consumer.cast::<AtomicUsize>()).load(Ordering::Acquire),
+            )
+        };
+        producer != consumer
+    }
+}
+
+impl Drop for Positions {
+    fn drop(&mut self) {
+        // SAFETY: both were mapped by `Positions::map` with this length and are not used after.
+        unsafe {
+            libc::munmap(self.consumer, self.page);
+            libc::munmap(self.producer, self.page);
+        }
+    }
 }
 
 /// What one drain did.
@@ -56,10 +143,13 @@ impl RingSource {
         let rings = rings
             .into_iter()
             .map(|ring| {
+                use std::os::fd::AsFd;
+                let positions = Positions::map(ring.as_fd())?;
                 // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
                 // until the RingBuf (owned by the AsyncFd from here on) is dropped.
-                unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-                    .map_err(|e| e.into_parts().1)
+                let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+                    .map_err(|e| e.into_parts().1)?;
+                Ok(Ring { ring, positions, last_timestamp_ns: 0 })
             })
             .collect::<io::Result<Vec<_>>>()?;
         let mut tick = tokio::time::interval(drain_interval);
@@ -80,7 +170,7 @@ impl RingSource {
         let woken = poll_fn(|cx| {
             let mut any = false;
             for ring in rings.iter_mut() {
-                if let Poll::Ready(guard) = ring.poll_read_ready_mut(cx) {
+                if let Poll::Ready(guard) = ring.ring.poll_read_ready_mut(cx) {
                     // Clear before draining: a record submitted during the drain re-arms it.
                     guard?.clear_ready();
                     any = true;
@@ -106,7 +196,7 @@ impl RingSource {
     pub fn drain(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> Drained {
         if let [ring] = self.rings.as_mut_slice() {
             // One ring is already in commit order.
-            let ring = ring.get_mut();
+            let ring = ring.ring.get_mut();
             let mut handed = 0;
             while handed < max {
                 let Some(record) = ring.next() else { break };
@@ -122,19 +212,28 @@ impl RingSource {
         let per_ring = (max / self.rings.len()).max(1);
         let mut more = false;
         for (index, ring) in self.rings.iter_mut().enumerate() {
-            let ring = ring.get_mut();
+            let Ring { ring: fd, positions, last_timestamp_ns } = ring;
+            let reader = fd.get_mut();
             let mut read = 0;
-            let mut last = 0;
+            // Records are stamped up to the moment they are read, which is after `now`:
+            // the bound for impossible stamps is taken per batch of reads, after them.
+            let mut read_by = monotonic_ns() + CLOCK_MARGIN_NS;
             while read < per_ring {
-                let Some(record) = ring.next() else { break };
-                last = timestamp_of(&record);
-                self.reorder.push(index, &record, now + CLOCK_MARGIN_NS);
+                let Some(record) = reader.next() else { break };
+                if timestamp_of(&record) > read_by {
+                    read_by = monotonic_ns() + CLOCK_MARGIN_NS;
+                }
+                *last_timestamp_ns = timestamp_of(&record).min(read_by);
+                self.reorder.push(index, &record, read_by);
                 read += 1;
             }
-            if read == per_ring {
-                // Cut short: what is still in this ring is stamped later than what was read.
-                more = true;
-                watermark = watermark.min(last);
+            more |= read == per_ring;
+            if positions.unread() {
+                // Cut short, or stopped at a record still being written with committed ones
+                // possibly behind it: what is left was stamped after the last record read
+                // (a record committed behind a busy one was written by a program nested
+                // inside that one's, after it reserved). Nothing later may go out yet.
+                watermark = watermark.min(*last_timestamp_ns);
             }
         }
         Drained { handed: self.reorder.release(watermark, each), more }

@@ -787,13 +787,15 @@ impl Tracker {
             Some(entry) if phase(event.old) >= phase(entry.state) => {
                 // Events were lost in between; every anchor kept is still a real time.
                 self.stats.inconsistent += 1;
+                log_out_of_sequence(self.stats.inconsistent, event, entry.state);
                 (*entry, false)
             }
             tracked => {
                 // Unknown socket, or a new socket at a reused address whose birth was lost:
                 // start from what this event shows, with no anchors.
-                if tracked.is_some() {
+                if let Some(tracked) = tracked {
                     self.stats.inconsistent += 1;
+                    log_out_of_sequence(self.stats.inconsistent, event, tracked.state);
                     self.stats.replaced_stale += 1;
                 } else {
                     self.stats.first_seen_midlife += 1;
@@ -1059,6 +1061,22 @@ impl Tracker {
             self.remove(key);
         }
         self.stats.evicted_capacity += count as u64;
+    }
+}
+
+/// Logs the first few out-of-sequence transitions in full (they are rare, and each is worth
+/// a look: a lost transition, or a kernel path that changes state without the tracepoint).
+fn log_out_of_sequence(count: u64, event: &Event, tracked: TcpState) {
+    if count <= 8 {
+        log::info!(
+            "out-of-sequence transition {:?} -> {:?} of socket {:#x} ({} -> {}), tracked in \
+             {tracked:?} (#{count}; only the first 8 are logged)",
+            event.old,
+            event.new,
+            event.skaddr,
+            event.endpoints.local(),
+            event.endpoints.remote(),
+        );
     }
 }
 

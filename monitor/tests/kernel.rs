@@ -500,7 +500,7 @@ fn under_churn_concurrent_scrapes_and_two_tails_keep_working_and_nothing_goes_un
             })
         })
         .collect();
-    churn_on(listener, CONNECTIONS, 2);
+    churn_on(listener, CONNECTIONS, 4);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let results: Vec<(u32, u32)> = scrapers.into_iter().map(|s| s.join().unwrap()).collect();
     assert!(results.iter().all(|&(ok, failed)| ok > 0 && failed == 0), "scrapes: {results:?}");
@@ -531,10 +531,14 @@ fn under_churn_concurrent_scrapes_and_two_tails_keep_working_and_nothing_goes_un
     // softirq interrupting it on the same CPU: `bpf_prog_active`) is counted as a recursion
     // miss; each costs at most its connection's two records per tail.
     let misses = delta(&before, &after, "tcpmon_bpf_recursion_misses_total");
-    // Both CPUs ran transitions into their own rings: merged back, every socket's sequence is
-    // whole and in order (a skipped transition can break at most its own socket's).
+    // Both CPUs ran transitions into their own rings, merged back by timestamp. Merged in the
+    // wrong order, about two transitions per connection look out of sequence (measured:
+    // 380,494 in 5 s of churn); a skipped transition breaks at most its own socket's.
     let inconsistent = delta(&before, &after, "tcpmon_tracker_inconsistent_transitions_total");
-    assert!(inconsistent <= 2.0 * misses, "{inconsistent} inconsistent, {misses} misses");
+    if inconsistent > 2.0 * misses {
+        let (_, stderr, _) = daemon.stop();
+        panic!("{inconsistent} inconsistent, {misses} misses; daemon log:\n{stderr}");
+    }
     let queued = delta(&before, &after, "tcpmon_tail_records_sent_total");
     let dropped = delta(&before, &after, "tcpmon_tail_records_dropped_total");
     assert!(

@@ -106,6 +106,8 @@ pub fn run(minutes: u64) -> Result<()> {
     let received = metric(&text, "tcpmon_events_received_total").unwrap_or(0.0);
     let lost = metric(&text, "tcpmon_events_lost_total").unwrap_or(0.0);
     let misses = metric(&text, "tcpmon_bpf_recursion_misses_total").unwrap_or(0.0);
+    let inconsistent =
+        metric(&text, "tcpmon_tracker_inconsistent_transitions_total").unwrap_or(0.0);
     for mut process in processes.drain(..).rev() {
         stop(&mut process, libc::SIGTERM);
     }
@@ -122,7 +124,8 @@ pub fn run(minutes: u64) -> Result<()> {
     );
     println!(
         "soak: {received:.0} events received + {lost:.0} lost = {:.0}; the kernel counted \
-         {kernel:.0}; {misses:.0} recursion misses; scrapes {} ok, {} failed",
+         {kernel:.0}; {misses:.0} recursion misses; {inconsistent:.0} out-of-sequence \
+         transitions; scrapes {} ok, {} failed",
         received + lost,
         scrapes.load(Ordering::Relaxed),
         failures.load(Ordering::Relaxed)
@@ -130,6 +133,11 @@ pub fn run(minutes: u64) -> Result<()> {
     let mut problems = Vec::new();
     if received + lost != kernel {
         problems.push(format!("{} events unaccounted for", kernel - received - lost));
+    }
+    // The per-CPU rings are merged back by timestamp: a merge error shows as transitions out
+    // of sequence (a skipped transition can make at most two).
+    if inconsistent > 2.0 * misses {
+        problems.push(format!("{inconsistent:.0} transitions out of sequence"));
     }
     if failures.load(Ordering::Relaxed) > 0 {
         problems.push("some scrapes failed".to_owned());
