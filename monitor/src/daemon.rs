@@ -391,7 +391,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "daemon");
 
     let options = PipelineOptions::from_run(&args);
-    let Loaded { ebpf, rings, counters, reads_sock_err, enrichments, hook } = options.load()?;
+    let Loaded { ebpf, rings, ring_bytes, counters, reads_sock_err, enrichments, hook } =
+        options.load()?;
     let collector = Arc::new(KernelCollector::new(counters).context("creating kernel metrics")?);
     registry
         .register(Box::new(SharedCollector(collector.clone())))
@@ -400,11 +401,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut pipeline = Pipeline::new(rings, &options)?;
     pipeline.load_snapshot(&aggregator, &mut hub).await;
     info!(
-        "attached to sock:inet_sock_set_state ({} build; {} rings, {} KiB in all, {}; close reasons from sk_err: {}; \
+        "attached to sock:inet_sock_set_state ({} build; {} rings of {} KiB, {}; close reasons from sk_err: {}; \
          SYN-ACK times: {}; reset direction: {}); metrics on http://{}/metrics, tails on {}",
         hook.name(),
         ring_count,
-        ring_count as u32 * loader::ring_layout(ring_count, args.ring_bytes).1 / 1024,
+        ring_bytes / 1024,
         if args.low_latency {
             "wake-up per event".to_owned()
         } else {

@@ -170,6 +170,8 @@ pub struct Loaded {
     pub ebpf: Ebpf,
     /// The ring buffers in use, one per CPU (see [`ring_layout`]).
     pub rings: Vec<RingBuf<MapData>>,
+    /// The size of each ring, bytes.
+    pub ring_bytes: u32,
     /// The in-kernel counters.
     pub counters: KernelCounters,
     /// Whether `sk_err` is read (close reasons); false without kernel BTF.
@@ -259,12 +261,13 @@ fn program_info(fd: BorrowedFd<'_>) -> std::io::Result<bpf_prog_info> {
     Ok(info)
 }
 
-/// Mounts tracefs at [`TRACEFS`] unless it is already mounted where aya looks for it.
-/// Returns where it is mounted, and whether we mounted it.
-pub fn ensure_tracefs() -> Result<(&'static str, bool), LoadError> {
+/// Mounts tracefs at [`TRACEFS`] unless it is already mounted where aya looks for it (and
+/// says so when it mounts it). Returns where it is mounted. Only the classic tracepoints need
+/// it, so it is called where one is attached.
+pub fn ensure_tracefs() -> Result<&'static str, LoadError> {
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     if let Some(root) = tracefs_mount(&mounts) {
-        return Ok((root, false));
+        return Ok(root);
     }
     nix::mount::mount(
         Some("tracefs"),
@@ -279,7 +282,8 @@ pub fn ensure_tracefs() -> Result<(&'static str, bool), LoadError> {
         nix::Error::EPERM => LoadError::Permission { what: "mounting tracefs" },
         source => LoadError::Tracefs { source },
     })?;
-    Ok((TRACEFS, true))
+    info!("tracefs was not mounted; mounted it at {TRACEFS} (tracepoint attachment needs it)");
+    Ok(TRACEFS)
 }
 
 /// Where `/proc/self/mounts` shows tracefs, among the places aya looks for it.
@@ -519,12 +523,6 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     if !Path::new(VMLINUX_BTF).exists() {
         return Err(LoadError::NoBtf { path: VMLINUX_BTF.into() });
     }
-    // Only the classic tracepoints need tracefs: a failure matters once one of them does.
-    let tracefs = ensure_tracefs();
-    if let Ok((_, true)) = tracefs {
-        info!("tracefs was not mounted; mounted it at {TRACEFS} (tracepoint attachment needs it)");
-    }
-
     let report = kernel_offsets(Path::new(VMLINUX_BTF))
         .unwrap_or_else(|e| OffsetReport { offsets: KernelOffsets::UNKNOWN, missing: vec![e] });
     for problem in &report.missing {
@@ -554,8 +552,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     }
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| aya_error("loading the eBPF object", e))?;
 
-    let hook =
-        attach_state_program(&mut ebpf, btf.as_ref(), &report.offsets, options.hook, &tracefs)?;
+    let hook = attach_state_program(&mut ebpf, btf.as_ref(), &report.offsets, options.hook)?;
     let program_name = match hook {
         Hook::Btf => names::STATE_BTF_PROGRAM,
         Hook::Tracepoint => names::STATE_PROGRAM,
@@ -567,7 +564,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         .and_then(|fd| fd.try_clone().map_err(Into::into))
         .map_err(|e| aya_error("duplicating the program fd", e))?;
 
-    let enrichments = attach_enrichments(&mut ebpf, btf.as_ref(), &tracefs, &report.offsets);
+    let enrichments = attach_enrichments(&mut ebpf, btf.as_ref(), &report.offsets);
 
     let mut take = |name: &'static str| {
         ebpf.take_map(name)
@@ -590,6 +587,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     Ok(Loaded {
         ebpf,
         rings,
+        ring_bytes,
         counters: KernelCounters { transitions, events, program: program_fd },
         reads_sock_err: report.reads_sock_err(),
         enrichments,
@@ -604,7 +602,6 @@ fn attach_state_program(
     btf: Option<&Btf>,
     offsets: &KernelOffsets,
     choice: HookChoice,
-    tracefs: &Result<(&'static str, bool), LoadError>,
 ) -> Result<Hook, LoadError> {
     if choice != HookChoice::Tracepoint {
         match attach_btf_state_program(ebpf, btf, offsets) {
@@ -613,12 +610,7 @@ fn attach_state_program(
             Err(e) => info!("BTF tracepoint not usable ({e}); using the classic tracepoint"),
         }
     }
-    let tracefs = match tracefs {
-        Ok((root, _)) => *root,
-        Err(LoadError::Permission { what }) => return Err(LoadError::Permission { what }),
-        Err(LoadError::Tracefs { source }) => return Err(LoadError::Tracefs { source: *source }),
-        Err(e) => return Err(LoadError::Layout(e.to_string())),
-    };
+    let tracefs = ensure_tracefs()?;
     let format_path = Path::new(tracefs).join("events/sock/inet_sock_set_state/format");
     let format = match fs::read_to_string(&format_path) {
         Ok(text) => text,
@@ -674,37 +666,13 @@ pub struct Enrichments {
 
 /// Loads and attaches the enrichment programs. Each is optional: without it the daemon still
 /// runs and the numbers it would give are not reported (a warning says which).
-fn attach_enrichments(
-    ebpf: &mut Ebpf,
-    btf: Option<&Btf>,
-    tracefs: &Result<(&'static str, bool), LoadError>,
-    offsets: &KernelOffsets,
-) -> Enrichments {
-    let tracefs = match tracefs {
-        Ok((root, _)) => *root,
-        Err(e) => {
-            warn!("{e}; SYN-ACK retransmissions are not seen");
-            ""
-        }
-    };
-    let format = Path::new(tracefs).join("events/tcp/tcp_retransmit_synack/format");
-    let synack = match fs::read_to_string(&format) {
-        Err(_) if tracefs.is_empty() => false,
-        Err(e) => {
-            warn!("{}: {e}; SYN-ACK retransmissions are not seen", format.display());
+fn attach_enrichments(ebpf: &mut Ebpf, btf: Option<&Btf>, offsets: &KernelOffsets) -> Enrichments {
+    let synack = match attach_synack(ebpf, offsets) {
+        Ok(attached) => attached,
+        Err(why) => {
+            warn!("{why}; SYN-ACK retransmissions are not seen");
             false
         }
-        Ok(text) => match check_fields(&parse_format(&text), &synack_layout::FIELDS) {
-            Err(e) => {
-                warn!("tcp:tcp_retransmit_synack has an unexpected layout ({e}); not attached");
-                false
-            }
-            Ok(()) if offsets.snt_synack == OFFSET_UNKNOWN => false,
-            Ok(()) => attach_program(ebpf, names::SYNACK_PROGRAM, |program: &mut TracePoint| {
-                program.load()?;
-                program.attach("tcp", "tcp_retransmit_synack").map(drop)
-            }),
-        },
     };
     let Some(btf) = btf else {
         warn!("no kernel BTF: reset direction is not reported");
@@ -722,6 +690,23 @@ fn attach_enrichments(
         });
     let resets = sent && received;
     Enrichments { synack, resets }
+}
+
+/// Attaches `tcp:tcp_retransmit_synack` once its record layout checks out; `Ok(false)` when
+/// the request socket's `snt_synack` offset is unknown (already warned about).
+fn attach_synack(ebpf: &mut Ebpf, offsets: &KernelOffsets) -> Result<bool, String> {
+    let tracefs = ensure_tracefs().map_err(|e| e.to_string())?;
+    let format = Path::new(tracefs).join("events/tcp/tcp_retransmit_synack/format");
+    let text = fs::read_to_string(&format).map_err(|e| format!("{}: {e}", format.display()))?;
+    check_fields(&parse_format(&text), &synack_layout::FIELDS)
+        .map_err(|e| format!("tcp:tcp_retransmit_synack has an unexpected layout ({e})"))?;
+    if offsets.snt_synack == OFFSET_UNKNOWN {
+        return Ok(false);
+    }
+    Ok(attach_program(ebpf, names::SYNACK_PROGRAM, |program: &mut TracePoint| {
+        program.load()?;
+        program.attach("tcp", "tcp_retransmit_synack").map(drop)
+    }))
 }
 
 /// Loads and attaches one program with `attach`; logs and returns false on failure.

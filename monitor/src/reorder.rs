@@ -72,18 +72,17 @@ impl Reorder {
     /// Copies `record`, read from ring `ring`, in until it is handed out. Records of one
     /// ring must be pushed in ring order. `read_by_ns` is a time taken after the record was
     /// read: a later stamp cannot come from the kernel's clock and counts as `read_by_ns`,
-    /// so a damaged record cannot hold its ring's queue back forever.
-    pub fn push(&mut self, ring: usize, record: &[u8], read_by_ns: u64) {
+    /// so a damaged record cannot hold its ring's queue back forever. Returns the stamp the
+    /// record sorts by.
+    pub fn push(&mut self, ring: usize, record: &[u8], read_by_ns: u64) -> u64 {
         if ring >= self.queues.len() {
             self.queues.resize_with(ring + 1, Queue::default);
         }
         let queue = &mut self.queues[ring];
-        queue.held.push(Held {
-            timestamp_ns: timestamp_of(record).min(read_by_ns),
-            start: queue.bytes.len(),
-            len: record.len(),
-        });
+        let timestamp_ns = timestamp_of(record).min(read_by_ns);
+        queue.held.push(Held { timestamp_ns, start: queue.bytes.len(), len: record.len() });
         queue.bytes.extend_from_slice(record);
+        timestamp_ns
     }
 
     /// Hands `each` the held records stamped before `watermark_ns`, oldest first across

@@ -223,8 +223,7 @@ impl RingSource {
                 if timestamp_of(&record) > read_by {
                     read_by = monotonic_ns() + CLOCK_MARGIN_NS;
                 }
-                *last_timestamp_ns = timestamp_of(&record).min(read_by);
-                self.reorder.push(index, &record, read_by);
+                *last_timestamp_ns = self.reorder.push(index, &record, read_by);
                 read += 1;
             }
             more |= read == per_ring;
@@ -247,7 +246,7 @@ impl RingSource {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `now` is a valid timespec to write; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };

@@ -189,10 +189,7 @@ pub struct WallClock {
 impl WallClock {
     /// Measures the offset between the two clocks now.
     pub fn now() -> Self {
-        let mut mono = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: clock_gettime writes one timespec; CLOCK_MONOTONIC always exists on Linux.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut mono) };
-        let mono_ns = mono.tv_sec as i128 * 1_000_000_000 + mono.tv_nsec as i128;
+        let mono_ns = i128::from(crate::source::monotonic_ns());
         let wall_ns =
             SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
         WallClock { offset_ns: wall_ns - mono_ns }
