@@ -10,6 +10,15 @@ const DEFAULT_TOOLCHAIN: &str = "tcpmon-bpf";
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=TCPMON_BPF_TOOLCHAIN");
+    // aya-build reruns this script when files under monitor-ebpf/ change, and cargo reruns it
+    // when this crate's own build inputs do; nothing else. The eBPF object is also built from
+    // monitor-common (the record layouts, map names, constants) and from the workspace's
+    // manifest and lock file (aya-ebpf's version, the eBPF crate's profile): without these
+    // lines an edit there rebuilt tcpmon around a stale object whose records the decoder
+    // then misread (the loader now also refuses such an object: see SOURCE_FINGERPRINT).
+    for input in ["../monitor-common", "../Cargo.toml", "../Cargo.lock"] {
+        println!("cargo:rerun-if-changed={}/{input}", env!("CARGO_MANIFEST_DIR"));
+    }
     let toolchain =
         std::env::var("TCPMON_BPF_TOOLCHAIN").unwrap_or_else(|_| DEFAULT_TOOLCHAIN.to_owned());
     let available = Command::new("rustup")

@@ -5,6 +5,25 @@
 //! them: it converts with `TryFrom` and counts what it cannot decode.
 #![no_std]
 
+/// A fingerprint of this file, the whole of `monitor-common`. The eBPF object embeds the
+/// value it was compiled with (symbol [`names::FINGERPRINT_SYMBOL`]) and the loader refuses an
+/// object whose value differs from its own: an object built before an edit here could write
+/// records that the decoder reads another way (fields moved, sizes or constants changed).
+/// Every byte counts, comments included: cheap, and it can never miss a change.
+pub const SOURCE_FINGERPRINT: u64 = fnv1a(include_bytes!("lib.rs"));
+
+/// FNV-1a, 64 bits.
+const fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+    let mut at = 0;
+    while at < bytes.len() {
+        hash ^= bytes[at] as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+        at += 1;
+    }
+    hash
+}
+
 /// One `sock:inet_sock_set_state` transition of a TCP socket, as the eBPF program submits it
 /// to the ring buffer.
 #[repr(C)]
@@ -354,6 +373,9 @@ pub mod names {
     pub const RESET_RECEIVED_PROGRAM: &str = "tcp_receive_reset";
     /// Global: wake userspace once this many bytes are waiting (0: wake on every event).
     pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
+    /// The `u64` [`super::SOURCE_FINGERPRINT`] the object was compiled with (read-only data,
+    /// never used by a program).
+    pub const FINGERPRINT_SYMBOL: &str = "COMMON_FINGERPRINT";
 }
 
 /// Byte offsets of the `tcp:tcp_retransmit_synack` record fields the eBPF program reads.

@@ -157,6 +157,12 @@ static EVENT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter:
 #[unsafe(no_mangle)]
 static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::UNKNOWN);
 
+/// The `monitor-common` this object was compiled from; the loader compares it with its own
+/// before loading, so a stale object is refused instead of misread.
+#[unsafe(no_mangle)]
+#[used]
+static COMMON_FINGERPRINT: u64 = monitor_common::SOURCE_FINGERPRINT;
+
 /// Wake the consumer only once this many bytes wait in the ring (it also drains on a timer);
 /// 0 wakes it for every event (low-latency mode).
 #[unsafe(no_mangle)]

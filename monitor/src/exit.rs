@@ -86,7 +86,7 @@ pub fn code(error: &anyhow::Error) -> u8 {
                 | LoadError::Layout(_)
                 | LoadError::KernelTooOld { .. }
                 | LoadError::NoBtf { .. } => KERNEL,
-                LoadError::Aya { .. } => FAILURE,
+                LoadError::Aya { .. } | LoadError::StaleObject { .. } => FAILURE,
             };
         }
         if let Some(start) = cause.downcast_ref::<StartError>() {

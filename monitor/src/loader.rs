@@ -73,6 +73,19 @@ pub enum LoadError {
     /// The tracepoint's record layout is not the one the program was built for.
     #[error("sock:inet_sock_set_state has an unexpected layout on this kernel: {0}")]
     Layout(String),
+    /// The embedded eBPF object was compiled from another `monitor-common` than this
+    /// binary: its records would be misread.
+    #[error(
+        "the embedded eBPF program was built from another version of monitor-common \
+         ({found}) than the rest of tcpmon (fingerprint {expected:#018x}): rebuild tcpmon \
+         (`touch monitor-ebpf/src/main.rs && cargo build`)"
+    )]
+    StaleObject {
+        /// The object's fingerprint, or why it could not be read.
+        found: String,
+        /// This binary's [`monitor_common::SOURCE_FINGERPRINT`].
+        expected: u64,
+    },
     /// Loading or attaching failed for another reason.
     #[error("{what}: {source}")]
     Aya {
@@ -512,8 +525,40 @@ fn struct_of(btf: &btf_rs::Btf, member: &btf_rs::Member) -> Option<btf_rs::Struc
     None
 }
 
+/// The [`monitor_common::SOURCE_FINGERPRINT`] an eBPF object was compiled with: the `u64`
+/// at its [`names::FINGERPRINT_SYMBOL`] symbol.
+pub fn object_fingerprint(object: &[u8]) -> Result<u64, String> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    let file = object::File::parse(object).map_err(|e| format!("not an ELF object: {e}"))?;
+    let symbol = file
+        .symbol_by_name(names::FINGERPRINT_SYMBOL)
+        .ok_or_else(|| format!("no {} symbol", names::FINGERPRINT_SYMBOL))?;
+    let section = symbol
+        .section_index()
+        .and_then(|index| file.section_by_index(index).ok())
+        .ok_or("the symbol has no section")?;
+    let data = section.data().map_err(|e| e.to_string())?;
+    // In a relocatable object a symbol's address is its offset in its section.
+    let start = usize::try_from(symbol.address()).map_err(|e| e.to_string())?;
+    let bytes = data.get(start..start + 8).ok_or("the symbol lies outside its section")?;
+    Ok(u64::from_le_bytes(bytes.try_into().map_err(|_| "8 bytes")?))
+}
+
+/// Refuses an embedded object compiled from another `monitor-common` than this binary.
+fn check_object(object: &[u8]) -> Result<(), LoadError> {
+    let expected = monitor_common::SOURCE_FINGERPRINT;
+    match object_fingerprint(object) {
+        Ok(found) if found == expected => Ok(()),
+        Ok(found) => {
+            Err(LoadError::StaleObject { found: format!("fingerprint {found:#018x}"), expected })
+        }
+        Err(why) => Err(LoadError::StaleObject { found: why, expected }),
+    }
+}
+
 /// Prepares the kernel, loads the program with `options` and attaches it.
 pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
+    check_object(EBPF_OBJECT)?;
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -734,6 +779,14 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_embedded_program_was_built_from_this_monitor_common() {
+        // Fails when build.rs did not rebuild the eBPF object after an edit of monitor-common.
+        assert_eq!(check_object(EBPF_OBJECT).map_err(|e| e.to_string()), Ok(()));
+        let err = check_object(b"not an object").unwrap_err().to_string();
+        assert!(err.contains("not an ELF object") && err.contains("rebuild"), "{err}");
+    }
 
     #[test]
     fn rings_are_one_per_cpu_and_share_the_budget() {
