@@ -193,94 +193,109 @@ pub struct SynAckRetransmit {
 /// Size in bytes of [`SynAckRetransmit`].
 pub const SYNACK_RETRANSMIT_SIZE: usize = core::mem::size_of::<SynAckRetransmit>();
 
-/// Byte offsets of the kernel struct fields the programs read, found by the loader in the
-/// running kernel's BTF (`/sys/kernel/btf/vmlinux`), never compiled in. [`OFFSET_UNKNOWN`]
-/// disables a read.
-#[repr(C)]
+/// One kernel struct member the programs read: `struct {structure}.{path}`, with anonymous
+/// members searched through as C does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KernelOffsets {
+pub struct KernelField {
+    /// The field of [`KernelOffsets`] that holds its offset.
+    pub name: &'static str,
+    /// The struct, e.g. `sock`.
+    pub structure: &'static str,
+    /// The member, then members of that member, e.g. `["__sk_common", "skc_net"]`.
+    pub path: &'static [&'static str],
+}
+
+/// Declares [`KernelOffsets`] from one list: each field with its docs and the kernel struct
+/// member it is the offset of. The struct, [`KernelOffsets::UNKNOWN`] and
+/// [`KernelOffsets::FIELDS`] (what the loader looks up in the BTF) come from the same lines,
+/// so they cannot drift apart.
+macro_rules! kernel_offsets {
+    ($($(#[$doc:meta])* $field:ident: $structure:ident $(. $member:ident)+,)+) => {
+        /// Byte offsets of the kernel struct fields the programs read, found by the loader in
+        /// the running kernel's BTF (`/sys/kernel/btf/vmlinux`), never compiled in.
+        /// [`OFFSET_UNKNOWN`] disables a read.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub struct KernelOffsets {
+            $($(#[$doc])* pub $field: u32,)+
+            /// Explicit padding; always zero.
+            pub _pad: u32,
+        }
+
+        impl KernelOffsets {
+            /// Every read disabled.
+            pub const UNKNOWN: KernelOffsets =
+                KernelOffsets { $($field: OFFSET_UNKNOWN,)+ _pad: 0 };
+
+            /// Where each offset comes from, in the order of the struct's fields.
+            pub const FIELDS: &'static [KernelField] = &[$(KernelField {
+                name: stringify!($field),
+                structure: stringify!($structure),
+                path: &[$(stringify!($member)),+],
+            },)+];
+
+            /// Every offset, in the order of [`Self::FIELDS`], to be filled in.
+            pub fn slots_mut(&mut self) -> [&mut u32; Self::FIELDS.len()] {
+                [$(&mut self.$field,)+]
+            }
+        }
+    };
+}
+
+kernel_offsets! {
     /// `struct sock.sk_err`.
-    pub sk_err: u32,
+    sk_err: sock.sk_err,
     /// `struct sock.__sk_common.skc_net` (a `struct net *`).
-    pub skc_net: u32,
+    skc_net: sock.__sk_common.skc_net,
     /// `struct net.ns.inum`.
-    pub net_inum: u32,
+    net_inum: net.ns.inum,
     /// `struct tcp_sock.bytes_acked`.
-    pub bytes_acked: u32,
+    bytes_acked: tcp_sock.bytes_acked,
     /// `struct tcp_sock.bytes_received`.
-    pub bytes_received: u32,
+    bytes_received: tcp_sock.bytes_received,
     /// `struct tcp_sock.segs_out`.
-    pub segs_out: u32,
+    segs_out: tcp_sock.segs_out,
     /// `struct tcp_sock.segs_in`.
-    pub segs_in: u32,
+    segs_in: tcp_sock.segs_in,
     /// `struct tcp_sock.total_retrans`.
-    pub total_retrans: u32,
+    total_retrans: tcp_sock.total_retrans,
     /// `struct tcp_sock.srtt_us`.
-    pub srtt_us: u32,
+    srtt_us: tcp_sock.srtt_us,
     /// `struct tcp_request_sock.snt_synack`.
-    pub snt_synack: u32,
+    snt_synack: tcp_request_sock.snt_synack,
     /// `struct tcp_sock.bytes_sent`.
-    pub bytes_sent: u32,
+    bytes_sent: tcp_sock.bytes_sent,
     /// `struct tcp_sock.bytes_retrans`.
-    pub bytes_retrans: u32,
+    bytes_retrans: tcp_sock.bytes_retrans,
     /// `struct sock.__sk_common.skc_flags` (`sk_flags`).
-    pub sk_flags: u32,
+    sk_flags: sock.__sk_common.skc_flags,
     /// `struct sock.__sk_common.skc_family`.
-    pub skc_family: u32,
+    skc_family: sock.__sk_common.skc_family,
     /// `struct sock.__sk_common.skc_num`: local port, host byte order.
-    pub skc_num: u32,
+    skc_num: sock.__sk_common.skc_num,
     /// `struct sock.__sk_common.skc_dport`: remote port, network byte order.
-    pub skc_dport: u32,
+    skc_dport: sock.__sk_common.skc_dport,
     /// `struct sock.__sk_common.skc_rcv_saddr`: local IPv4 address.
-    pub skc_rcv_saddr: u32,
+    skc_rcv_saddr: sock.__sk_common.skc_rcv_saddr,
     /// `struct sock.__sk_common.skc_daddr`: remote IPv4 address.
-    pub skc_daddr: u32,
+    skc_daddr: sock.__sk_common.skc_daddr,
     /// `struct sock.__sk_common.skc_v6_rcv_saddr`: local IPv6 address.
-    pub skc_v6_rcv_saddr: u32,
+    skc_v6_rcv_saddr: sock.__sk_common.skc_v6_rcv_saddr,
     /// `struct sock.__sk_common.skc_v6_daddr`: remote IPv6 address.
-    pub skc_v6_daddr: u32,
+    skc_v6_daddr: sock.__sk_common.skc_v6_daddr,
     /// `struct sock.sk_protocol` (a plain `u16` since Linux 5.6; a bitfield before, then
     /// unknown).
-    pub sk_protocol: u32,
+    sk_protocol: sock.sk_protocol,
     /// `struct tcp_sock.inet_conn.icsk_inet.inet_sport`: local port, network byte order.
     /// Unlike `skc_num`, which `inet_put_port()` zeroes before the state becomes CLOSE, it
     /// keeps the port (the classic tracepoint reports this one).
-    pub inet_sport: u32,
-    /// Explicit padding; always zero.
-    pub _pad: u32,
+    inet_sport: tcp_sock.inet_conn.icsk_inet.inet_sport,
 }
 
 /// "This offset could not be found": the program skips the read.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
 
 impl KernelOffsets {
-    /// Every read disabled.
-    pub const UNKNOWN: KernelOffsets = KernelOffsets {
-        sk_err: OFFSET_UNKNOWN,
-        skc_net: OFFSET_UNKNOWN,
-        net_inum: OFFSET_UNKNOWN,
-        bytes_acked: OFFSET_UNKNOWN,
-        bytes_received: OFFSET_UNKNOWN,
-        segs_out: OFFSET_UNKNOWN,
-        segs_in: OFFSET_UNKNOWN,
-        total_retrans: OFFSET_UNKNOWN,
-        srtt_us: OFFSET_UNKNOWN,
-        snt_synack: OFFSET_UNKNOWN,
-        bytes_sent: OFFSET_UNKNOWN,
-        bytes_retrans: OFFSET_UNKNOWN,
-        sk_flags: OFFSET_UNKNOWN,
-        skc_family: OFFSET_UNKNOWN,
-        skc_num: OFFSET_UNKNOWN,
-        skc_dport: OFFSET_UNKNOWN,
-        skc_rcv_saddr: OFFSET_UNKNOWN,
-        skc_daddr: OFFSET_UNKNOWN,
-        skc_v6_rcv_saddr: OFFSET_UNKNOWN,
-        skc_v6_daddr: OFFSET_UNKNOWN,
-        sk_protocol: OFFSET_UNKNOWN,
-        inet_sport: OFFSET_UNKNOWN,
-        _pad: 0,
-    };
-
     /// Whether every field the BTF state program reads from the socket is known: without
     /// them only the classic tracepoint, which copies them for us, can run.
     pub fn socket_fields_known(&self) -> bool {
@@ -470,6 +485,23 @@ mod tests {
         assert_eq!(size_of::<SocketNote>(), 32);
         assert_eq!(size_of::<KernelOffsets>(), 92);
         assert_eq!(size_of::<SynAckRetransmit>(), 56);
+    }
+
+    #[test]
+    fn kernel_fields_follow_the_struct() {
+        let mut offsets = KernelOffsets::UNKNOWN;
+        for (index, slot) in offsets.slots_mut().into_iter().enumerate() {
+            *slot = index as u32;
+        }
+        assert_eq!(
+            (offsets.sk_err, offsets.skc_net, offsets.inet_sport, offsets._pad),
+            (0, 1, 21, 0)
+        );
+        assert_eq!(KernelOffsets::FIELDS.len(), 22);
+        assert_eq!(
+            KernelOffsets::FIELDS[1],
+            KernelField { name: "skc_net", structure: "sock", path: &["__sk_common", "skc_net"] }
+        );
     }
 
     #[test]

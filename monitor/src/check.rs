@@ -7,7 +7,8 @@
 use std::fmt;
 use std::path::Path;
 
-use crate::loader::{self, LoadOptions};
+use crate::loader::tracefs::{self, FormatError, STATE_TRACEPOINT, TRACEFS};
+use crate::loader::{self, btf, kernel_version, LoadOptions, MIN_KERNEL, VMLINUX_BTF};
 
 /// How a check came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,12 +46,6 @@ fn finding(what: &'static str, status: Status, detail: impl Into<String>) -> Fin
     Finding { what, status, detail: detail.into() }
 }
 
-/// `(major, minor)` of a kernel release such as `6.18.44-fc`.
-pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut numbers = release.trim().split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
-    Some((numbers.next()?.parse().ok()?, numbers.next()?.parse().ok()?))
-}
-
 /// Capability numbers (linux/capability.h).
 pub const CAP_SYS_ADMIN: u32 = 21;
 /// See [`CAP_SYS_ADMIN`].
@@ -73,12 +68,13 @@ pub fn run_checks() -> Vec<Finding> {
     let mut findings = Vec::new();
 
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let (major, minor) = MIN_KERNEL;
     let kernel_ok = match kernel_version(&release) {
-        Some(v) if v >= (5, 8) => {
+        Some(v) if v >= MIN_KERNEL => {
             findings.push(finding(
                 "kernel",
                 Status::Ok,
-                format!("{} (≥ 5.8: BPF ring buffer)", release.trim()),
+                format!("{} (≥ {major}.{minor}: BPF ring buffer)", release.trim()),
             ));
             true
         }
@@ -87,7 +83,8 @@ pub fn run_checks() -> Vec<Finding> {
                 "kernel",
                 Status::Fail,
                 format!(
-                    "{} is older than 5.8, which added the BPF ring buffer: upgrade the kernel",
+                    "{} is older than {major}.{minor}, which added the BPF ring buffer: upgrade \
+                     the kernel",
                     release.trim()
                 ),
             ));
@@ -99,25 +96,27 @@ pub fn run_checks() -> Vec<Finding> {
         }
     };
 
-    match loader::kernel_offsets(Path::new(loader::VMLINUX_BTF)) {
+    match btf::kernel_offsets(Path::new(VMLINUX_BTF)) {
         Ok(report) if report.missing.is_empty() => findings.push(finding(
             "BTF",
             Status::Ok,
             format!(
-                "{}: all {} struct fields found (struct sock.sk_err at byte {})",
-                loader::VMLINUX_BTF,
-                loader::KERNEL_FIELDS.len(),
+                "{VMLINUX_BTF}: all {} struct fields found (struct sock.sk_err at byte {})",
+                monitor_common::KernelOffsets::FIELDS.len(),
                 report.offsets.sk_err
             ),
         )),
-        Ok(report) => findings.push(finding(
-            "BTF",
-            Status::Warn,
-            format!(
-                "tcpmon runs, but does not report what needs these fields: {}",
-                report.missing.join("; ")
-            ),
-        )),
+        Ok(report) => {
+            let missing: Vec<String> = report.missing.iter().map(ToString::to_string).collect();
+            findings.push(finding(
+                "BTF",
+                Status::Warn,
+                format!(
+                    "tcpmon runs, but does not report what needs these fields: {}",
+                    missing.join("; ")
+                ),
+            ))
+        }
         Err(e) => findings.push(finding(
             "BTF",
             Status::Fail,
@@ -150,46 +149,32 @@ pub fn run_checks() -> Vec<Finding> {
     }
 
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let tracefs = loader::tracefs_mount(&mounts);
+    let tracefs = tracefs::tracefs_mount(&mounts);
     match tracefs {
         Some(root) => findings.push(finding("tracefs", Status::Ok, format!("mounted at {root}"))),
         None if has(caps, CAP_SYS_ADMIN) => findings.push(finding(
             "tracefs",
             Status::Warn,
-            format!("not mounted: `tcpmon run` will mount it at {} (to do it at boot: `tracefs {} tracefs defaults 0 0` in /etc/fstab)", loader::TRACEFS, loader::TRACEFS),
+            format!("not mounted: `tcpmon run` will mount it at {TRACEFS} (to do it at boot: `tracefs {TRACEFS} tracefs defaults 0 0` in /etc/fstab)"),
         )),
         None => findings.push(finding(
             "tracefs",
             Status::Fail,
-            format!("not mounted, and mounting needs CAP_SYS_ADMIN: `mount -t tracefs tracefs {}`", loader::TRACEFS),
+            format!("not mounted, and mounting needs CAP_SYS_ADMIN: `mount -t tracefs tracefs {TRACEFS}`"),
         )),
     }
 
     if let Some(root) = tracefs {
-        let format = Path::new(root).join("events/sock/inet_sock_set_state/format");
-        match std::fs::read_to_string(&format) {
-            Ok(text) => match loader::check_layout(&loader::parse_format(&text)) {
-                Ok(()) => findings.push(finding(
-                    "tracepoint",
-                    Status::Ok,
-                    "sock:inet_sock_set_state, record layout as expected",
-                )),
-                Err(e) => findings.push(finding(
-                    "tracepoint",
-                    Status::Fail,
-                    format!("sock:inet_sock_set_state has another layout: {e}"),
-                )),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => findings.push(finding(
+        match STATE_TRACEPOINT.check_format(Path::new(root)) {
+            Ok(()) => findings.push(finding(
                 "tracepoint",
-                Status::Fail,
-                format!("cannot read {}: permission denied (run as root)", format.display()),
+                Status::Ok,
+                format!("{STATE_TRACEPOINT}, record layout as expected"),
             )),
-            Err(_) => findings.push(finding(
-                "tracepoint",
-                Status::Fail,
-                "sock:inet_sock_set_state does not exist: Linux 4.16 or newer is needed",
-            )),
+            Err(e @ FormatError::PermissionDenied { .. }) => {
+                findings.push(finding("tracepoint", Status::Fail, format!("{e} (run as root)")))
+            }
+            Err(e) => findings.push(finding("tracepoint", Status::Fail, e.to_string())),
         }
     }
 
@@ -232,14 +217,6 @@ pub fn report(findings: &[Finding]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_kernel_versions() {
-        assert_eq!(kernel_version("6.18.44-fc-v769\n"), Some((6, 18)));
-        assert_eq!(kernel_version("5.4.0-150-generic"), Some((5, 4)));
-        assert!(kernel_version("5.4.0").unwrap() < (5, 8));
-        assert_eq!(kernel_version("garbage"), None);
-    }
 
     #[test]
     fn reads_effective_capabilities() {

@@ -59,6 +59,24 @@ pub enum Command {
     Man,
 }
 
+/// `--hook`: the command line's names for [`HookChoice`] (the loader knows nothing of clap).
+impl clap::ValueEnum for HookChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[HookChoice::Auto, HookChoice::Btf, HookChoice::Tracepoint]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        use clap::builder::PossibleValue;
+        Some(match self {
+            HookChoice::Auto => PossibleValue::new("auto").help("The BTF tracepoint, else the classic one"),
+            HookChoice::Btf => PossibleValue::new("btf")
+                .help("Only the BTF tracepoint (`tp_btf`): reads the socket directly, skips the trace record"),
+            HookChoice::Tracepoint => PossibleValue::new("tracepoint")
+                .help("Only the classic tracepoint: needs tracefs; for kernels whose verifier refuses the BTF build"),
+        })
+    }
+}
+
 /// `--ring-bytes` default, also used by the stand-alone tail.
 pub const DEFAULT_RING_BYTES: &str = "8MiB";
 /// `--drain-interval` default, also used by the stand-alone tail.

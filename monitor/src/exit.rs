@@ -81,12 +81,14 @@ pub fn code(error: &anyhow::Error) -> u8 {
         if let Some(load) = cause.downcast_ref::<LoadError>() {
             return match load {
                 LoadError::Permission { .. } => PERMISSION,
-                LoadError::Tracefs { .. } => TRACEFS,
-                LoadError::MissingTracepoint { .. }
-                | LoadError::Layout(_)
+                LoadError::Tracefs(_) => TRACEFS,
+                LoadError::Format(_)
                 | LoadError::KernelTooOld { .. }
-                | LoadError::NoBtf { .. } => KERNEL,
-                LoadError::Aya { .. } | LoadError::StaleObject { .. } => FAILURE,
+                | LoadError::NoBtf
+                | LoadError::SocketFieldsUnknown => KERNEL,
+                LoadError::Aya { .. }
+                | LoadError::NotInObject { .. }
+                | LoadError::StaleObject(_) => FAILURE,
             };
         }
         if let Some(start) = cause.downcast_ref::<StartError>() {
@@ -103,16 +105,17 @@ pub fn code(error: &anyhow::Error) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loader::tracefs::MountError;
     use anyhow::Context as _;
 
     #[test]
     fn every_kind_of_failure_has_its_code_through_context() {
         let wrapped = |e: anyhow::Error| e.context("starting").context("tcpmon run");
         let cases: [(anyhow::Error, u8); 7] = [
-            (LoadError::Permission { what: "loading" }.into(), PERMISSION),
+            (LoadError::Permission { what: "loading".into() }.into(), PERMISSION),
             (LoadError::KernelTooOld { release: "5.4.0".into() }.into(), KERNEL),
-            (LoadError::NoBtf { path: "/sys/kernel/btf/vmlinux".into() }.into(), KERNEL),
-            (LoadError::Tracefs { source: nix::Error::ENODEV }.into(), TRACEFS),
+            (LoadError::NoBtf.into(), KERNEL),
+            (LoadError::Tracefs(MountError::Failed(nix::Error::ENODEV)).into(), TRACEFS),
             (StartError::AddressInUse { address: "127.0.0.1:1".parse().unwrap() }.into(), LISTEN),
             (StartError::AlreadyRunning { path: "/run/x".into() }.into(), ALREADY_RUNNING),
             (

@@ -21,17 +21,17 @@ use prometheus::{Counter, Encoder, IntCounter, IntCounterVec, Opts, Registry, Te
 use tokio::net::TcpListener;
 
 use crate::decode::TcpState;
-use crate::loader::{KernelCounters, KernelCounts};
+use crate::loader::{CounterReadError, KernelCounters, KernelCounts};
 
 /// Something that can read the in-kernel counters (the real maps, or a fake in tests).
 pub trait CounterSource: Send + 'static {
     /// Reads every counter.
-    fn read(&self) -> Result<KernelCounts, String>;
+    fn read(&self) -> Result<KernelCounts, CounterReadError>;
 }
 
 impl CounterSource for KernelCounters {
-    fn read(&self) -> Result<KernelCounts, String> {
-        KernelCounters::read(self).map_err(|e| e.to_string())
+    fn read(&self) -> Result<KernelCounts, CounterReadError> {
+        KernelCounters::read(self)
     }
 }
 
@@ -268,7 +268,7 @@ mod tests {
     struct Fake(Arc<Mutex<KernelCounts>>);
 
     impl CounterSource for Fake {
-        fn read(&self) -> Result<KernelCounts, String> {
+        fn read(&self) -> Result<KernelCounts, CounterReadError> {
             Ok(self.0.lock().unwrap().clone())
         }
     }

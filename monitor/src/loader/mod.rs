@@ -1,0 +1,519 @@
+//! The only module that talks to aya: checks that the running kernel can run the programs,
+//! loads and attaches them, and hands out their maps. Dropping [`Loaded`] detaches them.
+//!
+//! [`btf`] finds the struct fields the programs read in the kernel's BTF, [`tracefs`] mounts
+//! tracefs and checks classic tracepoint layouts, [`counters`] reads the in-kernel counters.
+
+pub mod btf;
+pub mod counters;
+pub mod tracefs;
+
+use std::path::Path;
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::programs::{BtfTracePoint, TracePoint};
+use aya::{Btf, Ebpf, EbpfLoader};
+use log::{info, warn};
+use monitor_common::{names, KernelOffsets, MAX_RINGS, OFFSET_UNKNOWN};
+
+pub use btf::VMLINUX_BTF;
+pub use counters::{CounterReadError, KernelCounters, KernelCounts};
+use tracefs::{FormatError, MountError, Tracepoint, STATE_TRACEPOINT, SYNACK_TRACEPOINT};
+
+/// The eBPF object built by `build.rs` (aya-build) from `monitor-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
+
+/// The oldest kernel tcpmon runs on: 5.8 added the BPF ring buffer.
+pub const MIN_KERNEL: (u32, u32) = (5, 8);
+
+/// `(major, minor)` of a kernel release such as `6.18.44-fc`.
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut numbers = release.trim().split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+    Some((numbers.next()?.parse().ok()?, numbers.next()?.parse().ok()?))
+}
+
+/// What can go wrong while loading; each variant says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Not enough privilege to load BPF programs.
+    #[error(
+        "permission denied while {what}: tcpmon needs root, or CAP_BPF + CAP_PERFMON \
+         (+ CAP_SYS_ADMIN to mount tracefs)"
+    )]
+    Permission {
+        /// What was being done.
+        what: String,
+    },
+    /// tracefs is not mounted and could not be mounted.
+    #[error(transparent)]
+    Tracefs(MountError),
+    /// A classic tracepoint is missing or laid out differently.
+    #[error(transparent)]
+    Format(FormatError),
+    /// BPF ring buffers need Linux 5.8.
+    #[error("kernel {release} is too old: tcpmon needs BPF ring buffers, in Linux 5.8 and newer")]
+    KernelTooOld {
+        /// `uname -r`.
+        release: String,
+    },
+    /// The kernel exposes no BTF, which the programs need to find struct fields.
+    #[error(
+        "the kernel has no BTF at {VMLINUX_BTF}: tcpmon needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (every major distribution's kernel since 2021)"
+    )]
+    NoBtf,
+    /// The BTF build reads the socket's addresses and ports itself and needs all their
+    /// offsets.
+    #[error(
+        "the BTF build needs the offsets of the socket's addresses and ports, and some are unknown"
+    )]
+    SocketFieldsUnknown,
+    /// The embedded eBPF object lacks a program or map this binary expects.
+    #[error("the embedded eBPF object has no {kind} {name}: rebuild tcpmon")]
+    NotInObject {
+        /// `program` or `map`.
+        kind: &'static str,
+        /// Its name.
+        name: &'static str,
+    },
+    /// The embedded eBPF object was compiled from another `monitor-common` than this
+    /// binary: its records would be misread.
+    #[error(
+        "the embedded eBPF program was built from another version of monitor-common than the \
+         rest of tcpmon ({0}): rebuild tcpmon (`touch monitor-ebpf/src/main.rs && cargo build`)"
+    )]
+    StaleObject(FingerprintError),
+    /// Loading or attaching failed for another reason.
+    #[error("{what}: {source}")]
+    Aya {
+        /// What was being done.
+        what: String,
+        /// aya's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl From<MountError> for LoadError {
+    fn from(error: MountError) -> Self {
+        match error {
+            MountError::Permission => LoadError::Permission { what: "mounting tracefs".into() },
+            other => LoadError::Tracefs(other),
+        }
+    }
+}
+
+impl From<FormatError> for LoadError {
+    fn from(error: FormatError) -> Self {
+        match error {
+            FormatError::PermissionDenied { .. } => {
+                LoadError::Permission { what: "reading a tracepoint's format".into() }
+            }
+            other => LoadError::Format(other),
+        }
+    }
+}
+
+fn aya_error(
+    what: impl Into<String>,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> LoadError {
+    // EPERM anywhere in the chain means missing privilege (EACCES is the verifier's "no").
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(libc::EPERM) {
+                return LoadError::Permission { what: what.into() };
+            }
+        }
+        cause = error.source();
+    }
+    LoadError::Aya { what: what.into(), source: Box::new(source) }
+}
+
+/// Why an eBPF object's fingerprint does not match this binary's.
+#[derive(Debug, thiserror::Error)]
+pub enum FingerprintError {
+    /// It is not an ELF object.
+    #[error("not an ELF object: {0}")]
+    NotElf(object::Error),
+    /// It has no (readable) fingerprint symbol.
+    #[error("no readable {} symbol", names::FINGERPRINT_SYMBOL)]
+    NoSymbol,
+    /// It was built from another `monitor-common`.
+    #[error("fingerprint {found:#018x}, expected {expected:#018x}")]
+    Differs {
+        /// The object's.
+        found: u64,
+        /// This binary's [`monitor_common::SOURCE_FINGERPRINT`].
+        expected: u64,
+    },
+}
+
+/// The [`monitor_common::SOURCE_FINGERPRINT`] an eBPF object was compiled with: the `u64`
+/// at its [`names::FINGERPRINT_SYMBOL`] symbol.
+pub fn object_fingerprint(object: &[u8]) -> Result<u64, FingerprintError> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    let file = object::File::parse(object).map_err(FingerprintError::NotElf)?;
+    let symbol =
+        file.symbol_by_name(names::FINGERPRINT_SYMBOL).ok_or(FingerprintError::NoSymbol)?;
+    let data = symbol
+        .section_index()
+        .and_then(|index| file.section_by_index(index).ok())
+        .and_then(|section| section.data().ok())
+        .ok_or(FingerprintError::NoSymbol)?;
+    // In a relocatable object a symbol's address is its offset in its section.
+    let bytes = usize::try_from(symbol.address())
+        .ok()
+        .and_then(|start| data.get(start..start.checked_add(8)?))
+        .ok_or(FingerprintError::NoSymbol)?;
+    Ok(u64::from_le_bytes(bytes.try_into().map_err(|_| FingerprintError::NoSymbol)?))
+}
+
+/// Refuses an object compiled from another `monitor-common` than this binary.
+fn check_object(object: &[u8]) -> Result<(), FingerprintError> {
+    let expected = monitor_common::SOURCE_FINGERPRINT;
+    match object_fingerprint(object)? {
+        found if found == expected => Ok(()),
+        found => Err(FingerprintError::Differs { found, expected }),
+    }
+}
+
+/// Knobs of the kernel side.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub ring_bytes: u32,
+    /// Wake userspace once this many bytes wait in a ring (at most a quarter of each ring is
+    /// used); 0 wakes it for every event.
+    pub wakeup_bytes: u64,
+    /// Which build of the state program to attach.
+    pub hook: HookChoice,
+}
+
+/// How many ring buffers to use for `cpus` CPUs, and the size of each: one per CPU up to
+/// [`MAX_RINGS`], sharing `total_bytes` (a power of two) evenly, each a power of two of at
+/// least one page as the kernel requires.
+pub fn ring_layout(cpus: usize, total_bytes: u32) -> (usize, u32) {
+    let rings = cpus.clamp(1, MAX_RINGS);
+    let share = (total_bytes / rings as u32).max(PAGE_BYTES);
+    // Round down to a power of two: the sum stays within the budget.
+    (rings, 1 << (31 - share.leading_zeros()))
+}
+
+/// The wake-up threshold each ring gets for a `requested` one (0: wake for every record):
+/// at most a quarter of the ring, or a ring smaller than the threshold would never wake the
+/// daemon and only its drain timer would empty it.
+pub fn wakeup_threshold(requested: u64, ring_bytes: u32) -> u64 {
+    requested.min(u64::from(ring_bytes) / 4)
+}
+
+/// The smallest ring buffer: one page.
+const PAGE_BYTES: u32 = 4096;
+
+/// Which build of the state program to attach to `sock:inet_sock_set_state`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HookChoice {
+    /// The BTF tracepoint, else the classic one.
+    #[default]
+    Auto,
+    /// Only the BTF tracepoint.
+    Btf,
+    /// Only the classic tracepoint.
+    Tracepoint,
+}
+
+/// The build of the state program that is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// The BTF tracepoint (`tp_btf/inet_sock_set_state`): reads the socket directly, and the
+    /// kernel builds no trace record for it.
+    Btf,
+    /// The classic tracepoint (`tracepoint/sock/inet_sock_set_state`): reads the trace
+    /// record; needs tracefs.
+    Tracepoint,
+}
+
+impl Hook {
+    /// How logs and metrics name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Btf => "btf",
+            Hook::Tracepoint => "tracepoint",
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            Hook::Btf => names::STATE_BTF_PROGRAM,
+            Hook::Tracepoint => names::STATE_PROGRAM,
+        }
+    }
+}
+
+/// The loaded, attached program and its maps.
+pub struct Loaded {
+    /// Keeps the program (and its link) alive; dropping it detaches.
+    pub ebpf: Ebpf,
+    /// The ring buffers in use, one per CPU (see [`ring_layout`]).
+    pub rings: Vec<RingBuf<MapData>>,
+    /// The size of each ring, bytes.
+    pub ring_bytes: u32,
+    /// The in-kernel counters.
+    pub counters: KernelCounters,
+    /// Whether `sk_err` is read (close reasons); false without kernel BTF.
+    pub reads_sock_err: bool,
+    /// Which enrichment programs are attached.
+    pub enrichments: Enrichments,
+    /// Which build of the state program is attached.
+    pub hook: Hook,
+}
+
+/// Prepares the kernel, loads the program with `options` and attaches it.
+pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
+    check_object(EBPF_OBJECT).map_err(LoadError::StaleObject)?;
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if kernel_version(&release).is_some_and(|version| version < MIN_KERNEL) {
+        return Err(LoadError::KernelTooOld { release });
+    }
+    if !Path::new(VMLINUX_BTF).exists() {
+        return Err(LoadError::NoBtf);
+    }
+    let report = btf::kernel_offsets(Path::new(VMLINUX_BTF)).unwrap_or_else(|e| {
+        warn!("{e}: no struct field can be read (the numbers that need them are not reported)");
+        btf::OffsetReport { offsets: KernelOffsets::UNKNOWN, missing: Vec::new() }
+    });
+    for problem in &report.missing {
+        warn!("not read from the kernel (the numbers that need it are not reported): {problem}");
+    }
+    // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; harmless on newer ones.
+    let _ = nix::sys::resource::setrlimit(
+        nix::sys::resource::Resource::RLIMIT_MEMLOCK,
+        nix::sys::resource::RLIM_INFINITY,
+        nix::sys::resource::RLIM_INFINITY,
+    );
+
+    // One parse of the kernel's BTF serves relocations and the BTF tracepoints.
+    let btf = Btf::from_sys_fs().ok();
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| aya_error(what, e))?;
+    let (rings, ring_bytes) = ring_layout(cpus, options.ring_bytes);
+    let rings_global = rings as u32;
+    let wakeup_bytes = wakeup_threshold(options.wakeup_bytes, ring_bytes);
+    let mut loader = EbpfLoader::new();
+    loader
+        .btf(btf.as_ref())
+        .override_global(names::OFFSETS_GLOBAL, &report.offsets, true)
+        .override_global(names::WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
+        .override_global(names::RINGS_GLOBAL, &rings_global, true);
+    for name in &names::EVENTS_MAPS[..rings] {
+        loader.map_max_entries(name, ring_bytes);
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| aya_error("loading the eBPF object", e))?;
+
+    let hook = attach_state_program(&mut ebpf, btf.as_ref(), &report.offsets, options.hook)?;
+    let program = ebpf
+        .program(hook.program())
+        .ok_or(LoadError::NotInObject { kind: "program", name: hook.program() })?
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(|e| aya_error("duplicating the program fd", e))?;
+
+    let enrichments = attach_enrichments(&mut ebpf, btf.as_ref(), &report.offsets);
+
+    let mut take = |name: &'static str| {
+        ebpf.take_map(name).ok_or(LoadError::NotInObject { kind: "map", name })
+    };
+    let rings = names::EVENTS_MAPS[..rings]
+        .iter()
+        .map(|name| {
+            RingBuf::try_from(take(name)?).map_err(|e| aya_error("opening a ring buffer", e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let transitions = PerCpuArray::try_from(take(names::TRANSITIONS_MAP)?)
+        .map_err(|e| aya_error("opening the transition counters", e))?;
+    let events = PerCpuArray::try_from(take(names::EVENT_COUNTERS_MAP)?)
+        .map_err(|e| aya_error("opening the event counters", e))?;
+    // Parsing the kernel's BTF (ours for sk_err, aya's for relocations) leaves ~25 MiB of
+    // freed heap that glibc keeps: give it back, it is never needed again.
+    // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+    Ok(Loaded {
+        ebpf,
+        rings,
+        ring_bytes,
+        counters: KernelCounters { transitions, events, program },
+        reads_sock_err: report.reads_sock_err(),
+        enrichments,
+        hook,
+    })
+}
+
+/// Attaches the state program as `choice` asks: the BTF build when the kernel's verifier
+/// accepts it (checked by loading it), else the classic tracepoint.
+fn attach_state_program(
+    ebpf: &mut Ebpf,
+    btf: Option<&Btf>,
+    offsets: &KernelOffsets,
+    choice: HookChoice,
+) -> Result<Hook, LoadError> {
+    if choice != HookChoice::Tracepoint {
+        match attach_btf_state_program(ebpf, btf, offsets) {
+            Ok(()) => return Ok(Hook::Btf),
+            Err(e) if choice == HookChoice::Btf => return Err(e),
+            Err(e) => info!("BTF tracepoint not usable ({e}); using the classic tracepoint"),
+        }
+    }
+    attach_classic(ebpf, names::STATE_PROGRAM, &STATE_TRACEPOINT)?;
+    Ok(Hook::Tracepoint)
+}
+
+/// Loads and attaches `tp_btf/inet_sock_set_state`. It needs the kernel's BTF and every
+/// socket field's offset; the verifier then checks each load against the BTF.
+fn attach_btf_state_program(
+    ebpf: &mut Ebpf,
+    btf: Option<&Btf>,
+    offsets: &KernelOffsets,
+) -> Result<(), LoadError> {
+    let btf = btf.ok_or(LoadError::NoBtf)?;
+    if !offsets.socket_fields_known() {
+        return Err(LoadError::SocketFieldsUnknown);
+    }
+    let name = names::STATE_BTF_PROGRAM;
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::NotInObject { kind: "program", name })?
+        .try_into()
+        .map_err(|e| aya_error("finding the BTF tracepoint program", e))?;
+    program
+        .load("inet_sock_set_state", btf)
+        .map_err(|e| aya_error("loading the BTF state program", e))?;
+    program.attach().map_err(|e| aya_error("attaching to tp_btf/inet_sock_set_state", e))?;
+    Ok(())
+}
+
+/// Loads program `name` and attaches it to the classic `tracepoint`, once tracefs is mounted
+/// and the tracepoint's record is laid out as the program reads it.
+fn attach_classic(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    tracepoint: &Tracepoint,
+) -> Result<(), LoadError> {
+    let root = tracefs::ensure_tracefs()?;
+    tracepoint.check_format(Path::new(root))?;
+    let program: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::NotInObject { kind: "program", name })?
+        .try_into()
+        .map_err(|e| aya_error(format!("finding the program for {tracepoint}"), e))?;
+    program.load().map_err(|e| aya_error(format!("loading the program for {tracepoint}"), e))?;
+    program
+        .attach(tracepoint.category, tracepoint.name)
+        .map_err(|e| aya_error(format!("attaching to {tracepoint}"), e))?;
+    Ok(())
+}
+
+/// Which of the programs beside the state tracepoint are attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enrichments {
+    /// `tcp:tcp_retransmit_synack`: passive handshakes whose SYN-ACK was resent.
+    pub synack: bool,
+    /// `tcp:tcp_send_reset` and `tcp:tcp_receive_reset`: who reset a connection.
+    pub resets: bool,
+}
+
+/// Loads and attaches the enrichment programs. Each is optional: without it the daemon still
+/// runs and the numbers it would give are not reported (a warning says which).
+fn attach_enrichments(ebpf: &mut Ebpf, btf: Option<&Btf>, offsets: &KernelOffsets) -> Enrichments {
+    // The request socket's first SYN-ACK time is what the program adds.
+    let synack = if offsets.snt_synack == OFFSET_UNKNOWN {
+        false
+    } else {
+        match attach_classic(ebpf, names::SYNACK_PROGRAM, &SYNACK_TRACEPOINT) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("{e}; SYN-ACK retransmissions are not seen");
+                false
+            }
+        }
+    };
+    let Some(btf) = btf else {
+        warn!("no kernel BTF: reset direction is not reported");
+        return Enrichments { synack, resets: false };
+    };
+    // Attached independently: either one alone still counts its direction.
+    let resets = [
+        (names::RESET_SENT_PROGRAM, "tcp_send_reset"),
+        (names::RESET_RECEIVED_PROGRAM, "tcp_receive_reset"),
+    ]
+    .map(|(name, tracepoint)| match attach_btf_tracepoint(ebpf, name, tracepoint, btf) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!("program {name} not attached ({e}); the numbers it gives are not reported");
+            false
+        }
+    });
+    Enrichments { synack, resets: resets == [true, true] }
+}
+
+/// Loads program `name` and attaches it to the BTF tracepoint `tracepoint`.
+fn attach_btf_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    tracepoint: &str,
+    btf: &Btf,
+) -> Result<(), LoadError> {
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::NotInObject { kind: "program", name })?
+        .try_into()
+        .map_err(|e| aya_error(format!("finding the program for tp_btf/{tracepoint}"), e))?;
+    program
+        .load(tracepoint, btf)
+        .map_err(|e| aya_error(format!("loading the program for tp_btf/{tracepoint}"), e))?;
+    program.attach().map_err(|e| aya_error(format!("attaching to tp_btf/{tracepoint}"), e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_program_was_built_from_this_monitor_common() {
+        // Fails when build.rs did not rebuild the eBPF object after an edit of monitor-common.
+        assert_eq!(check_object(EBPF_OBJECT).map_err(|e| e.to_string()), Ok(()));
+        let err = LoadError::StaleObject(check_object(b"not an object").unwrap_err());
+        let err = err.to_string();
+        assert!(err.contains("not an ELF object") && err.contains("rebuild"), "{err}");
+    }
+
+    #[test]
+    fn reads_kernel_versions() {
+        assert_eq!(kernel_version("6.18.44-fc-v769\n"), Some((6, 18)));
+        assert_eq!(kernel_version("5.4.0-150-generic"), Some((5, 4)));
+        assert!(kernel_version("5.4.0").unwrap() < MIN_KERNEL);
+        assert_eq!(kernel_version("garbage"), None);
+    }
+
+    #[test]
+    fn rings_are_one_per_cpu_and_share_the_budget() {
+        assert_eq!(ring_layout(1, 8 << 20), (1, 8 << 20));
+        assert_eq!(ring_layout(2, 8 << 20), (2, 4 << 20));
+        // Not a power of two: each ring rounds down, the sum stays within the budget.
+        assert_eq!(ring_layout(6, 8 << 20), (6, 1 << 20));
+        // More CPUs than rings share them.
+        assert_eq!(ring_layout(256, 8 << 20), (MAX_RINGS, 512 << 10));
+        // Never below a page.
+        assert_eq!(ring_layout(16, 4096), (16, 4096));
+        assert_eq!(ring_layout(0, 4096), (1, 4096));
+    }
+
+    #[test]
+    fn each_ring_wakes_the_daemon_by_a_quarter_full() {
+        // `--ring-bytes 8MiB` asks for 2 MiB; 16 rings of 512 KiB wake at 128 KiB each.
+        assert_eq!(wakeup_threshold(2 << 20, 512 << 10), 128 << 10);
+        assert_eq!(wakeup_threshold(2 << 20, 8 << 20), 2 << 20);
+        assert_eq!(wakeup_threshold(0, 4 << 20), 0);
+    }
+}
