@@ -24,20 +24,7 @@ use netlink_packet_sock_diag::{
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
 
 use crate::decode::{Endpoints, TcpState};
-use crate::tracker::Owner;
-
-/// A TCP socket that existed when the snapshot was taken.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExistingSocket {
-    /// Its state then.
-    pub state: TcpState,
-    /// Its addresses and ports.
-    pub endpoints: Endpoints,
-    /// Inode of its network namespace.
-    pub netns: u32,
-    /// The process holding it, when one was found.
-    pub owner: Owner,
-}
+use crate::tracker::{ExistingSocket, Owner};
 
 /// The result of [`take`].
 #[derive(Debug, Default)]

@@ -1,0 +1,585 @@
+//! Per-socket state machine: turns TCP state transitions into [`Observation`]s.
+//!
+//! Pure logic, no kernel access: the daemon feeds it decoded events, tests feed it recorded
+//! sequences. Sockets are keyed by their kernel address (`skaddr`), never by the 4-tuple,
+//! because an active open first reports source port 0 (see DESIGN.md).
+//!
+//! What the kernel's `sock:inet_sock_set_state` tracepoint shows, and what we derive:
+//!
+//! | sequence                                         | observation                          |
+//! |--------------------------------------------------|--------------------------------------|
+//! | CLOSE → SYN_SENT → ESTABLISHED                   | active open, handshake = SYN → SYN-ACK |
+//! | LISTEN → SYN_RECV → ESTABLISHED (child socket)   | passive open, handshake = first SYN-ACK → ACK (see below) |
+//! | SYN_SENT → CLOSE                                 | connect failure (reason from `sk_err`) |
+//! | ESTABLISHED → FIN_WAIT1 → FIN_WAIT2 → CLOSE      | active teardown (we sent the first FIN) |
+//! | ESTABLISHED → FIN_WAIT1 → CLOSING → CLOSE        | simultaneous close, active teardown  |
+//! | ESTABLISHED → CLOSE_WAIT → LAST_ACK → CLOSE      | passive teardown; CLOSE_WAIT → LAST_ACK is the application's close-wait time |
+//! | ESTABLISHED/CLOSE_WAIT/… → CLOSE, `sk_err` set   | reset, timeout, …                    |
+//!
+//! Kernel facts this relies on:
+//! - A passive child socket reports LISTEN → SYN_RECV and SYN_RECV → ESTABLISHED microseconds
+//!   apart, both when the final ACK arrives (`tcp_check_req` → `inet_csk_clone_lock`): the
+//!   request socket's life emits nothing. SYN_RECV → ESTABLISHED is therefore *not* the passive
+//!   handshake. What is: the first SYN-ACK sent → the final ACK. The child starts with its
+//!   request socket's SYN-ACK retransmissions in `total_retrans` (`tcp_create_openreq_child`)
+//!   and, when there were none, with that exact interval as its first RTT sample in `srtt_us`
+//!   (`tcp_check_req` → `tcp_synack_rtt_meas`: now − `snt_synack`), both read at SYN_RECV →
+//!   ESTABLISHED. When the SYN-ACK was resent, Karn's rule forbids that sample (with
+//!   timestamps the kernel samples the echo of the *last* SYN-ACK instead); then
+//!   `tcp:tcp_retransmit_synack` has told us the request's first SYN-ACK time
+//!   (`snt_synack`) under the 4-tuple the child inherits, and the handshake runs from it to
+//!   ESTABLISHED.
+//! - At SYN_SENT → ESTABLISHED and SYN_SENT → CLOSE the socket's `total_retrans` counts the
+//!   SYN retransmissions (`tcp_retransmit_skb`), read from the record's stats.
+//! - An orphaned active closer leaves FIN_WAIT2 for CLOSE as soon as its FIN is acknowledged
+//!   (`tcp_rcv_state_process` → `tcp_time_wait`): the peer's FIN is handled by the timewait
+//!   mini-socket, which the tracepoint does not show. Active teardown therefore ends when the
+//!   full socket is handed to TIME_WAIT (or, if the application still holds it, when the peer's
+//!   FIN arrives).
+//! - `tcp_done_with_error()` stores `sk_err` *before* `tcp_done()` sets TCP_CLOSE, so the error
+//!   read at the CLOSE transition tells refused (ECONNREFUSED) from timed out (ETIMEDOUT) from
+//!   reset (ECONNRESET, or EPIPE in CLOSE_WAIT). An application close that sends RST instead of
+//!   FIN (unread data, SO_LINGER 0) leaves `sk_err` at 0, and the kernel sends that RST only
+//!   after the CLOSE (`__tcp_close`, `tcp_disconnect`): it is an abort. RSTs the kernel sends
+//!   *before* closing (orphaned FIN_WAIT2 timeout, out of orphan memory) arrive as reset
+//!   notes (`tcp:tcp_send_reset`) and make the close `reset_sent`.
+//!
+//! The module's files: [`outcome`] (sides, close reasons, reset directions: the label
+//! vocabulary), [`observation`] (what the tracker emits), `entry` (what it remembers per
+//! socket), `table` (the socket table with its per-state counts and eviction) and this file,
+//! the state machine.
+
+mod entry;
+pub mod observation;
+pub mod outcome;
+mod table;
+
+use rustc_hash::{FxHashMap, FxHashSet};
+
+pub use crate::decode::Endpoints;
+use crate::decode::{Event, Note, NoteKind, Record, SynAckRetransmitted, TcpState, TcpStats};
+use entry::{elapsed, SocketEntry, Stamp};
+pub use observation::{
+    ConnectionPhase, ConnectionRecord, Observation, ObservationSink, Owner, RecordingSink,
+    TransitionRecord,
+};
+pub use outcome::{CloseReason, ResetDirection, Resets, Side};
+use table::SocketTable;
+
+/// A TCP socket that existed before the program was attached (from the start-up snapshot):
+/// the tracker's input for sockets whose birth it never saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExistingSocket {
+    /// Its state then.
+    pub state: TcpState,
+    /// Its addresses and ports.
+    pub endpoints: Endpoints,
+    /// Inode of its network namespace.
+    pub netns: u32,
+    /// The process holding it, when one was found.
+    pub owner: Owner,
+}
+
+/// Counters about the tracker itself (exported as self-observability metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackerStats {
+    /// Sockets whose first event was not their birth (open before start, or events lost).
+    pub first_seen_midlife: u64,
+    /// Events whose old state differed from the tracked state (events lost in between).
+    pub inconsistent: u64,
+    /// Entries evicted because the table was full.
+    pub evicted_capacity: u64,
+    /// Entries replaced by a new socket at the same address (the old CLOSE was lost).
+    pub replaced_stale: u64,
+    /// Passive children that closed before ESTABLISHED (not a connect failure of ours).
+    pub passive_open_aborted: u64,
+    /// SYN-ACK retransmissions not remembered because the pending table was full (their
+    /// connections report retries but no handshake duration).
+    pub synack_untracked: u64,
+}
+
+/// Most request sockets with a resent SYN-ACK remembered at once (a SYN flood makes many; its
+/// requests are never established, and the table is bounded), and never more than the
+/// socket table's cap.
+pub const MAX_PENDING_SYNACKS: usize = 65_536;
+
+/// How long a request socket can still become a connection after its first SYN-ACK: the
+/// default 5 retries take ~63 s; allow for `tcp_synack_retries` up to 6.
+const SYNACK_HORIZON_NS: u64 = 130 * 1_000_000_000;
+
+/// Default table capacity: ~4× the sockets of a very busy host, ~220 bytes each (~230 MiB if
+/// ever full).
+pub const DEFAULT_MAX_SOCKETS: usize = 1 << 20;
+
+/// The per-socket state machine.
+#[derive(Debug)]
+pub struct Tracker {
+    table: SocketTable,
+    /// Listening sockets by network namespace and port: `listen()` runs in the owner's
+    /// context, accepted children are created in softirq context, so the listener is how we
+    /// know a child's owner. The kernel address is 0 for listeners from the snapshot.
+    listeners: FxHashMap<(u32, u16), (u64, Owner)>,
+    /// While a snapshot is being taken: the 4-tuples of every event since the program was
+    /// attached, whose sockets the events already describe better than the snapshot.
+    touched: Option<FxHashSet<Endpoints>>,
+    /// First SYN-ACK time of request sockets that retransmitted it, by the 4-tuple their
+    /// child will have; taken when the child is established.
+    synack_retransmits: FxHashMap<Endpoints, u64>,
+    /// When `synack_retransmits` was last pruned.
+    synack_pruned_ns: u64,
+    stats: TrackerStats,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker::new(DEFAULT_MAX_SOCKETS)
+    }
+}
+
+/// Where a state sits in a connection's life; a transition that starts from an earlier phase
+/// than the tracked state means a new socket now lives at the same address.
+fn phase(state: TcpState) -> u8 {
+    use TcpState::*;
+    match state {
+        Close | Listen | SynSent | SynRecv | NewSynRecv => 0,
+        Established => 1,
+        FinWait1 | CloseWait => 2,
+        FinWait2 | Closing | LastAck | TimeWait => 3,
+    }
+}
+
+/// A socket's birth: connect() (CLOSE → SYN_SENT), listen() (CLOSE → LISTEN), or a passive
+/// child cloned from its listener (LISTEN → SYN_RECV).
+fn is_birth(event: &Event) -> bool {
+    event.old == TcpState::Close || (event.old, event.new) == (TcpState::Listen, TcpState::SynRecv)
+}
+
+impl Tracker {
+    /// A tracker that holds at most `max_sockets` sockets (at least 1).
+    pub fn new(max_sockets: usize) -> Self {
+        Tracker {
+            table: SocketTable::new(max_sockets),
+            listeners: FxHashMap::default(),
+            touched: None,
+            synack_retransmits: FxHashMap::default(),
+            synack_pruned_ns: 0,
+            stats: TrackerStats::default(),
+        }
+    }
+
+    /// Changes the table's cap (config reload); a lower cap takes effect as sockets are added.
+    pub fn set_max_sockets(&mut self, max_sockets: usize) {
+        self.table.set_max_sockets(max_sockets);
+    }
+
+    /// Sockets currently tracked, snapshot sockets not yet seen in an event included.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Sockets the table can hold before it grows (it doubles, rehashing every entry).
+    pub fn capacity(&self) -> usize {
+        self.table.capacity()
+    }
+
+    /// True when no socket is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Starts remembering which sockets events describe, until [`Tracker::preload`]: call
+    /// before taking the snapshot, with the program already attached.
+    pub fn expect_snapshot(&mut self) {
+        self.touched = Some(FxHashSet::default());
+    }
+
+    /// Adds the sockets of the start-up snapshot, except those events already described
+    /// (they were born, changed state or closed since the program was attached; drain the
+    /// ring after taking the snapshot and before calling this). Returns how many were added.
+    pub fn preload(&mut self, sockets: &[ExistingSocket]) -> usize {
+        let touched = self.touched.take().unwrap_or_default();
+        let mut added = 0;
+        for socket in sockets {
+            if touched.contains(&socket.endpoints) || self.table.is_full() {
+                continue;
+            }
+            if socket.state == TcpState::Listen {
+                self.listeners
+                    .entry((socket.netns, socket.endpoints.sport))
+                    .or_insert((0, socket.owner));
+            }
+            added += usize::from(self.table.add_existing(*socket));
+        }
+        added
+    }
+
+    /// Tracked sockets per state, indexed by [`TcpState::index`].
+    pub fn per_state(&self) -> &[u64; 12] {
+        self.table.per_state()
+    }
+
+    /// The tracker's own counters.
+    pub fn stats(&self) -> TrackerStats {
+        TrackerStats { evicted_capacity: self.table.evicted(), ..self.stats }
+    }
+
+    /// Applies one decoded ring record.
+    pub fn on_record(&mut self, record: &Record, sink: &mut impl ObservationSink) {
+        match record {
+            Record::State(event) => self.on_event(event, sink),
+            Record::Note(note) => self.on_note(note, sink),
+            Record::SynAckRetransmit(synack) => self.on_synack_retransmit(synack),
+        }
+    }
+
+    /// Remembers when a request socket that is resending its SYN-ACK sent the first one.
+    pub fn on_synack_retransmit(&mut self, synack: &SynAckRetransmitted) {
+        let Some(first) = synack.first_synack_ns else { return };
+        let cap = MAX_PENDING_SYNACKS.min(self.table.max_sockets());
+        if self.synack_retransmits.len() >= cap
+            && !self.synack_retransmits.contains_key(&synack.endpoints)
+        {
+            // Requests give up after net.ipv4.tcp_synack_retries (5: ~63 s): older ones
+            // never become connections. Scan at most once a second, so a sustained flood
+            // costs a lookup per record, not a scan.
+            if synack.timestamp_ns >= self.synack_pruned_ns.saturating_add(1_000_000_000) {
+                self.synack_pruned_ns = synack.timestamp_ns;
+                let horizon = synack.timestamp_ns.saturating_sub(SYNACK_HORIZON_NS);
+                self.synack_retransmits.retain(|_, first| *first >= horizon);
+            }
+            if self.synack_retransmits.len() >= cap {
+                self.stats.synack_untracked += 1;
+                return;
+            }
+        }
+        self.synack_retransmits.insert(synack.endpoints, first);
+    }
+
+    /// Applies a socket note: facts the state transitions do not carry.
+    pub fn on_note(&mut self, note: &Note, sink: &mut impl ObservationSink) {
+        match note.kind {
+            NoteKind::ResetSent | NoteKind::ResetReceived => {
+                let direction = if note.kind == NoteKind::ResetReceived {
+                    ResetDirection::Received
+                } else {
+                    ResetDirection::Sent
+                };
+                sink.observe(&Observation::Reset { direction });
+                // A listener answering a bad segment is not closing: only flag connections.
+                let Some(mut entry) = self.table.get(note.skaddr).copied() else { return };
+                if entry.state != TcpState::Listen {
+                    match direction {
+                        ResetDirection::Sent => entry.resets.sent = true,
+                        ResetDirection::Received => entry.resets.received = true,
+                    }
+                    self.table.put(note.skaddr, entry);
+                }
+            }
+        }
+    }
+
+    /// Applies one transition and reports what it completes to `sink`.
+    pub fn on_event(&mut self, event: &Event, sink: &mut impl ObservationSink) {
+        use TcpState::*;
+        if let Some(touched) = self.touched.as_mut() {
+            touched.insert(event.endpoints);
+        }
+        self.track_listener(event);
+        if is_birth(event) {
+            self.on_birth(event, sink);
+            return;
+        }
+        let now = event.timestamp_ns;
+        let (mut entry, consistent) = self.entry_for(event);
+        entry.last_seen_ns = now;
+        entry.endpoints = event.endpoints;
+        if event.netns != 0 {
+            entry.netns = event.netns;
+        }
+        // close() and shutdown() run in the owner's context: the one safe moment to learn
+        // the owner of a socket first seen mid-life.
+        if entry.owner.pid.is_none()
+            && matches!((event.old, event.new), (Established, FinWait1) | (CloseWait, LastAck))
+        {
+            entry.owner = Owner::current(event);
+        }
+        if sink.wants_records() {
+            let in_old = entry.state_since_ns.get().filter(|_| consistent);
+            let in_old = in_old.map(|since| elapsed(since, now));
+            sink.observe(&Observation::Transition(entry.transition_record(event, in_old)));
+        }
+
+        match (event.old, event.new) {
+            (_, Established) => self.on_established(&mut entry, event, sink),
+            // TCP Fast Open: an accepted child exists from the SYN on and may see a FIN, or
+            // be closed, before the final ACK; the kernel then counts it as established
+            // (tcp_set_state), and so do we.
+            (SynRecv, FinWait1 | CloseWait) if entry.established_ns.is_none() => {
+                if let Some(side) = entry.open_side {
+                    sink.observe_in(&Observation::Opened { side }, entry.netns);
+                }
+                entry.established_ns = Stamp::at(now);
+                first_fin(&mut entry, event);
+            }
+            (Established, FinWait1 | CloseWait) => first_fin(&mut entry, event),
+            (CloseWait, LastAck) => {
+                if let Some(since) = entry.close_wait_ns.get() {
+                    sink.observe(&Observation::CloseWait { duration_ns: elapsed(since, now) });
+                    entry.close_wait_until_ns = Stamp::at(now);
+                }
+            }
+            (_, Close) => {
+                self.close(event, &entry, sink);
+                self.table.remove(event.skaddr);
+                return;
+            }
+            _ => {}
+        }
+        entry.state = event.new;
+        entry.state_since_ns = Stamp::at(now);
+        self.table.put(event.skaddr, entry);
+    }
+
+    /// A socket is born: a fresh entry replaces whatever was tracked at its address or its
+    /// 4-tuple (their CLOSE was missed).
+    fn on_birth(&mut self, event: &Event, sink: &mut impl ObservationSink) {
+        use TcpState::*;
+        if self.table.remove(event.skaddr).is_some() {
+            self.stats.replaced_stale += 1;
+        }
+        if self.table.has_existing() {
+            self.table.take_existing(&event.endpoints);
+        }
+        let (side, owner) = match event.new {
+            Close => return,
+            // connect() and listen() run in the caller's context.
+            SynSent => (Some(Side::Active), Owner::current(event)),
+            Listen => (None, Owner::current(event)),
+            SynRecv => (Some(Side::Passive), self.listener_owner(event)),
+            _ => (None, Owner::UNKNOWN),
+        };
+        let now = Stamp::at(event.timestamp_ns);
+        let mut entry = SocketEntry::new(event.new, side, event);
+        entry.owner = owner;
+        entry.start_ns = now;
+        entry.state_since_ns = now;
+        if event.new == SynSent {
+            entry.syn_sent_ns = now;
+        }
+        if sink.wants_records() {
+            sink.observe(&Observation::Transition(entry.transition_record(event, None)));
+        }
+        self.table.put(event.skaddr, entry);
+    }
+
+    /// The entry an event continues, and whether the event follows its tracked state.
+    /// Unknown sockets and sockets whose events were lost get an entry that only claims
+    /// what the event shows.
+    fn entry_for(&mut self, event: &Event) -> (SocketEntry, bool) {
+        use TcpState::*;
+        match self.table.get(event.skaddr) {
+            Some(entry) if entry.state == event.old => (*entry, true),
+            Some(entry) if phase(event.old) >= phase(entry.state) => {
+                // Events were lost in between; every anchor kept is still a real time.
+                let entry = *entry;
+                self.stats.inconsistent += 1;
+                log_out_of_sequence(self.stats.inconsistent, event, entry.state);
+                (entry, false)
+            }
+            tracked => {
+                // Unknown socket, or a new socket at a reused address whose birth was lost:
+                // start from what this event shows, with no anchors.
+                if let Some(tracked) = tracked {
+                    let tracked = tracked.state;
+                    self.stats.inconsistent += 1;
+                    log_out_of_sequence(self.stats.inconsistent, event, tracked);
+                    self.stats.replaced_stale += 1;
+                } else {
+                    self.stats.first_seen_midlife += 1;
+                }
+                let side = match event.old {
+                    SynSent => Some(Side::Active),
+                    SynRecv => Some(Side::Passive),
+                    _ => None,
+                };
+                let mut entry = SocketEntry::new(event.old, side, event);
+                // A socket from the start-up snapshot: its owner and namespace are known,
+                // its birth is not (no handshake, no lifetime).
+                if let Some(existing) = self.table.take_existing(&event.endpoints) {
+                    entry.owner = existing.owner;
+                    entry.netns = existing.netns;
+                }
+                (entry, false)
+            }
+        }
+    }
+
+    /// A connection reached ESTABLISHED: it is opened, and its handshake may be complete.
+    fn on_established(
+        &mut self,
+        entry: &mut SocketEntry,
+        event: &Event,
+        sink: &mut impl ObservationSink,
+    ) {
+        use TcpState::*;
+        let now = event.timestamp_ns;
+        if let Some(side) = entry.open_side {
+            sink.observe_in(&Observation::Opened { side }, entry.netns);
+        }
+        // total_retrans at SYN_SENT → ESTABLISHED counts SYN retransmissions; a passive
+        // child inherits its request socket's SYN-ACK retransmissions.
+        if let Some(stats) = event.stats.filter(|_| matches!(event.old, SynSent | SynRecv)) {
+            entry.handshake_retransmits = Some(stats.total_retrans);
+            if let Some(side) = entry.open_side.filter(|_| stats.total_retrans > 0) {
+                let count = stats.total_retrans;
+                sink.observe(&Observation::HandshakeRetransmits { side, count });
+            }
+        }
+        let duration = match entry.open_side {
+            Some(Side::Active) if event.old == SynSent => {
+                entry.syn_sent_ns.get().map(|sent| elapsed(sent, now))
+            }
+            Some(Side::Passive) if event.old == SynRecv => {
+                self.passive_handshake(&entry.endpoints, event.stats.as_ref(), now)
+            }
+            _ => None,
+        };
+        if let (Some(side), Some(duration_ns)) = (entry.open_side, duration) {
+            entry.handshake_ns = Stamp::at(duration_ns);
+            let retransmits = entry.handshake_retransmits;
+            let handshake = Observation::Handshake { side, duration_ns, retransmits };
+            sink.observe_in(&handshake, entry.netns);
+        }
+        entry.established_ns = Stamp::at(now);
+        // A RST sent while still connecting (e.g. to a bad SYN-ACK) did not end it.
+        entry.resets = Resets::default();
+        if sink.wants_records() {
+            let record = entry.connection_record(ConnectionPhase::Established, now, None);
+            sink.observe(&Observation::Connection(record));
+        }
+    }
+
+    /// First SYN-ACK → final ACK of an accepted child at SYN_RECV → ESTABLISHED (see the
+    /// module docs).
+    fn passive_handshake(
+        &mut self,
+        endpoints: &Endpoints,
+        stats: Option<&TcpStats>,
+        now: u64,
+    ) -> Option<u64> {
+        let resent = self.synack_retransmits.remove(endpoints);
+        match stats {
+            Some(stats) if stats.total_retrans == 0 && stats.srtt_us_x8 != 0 => {
+                Some(u64::from(stats.srtt_us_x8 >> 3) * 1_000)
+            }
+            // An entry older than any request can live is another connection's.
+            Some(stats) if stats.total_retrans > 0 => resent
+                .filter(|first| now.saturating_sub(*first) <= SYNACK_HORIZON_NS)
+                .map(|first| elapsed(first, now)),
+            _ => None,
+        }
+    }
+
+    fn track_listener(&mut self, event: &Event) {
+        let key = (event.netns, event.endpoints.sport);
+        match (event.old, event.new) {
+            (TcpState::Close, TcpState::Listen) => {
+                self.listeners.insert(key, (event.skaddr, Owner::current(event)));
+            }
+            // The listener itself closes (0: one from the snapshot, whose address is unknown).
+            (TcpState::Listen, TcpState::Close)
+                if self
+                    .listeners
+                    .get(&key)
+                    .is_some_and(|(sk, _)| [0, event.skaddr].contains(sk)) =>
+            {
+                self.listeners.remove(&key);
+            }
+            _ => {}
+        }
+    }
+
+    /// The owner of the listener a passive child was cloned from.
+    fn listener_owner(&self, child: &Event) -> Owner {
+        let key = (child.netns, child.endpoints.sport);
+        self.listeners.get(&key).map_or(Owner::UNKNOWN, |(_, owner)| *owner)
+    }
+
+    /// Reports the end of a connection, or of a connection attempt.
+    fn close(&mut self, event: &Event, entry: &SocketEntry, sink: &mut impl ObservationSink) {
+        let now = event.timestamp_ns;
+        let reason =
+            CloseReason::classify(event.old, event.sock_err, event.endpoints.sport, entry.resets);
+        if event.old == TcpState::Listen {
+            return;
+        }
+        let records = sink.wants_records();
+        let pre_established = matches!(event.old, TcpState::SynSent | TcpState::SynRecv)
+            && entry.established_ns.is_none();
+        if pre_established {
+            // SYN retransmissions of a connect that never completed.
+            let retransmits = event.stats.map(|stats| stats.total_retrans);
+            match entry.open_side {
+                Some(Side::Passive) => self.stats.passive_open_aborted += 1,
+                _ => {
+                    let duration_ns = entry.syn_sent_ns.get().map(|sent| elapsed(sent, now));
+                    let failed = Observation::ConnectFailed { reason, duration_ns, retransmits };
+                    sink.observe_in(&failed, entry.netns);
+                }
+            }
+            if records {
+                let mut record =
+                    entry.connection_record(ConnectionPhase::Failed, now, Some(reason));
+                record.handshake_retransmits = retransmits.or(entry.handshake_retransmits);
+                record.stats = event.stats;
+                sink.observe(&Observation::Connection(record));
+            }
+            return;
+        }
+        let teardown = match (reason, entry.teardown) {
+            (CloseReason::Fin, Some((side, since))) => Some((side, elapsed(since, now))),
+            _ => None,
+        };
+        let lifetime_ns = entry.established_ns.get().map(|since| elapsed(since, now));
+        let closed = Observation::Closed { side: entry.open_side, reason, lifetime_ns, teardown };
+        sink.observe_in(&closed, entry.netns);
+        if records {
+            let mut record = entry.connection_record(ConnectionPhase::Closed, now, Some(reason));
+            record.lifetime_ns = lifetime_ns;
+            record.teardown = teardown;
+            record.stats = event.stats;
+            sink.observe(&Observation::Connection(record));
+        }
+    }
+}
+
+/// The first FIN of an orderly close: ours (→ FIN_WAIT1) starts an active teardown, the
+/// peer's (→ CLOSE_WAIT) a passive one and the application's close-wait time.
+fn first_fin(entry: &mut SocketEntry, event: &Event) {
+    let now = event.timestamp_ns;
+    if event.new == TcpState::FinWait1 {
+        entry.teardown = Some((Side::Active, now));
+    } else {
+        entry.teardown = Some((Side::Passive, now));
+        entry.close_wait_ns = Stamp::at(now);
+    }
+}
+
+/// Logs the first few out-of-sequence transitions in full (they are rare, and each is worth
+/// a look: a lost transition, or a kernel path that changes state without the tracepoint).
+fn log_out_of_sequence(count: u64, event: &Event, tracked: TcpState) {
+    if count <= 8 {
+        log::info!(
+            "out-of-sequence transition {:?} -> {:?} of socket {:#x} ({} -> {}), tracked in \
+             {tracked:?} (#{count}; only the first 8 are logged)",
+            event.old,
+            event.new,
+            event.skaddr,
+            event.endpoints.local(),
+            event.endpoints.remote(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,201 @@
+//! What the tracker emits: [`Observation`]s for the metrics, and for the tail per-connection
+//! ([`ConnectionRecord`]) and per-transition ([`TransitionRecord`]) records, handed to an
+//! [`ObservationSink`].
+
+use super::outcome::{CloseReason, ResetDirection, Side};
+use crate::decode::{comm_text, Endpoints, Event, TcpState, TcpStats};
+
+/// Something worth a metric or a tail line, derived from one transition.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Observation {
+    /// A connection reached ESTABLISHED.
+    Opened {
+        /// Active (connect) or passive (accept).
+        side: Side,
+    },
+    /// A handshake completed. Active: SYN sent (CLOSE → SYN_SENT) → SYN-ACK received
+    /// (SYN_SENT → ESTABLISHED). Passive: first SYN-ACK sent → final ACK (SYN_RECV →
+    /// ESTABLISHED).
+    Handshake {
+        /// Which end.
+        side: Side,
+        /// Nanoseconds.
+        duration_ns: u64,
+        /// SYN (active) or SYN-ACK (passive) retransmissions, when the kernel told.
+        retransmits: Option<u32>,
+    },
+    /// SYNs (active) or SYN-ACKs (passive) a completed handshake resent, whether or not its
+    /// duration is known.
+    HandshakeRetransmits {
+        /// Which end.
+        side: Side,
+        /// How many.
+        count: u32,
+    },
+    /// An active open failed before ESTABLISHED.
+    ConnectFailed {
+        /// Refused, timeout, unreachable, abort, …
+        reason: CloseReason,
+        /// Nanoseconds since the SYN was sent, when known.
+        duration_ns: Option<u64>,
+        /// SYN retransmissions before it failed, when the kernel told.
+        retransmits: Option<u32>,
+    },
+    /// The kernel sent or processed a RST (for a tracked socket or not).
+    Reset {
+        /// Sent or received.
+        direction: ResetDirection,
+    },
+    /// The application closed a socket the peer had closed: CLOSE_WAIT → LAST_ACK.
+    CloseWait {
+        /// Nanoseconds the socket sat in CLOSE_WAIT.
+        duration_ns: u64,
+    },
+    /// An established connection reached CLOSE.
+    Closed {
+        /// How it was opened; `None` for sockets first seen mid-life.
+        side: Option<Side>,
+        /// How it ended.
+        reason: CloseReason,
+        /// ESTABLISHED → CLOSE, when the establishment was seen.
+        lifetime_ns: Option<u64>,
+        /// For orderly closes whose first FIN was seen: who sent it, and the nanoseconds from
+        /// that FIN (ESTABLISHED → FIN_WAIT1 or → CLOSE_WAIT) to CLOSE.
+        teardown: Option<(Side, u64)>,
+    },
+    /// A per-connection record for the tail (only when the sink wants records).
+    Connection(ConnectionRecord),
+    /// A per-transition record for the tail (only when the sink wants records).
+    Transition(TransitionRecord),
+}
+
+/// The process a connection belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// Process id (tgid); `None` when unknown.
+    pub pid: Option<u32>,
+    /// NUL-padded task name; all zeros when unknown.
+    pub comm: [u8; 16],
+}
+
+impl Owner {
+    /// No known owner.
+    pub const UNKNOWN: Owner = Owner { pid: None, comm: [0; 16] };
+
+    /// The task that was current during `event`. Only meaningful for transitions that run in
+    /// the owner's system call (connect, listen, close, shutdown), not in softirq context.
+    pub fn current(event: &Event) -> Owner {
+        Owner { pid: Some(event.pid), comm: event.comm }
+    }
+
+    /// The task name without padding, lossily decoded; empty when unknown.
+    pub fn comm(&self) -> String {
+        comm_text(&self.comm)
+    }
+}
+
+/// Where a connection is in its life when a [`ConnectionRecord`] is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionPhase {
+    /// Just reached ESTABLISHED.
+    Established,
+    /// Reached CLOSE after being established.
+    Closed,
+    /// Reached CLOSE without ever being established (connect failure, aborted accept).
+    Failed,
+}
+
+/// Everything known about one connection, for the per-connection tail.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConnectionRecord {
+    /// Which moment this record describes.
+    pub phase: ConnectionPhase,
+    /// CLOCK_MONOTONIC ns of the connection's first transition (SYN sent, or child created);
+    /// `None` when first seen mid-life.
+    pub start_ns: Option<u64>,
+    /// CLOCK_MONOTONIC ns of the transition that produced this record.
+    pub time_ns: u64,
+    /// How it was opened, when known.
+    pub side: Option<Side>,
+    /// The owning process, when known.
+    pub owner: Owner,
+    /// Addresses and ports.
+    pub endpoints: Endpoints,
+    /// Active: SYN sent → SYN-ACK received; passive: first SYN-ACK sent → final ACK.
+    pub handshake_ns: Option<u64>,
+    /// SYN (active) or SYN-ACK (passive) retransmissions during the handshake.
+    pub handshake_retransmits: Option<u32>,
+    /// Inode of the connection's network namespace, when known.
+    pub netns: Option<u32>,
+    /// The socket's counters at CLOSE (closed and failed records only).
+    pub stats: Option<TcpStats>,
+    /// ESTABLISHED → CLOSE.
+    pub lifetime_ns: Option<u64>,
+    /// Orderly closes: who sent the first FIN, and first FIN → CLOSE.
+    pub teardown: Option<(Side, u64)>,
+    /// CLOSE_WAIT → LAST_ACK.
+    pub close_wait_ns: Option<u64>,
+    /// How it ended; `None` for [`ConnectionPhase::Established`].
+    pub outcome: Option<CloseReason>,
+}
+
+/// One state transition with its connection's identity, for the events view of the tail.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TransitionRecord {
+    /// CLOCK_MONOTONIC ns of the transition.
+    pub time_ns: u64,
+    /// How the connection was opened, when known.
+    pub side: Option<Side>,
+    /// The owning process (not the task that happened to run the transition), when known.
+    pub owner: Owner,
+    /// Addresses and ports.
+    pub endpoints: Endpoints,
+    /// Inode of the connection's network namespace, when known.
+    pub netns: Option<u32>,
+    /// State before.
+    pub old: TcpState,
+    /// State after.
+    pub new: TcpState,
+    /// Time spent in `old`, when its start was seen.
+    pub in_old_ns: Option<u64>,
+}
+
+/// Receives observations; implemented by the aggregator, the tail, and `Vec` for tests.
+pub trait ObservationSink {
+    /// Called once per observation, in order.
+    fn observe(&mut self, observation: &Observation);
+
+    /// An observation about a connection in network namespace `netns` (0: unknown). Sinks
+    /// that split metrics by namespace override this; the others see [`Self::observe`].
+    fn observe_in(&mut self, observation: &Observation, netns: u32) {
+        let _ = netns;
+        self.observe(observation);
+    }
+
+    /// Whether to also build [`Observation::Connection`] and [`Observation::Transition`]
+    /// records (only worth it while someone is tailing).
+    fn wants_records(&self) -> bool {
+        false
+    }
+}
+
+/// Collects the metric observations only (no tail records).
+impl ObservationSink for Vec<Observation> {
+    fn observe(&mut self, observation: &Observation) {
+        self.push(*observation);
+    }
+}
+
+/// Collects every observation including tail records (tests, tools).
+#[derive(Debug, Default)]
+pub struct RecordingSink(pub Vec<Observation>);
+
+impl ObservationSink for RecordingSink {
+    fn observe(&mut self, observation: &Observation) {
+        self.0.push(*observation);
+    }
+
+    fn wants_records(&self) -> bool {
+        true
+    }
+}

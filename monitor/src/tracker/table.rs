@@ -1,0 +1,241 @@
+//! The per-socket table: tracked sockets by kernel address, the sockets of the start-up
+//! snapshot not yet seen in an event (by 4-tuple: `sock_diag` does not give the kernel
+//! address), the count of sockets per state, and eviction at the cap. Every change goes
+//! through here, so the per-state counts (the `tcpmon_connections{state}` gauges) always
+//! equal the table's contents.
+
+use rustc_hash::FxHashMap;
+
+use super::entry::SocketEntry;
+use super::ExistingSocket;
+use crate::decode::{Endpoints, TcpState};
+
+/// Tracked sockets, at most `max_sockets` of them.
+#[derive(Debug)]
+pub(super) struct SocketTable {
+    entries: FxHashMap<u64, SocketEntry>,
+    existing: FxHashMap<Endpoints, ExistingSocket>,
+    per_state: [u64; TcpState::ALL.len()],
+    max_sockets: usize,
+    evicted: u64,
+}
+
+impl SocketTable {
+    /// An empty table that holds at most `max_sockets` sockets (at least 1).
+    pub(super) fn new(max_sockets: usize) -> Self {
+        SocketTable {
+            entries: FxHashMap::default(),
+            existing: FxHashMap::default(),
+            per_state: [0; TcpState::ALL.len()],
+            max_sockets: max_sockets.max(1),
+            evicted: 0,
+        }
+    }
+
+    /// Changes the cap; a lower one takes effect as sockets are added.
+    pub(super) fn set_max_sockets(&mut self, max_sockets: usize) {
+        self.max_sockets = max_sockets.max(1);
+    }
+
+    /// The cap.
+    pub(super) fn max_sockets(&self) -> usize {
+        self.max_sockets
+    }
+
+    /// Sockets tracked, snapshot sockets not yet seen in an event included.
+    pub(super) fn len(&self) -> usize {
+        self.entries.len() + self.existing.len()
+    }
+
+    /// Whether adding a socket would evict others.
+    pub(super) fn is_full(&self) -> bool {
+        self.len() >= self.max_sockets
+    }
+
+    /// Entries the table holds before it grows (it doubles, rehashing every entry).
+    pub(super) fn capacity(&self) -> usize {
+        self.entries.capacity()
+    }
+
+    /// Sockets per state, indexed by [`TcpState::index`].
+    pub(super) fn per_state(&self) -> &[u64; TcpState::ALL.len()] {
+        &self.per_state
+    }
+
+    /// Sockets evicted to make room so far.
+    pub(super) fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// The entry of the socket at kernel address `skaddr`.
+    pub(super) fn get(&self, skaddr: u64) -> Option<&SocketEntry> {
+        self.entries.get(&skaddr)
+    }
+
+    /// Stores `entry` for `skaddr`, replacing what was there; evicts others when the table
+    /// is full and `skaddr` is new.
+    pub(super) fn put(&mut self, skaddr: u64, entry: SocketEntry) {
+        if let Some(slot) = self.entries.get_mut(&skaddr) {
+            self.per_state[slot.state.index()] -= 1;
+            self.per_state[entry.state.index()] += 1;
+            *slot = entry;
+            return;
+        }
+        if self.is_full() {
+            if self.existing.len() > self.entries.len() {
+                self.evict_existing();
+            } else {
+                self.evict_oldest();
+            }
+        }
+        self.per_state[entry.state.index()] += 1;
+        self.entries.insert(skaddr, entry);
+    }
+
+    /// Forgets the socket at `skaddr`; returns its entry.
+    pub(super) fn remove(&mut self, skaddr: u64) -> Option<SocketEntry> {
+        let entry = self.entries.remove(&skaddr)?;
+        self.per_state[entry.state.index()] -= 1;
+        Some(entry)
+    }
+
+    /// Whether snapshot sockets are still waiting for their first event.
+    pub(super) fn has_existing(&self) -> bool {
+        !self.existing.is_empty()
+    }
+
+    /// Takes the snapshot socket with these endpoints, if one is waiting.
+    pub(super) fn take_existing(&mut self, endpoints: &Endpoints) -> Option<ExistingSocket> {
+        let socket = self.existing.remove(endpoints)?;
+        self.per_state[socket.state.index()] -= 1;
+        Some(socket)
+    }
+
+    /// Adds a snapshot socket (the caller checks [`Self::is_full`]). Two namespaces can hold
+    /// the same 4-tuple (containers); events carry no namespace mid-life, so only one of
+    /// them can be matched: the last one is kept. Returns false when it replaced another.
+    pub(super) fn add_existing(&mut self, socket: ExistingSocket) -> bool {
+        self.per_state[socket.state.index()] += 1;
+        match self.existing.insert(socket.endpoints, socket) {
+            Some(replaced) => {
+                self.per_state[replaced.state.index()] -= 1;
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// Makes room by dropping 1/16 (at least one) of the snapshot sockets not seen since the
+    /// start: they have no activity time to order them by.
+    fn evict_existing(&mut self) {
+        let count = (self.existing.len() / 16).max(1);
+        let victims: Vec<Endpoints> = self.existing.keys().take(count).copied().collect();
+        for key in victims {
+            self.take_existing(&key);
+        }
+        self.evicted += count as u64;
+    }
+
+    /// Makes room by evicting the least recently updated 1/16 of the table (at least one).
+    /// A scan, but only when the table is full, and it frees many slots at once.
+    fn evict_oldest(&mut self) {
+        let count = (self.entries.len() / 16).max(1);
+        let mut ages: Vec<(u64, u64)> =
+            self.entries.iter().map(|(key, entry)| (entry.last_seen_ns, *key)).collect();
+        ages.select_nth_unstable(count - 1);
+        for &(_, key) in &ages[..count] {
+            self.remove(key);
+        }
+        self.evicted += count as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{decode_record, fixture::v4};
+    use crate::tracker::Owner;
+    use TcpState::*;
+
+    fn entry(state: TcpState, last_seen_ns: u64) -> SocketEntry {
+        let event = decode_record(&v4(last_seen_ns, 1, Close, SynSent, 40000, 80, 0)).unwrap();
+        SocketEntry { state, ..SocketEntry::new(state, None, &event) }
+    }
+
+    fn existing(state: TcpState, port: u16) -> ExistingSocket {
+        ExistingSocket {
+            state,
+            endpoints: Endpoints::new(
+                "127.0.0.1:80".parse().unwrap(),
+                format!("127.0.0.1:{port}").parse().unwrap(),
+            ),
+            netns: 1,
+            owner: Owner::UNKNOWN,
+        }
+    }
+
+    /// The per-state counts, recounted from the contents.
+    fn recount(table: &SocketTable) -> [u64; 12] {
+        let mut counts = [0; 12];
+        for entry in table.entries.values() {
+            counts[entry.state.index()] += 1;
+        }
+        for socket in table.existing.values() {
+            counts[socket.state.index()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn the_counts_follow_every_change() {
+        let mut table = SocketTable::new(8);
+        table.put(1, entry(SynSent, 1));
+        table.put(1, entry(Established, 2));
+        table.put(2, entry(Listen, 3));
+        assert!(table.add_existing(existing(Established, 1)));
+        assert!(!table.add_existing(existing(CloseWait, 1)), "same 4-tuple: replaced");
+        assert!(table.add_existing(existing(FinWait2, 2)));
+        assert_eq!(table.per_state(), &recount(&table));
+        assert_eq!((table.per_state()[Established.index()], table.len()), (1, 4));
+
+        assert_eq!(
+            table.take_existing(&existing(CloseWait, 1).endpoints).unwrap().state,
+            CloseWait
+        );
+        assert!(table.take_existing(&existing(CloseWait, 1).endpoints).is_none());
+        assert_eq!(table.remove(1).unwrap().state, Established);
+        assert!(table.remove(1).is_none());
+        assert_eq!(table.per_state(), &recount(&table));
+        assert_eq!(table.len(), 2);
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_least_recently_seen() {
+        let mut table = SocketTable::new(32);
+        for sk in 0..32 {
+            table.put(sk, entry(Established, 100 + sk));
+        }
+        assert!(table.is_full());
+        table.put(1000, entry(SynSent, 1000));
+        // 1/16 of 32 went, the two seen longest ago.
+        assert_eq!((table.len(), table.evicted()), (31, 2));
+        assert!(table.get(0).is_none() && table.get(1).is_none() && table.get(2).is_some());
+        assert_eq!(table.per_state(), &recount(&table));
+        // Replacing an entry never evicts.
+        table.put(1000, entry(Established, 1001));
+        assert_eq!(table.evicted(), 2);
+    }
+
+    #[test]
+    fn snapshot_sockets_go_first_when_they_are_the_majority() {
+        let mut table = SocketTable::new(4);
+        for port in 1..=3 {
+            table.add_existing(existing(Established, port));
+        }
+        table.put(7, entry(SynSent, 1));
+        table.put(8, entry(SynSent, 2));
+        assert_eq!((table.len(), table.evicted()), (4, 1));
+        assert!(table.get(7).is_some() && table.get(8).is_some());
+        assert_eq!(table.per_state(), &recount(&table));
+    }
+}
