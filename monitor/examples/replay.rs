@@ -1,7 +1,8 @@
-//! Replay microbenchmark: decode → tracker → aggregate on one core, on a synthetic stream
-//! shaped like loopback connection churn (10 transitions per connection, socket addresses
-//! reused as the kernel's slab allocator does). Also counts heap allocations per event and
-//! the tracker's bytes per tracked socket. Run by `cargo xtask bench`; prints `key=value`.
+//! Replay microbenchmark: the daemon's pipeline (decode → tracker → aggregate, in batches,
+//! as `tcpmon run` drains its rings) on one core, on a synthetic stream shaped like loopback
+//! connection churn (10 transitions per connection, socket addresses reused as the kernel's
+//! slab allocator does). Also counts heap allocations per event and the tracker's bytes per
+//! tracked socket. Run by `cargo xtask bench`; prints `key=value`.
 //!
 //! `cargo run --release --example replay -- [connections]`
 
@@ -10,14 +11,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use monitor::aggregate::Aggregator;
-use monitor::decode::{decode, fixture, TcpState};
-use monitor::tracker::{Observation, ObservationSink, Tracker};
+use monitor::clock::WallClock;
+use monitor::decode::{fixture, TcpState};
+use monitor::pipeline::Pipeline;
+use monitor::source::ReplaySource;
+use monitor::tail::hub::{TailHub, TailMetrics};
+use monitor::tracker::Tracker;
 
-/// Discards observations (the table's own memory is what is measured).
-struct Discard;
-
-impl ObservationSink for Discard {
-    fn observe(&mut self, _: &Observation) {}
+/// The daemon's pipeline over `records`, with its own metrics and no tail client.
+fn pipeline(records: Vec<Vec<u8>>, max_sockets: usize) -> Pipeline<ReplaySource> {
+    let registry = prometheus::Registry::new();
+    let aggregator = Aggregator::new(&registry).expect("metrics");
+    let hub =
+        TailHub::new(WallClock::now(), TailMetrics::new(&registry).expect("metrics"), "bench");
+    Pipeline::new(ReplaySource::new(records), Tracker::new(max_sockets), aggregator, hub)
 }
 
 /// Counts allocations and live bytes.
@@ -81,46 +88,35 @@ fn churn_stream(connections: u64, in_flight: u64) -> Vec<Vec<u8>> {
 fn main() {
     let connections: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
     let records = churn_stream(connections, 64);
-    let registry = prometheus::Registry::new();
-    let aggregator = Aggregator::new(&registry).expect("metrics");
-    let mut tracker = Tracker::default();
+    let events = records.len() as f64;
+    let mut churn = pipeline(records, monitor::tracker::DEFAULT_MAX_SOCKETS);
 
     // Warm-up pass: grows the table to its working size, so the timed pass measures steady state.
-    for record in &records {
-        aggregator.records_received(1, 0);
-        tracker.on_record(&decode(record).expect("valid"), &mut &aggregator);
-    }
+    churn.drain_now();
+    churn.source_mut().rewind();
     let allocations_before = ALLOCATIONS.load(Ordering::Relaxed);
     let started = Instant::now();
-    for record in &records {
-        aggregator.records_received(1, 0);
-        match decode(record) {
-            Ok(record) => tracker.on_record(&record, &mut &aggregator),
-            Err(_) => aggregator.record_undecodable(),
-        }
-    }
+    churn.drain_now();
     let seconds = started.elapsed().as_secs_f64();
     let allocations = ALLOCATIONS.load(Ordering::Relaxed) - allocations_before;
-    let events = records.len() as f64;
+    assert_eq!(churn.finish().undecodable, 0);
 
-    // Memory per tracked socket: 100k established connections held open.
+    // Memory per tracked socket: 100k established connections held open (the records and
+    // the pipeline exist before the count starts: only what tracking adds is counted).
     const OPEN: u64 = 100_000;
-    let mut tracker = Tracker::new(1 << 20);
-    let mut sink = Discard;
-    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    let mut opens = Vec::with_capacity(2 * OPEN as usize);
     for i in 0..OPEN {
         let sk = 0xffff_8890_0000_0000 + i * 0x800;
         for (old, new, sport) in [
             (TcpState::Close, TcpState::SynSent, 0),
             (TcpState::SynSent, TcpState::Established, 40_000),
         ] {
-            tracker.on_record(
-                &decode(&fixture::bytes(&fixture::v4(i, sk, old, new, sport, 80, 0)))
-                    .expect("valid"),
-                &mut sink,
-            );
+            opens.push(fixture::bytes(&fixture::v4(i, sk, old, new, sport, 80, 0)));
         }
     }
+    let mut held = pipeline(opens, 1 << 20);
+    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    held.drain_now();
     let bytes_per_socket = (LIVE_BYTES.load(Ordering::Relaxed) - before) as f64 / OPEN as f64;
     let rss_kib = std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -130,12 +126,11 @@ fn main() {
                 .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
         })
         .unwrap_or_default();
-    assert_eq!(tracker.len() as u64, OPEN);
+    assert_eq!(held.tracker().len() as u64, OPEN);
 
     println!(
-        "replay events={} seconds={seconds:.4} events_per_sec={:.0} allocations_per_event={:.6} \
+        "replay events={events} seconds={seconds:.4} events_per_sec={:.0} allocations_per_event={:.6} \
          tracked_sockets={OPEN} bytes_per_socket={bytes_per_socket:.0} peak_rss_kib={rss_kib}",
-        records.len(),
         events / seconds,
         allocations as f64 / events,
     );

@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 pub use crate::loader::HookChoice;
+use crate::pipeline::PipelineOptions;
+use crate::tail::client::TailOptions;
 use crate::tail::filter::{parse_net, parse_outcome, parse_side, Filter, Subscribe, View};
 use crate::tail::record::PROTOCOL_VERSION;
 
@@ -78,9 +80,9 @@ impl clap::ValueEnum for HookChoice {
 }
 
 /// `--ring-bytes` default, also used by the stand-alone tail.
-pub const DEFAULT_RING_BYTES: &str = "8MiB";
+const DEFAULT_RING_BYTES: &str = "8MiB";
 /// `--drain-interval` default, also used by the stand-alone tail.
-pub const DEFAULT_DRAIN_INTERVAL: &str = "100ms";
+const DEFAULT_DRAIN_INTERVAL: &str = "100ms";
 
 /// Options of `tcpmon run`.
 #[derive(Debug, Clone, Args)]
@@ -220,6 +222,31 @@ pub struct TailArgs {
 }
 
 impl TailArgs {
+    /// What the tail client does.
+    pub fn options(&self) -> Result<TailOptions, String> {
+        Ok(TailOptions {
+            socket: self.socket.clone(),
+            request: self.subscribe()?,
+            json: self.json,
+            count: self.count,
+            no_color: self.no_color,
+        })
+    }
+
+    /// The pipeline the tail runs itself when no daemon runs: the daemon's defaults, but
+    /// woken for every event (a person is watching).
+    pub fn standalone_pipeline(&self) -> PipelineOptions {
+        // The constants parse: see the test `the_shared_defaults_parse`.
+        PipelineOptions {
+            ring_bytes: parse_ring_bytes(DEFAULT_RING_BYTES).expect("a valid constant"),
+            wakeup_bytes: 0,
+            drain_interval: parse_interval(DEFAULT_DRAIN_INTERVAL).expect("a valid constant"),
+            max_sockets: crate::tracker::DEFAULT_MAX_SOCKETS,
+            record: None,
+            hook: HookChoice::default(),
+        }
+    }
+
     /// The request sent to the daemon.
     pub fn subscribe(&self) -> Result<Subscribe, String> {
         let micros = |d: Option<Duration>| d.map(|d| d.as_micros().min(u64::MAX as u128) as u64);
@@ -254,6 +281,18 @@ pub fn parse_min(text: &str) -> Result<Duration, String> {
 }
 
 impl RunArgs {
+    /// The pipeline these flags ask for.
+    pub fn pipeline_options(&self) -> PipelineOptions {
+        PipelineOptions {
+            ring_bytes: self.ring_bytes,
+            wakeup_bytes: self.wakeup_bytes(),
+            drain_interval: self.drain_interval,
+            max_sockets: self.max_sockets,
+            record: self.record.clone(),
+            hook: self.hook,
+        }
+    }
+
     /// Bytes waiting in the ring at which the kernel wakes the daemon (0: every event).
     pub fn wakeup_bytes(&self) -> u64 {
         if self.low_latency {

@@ -10,12 +10,14 @@
 pub mod aggregate;
 pub mod check;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod decode;
 pub mod exit;
 pub mod loader;
 pub mod metrics;
+pub mod pipeline;
 pub mod reorder;
 pub mod snapshot;
 pub mod source;

@@ -69,7 +69,18 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => runtime.block_on(monitor::daemon::run(args)),
-        Command::Tail(args) => return runtime.block_on(monitor::tail::client::run(*args)),
+        Command::Tail(args) => {
+            let options = match args.options() {
+                Ok(options) => options,
+                Err(message) => {
+                    eprintln!("tcpmon tail: error: {message}");
+                    return ExitCode::from(monitor::exit::USAGE);
+                }
+            };
+            let pipeline = args.standalone_pipeline();
+            let standalone = |client| monitor::pipeline::standalone(pipeline, client);
+            return runtime.block_on(monitor::tail::client::run(options, standalone));
+        }
         Command::Check => {
             let findings = monitor::check::run_checks();
             return if monitor::check::report(&findings) {

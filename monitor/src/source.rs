@@ -13,6 +13,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
+use crate::clock::monotonic_ns;
 use crate::reorder::{timestamp_of, Reorder};
 
 /// How many records one batch drains before the caller gets control back (so metrics
@@ -126,8 +127,18 @@ impl Drop for Positions {
 pub struct Drained {
     /// Records handed to the caller.
     pub handed: usize,
-    /// A ring had more records than one batch takes: drain again.
+    /// The source had more records than one batch takes: drain again.
     pub more: bool,
+}
+
+/// Where the pipeline's raw records come from: the kernel's rings, or a recording.
+pub trait Source {
+    /// Hands `each` up to `max` records whose turn has come, in the order they happened.
+    /// Each record's bytes are valid only during the call.
+    fn drain(&mut self, max: usize, each: impl FnMut(&[u8])) -> Drained;
+
+    /// Hands out every record still held back (at shutdown, after the last drain).
+    fn flush(&mut self, each: impl FnMut(&[u8])) -> usize;
 }
 
 impl RingSource {
@@ -189,11 +200,13 @@ impl RingSource {
         }
         Ok(())
     }
+}
 
+impl Source for RingSource {
     /// Reads up to `max` waiting records and hands `each` those whose turn has come, in the
     /// order they happened (records still in flight on another CPU could precede the rest:
     /// those wait for a later drain). Each record's bytes are valid only during the call.
-    pub fn drain(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> Drained {
+    fn drain(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> Drained {
         if let [ring] = self.rings.as_mut_slice() {
             // One ring is already in commit order.
             let ring = ring.ring.get_mut();
@@ -240,17 +253,9 @@ impl RingSource {
 
     /// Hands out every record still waiting for its turn (at shutdown, after the rings are
     /// drained).
-    pub fn flush(&mut self, each: impl FnMut(&[u8])) -> usize {
+    fn flush(&mut self, each: impl FnMut(&[u8])) -> usize {
         self.reorder.release_all(each)
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
-pub fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `now` is a valid timespec to write; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// First bytes of a recording file; the format is this magic, then per record a
@@ -325,15 +330,27 @@ impl ReplaySource {
         ReplaySource { records, position: 0 }
     }
 
-    /// Hands up to `max` records to `each`, in recorded order; returns how many.
-    pub fn drain(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> usize {
-        let end = (self.position + max).min(self.records.len());
+    /// Starts over from the first record.
+    pub fn rewind(&mut self) {
+        self.position = 0;
+    }
+}
+
+impl Source for ReplaySource {
+    /// Hands up to `max` records to `each`, in recorded order.
+    fn drain(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> Drained {
+        let end = self.position.saturating_add(max).min(self.records.len());
         for record in &self.records[self.position..end] {
             each(record);
         }
-        let count = end - self.position;
+        let handed = end - self.position;
         self.position = end;
-        count
+        Drained { handed, more: end < self.records.len() }
+    }
+
+    /// Nothing is held back: records are handed out in recorded order.
+    fn flush(&mut self, _each: impl FnMut(&[u8])) -> usize {
+        0
     }
 }
 
@@ -365,9 +382,12 @@ mod tests {
     fn replay_yields_every_record_once_in_batches() {
         let mut source = ReplaySource::new((0..10u8).map(|i| vec![i]).collect());
         let mut seen = Vec::new();
-        assert_eq!(source.drain(4, |r| seen.push(r[0])), 4);
-        assert_eq!(source.drain(100, |r| seen.push(r[0])), 6);
-        assert_eq!(source.drain(100, |r| seen.push(r[0])), 0);
+        assert_eq!(source.drain(4, |r| seen.push(r[0])), Drained { handed: 4, more: true });
+        assert_eq!(source.drain(100, |r| seen.push(r[0])), Drained { handed: 6, more: false });
+        assert_eq!(source.drain(100, |r| seen.push(r[0])), Drained { handed: 0, more: false });
         assert_eq!(seen, (0..10).collect::<Vec<_>>());
+        source.rewind();
+        assert_eq!(source.drain(1, |r| seen.push(r[0])).handed, 1);
+        assert_eq!(seen.last(), Some(&0));
     }
 }

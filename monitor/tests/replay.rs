@@ -1,157 +1,200 @@
 //! Replays a stream recorded from the real kernel (tests/fixtures/loopback.rec, made by
-//! tests/fixtures/make_traffic.py) through decode → tracker and checks every observation
+//! tests/fixtures/make_traffic.py) through the daemon's own pipeline — decode, tracker,
+//! aggregator, tail hub — and checks what a user would see, `/metrics` and `tail --json`,
 //! against what that traffic did.
 
 use std::path::Path;
 
-use monitor::decode::{decode, Record, AF_INET6};
+use monitor::aggregate::Aggregator;
+use monitor::clock::WallClock;
+use monitor::metrics::encode;
+use monitor::pipeline::Pipeline;
 use monitor::source::{read_recording, ReplaySource};
-use monitor::tracker::{
-    CloseReason, ConnectionPhase, Observation, RecordingSink, ResetDirection, Side, Tracker,
-};
+use monitor::tail::filter::{Subscribe, View};
+use monitor::tail::hub::{NewSubscriber, TailHub, TailMetrics, CLIENT_QUEUE};
+use monitor::tail::record::PROTOCOL_VERSION;
+use monitor::tracker::Tracker;
+use serde_json::Value;
+use tokio::sync::mpsc;
 
-const MS: u64 = 1_000_000;
-
-fn replay() -> (Vec<Observation>, Tracker, Vec<monitor::decode::Event>) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loopback.rec");
-    let records = read_recording(&path).expect("reading the fixture");
-    assert_eq!(records.len(), 58);
-    let mut source = ReplaySource::new(records);
-    let mut tracker = Tracker::default();
-    let mut observations = RecordingSink::default();
-    let mut events = Vec::new();
-    source.drain(usize::MAX, |bytes| {
-        let record = decode(bytes).expect("every recorded record decodes");
-        tracker.on_record(&record, &mut observations);
-        if let Record::State(event) = record {
-            events.push(event);
-        }
-    });
-    (observations.0, tracker, events)
+/// What a user would see of the recording: the metrics, and the records of two tails (the
+/// connections view with `--established`, and the events view).
+struct Seen {
+    metrics: Vec<(String, f64)>,
+    connections: Vec<Value>,
+    transitions: Vec<Value>,
 }
+
+impl Seen {
+    fn metric(&self, series: &str) -> f64 {
+        let found = self.metrics.iter().find(|(name, _)| name == series);
+        found.unwrap_or_else(|| panic!("no {series} in {:#?}", self.metrics)).1
+    }
+
+    /// The sum of every series of `family` whose labels contain `labels`.
+    fn sum(&self, family: &str, labels: &str) -> f64 {
+        let prefix = format!("{family}{{");
+        let matching = self.metrics.iter().filter(|(n, _)| n.starts_with(&prefix));
+        matching.filter(|(n, _)| n.contains(labels)).map(|(_, v)| v).sum()
+    }
+
+    fn closed(&self) -> impl Iterator<Item = &Value> {
+        self.connections.iter().filter(|r| r["event"] == "closed")
+    }
+}
+
+fn subscribe(pipeline: &mut Pipeline<ReplaySource>, view: View) -> mpsc::Receiver<bytes::Bytes> {
+    let (queue, lines) = mpsc::channel(CLIENT_QUEUE);
+    let request =
+        Subscribe { version: PROTOCOL_VERSION, view, established: true, ..Default::default() };
+    pipeline.add_subscriber(NewSubscriber { request, queue });
+    lines
+}
+
+/// The records a tail received, without its hello line.
+fn records(mut lines: mpsc::Receiver<bytes::Bytes>) -> Vec<Value> {
+    let mut records = Vec::new();
+    while let Ok(line) = lines.try_recv() {
+        let record: Value = serde_json::from_slice(&line).expect("one JSON object per line");
+        if record["type"] != "hello" {
+            records.push(record);
+        }
+    }
+    records
+}
+
+fn replay() -> Seen {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loopback.rec");
+    let recording = read_recording(&path).expect("reading the fixture");
+    assert_eq!(recording.len(), 58);
+    let registry = prometheus::Registry::new();
+    let aggregator = Aggregator::new(&registry).unwrap();
+    let hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry).unwrap(), "replay");
+    let source = ReplaySource::new(recording);
+    let mut pipeline = Pipeline::new(source, Tracker::default(), aggregator, hub);
+    let connections = subscribe(&mut pipeline, View::Connections);
+    let transitions = subscribe(&mut pipeline, View::Events);
+    pipeline.drain_now();
+    let summary = pipeline.finish();
+    assert_eq!((summary.received, summary.undecodable, summary.tracked), (58, 0, 0));
+    let text = String::from_utf8(encode(&registry)).unwrap();
+    let metrics = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect();
+    Seen { metrics, connections: records(connections), transitions: records(transitions) }
+}
+
+const MS: u64 = 1_000;
 
 #[test]
 fn the_recorded_loopback_stream_yields_exactly_its_connections() {
-    let (observations, tracker, events) = replay();
-    let count = |f: &dyn Fn(&Observation) -> bool| observations.iter().filter(|o| f(o)).count();
+    let seen = replay();
+    let m = |series: &str| seen.metric(series);
 
-    assert_eq!(count(&|o| matches!(o, Observation::Opened { side: Side::Active })), 5);
-    assert_eq!(count(&|o| matches!(o, Observation::Opened { side: Side::Passive })), 5);
-    assert_eq!(
-        count(&|o| matches!(o, Observation::ConnectFailed { reason: CloseReason::Refused, .. })),
-        1
-    );
-    assert_eq!(count(&|o| matches!(o, Observation::ConnectFailed { .. })), 1);
+    // Every record was taken: 54 transitions and 4 reset notes.
+    assert_eq!((m("tcpmon_events_received_total"), m("tcpmon_notes_received_total")), (54.0, 4.0));
+    assert_eq!(m("tcpmon_connections_opened_total{side=\"active\"}"), 5.0);
+    assert_eq!(m("tcpmon_connections_opened_total{side=\"passive\"}"), 5.0);
+    assert_eq!(m("tcpmon_connect_failures_total{reason=\"refused\"}"), 1.0);
+    assert_eq!(seen.sum("tcpmon_connect_failures_total", ""), 1.0);
 
-    // Handshakes on loopback, both ends: real, positive, well under 5 ms, no retries.
-    for side in [Side::Active, Side::Passive] {
-        let handshakes: Vec<(u64, Option<u32>)> = observations
+    // Handshakes on loopback, both ends: real, well under 5 ms, no retries.
+    for side in ["active", "passive"] {
+        let count = format!("tcpmon_handshake_duration_seconds_count{{side=\"{side}\"}}");
+        let fast =
+            format!("tcpmon_handshake_duration_seconds_bucket{{side=\"{side}\",le=\"0.005\"}}");
+        let sum = format!("tcpmon_handshake_duration_seconds_sum{{side=\"{side}\"}}");
+        assert_eq!((m(&count), m(&fast)), (5.0, 5.0), "{side}");
+        assert!(m(&sum) > 0.0, "{side}");
+        assert_eq!(m(&format!("tcpmon_handshake_retransmits_total{{side=\"{side}\"}}")), 0.0);
+        let established: Vec<&Value> = seen
+            .connections
             .iter()
-            .filter_map(|o| match *o {
-                Observation::Handshake { side: s, duration_ns, retransmits } if s == side => {
-                    Some((duration_ns, retransmits))
-                }
-                _ => None,
-            })
+            .filter(|r| r["event"] == "established" && r["side"] == side)
             .collect();
-        assert_eq!(handshakes.len(), 5, "{side:?}");
-        assert!(
-            handshakes.iter().all(|&(ns, retries)| ns > 0 && ns < 5 * MS && retries == Some(0)),
-            "{side:?}: {handshakes:?}"
-        );
+        assert_eq!(established.len(), 5, "{side}");
+        for record in established {
+            assert!(record["handshake_us"].as_u64().is_some_and(|us| us < 5 * MS), "{record}");
+            assert_eq!(record["handshake_retransmits"], 0, "{record}");
+        }
     }
 
     // Every client sent "hello" (5 bytes) and the servers sent nothing; every record knows
     // its namespace.
-    let closed: Vec<_> = observations
-        .iter()
-        .filter_map(|o| match o {
-            Observation::Connection(r) if r.phase == ConnectionPhase::Closed => Some(*r),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(closed.len(), 10);
-    for record in &closed {
-        let stats = record.stats.expect("CLOSE records carry the socket's counters");
-        let (sent, received) = match record.side {
-            Some(Side::Active) => (5, 0),
-            _ => (0, 5),
-        };
+    assert_eq!(seen.closed().count(), 10);
+    for record in seen.closed() {
+        let (sent, received) = if record["side"] == "active" { (5, 0) } else { (0, 5) };
         assert_eq!(
-            (stats.payload_sent(), stats.payload_received()),
-            (sent, received),
-            "{record:?}"
+            (&record["bytes_sent"], &record["bytes_received"]),
+            (&sent.into(), &received.into()),
+            "{record}"
         );
-        assert!(record.netns.is_some());
+        assert!(record["netns"].as_u64().is_some(), "{record}");
     }
 
     // The abort's RST, and the RST refusing the last connect: each sent and received once.
-    let resets = |direction| count(&|o| *o == Observation::Reset { direction });
-    assert_eq!((resets(ResetDirection::Sent), resets(ResetDirection::Received)), (2, 2));
+    assert_eq!(m("tcpmon_resets_total{direction=\"sent\"}"), 2.0);
+    assert_eq!(m("tcpmon_resets_total{direction=\"received\"}"), 2.0);
 
     // Close-wait: three of ~300 ms, one of ~100 ms (sleep() never returns early).
-    let mut close_waits: Vec<u64> = observations
-        .iter()
-        .filter_map(|o| match o {
-            Observation::CloseWait { duration_ns } => Some(*duration_ns),
-            _ => None,
-        })
-        .collect();
+    let mut close_waits: Vec<u64> =
+        seen.closed().filter_map(|r| r["close_wait_us"].as_u64()).collect();
     close_waits.sort_unstable();
     assert_eq!(close_waits.len(), 4);
     assert!((100 * MS..150 * MS).contains(&close_waits[0]), "{close_waits:?}");
-    assert!(close_waits[1..].iter().all(|ns| (300 * MS..350 * MS).contains(ns)), "{close_waits:?}");
+    assert!(close_waits[1..].iter().all(|us| (300 * MS..350 * MS).contains(us)), "{close_waits:?}");
+    assert_eq!(m("tcpmon_close_wait_duration_seconds_count"), 4.0);
+    assert_eq!(m("tcpmon_close_wait_duration_seconds_bucket{le=\"0.25\"}"), 1.0);
+    assert_eq!(m("tcpmon_close_wait_duration_seconds_bucket{le=\"0.5\"}"), 4.0);
 
-    // Four orderly closes on each side, each teardown spanning the server's wait.
-    for side in [Side::Active, Side::Passive] {
-        let teardowns: Vec<u64> = observations
-            .iter()
-            .filter_map(|o| match o {
-                Observation::Closed {
-                    side: Some(s), reason: CloseReason::Fin, teardown, ..
-                } if *s == side => {
-                    teardown.map(|(teardown_side, ns)| {
-                        // The client sent the first FIN: its teardown is active, the server's passive.
-                        let expected =
-                            if side == Side::Active { Side::Active } else { Side::Passive };
-                        assert_eq!(teardown_side, expected);
-                        ns
-                    })
-                }
-                _ => None,
-            })
-            .collect();
-        assert_eq!(teardowns.len(), 4, "{side:?}");
-        assert!(teardowns.iter().all(|&ns| (100 * MS..350 * MS).contains(&ns)), "{teardowns:?}");
+    // Four orderly closes on each side, each teardown spanning the server's wait: the client
+    // sent the first FIN, so its teardown is active and the server's passive.
+    for side in ["active", "passive"] {
+        let teardowns: Vec<&Value> =
+            seen.closed().filter(|r| r["side"] == side && r["outcome"] == "fin").collect();
+        assert_eq!(teardowns.len(), 4, "{side}");
+        for record in teardowns {
+            assert_eq!(record["teardown_side"], side, "{record}");
+            let teardown = record["teardown_us"].as_u64().unwrap_or_default();
+            assert!((100 * MS..350 * MS).contains(&teardown), "{record}");
+        }
+        let count = format!("tcpmon_teardown_duration_seconds_count{{side=\"{side}\"}}");
+        assert_eq!(m(&count), 4.0);
     }
 
     // SO_LINGER 0: the server aborted (RST sent, no sk_err), the client saw the reset.
+    assert_eq!(m("tcpmon_connections_closed_total{reason=\"abort\",side=\"passive\"}"), 1.0);
     assert_eq!(
-        count(&|o| matches!(
-            o,
-            Observation::Closed { side: Some(Side::Passive), reason: CloseReason::Abort, .. }
-        )),
-        1
+        m("tcpmon_connections_closed_total{reason=\"reset_received\",side=\"active\"}"),
+        1.0
     );
-    assert_eq!(
-        count(&|o| matches!(
-            o,
-            Observation::Closed {
-                side: Some(Side::Active),
-                reason: CloseReason::ResetReceived,
-                ..
-            }
-        )),
-        1
-    );
-    assert_eq!(count(&|o| matches!(o, Observation::Closed { .. })), 10);
+    assert_eq!(seen.sum("tcpmon_connections_closed_total", ""), 10.0);
 
-    // Everything closed; nothing was inconsistent or seen mid-life.
-    assert!(tracker.is_empty());
-    assert_eq!(tracker.stats(), Default::default());
-    assert_eq!(events.iter().filter(|e| e.endpoints.family == AF_INET6).count(), 12);
-    // An active open's first transition carries source port 0 (the port is chosen later).
-    assert!(events.iter().any(|e| e.old == monitor::decode::TcpState::Close
-        && e.new == monitor::decode::TcpState::SynSent
-        && e.endpoints.sport == 0));
+    // Everything closed; nothing was inconsistent, seen mid-life or evicted.
+    assert_eq!(m("tcpmon_tracked_sockets"), 0.0);
+    assert_eq!(seen.sum("tcpmon_connections", "state="), 0.0);
+    for counter in [
+        "tcpmon_tracker_inconsistent_transitions_total",
+        "tcpmon_tracker_sockets_first_seen_midlife_total",
+        "tcpmon_tracker_sockets_replaced_total",
+        "tcpmon_passive_opens_aborted_total",
+        "tcpmon_tracker_synack_untracked_total",
+        "tcpmon_events_undecodable_total",
+    ] {
+        assert_eq!(m(counter), 0.0, "{counter}");
+    }
+    assert_eq!(m("tcpmon_tracker_evictions_total{reason=\"capacity\"}"), 0.0);
+
+    // The events view: every transition once; an active open's first transition carries
+    // source port 0 (the port is chosen later).
+    assert_eq!(seen.transitions.len(), 54);
+    assert_eq!(seen.transitions.iter().filter(|t| t["family"] == "ipv6").count(), 12);
+    assert!(seen.transitions.iter().any(|t| t["old_state"] == "CLOSE"
+        && t["new_state"] == "SYN_SENT"
+        && t["local_port"] == 0));
 }

@@ -1,7 +1,9 @@
 //! `tcpmon tail`: connects to the daemon's tail socket (or, when no daemon runs, runs the
 //! pipeline in-process), and prints records as aligned columns or JSON lines.
 
+use std::future::Future;
 use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bytes::Bytes;
@@ -13,10 +15,21 @@ use super::filter::Subscribe;
 use super::format;
 use super::hub::{NewSubscriber, CLIENT_QUEUE};
 use super::record::TailRecord;
-use crate::cli::{
-    parse_interval, parse_ring_bytes, TailArgs, DEFAULT_DRAIN_INTERVAL, DEFAULT_RING_BYTES,
-};
-use crate::daemon::{self, PipelineOptions};
+
+/// What `tcpmon tail` was asked for (cli.rs builds it from the command line).
+#[derive(Clone, Debug)]
+pub struct TailOptions {
+    /// The daemon's tail socket.
+    pub socket: PathBuf,
+    /// What to receive.
+    pub request: Subscribe,
+    /// One JSON object per line instead of columns.
+    pub json: bool,
+    /// Exit after this many records.
+    pub count: Option<u64>,
+    /// Never colour the output.
+    pub no_color: bool,
+}
 
 /// Where lines come from.
 enum Lines {
@@ -47,16 +60,15 @@ enum End {
     Failed(String),
 }
 
-/// Runs the tail; returns the process exit code.
-pub async fn run(args: TailArgs) -> ExitCode {
-    let request = match args.subscribe() {
-        Ok(request) => request,
-        Err(message) => {
-            eprintln!("tcpmon tail: error: {message}");
-            return ExitCode::from(2);
-        }
-    };
-    let mut standalone = None;
+/// Runs the tail; returns the process exit code. When no daemon answers on the socket,
+/// `standalone` runs the pipeline in this process for the one client it is given.
+pub async fn run<F>(args: TailOptions, standalone: impl FnOnce(NewSubscriber) -> F) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let request = args.request.clone();
+    let mut in_process = None;
+    let mut standalone = Some(standalone);
     let lines = match UnixStream::connect(&args.socket).await {
         Ok(mut stream) => {
             let mut line = serde_json::to_vec(&request).unwrap_or_default();
@@ -81,19 +93,10 @@ pub async fn run(args: TailArgs) -> ExitCode {
                 args.socket.display()
             );
             let (queue, receiver) = mpsc::channel(CLIENT_QUEUE);
-            // The daemon's defaults, but woken for every event: a person is watching.
-            let options = PipelineOptions {
-                ring_bytes: parse_ring_bytes(DEFAULT_RING_BYTES).expect("valid constant"),
-                wakeup_bytes: 0,
-                drain_interval: parse_interval(DEFAULT_DRAIN_INTERVAL).expect("valid constant"),
-                max_sockets: crate::tracker::DEFAULT_MAX_SOCKETS,
-                record: None,
-                hook: Default::default(),
-            };
-            standalone = Some(tokio::spawn(daemon::standalone(
-                options,
-                NewSubscriber { request: request.clone(), queue },
-            )));
+            if let Some(standalone) = standalone.take() {
+                let client = NewSubscriber { request: request.clone(), queue };
+                in_process = Some(tokio::spawn(standalone(client)));
+            }
             Lines::InProcess(receiver)
         }
         Err(e) => {
@@ -115,7 +118,7 @@ pub async fn run(args: TailArgs) -> ExitCode {
         End::Done => ExitCode::SUCCESS,
         End::Failed(message) => {
             // A stand-alone pipeline that failed (e.g. not root) explains itself best.
-            if let Some(handle) = standalone {
+            if let Some(handle) = in_process {
                 if let Ok(Err(e)) = handle.await {
                     eprintln!("tcpmon tail: error: {e:#}");
                     return ExitCode::from(crate::exit::code(&e));
@@ -132,7 +135,7 @@ fn is_record(line: &[u8]) -> bool {
     line.starts_with(br#"{"type":"connection","#) || line.starts_with(br#"{"type":"transition","#)
 }
 
-async fn print(mut lines: Lines, args: &TailArgs, request: &Subscribe) -> End {
+async fn print(mut lines: Lines, args: &TailOptions, request: &Subscribe) -> End {
     let stdout = std::io::stdout();
     let color = !args.json && !args.no_color && stdout.is_terminal();
     let mut out = std::io::BufWriter::new(stdout.lock());

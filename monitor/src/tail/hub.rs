@@ -19,9 +19,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use super::filter::Subscribe;
-use super::record::{ConnectionLine, TailRecord, TransitionLine, WallClock, PROTOCOL_VERSION};
-use crate::aggregate::Aggregator;
-use crate::tracker::{ConnectionRecord, Observation, ObservationSink, TransitionRecord};
+use super::record::{ConnectionLine, TailRecord, TransitionLine, PROTOCOL_VERSION};
+use crate::clock::WallClock;
+use crate::tracker::{ConnectionRecord, TransitionRecord};
 
 /// Records a client may have queued before the daemon starts dropping its records.
 pub const CLIENT_QUEUE: usize = 4096;
@@ -195,36 +195,6 @@ impl Subscriber {
                 false
             }
         }
-    }
-}
-
-/// Feeds metrics to the aggregator and records to the tail.
-pub struct DaemonSink<'a> {
-    /// Metrics.
-    pub aggregator: &'a Aggregator,
-    /// Tail clients.
-    pub hub: &'a mut TailHub,
-}
-
-impl ObservationSink for DaemonSink<'_> {
-    fn observe(&mut self, observation: &Observation) {
-        match observation {
-            Observation::Connection(record) => self.hub.publish_connection(record),
-            Observation::Transition(record) => self.hub.publish_transition(record),
-            other => {
-                let mut aggregator = self.aggregator;
-                aggregator.observe(other);
-            }
-        }
-    }
-
-    fn observe_in(&mut self, observation: &Observation, netns: u32) {
-        let mut aggregator = self.aggregator;
-        aggregator.observe_in(observation, netns);
-    }
-
-    fn wants_records(&self) -> bool {
-        !self.hub.is_empty()
     }
 }
 

@@ -10,10 +10,9 @@
 //! | `hello` | `version`, `mode` (`daemon`, `standalone`): first line of a stream (not printed) |
 //! | `error` | `message`: the daemon refused the request (not printed to stdout) |
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use serde::{Deserialize, Serialize};
 
+use crate::clock::WallClock;
 use crate::decode::TcpStats;
 use crate::tracker::{ConnectionPhase, ConnectionRecord, Endpoints, Owner, Side, TransitionRecord};
 
@@ -177,35 +176,6 @@ pub struct TransitionLine {
     pub new_state: String,
     /// Time spent in the old state.
     pub in_old_state_us: Option<u64>,
-}
-
-/// Converts the kernel's CLOCK_MONOTONIC timestamps to wall-clock time.
-#[derive(Clone, Copy, Debug)]
-pub struct WallClock {
-    /// Unix-epoch ns minus monotonic ns, measured once.
-    offset_ns: i128,
-}
-
-impl WallClock {
-    /// Measures the offset between the two clocks now.
-    pub fn now() -> Self {
-        let mono_ns = i128::from(crate::source::monotonic_ns());
-        let wall_ns =
-            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
-        WallClock { offset_ns: wall_ns - mono_ns }
-    }
-
-    /// A clock with a known offset (tests).
-    pub fn with_offset(offset_ns: i128) -> Self {
-        WallClock { offset_ns }
-    }
-
-    /// RFC 3339 UTC time with microseconds of a monotonic timestamp.
-    pub fn format(&self, monotonic_ns: u64) -> String {
-        let unix_ns = (monotonic_ns as i128 + self.offset_ns).max(0) as u128;
-        let time = UNIX_EPOCH + Duration::from_nanos(unix_ns.min(u64::MAX as u128) as u64);
-        humantime::format_rfc3339_micros(time).to_string()
-    }
 }
 
 fn micros(ns: u64) -> u64 {

@@ -342,6 +342,7 @@ impl Tracker {
 
     /// A socket is born: a fresh entry replaces whatever was tracked at its address or its
     /// 4-tuple (their CLOSE was missed).
+    #[inline]
     fn on_birth(&mut self, event: &Event, sink: &mut impl ObservationSink) {
         use TcpState::*;
         if self.table.remove(event.skaddr).is_some() {
@@ -375,6 +376,7 @@ impl Tracker {
     /// The entry an event continues, and whether the event follows its tracked state.
     /// Unknown sockets and sockets whose events were lost get an entry that only claims
     /// what the event shows.
+    #[inline]
     fn entry_for(&mut self, event: &Event) -> (SocketEntry, bool) {
         use TcpState::*;
         match self.table.get(event.skaddr) {

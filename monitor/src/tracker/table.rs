@@ -74,6 +74,7 @@ impl SocketTable {
 
     /// Stores `entry` for `skaddr`, replacing what was there; evicts others when the table
     /// is full and `skaddr` is new.
+    #[inline]
     pub(super) fn put(&mut self, skaddr: u64, entry: SocketEntry) {
         if let Some(slot) = self.entries.get_mut(&skaddr) {
             self.per_state[slot.state.index()] -= 1;
@@ -93,6 +94,7 @@ impl SocketTable {
     }
 
     /// Forgets the socket at `skaddr`; returns its entry.
+    #[inline]
     pub(super) fn remove(&mut self, skaddr: u64) -> Option<SocketEntry> {
         let entry = self.entries.remove(&skaddr)?;
         self.per_state[entry.state.index()] -= 1;
