@@ -13,9 +13,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::aggregate::Aggregator;
-use crate::cli::RunArgs;
+use crate::cli::{Command, RunArgs};
 use crate::clock::WallClock;
+use crate::config::{self, Values};
 use crate::loader::Loaded;
+use crate::logging;
 use crate::metrics::{self, CounterSource, KernelCollector};
 use crate::pipeline::{Controls, Pipeline, Wake};
 use crate::source::RingSource;
@@ -34,9 +36,22 @@ fn termination() -> anyhow::Result<impl Future<Output = &'static str>> {
     })
 }
 
+/// The settings a SIGHUP applies at once (keys of the config file); the others take effect
+/// at the next start.
+const LOG_LEVEL: &str = "log-level";
+/// See [`LOG_LEVEL`].
+const DRAIN_INTERVAL: &str = "drain-interval";
+/// See [`LOG_LEVEL`].
+const MAX_SOCKETS: &str = "max-sockets";
+
 /// What SIGHUP may change without a restart, and how.
 struct Reloader {
+    /// The config file, if the daemon was given one.
     config: Option<PathBuf>,
+    /// Every setting as the daemon runs with it (those that need a restart at their
+    /// start-up value).
+    running: Values,
+    /// The same, typed, for the log.
     current: RunArgs,
 }
 
@@ -45,75 +60,65 @@ impl Reloader {
     /// (a plain level), the drain interval and the socket table's cap. Counters, histograms
     /// and tracked sockets are untouched; a bad file changes nothing.
     fn reload(&mut self, pipeline: &mut Pipeline<RingSource>) {
-        let Some(path) = self.config.clone() else {
+        let Some(path) = self.config.as_ref() else {
             info!("SIGHUP: no --config file to reload");
             return;
         };
-        let (cli, new) = match crate::config::reread(&path) {
-            Ok(parsed) => parsed,
+        let new = match config::reread() {
+            Ok(settings) => settings,
             Err(e) => {
                 warn!("SIGHUP: keeping the running configuration: {e}");
                 return;
             }
         };
+        let Command::Run(args) = &new.cli.command else { return };
         let mut changed = Vec::new();
         // The same source as at start-up: the flag or file, else RUST_LOG, else info.
-        let level = cli
-            .log_level
-            .clone()
-            .or_else(|| std::env::var("RUST_LOG").ok())
-            .unwrap_or_else(|| "info".to_owned());
-        let level = level.as_str();
-        match level.parse::<log::LevelFilter>() {
-            Ok(level) if level != log::max_level() => {
-                changed.push(format!("log level {} -> {level}", log::max_level()));
-                log::set_max_level(level);
+        match logging::set_level(&logging::filter_of(&new.cli)) {
+            Ok(Some((old, level))) => changed.push(format!("log level {old} -> {level}")),
+            Ok(None) => {}
+            Err(e) => warn!("SIGHUP: {e}"),
+        }
+        self.running.adopt(LOG_LEVEL, &new.values);
+        for key in self.running.changed_in(&new.values) {
+            match key.as_str() {
+                DRAIN_INTERVAL => {
+                    let (old, new) = (self.current.drain_interval, args.drain_interval);
+                    changed.push(format!("drain interval {old:?} -> {new:?}"));
+                    pipeline.set_drain_interval(new);
+                    self.current.drain_interval = new;
+                }
+                MAX_SOCKETS => {
+                    let (old, new) = (self.current.max_sockets, args.max_sockets);
+                    changed.push(format!("max sockets {old} -> {new}"));
+                    pipeline.set_max_sockets(new);
+                    self.current.max_sockets = new;
+                }
+                _ => {
+                    let at = path.display();
+                    warn!("SIGHUP: `{key}` changed in {at}; it takes effect at restart");
+                    continue;
+                }
             }
-            Ok(_) => {}
-            Err(_) => warn!("SIGHUP: module log filters (`{level}`) need a restart"),
-        }
-        if new.drain_interval != self.current.drain_interval {
-            changed.push(format!(
-                "drain interval {:?} -> {:?}",
-                self.current.drain_interval, new.drain_interval
-            ));
-            pipeline.set_drain_interval(new.drain_interval);
-        }
-        if new.max_sockets != self.current.max_sockets {
-            changed
-                .push(format!("max sockets {} -> {}", self.current.max_sockets, new.max_sockets));
-            pipeline.set_max_sockets(new.max_sockets);
-        }
-        let fixed = [
-            ("listen", new.listen != self.current.listen),
-            ("ring-bytes", new.ring_bytes != self.current.ring_bytes),
-            ("low-latency", new.low_latency != self.current.low_latency),
-            ("tail-socket", new.tail_socket != self.current.tail_socket),
-            ("record", new.record != self.current.record),
-            ("netns-labels", new.netns_labels != self.current.netns_labels),
-            ("hook", new.hook != self.current.hook),
-        ];
-        for (key, _) in fixed.iter().filter(|(_, differs)| *differs) {
-            warn!("SIGHUP: `{key}` changed in {}; it takes effect at restart", path.display());
+            self.running.adopt(&key, &new.values);
         }
         info!(
             "SIGHUP: reloaded {}: {}",
             path.display(),
             if changed.is_empty() { "nothing to change".to_owned() } else { changed.join(", ") }
         );
-        let (drain_interval, max_sockets) = (new.drain_interval, new.max_sockets);
-        self.current.drain_interval = drain_interval;
-        self.current.max_sockets = max_sockets;
     }
 }
 
-/// Runs the daemon until SIGINT or SIGTERM.
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// Runs the daemon until SIGINT or SIGTERM. `values` are the settings as written, which a
+/// reload compares the config file's new ones with.
+pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     let started = Instant::now();
     let stop = termination()?;
     // SIGHUP's default action ends the process: take it over before anything slow.
     let hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut reloader = Reloader { config: args.config.clone(), current: args.clone() };
+    let mut reloader =
+        Reloader { config: args.config.clone(), running: values, current: args.clone() };
     if !nix::unistd::geteuid().is_root() {
         warn!("not running as root: loading needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)");
     }
@@ -219,5 +224,18 @@ impl<S: CounterSource> prometheus::core::Collector for SharedCollector<S> {
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
         self.0.collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_settings_a_reload_applies_are_config_keys() {
+        let keys: Vec<String> = config::keys().into_iter().map(|key| key.name).collect();
+        for key in [LOG_LEVEL, DRAIN_INTERVAL, MAX_SOCKETS] {
+            assert!(keys.iter().any(|k| k == key), "{key} in {keys:?}");
+        }
     }
 }

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod decode;
 pub mod exit;
 pub mod loader;
+pub mod logging;
 pub mod metrics;
 pub mod pipeline;
 pub mod reorder;

@@ -1,60 +1,12 @@
-use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{CommandFactory, FromArgMatches};
-use monitor::cli::{Cli, Command, LogFormat};
-
-fn init_logging(cli: &Cli) {
-    let spec = cli
-        .log_level
-        .clone()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".to_owned());
-    let mut builder = env_logger::Builder::new();
-    // A plain level is applied through log's global maximum, so SIGHUP can change it;
-    // per-module filters are fixed until restart.
-    let plain: Option<log::LevelFilter> = spec.parse().ok();
-    match plain {
-        Some(_) => builder.filter_level(log::LevelFilter::Trace),
-        None => builder.parse_filters(&spec),
-    };
-    if cli.log_format == LogFormat::Json {
-        builder.format(|out, record| {
-            let line = serde_json::json!({
-                "ts": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-                "level": record.level().as_str(),
-                "target": record.target(),
-                "msg": record.args().to_string(),
-            });
-            writeln!(out, "{line}")
-        });
-    }
-    builder.init();
-    if let Some(level) = plain {
-        log::set_max_level(level);
-    }
-}
-
-/// Parses the command line, then the config file if one is named; exits 2 on bad input.
-fn parse() -> Cli {
-    let matches = Cli::command().get_matches();
-    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    let config = match &cli.command {
-        Command::Run(run) => run.config.clone(),
-        _ => None,
-    };
-    if let Some(path) = config {
-        if let Err(e) = monitor::config::apply(&path, &mut cli, &matches) {
-            eprintln!("tcpmon: error: config file {e}");
-            std::process::exit(2);
-        }
-    }
-    cli
-}
+use clap::CommandFactory;
+use monitor::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = parse();
-    init_logging(&cli);
+    let settings = monitor::config::parse(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    let cli = settings.cli;
+    monitor::logging::init(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         // The drain loop runs on the main thread; one worker serves HTTP and tail clients.
         .worker_threads(1)
@@ -68,7 +20,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => runtime.block_on(monitor::daemon::run(args)),
+        Command::Run(args) => runtime.block_on(monitor::daemon::run(args, settings.values)),
         Command::Tail(args) => {
             let options = match args.options() {
                 Ok(options) => options,
