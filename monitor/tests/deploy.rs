@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{exchange_with_slow_close, kernel_tests_enabled, server_port, Daemon, SERIAL};
+use common::{exchange_with_slow_close, kernel_tests_enabled, server_port, Daemon};
 use serde_json::Value;
 
 fn deploy(path: &str) -> PathBuf {
@@ -173,7 +173,7 @@ fn traffic(count: usize) {
 
 #[test]
 fn a_real_prometheus_scrapes_tcpmon_and_answers_the_dashboard_queries() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use common::{
     churn_on, delta, exchange_with_slow_close, free_port, in_bucket, kernel_tests_enabled,
-    listener_with_deep_backlog, Daemon, Tail, SERIAL,
+    listener_with_deep_backlog, Daemon, Tail,
 };
 
 fn refused_connect(ip: &str) {
@@ -29,7 +29,7 @@ fn refused_connect(ip: &str) {
 }
 
 fn check_own_traffic(ip: &str) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }
@@ -185,7 +185,7 @@ fn exchange_known_endpoints(listener: &TcpListener) -> [(&'static str, String, S
 /// payload sizes, owners and outcomes.
 #[test]
 fn both_builds_report_what_the_sockets_report() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }
@@ -248,7 +248,7 @@ fn both_builds_report_what_the_sockets_report() {
 
 #[test]
 fn sigterm_detaches_and_exits_zero_with_a_summary() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }
@@ -295,7 +295,7 @@ fn failed_run(unprivileged: bool, args: &[&str]) -> (Option<i32>, String) {
 
 #[test]
 fn environment_errors_have_clear_messages_and_distinct_exit_codes() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }
@@ -339,7 +339,7 @@ fn bad_flags_exit_2_with_a_message() {
 
 #[test]
 fn an_overflowing_ring_loses_events_but_every_one_is_counted() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }
@@ -390,7 +390,7 @@ fn get_status(address: std::net::SocketAddr, request: &[u8], timeout: Duration) 
 
 #[test]
 fn slow_malformed_and_huge_requests_do_not_block_metrics_for_others() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }
@@ -457,7 +457,7 @@ fn slow_malformed_and_huge_requests_do_not_block_metrics_for_others() {
 
 #[test]
 fn under_churn_concurrent_scrapes_and_two_tails_keep_working_and_nothing_goes_unaccounted() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{free_port, kernel_tests_enabled, unique_socket_path, SERIAL};
+use common::{free_port, kernel_tests_enabled, unique_socket_path};
 
 fn tcpmon() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tcpmon"))
@@ -15,7 +15,7 @@ fn tcpmon() -> Command {
 
 #[test]
 fn check_says_this_host_can_run_tcpmon_after_a_trial_load() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }
@@ -121,7 +121,7 @@ fn a_bad_config_file_is_a_usage_error_naming_the_key() {
 
 #[test]
 fn the_config_file_sets_what_flags_do_not() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }
@@ -156,7 +156,7 @@ fn the_config_file_sets_what_flags_do_not() {
 
 #[test]
 fn sighup_reloads_the_config_file_without_losing_counts() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }

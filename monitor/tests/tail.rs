@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     churn_on, delta, free_port, kernel_tests_enabled, listener_with_deep_backlog, set_linger_zero,
-    unique_socket_path, Daemon, Tail, SERIAL,
+    unique_socket_path, Daemon, Tail,
 };
 use serde_json::Value;
 
@@ -142,7 +142,7 @@ fn check_records(
 
 #[test]
 fn tail_json_through_the_daemon_shows_exactly_our_connections() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }
@@ -193,7 +193,7 @@ fn tail_json_through_the_daemon_shows_exactly_our_connections() {
 
 #[test]
 fn tail_json_stand_alone_shows_exactly_our_connections() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }
@@ -209,7 +209,7 @@ fn tail_json_stand_alone_shows_exactly_our_connections() {
 
 #[test]
 fn a_client_that_never_reads_neither_stalls_the_daemon_nor_misses_silently() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }
@@ -262,7 +262,7 @@ fn a_client_that_never_reads_neither_stalls_the_daemon_nor_misses_silently() {
 
 #[test]
 fn tail_exits_quietly_when_its_reader_goes_away() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }
@@ -307,7 +307,7 @@ fn a_bad_filter_is_a_usage_error() {
 
 #[test]
 fn records_drained_at_shutdown_still_reach_the_tail() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _host = common::exclusive();
     if !kernel_tests_enabled() {
         return;
     }

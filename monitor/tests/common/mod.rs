@@ -8,11 +8,26 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub static SERIAL: Mutex<()> = Mutex::new(());
+/// The host as the tests of one binary share it. The tracepoint sees the whole host, so a
+/// test that asserts host-wide counts, or changes host-wide state (a sysctl without a
+/// per-namespace copy), must run alone; a test that makes its traffic in its own network
+/// namespaces and looks only at those (tail filters on its addresses, `tcpmon_netns_*`
+/// series) can run beside others of its kind.
+static HOST: RwLock<()> = RwLock::new(());
+
+/// For a test that asserts host-wide counts or changes host-wide state: runs alone.
+pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    HOST.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// For a test that looks only at its own network namespaces: runs beside others such.
+pub fn shared() -> RwLockReadGuard<'static, ()> {
+    HOST.read().unwrap_or_else(PoisonError::into_inner)
+}
 
 pub fn kernel_tests_enabled() -> bool {
     // SAFETY: geteuid cannot fail.
@@ -477,6 +492,13 @@ impl NetnsPair {
         pair
     }
 
+    /// The pair's own network, `10.201.N.0/24`: what a tail filters on to see only the
+    /// pair's connections.
+    pub fn subnet(&self) -> String {
+        let [a, b, c, _] = self.server_ip.octets();
+        format!("{a}.{b}.{c}.0/24")
+    }
+
     /// The namespace's inode, as tcpmon reports it.
     pub fn inode(name: &str) -> u64 {
         use std::os::unix::fs::MetadataExt;
@@ -517,4 +539,45 @@ pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
             .join()
             .unwrap()
     })
+}
+
+/// The start of most namespace tests: a namespace pair, and a listener on `port` in the
+/// server's namespace, listening before any daemon starts.
+pub struct NetnsTest {
+    /// The two namespaces.
+    pub pair: NetnsPair,
+    /// The server's listener.
+    pub listener: TcpListener,
+    /// Its port.
+    pub port: u16,
+}
+
+impl NetnsTest {
+    /// Creates the pair (named after `tag`) and the listener.
+    pub fn new(tag: &str, port: u16) -> NetnsTest {
+        let pair = NetnsPair::new(tag);
+        let listener = in_netns(&pair.server, || TcpListener::bind((pair.server_ip, port)))
+            .unwrap_or_else(|e| panic!("listening on {}:{port}: {e}", pair.server_ip));
+        NetnsTest { pair, listener, port }
+    }
+
+    /// The listener's address.
+    pub fn server(&self) -> SocketAddr {
+        SocketAddr::from((self.pair.server_ip, self.port))
+    }
+
+    /// A `tail --json` of this test's own connections (its port, its network) through
+    /// `daemon`, with `extra` arguments (e.g. `--count 2`).
+    pub fn tail(&self, daemon: &Daemon, extra: &[&str]) -> Tail {
+        let (port, subnet) = (self.port.to_string(), self.pair.subnet());
+        let mut args = vec!["--json", "--port", &port, "--addr", &subnet];
+        args.extend_from_slice(extra);
+        Tail::start(&daemon.tail_socket, &args, "following the daemon")
+    }
+}
+
+/// The name of the `--netns-labels` series of `family` for namespace `netns`, with the other
+/// labels as Prometheus sorts them after `netns` (e.g. `side="active"`).
+pub fn in_namespace(family: &str, netns: u64, labels: &str) -> String {
+    format!("{family}{{netns=\"{netns}\",{labels}}}")
 }
