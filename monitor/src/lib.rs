@@ -1,11 +1,12 @@
 //! tcpmon: TCP connection-state monitoring with eBPF.
 //!
 //! Data flows kernel → [`loader`] (attach) → [`source`] (per-CPU ring buffers, merged back
-//! into time order by [`reorder`]) → [`decode`] (bytes →
-//! events) → [`tracker`] (per-socket state machine → observations) → [`aggregate`]
-//! (Prometheus metrics) → [`metrics`] (HTTP). Only `loader`, `source` and [`snapshot`] (the
-//! sockets that exist at start-up) touch the kernel; everything else is plain Rust driven by
-//! unit tests with recorded events.
+//! into time order by [`reorder`]) → [`decode`] (bytes → events) → [`tracker`] (per-socket
+//! state machine → observations) → [`aggregate`] (Prometheus metrics, served by
+//! [`metrics`]) and the tail hub ([`tail`]); [`pipeline`] is that path, which
+//! [`daemon`] runs. Only `loader`, `source` and [`snapshot`] (the sockets that exist at
+//! start-up) touch the kernel; everything else is plain Rust driven by unit tests with
+//! recorded events.
 
 pub mod aggregate;
 pub mod check;

@@ -1,5 +1,5 @@
 //! The per-connection live tail: records ([`record`]), what a client asks for ([`filter`]),
-//! the daemon side ([`hub`]), human output ([`format`]) and the `tcpmon tail` client
+//! the daemon side ([`hub`]), human output ([`format`](mod@format)) and the `tcpmon tail` client
 //! ([`client`]).
 
 pub mod client;
