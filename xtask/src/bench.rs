@@ -521,7 +521,7 @@ pub fn run(options: Options) -> Result<()> {
         options.held_connections
     ));
     report.push_str(&format!(
-        "\nReplay (decode → tracker → aggregate, one core, `cargo run --release --example replay`):\n\n```\n{replay}\n```\n\n"
+        "\nReplay (the daemon's pipeline: decode → tracker → aggregate, one core, `cargo run --release --example replay`):\n\n```\n{replay}\n```\n\n"
     ));
 
     // Targets.
