@@ -70,11 +70,17 @@ impl clap::ValueEnum for HookChoice {
     fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
         use clap::builder::PossibleValue;
         Some(match self {
-            HookChoice::Auto => PossibleValue::new("auto").help("The BTF tracepoint, else the classic one"),
-            HookChoice::Btf => PossibleValue::new("btf")
-                .help("Only the BTF tracepoint (`tp_btf`): reads the socket directly, skips the trace record"),
-            HookChoice::Tracepoint => PossibleValue::new("tracepoint")
-                .help("Only the classic tracepoint: needs tracefs; for kernels whose verifier refuses the BTF build"),
+            HookChoice::Auto => {
+                PossibleValue::new("auto").help("The BTF tracepoint, else the classic one")
+            }
+            HookChoice::Btf => PossibleValue::new("btf").help(
+                "Only the BTF tracepoint (`tp_btf`): reads the socket directly, skips the \
+                 trace record",
+            ),
+            HookChoice::Tracepoint => PossibleValue::new("tracepoint").help(
+                "Only the classic tracepoint: needs tracefs; for kernels whose verifier \
+                 refuses the BTF build",
+            ),
         })
     }
 }

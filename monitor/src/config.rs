@@ -197,7 +197,9 @@ where
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-            args.extend(file_flags(&text, &matches, path)?);
+            // Before a `--`, if any: after it they would be taken for positional values.
+            let at = args.iter().position(|arg| arg == "--").unwrap_or(args.len());
+            args.splice(at..at, file_flags(&text, &matches, path)?);
             Cli::command().try_get_matches_from(&args)?
         }
         None => matches,
@@ -251,7 +253,7 @@ fn file_flags(text: &str, matches: &ArgMatches, path: &Path) -> Result<Vec<OsStr
             }
             continue;
         }
-        check_value(key, &text).map_err(bad)?;
+        check_value(key, &text).map_err(|why| bad(with_value(&text, why)))?;
         flags.push(format!("--{key}={text}").into());
     }
     Ok(flags)
@@ -266,8 +268,17 @@ fn check_value(key: &str, text: &str) -> Result<(), String> {
         .map_err(|e| message_of(&e))
 }
 
-/// What is wrong with a value, in one line: our own parsers' messages say it best; clap's
-/// (e.g. the possible values of an enum) come without the usage advice.
+/// `why` a value is wrong, saying which value unless it already does.
+fn with_value(text: &str, why: String) -> String {
+    if why.contains(text) {
+        why
+    } else {
+        format!("`{text}`: {why}")
+    }
+}
+
+/// What is wrong with a value, in one line: a parser's own message where it has one (ours
+/// say it best), else clap's (e.g. an enum's possible values) without the usage advice.
 fn message_of(error: &clap::Error) -> String {
     if let Some(source) = std::error::Error::source(error) {
         return source.to_string();
@@ -322,6 +333,12 @@ mod tests {
         assert_eq!((cli.log_format, cli.log_level.as_deref()), (LogFormat::Json, Some("debug")));
         let cli = parse_with(&["tcpmon", "run"], "hook = \"tracepoint\"").unwrap();
         assert_eq!(run(&cli).hook, HookChoice::Tracepoint);
+        let path = std::env::temp_dir().join(format!("tcpmon-dashes-{}.toml", std::process::id()));
+        std::fs::write(&path, "max-sockets = 7").unwrap();
+        let args = [OsString::from("tcpmon"), "run".into(), "--config".into(), path.clone().into()];
+        let parsed = parse(args.into_iter().chain([OsString::from("--")]));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(run(&parsed.unwrap().cli).max_sockets, 7, "file settings go before a `--`");
         let cli = parse_with(&["tcpmon", "--log-level", "warn", "run"], "log-level = \"debug\"");
         assert_eq!(cli.unwrap().log_level.as_deref(), Some("warn"), "a global flag wins too");
     }
@@ -336,6 +353,8 @@ mod tests {
         assert!(err.contains("`hook`") && err.contains("auto, btf, tracepoint"), "{err}");
         let err = parse_with(&["tcpmon", "run"], "listen = [1, 2]").unwrap_err();
         assert!(err.contains("`listen`: unexpected array"), "{err}");
+        let err = parse_with(&["tcpmon", "run"], "max-sockets = \"many\"").unwrap_err();
+        assert!(err.contains("`max-sockets`: `many`: invalid digit"), "{err}");
         let err = parse_with(&["tcpmon", "run"], "low-latency = \"often\"").unwrap_err();
         assert!(err.contains("`low-latency`: `often` is not true or false"), "{err}");
         let err = parse_with(&["tcpmon", "run"], "config = \"other.toml\"").unwrap_err();

@@ -71,7 +71,10 @@ impl Reloader {
                 return;
             }
         };
-        let Command::Run(args) = &new.cli.command else { return };
+        let Command::Run(args) = &new.cli.command else {
+            warn!("SIGHUP: the command line no longer reads as `tcpmon run`; nothing changed");
+            return;
+        };
         let mut changed = Vec::new();
         // The same source as at start-up: the flag or file, else RUST_LOG, else info.
         match logging::set_level(&logging::filter_of(&new.cli)) {
@@ -82,18 +85,20 @@ impl Reloader {
         self.running.adopt(LOG_LEVEL, &new.values);
         for key in self.running.changed_in(&new.values) {
             match key.as_str() {
-                DRAIN_INTERVAL => {
+                // Written differently (`0.1s` for `100ms`) need not mean changed.
+                DRAIN_INTERVAL if args.drain_interval != self.current.drain_interval => {
                     let (old, new) = (self.current.drain_interval, args.drain_interval);
                     changed.push(format!("drain interval {old:?} -> {new:?}"));
                     pipeline.set_drain_interval(new);
                     self.current.drain_interval = new;
                 }
-                MAX_SOCKETS => {
+                MAX_SOCKETS if args.max_sockets != self.current.max_sockets => {
                     let (old, new) = (self.current.max_sockets, args.max_sockets);
                     changed.push(format!("max sockets {old} -> {new}"));
                     pipeline.set_max_sockets(new);
                     self.current.max_sockets = new;
                 }
+                DRAIN_INTERVAL | MAX_SOCKETS => {}
                 _ => {
                     let at = path.display();
                     warn!("SIGHUP: `{key}` changed in {at}; it takes effect at restart");

@@ -297,6 +297,7 @@ print fmt: \"family=%s\"";
     #[test]
     fn a_missing_or_changed_format_file_says_which_tracepoint() {
         let root = std::env::temp_dir().join(format!("tcpmon-tracefs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root); // left by an earlier failed run
         let err = STATE_TRACEPOINT.check_format(&root).unwrap_err().to_string();
         assert!(
             err.starts_with("the kernel has no sock:inet_sock_set_state tracepoint")
