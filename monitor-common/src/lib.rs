@@ -290,6 +290,12 @@ kernel_offsets! {
     /// Unlike `skc_num`, which `inet_put_port()` zeroes before the state becomes CLOSE, it
     /// keeps the port (the classic tracepoint reports this one).
     inet_sport: tcp_sock.inet_conn.icsk_inet.inet_sport,
+    /// `struct task_struct.pid`: the thread id.
+    task_pid: task_struct.pid,
+    /// `struct task_struct.tgid`: the process id.
+    task_tgid: task_struct.tgid,
+    /// `struct task_struct.comm`: the task name, 16 bytes.
+    task_comm: task_struct.comm,
 }
 
 /// "This offset could not be found": the program skips the read.
@@ -388,6 +394,8 @@ pub mod names {
     pub const RESET_RECEIVED_PROGRAM: &str = "tcp_receive_reset";
     /// Global: wake userspace once this many bytes are waiting (0: wake on every event).
     pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
+    /// Global: bytes a CPU writes between two looks at its ring's fill.
+    pub const CHECK_BYTES_GLOBAL: &str = "CHECK_BYTES";
     /// The `u64` [`super::SOURCE_FINGERPRINT`] the object was compiled with (read-only data,
     /// never used by a program).
     pub const FINGERPRINT_SYMBOL: &str = "COMMON_FINGERPRINT";
@@ -483,7 +491,7 @@ mod tests {
         assert_eq!(size_of::<TcpStats>(), 56);
         assert_eq!(size_of::<StateEventWithStats>(), 152);
         assert_eq!(size_of::<SocketNote>(), 32);
-        assert_eq!(size_of::<KernelOffsets>(), 92);
+        assert_eq!(size_of::<KernelOffsets>(), 104);
         assert_eq!(size_of::<SynAckRetransmit>(), 56);
     }
 
@@ -494,10 +502,10 @@ mod tests {
             *slot = index as u32;
         }
         assert_eq!(
-            (offsets.sk_err, offsets.skc_net, offsets.inet_sport, offsets._pad),
-            (0, 1, 21, 0)
+            (offsets.sk_err, offsets.skc_net, offsets.inet_sport, offsets.task_comm, offsets._pad),
+            (0, 1, 21, 24, 0)
         );
-        assert_eq!(KernelOffsets::FIELDS.len(), 22);
+        assert_eq!(KernelOffsets::FIELDS.len(), 25);
         assert_eq!(
             KernelOffsets::FIELDS[1],
             KernelField { name: "skc_net", structure: "sock", path: &["__sk_common", "skc_net"] }

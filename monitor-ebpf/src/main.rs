@@ -71,10 +71,6 @@ fn wants_stats(old: i32, new: i32) -> bool {
     new == TCP_CLOSE || (new == TCP_ESTABLISHED && (old == TCP_SYN_SENT || old == TCP_SYN_RECV))
 }
 
-/// Bytes the largest record takes in the ring, with the ring's 8-byte header: the margin of
-/// the wake-up threshold test.
-const RECORD_BYTES: u64 = core::mem::size_of::<StateEventWithStats>() as u64 + 8;
-
 // One ring buffer per CPU (up to [`MAX_RINGS`], CPUs beyond share them: `cpu % RINGS`), so
 // CPUs do not contend for one ring's lock and producer position: measured 40 ns/event less
 // than a single shared ring with two CPUs under churn. The loader sizes the rings in use
@@ -153,9 +149,22 @@ static TRANSITIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TRANSITION_
 #[map(name = "EVENT_COUNTERS")]
 static EVENT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::SLOTS, 0);
 
-/// Field offsets of the running kernel's structs, from its BTF; set by the loader.
+/// Field offsets of the running kernel's structs, from its BTF; set by the loader. Read
+/// through [`offsets`] only.
 #[unsafe(no_mangle)]
-static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::UNKNOWN);
+static OFFSETS: KernelOffsets = KernelOffsets::UNKNOWN;
+
+/// The loader's offsets, each field loaded where it is used. The address goes through a
+/// volatile read, so the compiler cannot fold in the placeholder values the static starts
+/// with (the loader replaces them); `Global::load` would copy all 23 fields on every run.
+/// The verifier still sees a pointer into the frozen read-only map, and knows each loaded
+/// offset as a constant.
+#[inline(always)]
+fn offsets() -> &'static KernelOffsets {
+    let at: *const KernelOffsets = &raw const OFFSETS;
+    // SAFETY: reads a local; the pointer is the static's own address.
+    unsafe { &*core::ptr::read_volatile(&at) }
+}
 
 /// The `monitor-common` this object was compiled from; the loader compares it with its own
 /// before loading, so a stale object is refused instead of misread.
@@ -167,6 +176,15 @@ static COMMON_FINGERPRINT: u64 = monitor_common::SOURCE_FINGERPRINT;
 /// 0 wakes it for every event (low-latency mode).
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: Global<u64> = Global::new(0);
+
+/// How many bytes this CPU writes between two looks at how full its ring is: the wake-up
+/// threshold shared among the CPUs that write to one ring; set by the loader.
+#[unsafe(no_mangle)]
+static CHECK_BYTES: Global<u64> = Global::new(0);
+
+/// Bytes this CPU has written since it last looked at its ring's fill (one slot).
+#[map(name = "UNCHECKED_BYTES")]
+static UNCHECKED_BYTES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The classic build: fields come from the trace record the kernel fills for us.
 #[tracepoint]
@@ -191,7 +209,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
     let sk: *const u8 = ctx.arg(0);
     let socket = Direct(sk);
-    let offsets = OFFSETS.load();
+    let offsets = offsets();
     // SAFETY: `sk` is the tracepoint's socket; the offsets come from this kernel's BTF and
     // the verifier checks every load against it (the loader falls back to the classic build
     // when it refuses).
@@ -216,10 +234,20 @@ unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
 /// Copies a 16-byte address field as two 8-byte loads (offsets 40 and 56 are 8-aligned).
 #[inline(always)]
 unsafe fn copy_addr(ctx: &TracePointContext, offset: usize, dst: &mut [u8; 16]) {
+    unsafe { store16(dst, field::<u64>(ctx, offset), field::<u64>(ctx, offset + 8)) };
+}
+
+/// Stores a 16-byte field of a record (an address, a task name) as two 8-byte stores. Every
+/// such field of the shared records sits at an 8-aligned offset of an 8-aligned record;
+/// written as aligned, it is two store instructions, where an unaligned write becomes
+/// sixteen byte stores (or a call to a `memset` subprogram), each run on every transition.
+#[inline(always)]
+unsafe fn store16(dst: &mut [u8; 16], low: u64, high: u64) {
     let dst = dst.as_mut_ptr().cast::<u64>();
+    // Volatile: LLVM would otherwise merge two zero stores into a `memset` call.
     unsafe {
-        core::ptr::write_unaligned(dst, field::<u64>(ctx, offset));
-        core::ptr::write_unaligned(dst.add(1), field::<u64>(ctx, offset + 8));
+        dst.write_volatile(low);
+        dst.add(1).write_volatile(high);
     }
 }
 
@@ -295,6 +323,12 @@ trait Socket {
     unsafe fn tcp_sock(&self) -> Self::Reader;
     /// Copies ports, family and both addresses into the record.
     unsafe fn write_endpoints(&self, event: *mut StateEvent, offsets: &KernelOffsets);
+    /// Writes the current task's ids and name into the record (for transitions that run in
+    /// the owner's system call). Through the helpers by default.
+    #[inline(always)]
+    unsafe fn write_owner(&self, event: *mut StateEvent, _offsets: &KernelOffsets) {
+        unsafe { write_owner_by_helpers(event) };
+    }
     /// Corrects what [`Socket::write_endpoints`] wrote for a transition to CLOSE, given the
     /// socket as a `tcp_sock`.
     unsafe fn fix_closing_endpoints(
@@ -342,6 +376,25 @@ impl Socket for TraceRecord<'_> {
 impl Socket for Direct {
     type Reader = Direct;
 
+    /// Loads the ids and the name from the task itself: one call that returns `current`,
+    /// where `bpf_get_current_comm` copies the name through `strscpy` and a `memset`.
+    #[inline(always)]
+    unsafe fn write_owner(&self, event: *mut StateEvent, o: &KernelOffsets) {
+        let fields = [o.task_pid, o.task_tgid, o.task_comm];
+        if fields.contains(&OFFSET_UNKNOWN) {
+            return unsafe { write_owner_by_helpers(event) };
+        }
+        unsafe {
+            let task = Direct(generated::bpf_get_current_task_btf() as *const u8);
+            let pid: u32 = task.read(o.task_pid).unwrap_or(0);
+            let tgid: u32 = task.read(o.task_tgid).unwrap_or(0);
+            (*event).pid_tgid = u64::from(tgid) << 32 | u64::from(pid);
+            let low = task.read(o.task_comm).unwrap_or(0u64);
+            let high = task.read(o.task_comm.wrapping_add(8)).unwrap_or(0u64);
+            store16(&mut (*event).comm, low, high);
+        }
+    }
+
     /// `tcp_set_state(TCP_CLOSE)` releases the local port (`inet_put_port()` zeroes
     /// `skc_num`) before the tracepoint runs; `inet_sport`, which the classic tracepoint
     /// reports, still holds it.
@@ -382,36 +435,30 @@ impl Socket for Direct {
             (*event).sport = self.read(o.skc_num).unwrap_or(0);
             (*event).dport = u16::from_be(dport);
             (*event).family = family;
-            let saddr = (*event).saddr.as_mut_ptr().cast::<u64>();
-            let daddr = (*event).daddr.as_mut_ptr().cast::<u64>();
             if family == AF_INET {
                 // ::ffff:a.b.c.d; little-endian u64 of bytes 8..16 = [0, 0, ff, ff, a, b, c, d].
                 let mapped = |v4: u32| 0xffff_0000u64 | (u64::from(v4) << 32);
-                core::ptr::write_unaligned(saddr, 0);
-                core::ptr::write_unaligned(
-                    saddr.add(1),
-                    mapped(self.read(o.skc_rcv_saddr).unwrap_or(0)),
-                );
-                core::ptr::write_unaligned(daddr, 0);
-                core::ptr::write_unaligned(
-                    daddr.add(1),
-                    mapped(self.read(o.skc_daddr).unwrap_or(0)),
-                );
+                let saddr = mapped(self.read(o.skc_rcv_saddr).unwrap_or(0));
+                let daddr = mapped(self.read(o.skc_daddr).unwrap_or(0));
+                store16(&mut (*event).saddr, 0, saddr);
+                store16(&mut (*event).daddr, 0, daddr);
             } else {
-                let s = o.skc_v6_rcv_saddr;
-                let d = o.skc_v6_daddr;
-                core::ptr::write_unaligned(saddr, self.read(s).unwrap_or(0u64));
-                core::ptr::write_unaligned(
-                    saddr.add(1),
-                    self.read(s.wrapping_add(8)).unwrap_or(0u64),
-                );
-                core::ptr::write_unaligned(daddr, self.read(d).unwrap_or(0u64));
-                core::ptr::write_unaligned(
-                    daddr.add(1),
-                    self.read(d.wrapping_add(8)).unwrap_or(0u64),
-                );
+                let (s, d) = (o.skc_v6_rcv_saddr, o.skc_v6_daddr);
+                let half = |offset: u32| self.read(offset).unwrap_or(0u64);
+                store16(&mut (*event).saddr, half(s), half(s.wrapping_add(8)));
+                store16(&mut (*event).daddr, half(d), half(d.wrapping_add(8)));
             }
         }
+    }
+}
+
+/// The current task's ids and name through `bpf_get_current_pid_tgid` and
+/// `bpf_get_current_comm`.
+#[inline(always)]
+unsafe fn write_owner_by_helpers(event: *mut StateEvent) {
+    unsafe {
+        (*event).pid_tgid = bpf_get_current_pid_tgid();
+        generated::bpf_get_current_comm((*event).comm.as_mut_ptr().cast(), 16);
     }
 }
 
@@ -467,22 +514,59 @@ unsafe fn read_or_flag<R: Reader, T: Copy + Default>(
     }
 }
 
-/// The submit flags implementing the wake-up policy (see [`WAKEUP_BYTES`]).
+/// The flags implementing the wake-up policy (see [`WAKEUP_BYTES`]) for a record of `size`
+/// bytes, already reserved in `ring` or about to be written to it (`reserved`).
+///
+/// Asking the ring how full it is (`bpf_ringbuf_query`) is a helper call, which on CPUs with
+/// retpolines and SRSO mitigations costs as much as the rest of a record; so it is asked
+/// only once this CPU has written [`CHECK_BYTES`] since it last asked, and the answer says
+/// when to ask next. No fuller ring can go unnoticed: until all CPUs that share the ring
+/// have written their share, it cannot have reached the threshold since the last look.
 #[inline(always)]
-fn wakeup_flags(ring: &RingBuf) -> u64 {
+fn wakeup_flags(ring: &RingBuf, size: usize, reserved: bool) -> u64 {
     let wakeup_bytes = WAKEUP_BYTES.load();
     if wakeup_bytes == 0 {
-        return 0;
+        return 0; // the kernel's default: wake whenever the daemon has caught up
     }
-    // Wake the daemon once, with the record that crosses the threshold, not with every
-    // record after it: a forced wake-up queues an irq_work, and until the daemon runs the
-    // ring stays above the threshold. Available data includes this record (it counts from
-    // reservation). Should two CPUs race past the line, the daemon's drain timer still comes.
-    let waiting = ring.query(BPF_RB_AVAIL_DATA as u64);
-    if waiting >= wakeup_bytes && waiting < wakeup_bytes + RECORD_BYTES {
-        BPF_RB_FORCE_WAKEUP as u64
-    } else {
-        BPF_RB_NO_WAKEUP as u64
+    let Some(unchecked) = UNCHECKED_BYTES.get_ptr_mut(0) else {
+        return BPF_RB_NO_WAKEUP as u64;
+    };
+    // The ring's own 8-byte header per record.
+    let record_bytes = size as u64 + 8;
+    let check_bytes = CHECK_BYTES.load();
+    // SAFETY: this CPU's slot; a nested run on this CPU can at worst make one look early
+    // or late.
+    unsafe {
+        let written = *unchecked + record_bytes;
+        if written < check_bytes {
+            *unchecked = written;
+            return BPF_RB_NO_WAKEUP as u64;
+        }
+        // The ring counts a record from its reservation.
+        let unreserved = if reserved { 0 } else { record_bytes };
+        let waiting = ring.query(BPF_RB_AVAIL_DATA as u64) + unreserved;
+        if waiting >= wakeup_bytes {
+            *unchecked = 0;
+            return BPF_RB_FORCE_WAKEUP as u64;
+        }
+        // Look again when the ring could have reached the threshold, if every CPU that
+        // shares it writes as fast as this one.
+        let share_left = (wakeup_bytes - waiting) * check_bytes / wakeup_bytes;
+        *unchecked = check_bytes.saturating_sub(share_left);
+    }
+    BPF_RB_NO_WAKEUP as u64
+}
+
+/// Copies a small `record` built on the stack into this CPU's ring (`bpf_ringbuf_output`:
+/// reserve, copy and commit in one call); a full ring is counted in `lost`. Transitions are
+/// written in place instead (reserve, fill, submit): measured cheaper for their 96 and 152
+/// bytes than building them on the stack to copy.
+#[inline(always)]
+fn output<T>(record: &T, lost: u32) {
+    let ring = ring();
+    let flags = wakeup_flags(ring, core::mem::size_of::<T>(), false);
+    if ring.output::<T>(record, flags).is_err() {
+        bump(&EVENT_COUNTERS, lost);
     }
 }
 
@@ -494,7 +578,7 @@ unsafe fn on_state_change<S: Socket>(socket: &S, oldstate: i32, newstate: i32) {
         None => bump(&EVENT_COUNTERS, counter::STATE_OUT_OF_RANGE),
     }
 
-    let offsets = OFFSETS.load();
+    let offsets = offsets();
     let ring = ring();
     if wants_stats(oldstate, newstate) {
         let Some(mut entry) = ring.reserve::<StateEventWithStats>(0) else {
@@ -503,26 +587,26 @@ unsafe fn on_state_change<S: Socket>(socket: &S, oldstate: i32, newstate: i32) {
         };
         let record = entry.as_mut_ptr();
         unsafe {
-            fill(socket, &raw mut (*record).event, oldstate, newstate, &offsets);
+            fill(socket, &raw mut (*record).event, oldstate, newstate, offsets);
             let tcp = socket.tcp_sock();
             let closing = newstate == TCP_CLOSE;
             if closing {
-                socket.fix_closing_endpoints(&raw mut (*record).event, &tcp, &offsets);
+                socket.fix_closing_endpoints(&raw mut (*record).event, &tcp, offsets);
             }
-            (*record).stats = tcp_stats(&tcp, &offsets, closing);
+            (*record).stats = tcp_stats(&tcp, offsets, closing);
         }
-        entry.submit(wakeup_flags(ring));
+        entry.submit(wakeup_flags(ring, core::mem::size_of::<StateEventWithStats>(), true));
     } else {
         let Some(mut entry) = ring.reserve::<StateEvent>(0) else {
             bump(&EVENT_COUNTERS, counter::RING_RESERVE_FAILED);
             return;
         };
-        unsafe { fill(socket, entry.as_mut_ptr(), oldstate, newstate, &offsets) };
-        entry.submit(wakeup_flags(ring));
+        unsafe { fill(socket, entry.as_mut_ptr(), oldstate, newstate, offsets) };
+        entry.submit(wakeup_flags(ring, core::mem::size_of::<StateEvent>(), true));
     }
 }
 
-/// Writes the transition straight into its ring entry (no stack copy).
+/// Writes every field of the transition's record.
 #[inline(always)]
 unsafe fn fill<S: Socket>(
     socket: &S,
@@ -554,13 +638,9 @@ unsafe fn fill<S: Socket>(
         (*event).netns = netns;
         socket.write_endpoints(event, offsets);
         if runs_in_owner_context(oldstate, newstate) {
-            (*event).pid_tgid = bpf_get_current_pid_tgid();
-            generated::bpf_get_current_comm((*event).comm.as_mut_ptr().cast(), 16);
+            socket.write_owner(event, offsets);
         } else {
-            // Ring memory is not zeroed by reserve.
-            let comm = (*event).comm.as_mut_ptr().cast::<u64>();
-            core::ptr::write_unaligned(comm, 0);
-            core::ptr::write_unaligned(comm.add(1), 0);
+            store16(&mut (*event).comm, 0, 0);
         }
     }
 }
@@ -568,19 +648,9 @@ unsafe fn fill<S: Socket>(
 /// Submits a [`SocketNote`]; a full ring is counted apart from lost transitions.
 #[inline(always)]
 fn submit_note(skaddr: u64, kind: u32, value: u32) {
-    let ring = ring();
-    let Some(mut entry) = ring.reserve::<SocketNote>(0) else {
-        bump(&EVENT_COUNTERS, counter::NOTE_RESERVE_FAILED);
-        return;
-    };
-    entry.write(SocketNote {
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr,
-        kind,
-        value,
-        _reserved: 0,
-    });
-    entry.submit(wakeup_flags(ring));
+    let timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    let note = SocketNote { timestamp_ns, skaddr, kind, value, _reserved: 0 };
+    output(&note, counter::NOTE_RESERVE_FAILED);
 }
 
 /// Copies a 16-byte address field that is only 2-aligned in the record, 2 bytes at a time
@@ -599,25 +669,21 @@ unsafe fn copy_addr_2aligned(ctx: &TracePointContext, offset: usize, dst: &mut [
 /// does not matter.
 #[tracepoint]
 pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
-    let ring = ring();
-    let Some(mut entry) = ring.reserve::<SynAckRetransmit>(0) else {
-        bump(&EVENT_COUNTERS, counter::NOTE_RESERVE_FAILED);
-        return 0;
-    };
-    let record = entry.as_mut_ptr();
+    let mut record = core::mem::MaybeUninit::<SynAckRetransmit>::uninit();
+    let record = record.as_mut_ptr();
     // SAFETY: the loader verified the offsets against the event's `format` file.
     unsafe {
         let req: u64 = field(&ctx, synack::REQ);
         (*record).timestamp_ns = bpf_ktime_get_ns();
-        (*record).first_synack_us = Probe(req).read(OFFSETS.load().snt_synack).unwrap_or(0);
+        (*record).first_synack_us = Probe(req).read(offsets().snt_synack).unwrap_or(0);
         (*record).sport = field(&ctx, synack::SPORT);
         (*record).dport = field(&ctx, synack::DPORT);
         (*record).family = field(&ctx, synack::FAMILY);
         (*record)._pad = 0;
         copy_addr_2aligned(&ctx, synack::SADDR_V6, &mut (*record).saddr);
         copy_addr_2aligned(&ctx, synack::DADDR_V6, &mut (*record).daddr);
+        output(&*record, counter::NOTE_RESERVE_FAILED);
     }
-    entry.submit(wakeup_flags(ring));
     0
 }
 

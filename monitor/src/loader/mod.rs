@@ -207,6 +207,14 @@ pub fn wakeup_threshold(requested: u64, ring_bytes: u32) -> u64 {
     requested.min(u64::from(ring_bytes) / 4)
 }
 
+/// How many bytes each CPU writes between two looks at its ring's fill (see the eBPF
+/// program's `wakeup_flags`): the wake-up threshold shared among the CPUs that write to one
+/// ring (`cpu % rings`), so the ring cannot pass the threshold unnoticed.
+pub fn check_interval(wakeup_bytes: u64, cpus: usize, rings: usize) -> u64 {
+    let sharers = cpus.div_ceil(rings.max(1)).max(1) as u64;
+    (wakeup_bytes / sharers).max(1)
+}
+
 /// The smallest ring buffer: one page.
 const PAGE_BYTES: u32 = 4096;
 
@@ -300,11 +308,13 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     let (rings, ring_bytes) = ring_layout(cpus, options.ring_bytes);
     let rings_global = rings as u32;
     let wakeup_bytes = wakeup_threshold(options.wakeup_bytes, ring_bytes);
+    let check_bytes = check_interval(wakeup_bytes, cpus, rings);
     let mut loader = EbpfLoader::new();
     loader
         .btf(btf.as_ref())
         .override_global(names::OFFSETS_GLOBAL, &report.offsets, true)
         .override_global(names::WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
+        .override_global(names::CHECK_BYTES_GLOBAL, &check_bytes, true)
         .override_global(names::RINGS_GLOBAL, &rings_global, true);
     for name in &names::EVENTS_MAPS[..rings] {
         loader.map_max_entries(name, ring_bytes);
@@ -507,6 +517,16 @@ mod tests {
         // Never below a page.
         assert_eq!(ring_layout(16, 4096), (16, 4096));
         assert_eq!(ring_layout(0, 4096), (1, 4096));
+    }
+
+    #[test]
+    fn cpus_sharing_a_ring_look_at_it_in_turn() {
+        // One ring per CPU: each looks once it wrote the whole threshold.
+        assert_eq!(check_interval(1 << 20, 2, 2), 1 << 20);
+        // 20 CPUs on 16 rings: two per ring at most, each looks after half the threshold.
+        assert_eq!(check_interval(1 << 20, 20, 16), 1 << 19);
+        assert_eq!(check_interval(0, 4, 4), 1);
+        assert_eq!(check_interval(100, 256, 0), 1);
     }
 
     #[test]
