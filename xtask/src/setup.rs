@@ -22,8 +22,10 @@ const PACKAGES: &[&str] = &[
     "libstd-rust-web-dev-bpf",
     "iproute2",
     "bpftool",
-    // The benchmark's peers: tcpstates, tcplife.
+    // The benchmark's peers: tcpstates, tcplife; and its references on the same tracepoint,
+    // an empty program and a hash-map counter, written in bpftrace.
     "libbpf-tools",
+    "bpftrace",
     // The end-to-end tests: a real Prometheus and promtool; systemd-analyze for the unit.
     "prometheus",
     "systemd",
