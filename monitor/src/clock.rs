@@ -40,9 +40,19 @@ impl WallClock {
 
     /// RFC 3339 UTC time with microseconds of a monotonic timestamp.
     pub fn format(&self, monotonic_ns: u64) -> String {
-        let unix_ns = (monotonic_ns as i128 + self.offset_ns).max(0) as u128;
-        let time = UNIX_EPOCH + Duration::from_nanos(unix_ns.min(u64::MAX as u128) as u64);
-        humantime::format_rfc3339_micros(time).to_string()
+        self.rfc3339(monotonic_ns).to_string()
+    }
+
+    /// The same, to be written where it goes (no string is built).
+    pub fn rfc3339(&self, monotonic_ns: u64) -> humantime::Rfc3339Timestamp {
+        let time = UNIX_EPOCH + Duration::from_nanos(self.unix_ns(monotonic_ns));
+        humantime::format_rfc3339_micros(time)
+    }
+
+    /// Nanoseconds since the Unix epoch of a monotonic timestamp (0 before it).
+    pub fn unix_ns(&self, monotonic_ns: u64) -> u64 {
+        let unix_ns = (monotonic_ns as i128 + self.offset_ns).max(0);
+        unix_ns.min(u64::MAX as i128) as u64
     }
 }
 

@@ -159,10 +159,12 @@ impl Stages {
         }
     }
 
-    /// Publishes what a batch of `handed` records changed. The records are counted as
-    /// received last, after the tracker's gauges: a scrape that sees them received (e.g. one
-    /// waiting until received + lost reaches the kernel's count) also sees what they did.
+    /// Publishes what a batch of `handed` records changed: the tail clients get their lines,
+    /// the metrics the tracker's gauges. The records are counted as received last: a scrape
+    /// that sees them received (e.g. one waiting until received + lost reaches the kernel's
+    /// count) also sees what they did.
     fn publish(&mut self, handed: usize) {
+        self.hub.flush();
         self.aggregator.publish_tracker(&self.tracker, unix_seconds());
         let transitions = std::mem::take(&mut self.batch_transitions);
         self.aggregator.records_received(transitions, handed as u64 - transitions);
@@ -238,7 +240,6 @@ impl<S: Source> Pipeline<S> {
 
     /// Housekeeping after the source was emptied.
     fn after_drain(&mut self) {
-        self.stages.hub.prune();
         self.stages.hub.resync_clock();
         let capacity = self.stages.tracker.capacity();
         if capacity != self.capacity {

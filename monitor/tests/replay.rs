@@ -11,11 +11,10 @@ use monitor::metrics::encode;
 use monitor::pipeline::Pipeline;
 use monitor::source::{read_recording, ReplaySource};
 use monitor::tail::filter::{Subscribe, View};
-use monitor::tail::hub::{NewSubscriber, TailHub, TailMetrics, CLIENT_QUEUE};
+use monitor::tail::hub::{self, ClientQueue, TailHub, TailMetrics};
 use monitor::tail::record::PROTOCOL_VERSION;
 use monitor::tracker::Tracker;
 use serde_json::Value;
-use tokio::sync::mpsc;
 
 /// What a user would see of the recording: the metrics, and the records of two tails (the
 /// connections view with `--established`, and the events view).
@@ -47,23 +46,27 @@ impl Seen {
     }
 }
 
-fn subscribe(pipeline: &mut Pipeline<ReplaySource>, view: View) -> mpsc::Receiver<bytes::Bytes> {
-    let (queue, lines) = mpsc::channel(CLIENT_QUEUE);
+fn subscribe(pipeline: &mut Pipeline<ReplaySource>, view: View) -> ClientQueue {
     let request =
         Subscribe { version: PROTOCOL_VERSION, view, established: true, ..Default::default() };
-    pipeline.add_subscriber(NewSubscriber { request, queue });
-    lines
+    let (subscriber, client) = hub::queue(request);
+    pipeline.add_subscriber(subscriber);
+    client
 }
 
 /// The records a tail received, without its hello line.
-fn records(mut lines: mpsc::Receiver<bytes::Bytes>) -> Vec<Value> {
+fn records(mut client: ClientQueue) -> Vec<Value> {
     let mut records = Vec::new();
-    while let Ok(line) = lines.try_recv() {
-        let record: Value = serde_json::from_slice(&line).expect("one JSON object per line");
-        if record["type"] != "hello" {
-            records.push(record);
+    while let Ok(chunk) = client.chunks.try_recv() {
+        client.backlog.written(chunk.records);
+        for line in chunk.lines.split_inclusive(|&b| b == b'\n') {
+            let record: Value = serde_json::from_slice(line).expect("one JSON object per line");
+            if record["type"] != "hello" {
+                records.push(record);
+            }
         }
     }
+    assert_eq!(client.backlog.get(), 0, "every queued record was received");
     records
 }
 

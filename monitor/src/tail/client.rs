@@ -9,11 +9,10 @@ use std::process::ExitCode;
 use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
 
 use super::filter::Subscribe;
 use super::format;
-use super::hub::{NewSubscriber, CLIENT_QUEUE};
+use super::hub::{ClientQueue, NewSubscriber};
 use super::record::TailRecord;
 
 /// What `tcpmon tail` was asked for (cli.rs builds it from the command line).
@@ -34,20 +33,38 @@ pub struct TailOptions {
 /// Where lines come from.
 enum Lines {
     Daemon(BufReader<UnixStream>),
-    InProcess(mpsc::Receiver<Bytes>),
+    InProcess {
+        queue: ClientQueue,
+        /// What is left of the last chunk.
+        rest: Bytes,
+    },
 }
 
 impl Lines {
-    async fn next(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+    /// Reads the next line, its `\n` included, into `line`; false at the end of the stream.
+    async fn next(&mut self, line: &mut Vec<u8>) -> std::io::Result<bool> {
+        line.clear();
         match self {
-            Lines::Daemon(reader) => {
-                let mut line = Vec::new();
-                match reader.read_until(b'\n', &mut line).await? {
-                    0 => Ok(None),
-                    _ => Ok(Some(line)),
+            Lines::Daemon(reader) => Ok(reader.read_until(b'\n', line).await? > 0),
+            Lines::InProcess { queue, rest } => {
+                if rest.is_empty() {
+                    let Some(chunk) = queue.chunks.recv().await else { return Ok(false) };
+                    queue.backlog.written(chunk.records);
+                    *rest = chunk.lines;
                 }
+                let end = rest.iter().position(|&b| b == b'\n').map_or(rest.len(), |at| at + 1);
+                line.extend_from_slice(&rest.split_to(end));
+                Ok(true)
             }
-            Lines::InProcess(receiver) => Ok(receiver.recv().await.map(|b| b.to_vec())),
+        }
+    }
+
+    /// Whether another line can be had without waiting: until then, what was printed can
+    /// stay in the output buffer (one write for many lines under load).
+    fn has_more(&self) -> bool {
+        match self {
+            Lines::Daemon(reader) => !reader.buffer().is_empty(),
+            Lines::InProcess { queue, rest } => !rest.is_empty() || !queue.chunks.is_empty(),
         }
     }
 }
@@ -80,7 +97,7 @@ where
                 );
                 return ExitCode::FAILURE;
             }
-            Lines::Daemon(BufReader::new(stream))
+            Lines::Daemon(BufReader::with_capacity(64 * 1024, stream))
         }
         Err(e)
             if matches!(
@@ -92,12 +109,11 @@ where
                 "tcpmon tail: no daemon at {}; running stand-alone (loading the eBPF program)",
                 args.socket.display()
             );
-            let (queue, receiver) = mpsc::channel(CLIENT_QUEUE);
+            let (client, queue) = super::hub::queue(request.clone());
             if let Some(standalone) = standalone.take() {
-                let client = NewSubscriber { request: request.clone(), queue };
                 in_process = Some(tokio::spawn(standalone(client)));
             }
-            Lines::InProcess(receiver)
+            Lines::InProcess { queue, rest: Bytes::new() }
         }
         Err(e) => {
             let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -138,23 +154,26 @@ fn is_record(line: &[u8]) -> bool {
 async fn print(mut lines: Lines, args: &TailOptions, request: &Subscribe) -> End {
     let stdout = std::io::stdout();
     let color = !args.json && !args.no_color && stdout.is_terminal();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     let mut printed = 0u64;
-    let write = |out: &mut std::io::BufWriter<std::io::StdoutLock<'_>>, bytes: &[u8]| {
-        out.write_all(bytes).and_then(|()| out.flush())
-    };
+    let mut line = Vec::new();
     loop {
-        let line = match lines.next().await {
-            Ok(Some(line)) => line,
-            Ok(None) => {
+        // Flushed whenever no further line is at hand: at once when idle, once per many
+        // lines under load. A closed stdout (`| head`) is a normal end, not an error.
+        if !lines.has_more() && out.flush().is_err() {
+            return End::Done;
+        }
+        match lines.next(&mut line).await {
+            Ok(true) => {}
+            Ok(false) => {
                 return End::Failed("the record stream ended (did the daemon stop?)".into())
             }
             Err(e) => return End::Failed(format!("reading records: {e}")),
-        };
+        }
         // --json passes records through untouched: serde writes the "type" tag first, so a
         // prefix says what a line is without parsing it (only control lines get parsed).
         let (text, counts) = if args.json && is_record(&line) {
-            (line, true)
+            (std::borrow::Cow::Borrowed(line.as_slice()), true)
         } else {
             let record: TailRecord = match serde_json::from_slice(&line) {
                 Ok(record) => record,
@@ -179,27 +198,27 @@ async fn print(mut lines: Lines, args: &TailOptions, request: &Subscribe) -> End
                     // The header only once records can follow (not before a refusal).
                     if !args.json {
                         let header = format!("{}\n", format::header(request.view));
-                        if write(&mut out, header.as_bytes()).is_err() {
+                        if out.write_all(header.as_bytes()).is_err() {
                             return End::Done;
                         }
                     }
                     continue;
                 }
-                _ if args.json => line,
+                _ if args.json => std::borrow::Cow::Borrowed(line.as_slice()),
                 record => match format::human(record, color) {
-                    Some(text) => format!("{text}\n").into_bytes(),
+                    Some(text) => std::borrow::Cow::Owned(format!("{text}\n").into_bytes()),
                     None => continue,
                 },
             };
             (text, counts)
         };
-        // stdout closed (`| head`): a normal end, not an error.
-        if write(&mut out, &text).is_err() {
+        if out.write_all(&text).is_err() {
             return End::Done;
         }
         if counts {
             printed += 1;
             if args.count.is_some_and(|n| printed >= n) {
+                let _ = out.flush();
                 return End::Done;
             }
         }

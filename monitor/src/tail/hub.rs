@@ -1,14 +1,20 @@
 //! Daemon side of the tail: the Unix socket server and the fan-out of records to clients.
 //!
-//! The drain loop owns the [`TailHub`] and never waits on a client: each client has a bounded
-//! queue; when it is full the record is dropped, counted for that client (it is told how many
-//! it missed at the first drain after its queue has room again) and in
-//! `tcpmon_tail_records_dropped_total`. A client that reads nothing for a minute is
-//! disconnected. A client must keep its side of the socket open: end-of-file means it left.
+//! The drain loop owns the [`TailHub`] and never waits on a client. Each record a client
+//! wants is written (once, whatever the number of clients) into that client's pending lines,
+//! and every batch of the drain ends with one [`Chunk`] per client on its queue: one wake-up
+//! of its writer per batch, not one per record. Each client may have [`CLIENT_QUEUE`]
+//! records queued and not yet written to its socket (its [`Backlog`]); beyond that a record
+//! is dropped, counted for that client (it is told how many it missed as soon as there is
+//! room again) and in `tcpmon_tail_records_dropped_total`. A client that reads nothing for a
+//! minute is disconnected. A client must keep its side of the socket open: end-of-file
+//! means it left.
 
 use crate::exit::StartError;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,11 +25,13 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use super::filter::Subscribe;
-use super::record::{ConnectionLine, TailRecord, TransitionLine, PROTOCOL_VERSION};
+use super::json::{write_connection, write_transition, TimeWriter};
+use super::record::{TailRecord, PROTOCOL_VERSION};
 use crate::clock::WallClock;
 use crate::tracker::{ConnectionRecord, TransitionRecord};
 
-/// Records a client may have queued before the daemon starts dropping its records.
+/// Records a client may have queued and not yet written before the daemon starts dropping
+/// its records.
 pub const CLIENT_QUEUE: usize = 4096;
 /// A client that accepts no bytes for this long is disconnected (its queue is long full).
 const STALLED_CLIENT: Duration = Duration::from_secs(60);
@@ -31,13 +39,64 @@ const STALLED_CLIENT: Duration = Duration::from_secs(60);
 const MAX_REQUEST: u64 = 64 * 1024;
 /// How long a client has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most bytes the writer of a client gathers for one write to its socket.
+const WRITE_BATCH: usize = 64 * 1024;
 
-/// A client ready to receive records.
+/// Lines for one client, and how many records they hold.
+#[derive(Debug)]
+pub struct Chunk {
+    /// Whole lines, each ending in `\n`.
+    pub lines: Bytes,
+    /// Records among them (each counts against the client's [`Backlog`]).
+    pub records: usize,
+}
+
+/// Records queued for one client and not yet written out: the hub adds what it queues, the
+/// client's writer takes away what it wrote.
+#[derive(Clone, Debug, Default)]
+pub struct Backlog(Arc<AtomicUsize>);
+
+impl Backlog {
+    /// Records queued and not yet written.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn queued(&self, records: usize) {
+        self.0.fetch_add(records, Ordering::AcqRel);
+    }
+
+    /// `records` were written out (or taken by an in-process client).
+    pub fn written(&self, records: usize) {
+        self.0.fetch_sub(records, Ordering::AcqRel);
+    }
+}
+
+/// A client ready to receive records: the hub's end of its queue.
 pub struct NewSubscriber {
     /// What it asked for (validated).
     pub request: Subscribe,
-    /// Where its lines go.
-    pub queue: mpsc::Sender<Bytes>,
+    /// Where its chunks go.
+    pub queue: mpsc::Sender<Chunk>,
+    /// Its records not yet written.
+    pub backlog: Backlog,
+}
+
+/// The client's end of its queue.
+pub struct ClientQueue {
+    /// The chunks the hub sends.
+    pub chunks: mpsc::Receiver<Chunk>,
+    /// To be told what was written.
+    pub backlog: Backlog,
+}
+
+/// A queue between the hub and one client that asked for `request`.
+pub fn queue(request: Subscribe) -> (NewSubscriber, ClientQueue) {
+    // Every chunk holds at least one record, and at most CLIENT_QUEUE records are queued:
+    // the channel can never be full.
+    let (queue, chunks) = mpsc::channel(CLIENT_QUEUE + 1);
+    let backlog = Backlog::default();
+    (NewSubscriber { request, queue, backlog: backlog.clone() }, ClientQueue { chunks, backlog })
 }
 
 /// The tail's self-observability metrics.
@@ -67,9 +126,57 @@ impl TailMetrics {
 
 struct Subscriber {
     request: Subscribe,
-    queue: mpsc::Sender<Bytes>,
+    queue: mpsc::Sender<Chunk>,
+    backlog: Backlog,
+    /// Lines queued since the last flush.
+    pending: Vec<u8>,
+    /// Records among them.
+    pending_records: usize,
+    /// Records dropped that the client has not been told of.
     missed: u64,
     gone: bool,
+}
+
+impl Subscriber {
+    /// Whether one more record fits in the client's queue.
+    fn has_room(&self) -> bool {
+        self.backlog.get() + self.pending_records < CLIENT_QUEUE
+    }
+
+    /// Queues the `missed` notice if one is pending and there is room: it sits exactly where
+    /// the gap is. True when no notice is pending any more.
+    fn queue_missed_notice(&mut self) -> bool {
+        if self.missed == 0 {
+            return true;
+        }
+        if !self.has_room() {
+            return false;
+        }
+        let notice = TailRecord::Missed { records: self.missed }.to_line();
+        self.pending.extend_from_slice(&notice);
+        self.pending_records += 1;
+        self.missed = 0;
+        true
+    }
+
+    /// Sends what is pending as one chunk.
+    fn flush(&mut self) {
+        if self.pending_records == 0 || self.gone {
+            return;
+        }
+        let records = std::mem::take(&mut self.pending_records);
+        // The buffer goes with the chunk (no copy); the next one starts at its size.
+        let capacity = self.pending.capacity();
+        let lines = Bytes::from(std::mem::replace(&mut self.pending, Vec::with_capacity(capacity)));
+        self.backlog.queued(records);
+        match self.queue.try_send(Chunk { lines, records }) {
+            Ok(()) => {}
+            Err(TrySendError::Closed(_)) | Err(TrySendError::Full(_)) => {
+                self.backlog.written(records);
+                self.gone = true;
+            }
+        }
+    }
 }
 
 /// The connected clients, owned by the drain loop.
@@ -78,24 +185,33 @@ pub struct TailHub {
     clock: WallClock,
     metrics: TailMetrics,
     mode: &'static str,
+    /// The record being published, serialized once for every client that wants it.
+    line: Vec<u8>,
+    times: TimeWriter,
 }
 
 impl TailHub {
     /// An empty hub converting timestamps with `clock`; `mode` (`daemon`, `standalone`) is
     /// announced to clients.
     pub fn new(clock: WallClock, metrics: TailMetrics, mode: &'static str) -> Self {
-        TailHub { subscribers: Vec::new(), clock, metrics, mode }
+        let (line, times) = (Vec::new(), TimeWriter::default());
+        TailHub { subscribers: Vec::new(), clock, metrics, mode, line, times }
     }
 
     /// Adds a client and sends it `hello`: from that line on it sees every matching record.
     pub fn add(&mut self, subscriber: NewSubscriber) {
+        let NewSubscriber { request, queue, backlog } = subscriber;
         let hello = TailRecord::Hello { version: PROTOCOL_VERSION, mode: self.mode.into() };
-        if subscriber.queue.try_send(Bytes::from(hello.to_line())).is_err() {
+        backlog.queued(1);
+        if queue.try_send(Chunk { lines: Bytes::from(hello.to_line()), records: 1 }).is_err() {
             return; // already gone
         }
         self.subscribers.push(Subscriber {
-            request: subscriber.request,
-            queue: subscriber.queue,
+            request,
+            queue,
+            backlog,
+            pending: Vec::new(),
+            pending_records: 0,
             missed: 0,
             gone: false,
         });
@@ -112,11 +228,13 @@ impl TailHub {
         self.clock = WallClock::now();
     }
 
-    /// Tells clients that missed records as soon as their queue has room, and forgets
-    /// clients that went away. Called after every drain.
-    pub fn prune(&mut self) {
+    /// Sends every client what was queued for it since the last flush, in one chunk; tells
+    /// clients that missed records as soon as there is room; forgets clients that went away.
+    /// Called at the end of every batch of a drain.
+    pub fn flush(&mut self) {
         for subscriber in &mut self.subscribers {
-            subscriber.send_missed_notice();
+            subscriber.queue_missed_notice();
+            subscriber.flush();
         }
         let before = self.subscribers.len();
         self.subscribers.retain(|s| !s.gone && !s.queue.is_closed());
@@ -125,75 +243,55 @@ impl TailHub {
         }
     }
 
-    /// Sends a record to every client whose request `wants` it, serialized once by `line`.
+    /// Queues the record in `self.line` for every client whose request `wants` it; `write`
+    /// serializes it, once, when the first such client is found.
     fn publish(
         &mut self,
         wants: impl Fn(&Subscribe) -> bool,
-        line: impl FnOnce(&WallClock) -> TailRecord,
+        write: impl FnOnce(&mut Vec<u8>, &mut TimeWriter, &WallClock),
     ) {
-        let mut line = Some(line);
-        let mut bytes = None;
+        let mut write = Some(write);
         for subscriber in &mut self.subscribers {
             if subscriber.gone || !wants(&subscriber.request) {
                 continue;
             }
-            let bytes = bytes.get_or_insert_with(|| {
-                let make = line.take().expect("serialized once");
-                Bytes::from(make(&self.clock).to_line())
-            });
-            // A pending notice goes first, so it sits exactly where the gap is.
-            if subscriber.send_missed_notice() {
-                match subscriber.queue.try_send(bytes.clone()) {
-                    Ok(()) => {
-                        self.metrics.sent.inc();
-                        continue;
-                    }
-                    Err(TrySendError::Closed(_)) => subscriber.gone = true,
-                    Err(TrySendError::Full(_)) => {}
-                }
+            if let Some(write) = write.take() {
+                self.line.clear();
+                write(&mut self.line, &mut self.times, &self.clock);
             }
-            if !subscriber.gone {
+            if subscriber.queue_missed_notice() && subscriber.has_room() {
+                subscriber.pending.extend_from_slice(&self.line);
+                subscriber.pending_records += 1;
+                self.metrics.sent.inc();
+            } else {
                 subscriber.missed += 1;
                 self.metrics.dropped.inc();
             }
         }
     }
 
-    /// Sends a connection record to every client that wants it (serialized once).
+    /// Queues a connection record for every client that wants it.
     pub fn publish_connection(&mut self, record: &ConnectionRecord) {
         self.publish(
             |request| request.wants_connection(record),
-            |clock| TailRecord::Connection(ConnectionLine::from_record(record, clock)),
+            |out, times, clock| write_connection(out, times, record, clock),
         );
     }
 
-    /// Sends a transition record to every client that wants it (serialized once).
+    /// Queues a transition record for every client that wants it.
     pub fn publish_transition(&mut self, record: &TransitionRecord) {
         self.publish(
             |request| request.wants_transition(record),
-            |clock| TailRecord::Transition(TransitionLine::from_record(record, clock)),
+            |out, times, clock| write_transition(out, times, record, clock),
         );
     }
 }
 
-impl Subscriber {
-    /// Queues the `missed` notice if one is pending. True when the queue is clear of it
-    /// (sent now, or nothing was pending); false when it is still pending or the client left.
-    fn send_missed_notice(&mut self) -> bool {
-        if self.missed == 0 {
-            return true;
-        }
-        let notice = TailRecord::Missed { records: self.missed }.to_line();
-        match self.queue.try_send(Bytes::from(notice)) {
-            Ok(()) => {
-                self.missed = 0;
-                true
-            }
-            Err(TrySendError::Full(_)) => false,
-            Err(TrySendError::Closed(_)) => {
-                self.gone = true;
-                false
-            }
+impl Drop for TailHub {
+    /// What is still pending goes out before the queues end (shutdown).
+    fn drop(&mut self) {
+        for subscriber in &mut self.subscribers {
+            subscriber.flush();
         }
     }
 }
@@ -291,28 +389,33 @@ async fn handle_client(stream: UnixStream, new_subscribers: mpsc::Sender<NewSubs
     if let Err(message) = request.validate() {
         return refuse(stream, message).await;
     }
-    let (queue, mut lines) = mpsc::channel(CLIENT_QUEUE);
-    if new_subscribers.send(NewSubscriber { request, queue }).await.is_err() {
+    let (subscriber, client) = queue(request);
+    if new_subscribers.send(subscriber).await.is_err() {
         return; // shutting down
     }
     info!("tail client connected");
+    let ClientQueue { mut chunks, backlog } = client;
     let (mut from_client, mut to_client) = stream.into_split();
-    let mut batch = Vec::with_capacity(64 * 1024);
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
     let mut ignored = [0u8; 512];
     loop {
         tokio::select! {
-            line = lines.recv() => {
-                let Some(line) = line else { break };
+            chunk = chunks.recv() => {
+                let Some(chunk) = chunk else { break };
                 batch.clear();
-                batch.extend_from_slice(&line);
-                while batch.len() < 64 * 1024 {
-                    match lines.try_recv() {
-                        Ok(more) => batch.extend_from_slice(&more),
+                batch.extend_from_slice(&chunk.lines);
+                let mut records = chunk.records;
+                while batch.len() < WRITE_BATCH {
+                    match chunks.try_recv() {
+                        Ok(more) => {
+                            batch.extend_from_slice(&more.lines);
+                            records += more.records;
+                        }
                         Err(_) => break,
                     }
                 }
                 match tokio::time::timeout(STALLED_CLIENT, to_client.write_all(&batch)).await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => backlog.written(records),
                     Ok(Err(_)) => break,
                     Err(_) => {
                         info!("disconnecting a tail client that read nothing for {STALLED_CLIENT:?}");

@@ -6,4 +6,5 @@ pub mod client;
 pub mod filter;
 pub mod format;
 pub mod hub;
+pub mod json;
 pub mod record;
