@@ -148,7 +148,7 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
         .register(Box::new(SharedCollector(collector.clone())))
         .context("registering kernel metrics")?;
     let ring_count = rings.len();
-    let mut pipeline = Pipeline::attach(rings, &options, aggregator, hub)?;
+    let mut pipeline = Pipeline::attach(rings, ring_bytes, &options, aggregator, hub)?;
     pipeline.load_snapshot().await;
     info!(
         "attached to sock:inet_sock_set_state ({} build; {} rings of {} KiB, {}; close reasons from sk_err: {}; \

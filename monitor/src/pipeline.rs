@@ -290,15 +290,16 @@ pub enum Wake {
 }
 
 impl Pipeline<RingSource> {
-    /// A pipeline reading the kernel's `rings`, as `options` say.
+    /// A pipeline reading the kernel's `rings` (of `ring_bytes` each), as `options` say.
     pub fn attach(
         rings: Vec<aya::maps::RingBuf<aya::maps::MapData>>,
+        ring_bytes: u32,
         options: &PipelineOptions,
         aggregator: Aggregator,
         hub: TailHub,
     ) -> anyhow::Result<Self> {
         let low_latency = options.wakeup_bytes == 0;
-        let source = RingSource::new(rings, options.drain_interval, low_latency)
+        let source = RingSource::new(rings, ring_bytes, options.drain_interval, low_latency)
             .context("watching the ring buffers")?;
         let mut pipeline =
             Pipeline::new(source, Tracker::new(options.max_sockets), aggregator, hub);
@@ -395,7 +396,7 @@ pub async fn standalone(options: PipelineOptions, client: NewSubscriber) -> anyh
     let hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "standalone");
     let mut loaded = options.load()?;
     let rings = std::mem::take(&mut loaded.rings);
-    let mut pipeline = Pipeline::attach(rings, &options, aggregator, hub)?;
+    let mut pipeline = Pipeline::attach(rings, loaded.ring_bytes, &options, aggregator, hub)?;
     pipeline.load_snapshot().await;
     pipeline.add_subscriber(client);
     let mut controls = Controls {

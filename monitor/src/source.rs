@@ -1,11 +1,19 @@
 //! Where events come from: the kernel's per-CPU ring buffers (drained in batches on tokio and
 //! merged back into time order), or a recorded stream for tests and benchmarks. Both hand out
 //! raw record bytes; decoding is the caller's business.
+//!
+//! The rings are read in place: a record is handed out as a slice of the ring's own memory,
+//! and the ring's consumer position (which frees the space for the kernel) moves once per
+//! drain, past what was handed out. Copying records out, and moving the consumer position for
+//! every record (as aya's `RingBuf::next` does), cost the daemon a copy and a cache line
+//! bounced to the producing CPU per record.
 
 use std::fs::File;
 use std::future::poll_fn;
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -27,97 +35,213 @@ const CLOCK_MARGIN_NS: u64 = 100_000;
 /// In low-latency mode, how soon to drain again when records wait for their turn.
 const HELD_RETRY: Duration = Duration::from_millis(1);
 
+/// A ring record's header (`struct bpf_ringbuf_hdr`): a `u32` length with these flags, then
+/// a `u32` the kernel keeps for itself (include/uapi/linux/bpf.h).
+const HEADER_BYTES: usize = 8;
+/// Set while the producer is still writing the record.
+const BUSY: u32 = 1 << 31;
+/// Set when the producer gave the record up.
+const DISCARD: u32 = 1 << 30;
+
+/// A ring buffer's shared memory, mapped as libbpf and aya map it: the consumer position's
+/// page read-write, then the producer position's page and the data pages read-only, the
+/// data pages twice in a row so that a record wrapping around the end is contiguous
+/// (`ringbuf_map_mmap_user`, kernel/bpf/ringbuf.c).
+struct RingMemory {
+    consumer: *mut libc::c_void,
+    producer: *mut libc::c_void,
+    page: usize,
+    /// Bytes of data: a power of two.
+    size: usize,
+}
+
+// SAFETY: the mappings are owned by this value; the positions in them are atomics, and the
+// data is only read (see `RingMemory::record`).
+unsafe impl Send for RingMemory {}
+
+/// One record of a ring, at a position.
+enum Entry<'a> {
+    /// Still being written: nothing after it can be read yet.
+    Busy,
+    /// Given up by its producer: skip it.
+    Discarded { next: usize },
+    /// Committed.
+    Record { bytes: &'a [u8], next: usize },
+}
+
+impl RingMemory {
+    fn map(fd: BorrowedFd<'_>, size: u32) -> io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .map_err(|_| io::Error::other("page size unknown"))?;
+        let size = size as usize;
+        if !size.is_power_of_two() {
+            return Err(io::Error::other(format!("ring size {size} is not a power of two")));
+        }
+        let map =
+            |length: usize, protection: i32, offset: usize| -> io::Result<*mut libc::c_void> {
+                // SAFETY: a fresh shared mapping of the map's fd; the kernel checks the offset,
+                // length and protection (ringbuf_map_mmap_user).
+                let address = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        length,
+                        protection,
+                        libc::MAP_SHARED,
+                        fd.as_raw_fd(),
+                        offset as libc::off_t,
+                    )
+                };
+                if address == libc::MAP_FAILED {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(address)
+                }
+            };
+        let consumer = map(page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
+        match map(page + 2 * size, libc::PROT_READ, page) {
+            Ok(producer) => Ok(RingMemory { consumer, producer, page, size }),
+            Err(e) => {
+                // SAFETY: mapped just above with this length.
+                unsafe { libc::munmap(consumer, page) };
+                Err(e)
+            }
+        }
+    }
+
+    /// The position word at the start of the page `at` (the consumer's or the producer's).
+    fn position(&self, at: *mut libc::c_void) -> &AtomicUsize {
+        // SAFETY: both position pages stay mapped while `self` lives and start with the
+        // position, an aligned word the kernel updates atomically.
+        unsafe { &*at.cast::<AtomicUsize>() }
+    }
+
+    /// How far the producers have reserved (committed or not).
+    fn producer_position(&self) -> usize {
+        // The kernel stores it with release semantics (bpf_ringbuf_reserve).
+        self.position(self.producer).load(Ordering::Acquire)
+    }
+
+    fn consumer_position(&self) -> usize {
+        self.position(self.consumer).load(Ordering::Acquire)
+    }
+
+    /// Frees everything before `position` for the producers.
+    fn set_consumer_position(&self, position: usize) {
+        // Released after the records were read; the kernel reads it with acquire before
+        // reusing their space (__bpf_ringbuf_reserve).
+        self.position(self.consumer).store(position, Ordering::Release);
+    }
+
+    /// The record at `position` (which a previous record's `next`, or the consumer
+    /// position, gave; the producer position is past it).
+    fn record(&self, position: usize) -> Entry<'_> {
+        let offset = position & (self.size - 1);
+        // SAFETY: the data pages start one page into the producer mapping and are mapped
+        // twice, so `offset + HEADER_BYTES + len` (len ≤ size) lies within the mapping.
+        let base = unsafe { self.producer.cast::<u8>().add(self.page) };
+        // The kernel commits a record by clearing BUSY with a fully ordered xchg
+        // (bpf_ringbuf_commit): acquire makes the record's bytes visible once it is clear.
+        let header = unsafe { &*base.add(offset).cast::<AtomicU32>() }.load(Ordering::Acquire);
+        if header & BUSY != 0 {
+            return Entry::Busy;
+        }
+        let len = ((header & !(BUSY | DISCARD)) as usize).min(self.size);
+        let next = position + (HEADER_BYTES + len).next_multiple_of(8);
+        if header & DISCARD != 0 {
+            return Entry::Discarded { next };
+        }
+        // SAFETY: see above; the bytes are not written again until the consumer position
+        // passes them.
+        let bytes = unsafe { std::slice::from_raw_parts(base.add(offset + HEADER_BYTES), len) };
+        Entry::Record { bytes, next }
+    }
+}
+
+impl Drop for RingMemory {
+    fn drop(&mut self) {
+        // SAFETY: both were mapped by `RingMemory::map` with these lengths and are not used
+        // after.
+        unsafe {
+            libc::munmap(self.consumer, self.page);
+            libc::munmap(self.producer, self.page + 2 * self.size);
+        }
+    }
+}
+
 /// The kernel's ring buffers (one per CPU), registered with tokio's reactor.
 pub struct RingSource {
     rings: Vec<Ring>,
     tick: tokio::time::Interval,
-    reorder: Reorder,
+    /// Records read and not yet handed out: (ring position, length).
+    reorder: Reorder<(usize, usize)>,
     low_latency: bool,
 }
 
-/// One ring, what is left in it, and the stamp of the last record read from it.
+/// One ring: its readiness, its memory, and how far it has been read and handed out.
 struct Ring {
     ring: AsyncFd<RingBuf<MapData>>,
-    positions: Positions,
+    memory: RingMemory,
+    /// Where the next record to read starts.
+    read: usize,
+    /// Where the first record not yet handed out starts (the consumer position to publish).
+    handed: usize,
+    /// The stamp of the last record read.
     last_timestamp_ns: u64,
 }
 
-/// Read-only views of a ring buffer's consumer and producer positions (the first two pages
-/// of the map, as libbpf and aya map them), to tell a drained ring from one whose reader
-/// stopped early.
-///
-/// The reader stops at the first record still being written (its BUSY bit set). Records
-/// committed after it stay out of sight until it is committed: a program interrupted
-/// between reserve and submit by a softirq that runs the programs again (BTF tracepoints do
-/// nest) leaves every record of that softirq behind its own.
-struct Positions {
-    consumer: *mut libc::c_void,
-    producer: *mut libc::c_void,
-    page: usize,
-}
-
-// SAFETY: the mappings are read-only views owned by this value; reading them from any thread
-// is as safe as from the one that made them.
-unsafe impl Send for Positions {}
-
-impl Positions {
-    fn map(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Self> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-            .map_err(|_| io::Error::other("page size unknown"))?;
-        let map_page = |index: usize| -> io::Result<*mut libc::c_void> {
-            // SAFETY: a fresh read-only shared mapping of one page of the map's fd; the kernel
-            // checks the offset and protection (ringbuf_map_mmap).
-            let address = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    page,
-                    libc::PROT_READ,
-                    libc::MAP_SHARED,
-                    fd.as_raw_fd(),
-                    (index * page) as libc::off_t,
-                )
-            };
-            if address == libc::MAP_FAILED {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(address)
+impl Ring {
+    /// Reads committed records, at most `max`, into `reorder` as ring `index`; stops at the
+    /// first record still being written. Returns how many it read.
+    fn read(&mut self, index: usize, max: usize, reorder: &mut Reorder<(usize, usize)>) -> usize {
+        let mut read = 0;
+        let mut produced = self.memory.producer_position();
+        // Records are stamped up to the moment they are read, which is after the drain's
+        // watermark: the bound for impossible stamps is taken per batch, after the reads.
+        let mut read_by = monotonic_ns() + CLOCK_MARGIN_NS;
+        while read < max {
+            if self.read == produced {
+                produced = self.memory.producer_position();
+                if self.read == produced {
+                    break;
+                }
             }
-        };
-        let consumer = map_page(0)?;
-        let producer = match map_page(1) {
-            Ok(producer) => producer,
-            Err(e) => {
-                // SAFETY: `consumer` was mapped just above with this length.
-                unsafe { libc::munmap(consumer, page) };
-                return Err(e);
+            match self.memory.record(self.read) {
+                Entry::Busy => break,
+                Entry::Discarded { next } => {
+                    // Nothing to hand out: skipped as soon as everything before it was.
+                    if self.handed == self.read {
+                        self.handed = next;
+                    }
+                    self.read = next;
+                }
+                Entry::Record { bytes, next } => {
+                    // A stamp from the future (damage) counts as now, so it cannot hold the
+                    // ring's queue back forever.
+                    let mut timestamp_ns = timestamp_of(bytes);
+                    if timestamp_ns > read_by {
+                        read_by = monotonic_ns() + CLOCK_MARGIN_NS;
+                        timestamp_ns = timestamp_ns.min(read_by);
+                    }
+                    reorder.push(index, timestamp_ns, (self.read, bytes.len()));
+                    self.last_timestamp_ns = timestamp_ns;
+                    self.read = next;
+                    read += 1;
+                }
             }
-        };
-        Ok(Positions { consumer, producer, page })
+        }
+        read
     }
 
-    /// Whether records (committed or not) are left past the consumer position.
+    /// Whether records (committed or not) are left past what was read.
     fn unread(&self) -> bool {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        // SAFETY: both pages stay mapped while `self` lives and start with the position, an
-        // aligned word the kernel and aya update atomically.
-        let (producer, consumer) = unsafe {
-            (
-                (*self.producer.cast::<AtomicUsize>()).load(Ordering::Acquire),
-                (*self.consumer.cast::<AtomicUsize>()).load(Ordering::Acquire),
-            )
-        };
-        producer != consumer
+        self.memory.producer_position() != self.read
     }
-}
 
-impl Drop for Positions {
-    fn drop(&mut self) {
-        // SAFETY: both were mapped by `Positions::map` with this length and are not used after.
-        unsafe {
-            libc::munmap(self.consumer, self.page);
-            libc::munmap(self.producer, self.page);
+    /// Frees what was handed out for the producers.
+    fn publish_handed(&self) {
+        if self.memory.consumer_position() != self.handed {
+            self.memory.set_consumer_position(self.handed);
         }
     }
 }
@@ -142,25 +266,27 @@ pub trait Source {
 }
 
 impl RingSource {
-    /// Registers `rings`. The producer only wakes us once `wakeup_bytes` are waiting (see the
-    /// eBPF program), so we also drain every `drain_interval` to bound the delay of a quiet
-    /// stream; with `low_latency` (a wake-up per record) records that must wait for their
-    /// turn are drained again within a millisecond. Must be called inside a tokio runtime.
+    /// Registers `rings`, each of `ring_bytes`. The producer only wakes us once
+    /// `wakeup_bytes` are waiting (see the eBPF program), so we also drain every
+    /// `drain_interval` to bound the delay of a quiet stream; with `low_latency` (a wake-up
+    /// per record) records that must wait for their turn are drained again within a
+    /// millisecond. Must be called inside a tokio runtime.
     pub fn new(
         rings: Vec<RingBuf<MapData>>,
+        ring_bytes: u32,
         drain_interval: Duration,
         low_latency: bool,
     ) -> io::Result<Self> {
         let rings = rings
             .into_iter()
             .map(|ring| {
-                use std::os::fd::AsFd;
-                let positions = Positions::map(ring.as_fd())?;
+                let memory = RingMemory::map(ring.as_fd(), ring_bytes)?;
+                let read = memory.consumer_position();
                 // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
                 // until the RingBuf (owned by the AsyncFd from here on) is dropped.
                 let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
                     .map_err(|e| e.into_parts().1)?;
-                Ok(Ring { ring, positions, last_timestamp_ns: 0 })
+                Ok(Ring { ring, memory, read, handed: read, last_timestamp_ns: 0 })
             })
             .collect::<io::Result<Vec<_>>>()?;
         let mut tick = tokio::time::interval(drain_interval);
@@ -200,61 +326,67 @@ impl RingSource {
         }
         Ok(())
     }
+
+    /// Hands `each` the records `reorder` releases, from the rings' memory, then frees them.
+    fn hand_out(
+        rings: &mut [Ring],
+        reorder: &mut Reorder<(usize, usize)>,
+        watermark_ns: Option<u64>,
+        mut each: impl FnMut(&[u8]),
+    ) -> usize {
+        let mut give = |index: usize, (position, len): (usize, usize)| {
+            let ring = &mut rings[index];
+            if let Entry::Record { bytes, next } = ring.memory.record(position) {
+                each(&bytes[..len.min(bytes.len())]);
+                ring.handed = next;
+            }
+        };
+        let handed = match watermark_ns {
+            Some(watermark_ns) => reorder.release(watermark_ns, &mut give),
+            None => reorder.release_all(&mut give),
+        };
+        for ring in rings.iter() {
+            ring.publish_handed();
+        }
+        handed
+    }
 }
 
 impl Source for RingSource {
     /// Reads up to `max` waiting records and hands `each` those whose turn has come, in the
     /// order they happened (records still in flight on another CPU could precede the rest:
     /// those wait for a later drain). Each record's bytes are valid only during the call.
-    fn drain(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> Drained {
-        if let [ring] = self.rings.as_mut_slice() {
-            // One ring is already in commit order.
-            let ring = ring.ring.get_mut();
-            let mut handed = 0;
-            while handed < max {
-                let Some(record) = ring.next() else { break };
-                each(&record);
-                handed += 1;
-            }
-            return Drained { handed, more: handed == max };
-        }
+    fn drain(&mut self, max: usize, each: impl FnMut(&[u8])) -> Drained {
+        let RingSource { rings, reorder, .. } = self;
         // Taken before any ring is read: every record stamped earlier that any of its
         // socket's later records depends on is already committed (see `reorder`).
-        let now = monotonic_ns();
-        let mut watermark = now.saturating_sub(CLOCK_MARGIN_NS);
-        let per_ring = (max / self.rings.len()).max(1);
+        let mut watermark = monotonic_ns().saturating_sub(CLOCK_MARGIN_NS);
+        if rings.len() == 1 {
+            // One ring is already in commit order: nothing needs to wait.
+            watermark = u64::MAX;
+        }
+        let per_ring = (max / rings.len().max(1)).max(1);
         let mut more = false;
-        for (index, ring) in self.rings.iter_mut().enumerate() {
-            let Ring { ring: fd, positions, last_timestamp_ns } = ring;
-            let reader = fd.get_mut();
-            let mut read = 0;
-            // Records are stamped up to the moment they are read, which is after `now`:
-            // the bound for impossible stamps is taken per batch of reads, after them.
-            let mut read_by = monotonic_ns() + CLOCK_MARGIN_NS;
-            while read < per_ring {
-                let Some(record) = reader.next() else { break };
-                if timestamp_of(&record) > read_by {
-                    read_by = monotonic_ns() + CLOCK_MARGIN_NS;
-                }
-                *last_timestamp_ns = self.reorder.push(index, &record, read_by);
-                read += 1;
-            }
+        for (index, ring) in rings.iter_mut().enumerate() {
+            let read = ring.read(index, per_ring, reorder);
             more |= read == per_ring;
-            if positions.unread() {
+            if ring.unread() && watermark != u64::MAX {
                 // Cut short, or stopped at a record still being written with committed ones
                 // possibly behind it: what is left was stamped after the last record read
                 // (a record committed behind a busy one was written by a program nested
                 // inside that one's, after it reserved). Nothing later may go out yet.
-                watermark = watermark.min(*last_timestamp_ns);
+                watermark = watermark.min(ring.last_timestamp_ns);
             }
         }
-        Drained { handed: self.reorder.release(watermark, each), more }
+        let handed = Self::hand_out(rings, reorder, Some(watermark), each);
+        Drained { handed, more }
     }
 
     /// Hands out every record still waiting for its turn (at shutdown, after the rings are
     /// drained).
     fn flush(&mut self, each: impl FnMut(&[u8])) -> usize {
-        self.reorder.release_all(each)
+        let RingSource { rings, reorder, .. } = self;
+        Self::hand_out(rings, reorder, None, each)
     }
 }
 
