@@ -113,8 +113,7 @@ static EVENTS15: RingBuf = RingBuf::with_byte_size(4096, 0);
 #[unsafe(no_mangle)]
 static RINGS: Global<u32> = Global::new(1);
 
-/// The ring of the CPU this runs on. The verifier knows `RINGS` as a constant (frozen
-/// `.rodata`), so it prunes the arms of rings not in use.
+/// The ring of the CPU this runs on.
 #[inline(always)]
 fn ring() -> &'static RingBuf {
     // SAFETY: no arguments; returns the current CPU's number.
@@ -123,7 +122,10 @@ fn ring() -> &'static RingBuf {
     if rings <= 1 {
         return &EVENTS0;
     }
-    match cpu % rings {
+    // A CPU has a ring of its own unless there are more CPUs than rings: no division then
+    // (a `%` is an integer division on every run).
+    let slot = if cpu < rings { cpu } else { cpu % rings };
+    match slot {
         0 => &EVENTS0,
         1 => &EVENTS1,
         2 => &EVENTS2,
