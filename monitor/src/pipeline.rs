@@ -292,7 +292,7 @@ pub enum Wake {
 impl Pipeline<RingSource> {
     /// A pipeline reading the kernel's `rings` (of `ring_bytes` each), as `options` say.
     pub fn attach(
-        rings: Vec<aya::maps::RingBuf<aya::maps::MapData>>,
+        rings: Vec<aya::maps::MapData>,
         ring_bytes: u32,
         options: &PipelineOptions,
         aggregator: Aggregator,

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::MapData;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
@@ -178,9 +178,18 @@ pub struct RingSource {
     low_latency: bool,
 }
 
+/// A ring buffer map's fd, for tokio to watch: readable when the kernel wakes us.
+struct RingFd(MapData);
+
+impl std::os::fd::AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.fd().as_fd().as_raw_fd()
+    }
+}
+
 /// One ring: its readiness, its memory, and how far it has been read and handed out.
 struct Ring {
-    ring: AsyncFd<RingBuf<MapData>>,
+    ring: AsyncFd<RingFd>,
     memory: RingMemory,
     /// Where the next record to read starts.
     read: usize,
@@ -272,7 +281,7 @@ impl RingSource {
     /// per record) records that must wait for their turn are drained again within a
     /// millisecond. Must be called inside a tokio runtime.
     pub fn new(
-        rings: Vec<RingBuf<MapData>>,
+        rings: Vec<MapData>,
         ring_bytes: u32,
         drain_interval: Duration,
         low_latency: bool,
@@ -280,12 +289,13 @@ impl RingSource {
         let rings = rings
             .into_iter()
             .map(|ring| {
-                let memory = RingMemory::map(ring.as_fd(), ring_bytes)?;
+                let memory = RingMemory::map(ring.fd().as_fd(), ring_bytes)?;
                 let read = memory.consumer_position();
-                // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
-                // until the RingBuf (owned by the AsyncFd from here on) is dropped.
-                let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-                    .map_err(|e| e.into_parts().1)?;
+                // SAFETY: the map data owns its fd, which stays open and unchanged until it
+                // (owned by the AsyncFd from here on) is dropped.
+                let ring =
+                    unsafe { AsyncFd::register_with_interest(RingFd(ring), Interest::READABLE) }
+                        .map_err(|e| e.into_parts().1)?;
                 Ok(Ring { ring, memory, read, handed: read, last_timestamp_ns: 0 })
             })
             .collect::<io::Result<Vec<_>>>()?;

@@ -10,7 +10,7 @@ pub mod tracefs;
 
 use std::path::Path;
 
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{Map, MapData, PerCpuArray};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 use log::{info, warn};
@@ -262,8 +262,9 @@ impl Hook {
 pub struct Loaded {
     /// Keeps the program (and its link) alive; dropping it detaches.
     pub ebpf: Ebpf,
-    /// The ring buffers in use, one per CPU (see [`ring_layout`]).
-    pub rings: Vec<RingBuf<MapData>>,
+    /// The ring buffers in use, one per CPU (see [`ring_layout`]), for the source to map
+    /// itself (aya's `RingBuf` would map each ring once more: 2 × its size more RSS).
+    pub rings: Vec<MapData>,
     /// The size of each ring, bytes.
     pub ring_bytes: u32,
     /// The in-kernel counters.
@@ -336,8 +337,9 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     };
     let rings = names::EVENTS_MAPS[..rings]
         .iter()
-        .map(|name| {
-            RingBuf::try_from(take(name)?).map_err(|e| aya_error("opening a ring buffer", e))
+        .map(|name| match take(name)? {
+            Map::RingBuf(data) => Ok(data),
+            _ => Err(LoadError::NotInObject { kind: "ring buffer", name }),
         })
         .collect::<Result<Vec<_>, _>>()?;
     let transitions = PerCpuArray::try_from(take(names::TRANSITIONS_MAP)?)
