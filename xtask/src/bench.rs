@@ -101,15 +101,6 @@ fn bpf_programs() -> Result<BTreeMap<u64, ProgStats>> {
     Ok(map)
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised comm: state is field 3; utime and stime are 14 and 15.
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let get = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    get(11) + get(12)
-}
-
 /// A `kB` field of `/proc/PID/status`, e.g. `VmRSS` or `VmHWM` (peak RSS); 0 if unreadable.
 pub(crate) fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -118,11 +109,6 @@ pub(crate) fn status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
-}
-
-fn clock_ticks_per_sec() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
 }
 
 pub(crate) fn http_get(address: &str, path: &str) -> Option<String> {
@@ -251,49 +237,86 @@ fn start_tool(mut command: Command, tool: &str) -> Result<Monitor> {
     Ok(Monitor { processes: vec![child], metrics_address: None })
 }
 
+/// Turns `kernel.bpf_stats_enabled` on or off.
+fn bpf_stats(on: bool) -> Result<()> {
+    std::fs::write(STATS_SYSCTL, if on { "1" } else { "0" })
+        .context("setting kernel.bpf_stats_enabled (root needed)")
+}
+
+const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// CPU time of all of a process's threads so far, in ns (`/proc/PID/task/*/schedstat`).
+fn cpu_ns(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Runs `config` twice under the churn: first with `bpf_stats` on, for the programs' own
+/// cost; then with it off, as in production (it adds two clock reads to every run of
+/// every program, which would weigh on every monitor's throughput), for the throughput,
+/// the monitor's CPU time, its peak RSS and its losses.
 fn run_one(config: &Config, seconds: u64, tcpmon: &Path, scratch: &Path) -> Result<Sample> {
     let before_ids: BTreeSet<u64> = bpf_programs()?.keys().copied().collect();
     let mut monitor = start(config, tcpmon, scratch)?;
-    let progs_before = bpf_programs()?;
+    let result = measure(&monitor, &before_ids, seconds);
+    for process in monitor.processes.iter_mut().rev() {
+        stop(process, libc::SIGINT);
+    }
+    result
+}
+
+fn measure(monitor: &Monitor, before_ids: &BTreeSet<u64>, seconds: u64) -> Result<Sample> {
     let ours: Vec<u64> =
-        progs_before.keys().copied().filter(|id| !before_ids.contains(id)).collect();
+        bpf_programs()?.keys().copied().filter(|id| !before_ids.contains(id)).collect();
+    let mut sample = Sample::default();
+    // The programs' runs per connection: what the CPU time is divided by.
+    let mut runs_per_connection = None;
+    if !ours.is_empty() {
+        bpf_stats(true)?;
+        let progs_before = bpf_programs()?;
+        let report = churn::run(Duration::from_secs(seconds.div_ceil(2)), 2);
+        let progs_after = bpf_programs()?;
+        bpf_stats(false)?;
+        let report = report?;
+        let (mut run_ns, mut runs) = (0u64, 0u64);
+        for id in &ours {
+            let (b, a) = (
+                progs_before.get(id).copied().unwrap_or_default(),
+                progs_after.get(id).copied().unwrap_or_default(),
+            );
+            run_ns += a.run_time_ns.saturating_sub(b.run_time_ns);
+            runs += a.run_cnt.saturating_sub(b.run_cnt);
+        }
+        if runs > 0 && report.connections > 0 {
+            sample.bpf_ns_per_event = Some(run_ns as f64 / runs as f64);
+            runs_per_connection = Some(runs as f64 / report.connections as f64);
+        }
+    }
+
     // Peak RSS during the load, not the start-up transient: "5" resets VmHWM (proc(5)).
     for process in &monitor.processes {
         let _ = std::fs::write(format!("/proc/{}/clear_refs", process.id()), "5");
     }
-    let cpu_before: u64 = monitor.processes.iter().map(|p| cpu_ticks(p.id())).sum();
+    let cpu_before: u64 = monitor.processes.iter().map(|p| cpu_ns(p.id())).sum();
     let metrics_before = monitor.metrics_address.as_deref().and_then(|a| http_get(a, "/metrics"));
-
     let report = churn::run(Duration::from_secs(seconds), 2)?;
     thread::sleep(Duration::from_millis(300)); // let the monitor drain
-
-    let progs_after = bpf_programs()?;
-    let cpu_after: u64 = monitor.processes.iter().map(|p| cpu_ticks(p.id())).sum();
+    let cpu_after: u64 = monitor.processes.iter().map(|p| cpu_ns(p.id())).sum();
     let metrics_after = monitor.metrics_address.as_deref().and_then(|a| http_get(a, "/metrics"));
     let rss: u64 = monitor.processes.iter().map(|p| status_kib(p.id(), "VmHWM")).sum();
 
-    let (mut run_ns, mut runs) = (0u64, 0u64);
-    for id in &ours {
-        let (b, a) = (
-            progs_before.get(id).copied().unwrap_or_default(),
-            progs_after.get(id).copied().unwrap_or_default(),
-        );
-        run_ns += a.run_time_ns.saturating_sub(b.run_time_ns);
-        runs += a.run_cnt.saturating_sub(b.run_cnt);
-    }
-    let mut sample = Sample { connections_per_sec: report.per_second(), ..Default::default() };
-    if !monitor.processes.is_empty() && runs > 0 {
-        sample.bpf_ns_per_event = Some(run_ns as f64 / runs as f64);
-        let cpu_ns = (cpu_after - cpu_before) as f64 / clock_ticks_per_sec() * 1e9;
-        sample.user_cpu_ns_per_event = Some(cpu_ns / runs as f64);
+    sample.connections_per_sec = report.per_second();
+    if let Some(per_connection) = runs_per_connection {
+        let events = report.connections as f64 * per_connection;
+        sample.user_cpu_ns_per_event = Some(cpu_after.saturating_sub(cpu_before) as f64 / events);
         sample.peak_rss_mib = Some(rss as f64 / 1024.0);
     }
     if let (Some(b), Some(a)) = (&metrics_before, &metrics_after) {
         let lost = |t: &str| metric(t, "tcpmon_events_lost_total").unwrap_or(0.0);
         sample.lost = Some((lost(a) - lost(b)) as u64);
-    }
-    for process in monitor.processes.iter_mut().rev() {
-        stop(process, libc::SIGINT);
     }
     Ok(sample)
 }
@@ -549,10 +572,8 @@ pub fn run(options: Options) -> Result<()> {
             println!("bench: /usr/sbin/{peer} not installed (Debian: libbpf-tools); skipping it");
         }
     }
-    let stats_before =
-        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
-    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
-        .context("enabling kernel.bpf_stats_enabled (root needed)")?;
+    let stats_before = std::fs::read_to_string(STATS_SYSCTL).unwrap_or_default();
+    bpf_stats(false)?;
 
     let mut samples: Vec<(usize, Sample)> = Vec::new();
     let result = (|| -> Result<()> {
@@ -581,7 +602,7 @@ pub fn run(options: Options) -> Result<()> {
         }
         Ok(())
     })();
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
+    let _ = std::fs::write(STATS_SYSCTL, stats_before.trim());
     let held = result
         .and_then(|()| rss_with_open_connections(&tcpmon, &scratch, options.held_connections));
     let _ = std::fs::remove_dir_all(&scratch);
@@ -603,8 +624,8 @@ pub fn run(options: Options) -> Result<()> {
     report.push_str("# tcpmon benchmarks\n\n");
     report.push_str("Generated by `cargo xtask bench` (root; it enables `kernel.bpf_stats_enabled` for the run).\n\n");
     report.push_str(&format!(
-        "- Machine: {}\n- CPU vulnerabilities the kernel reports (what makes calls and returns dear): {}\n- Workload: loopback connection churn (connect → 1-byte echo → close, 2 client threads), {} s per run, {} interleaved rounds; medians shown, min–max across rounds\n- BPF ns/event: run_time_ns / run_cnt of the monitor's own programs (bpf_stats adds its own overhead to every run, the same for every row: the empty program shows it)\n- User CPU ns/event: utime+stime of the monitor's processes / transitions (clock ticks of 10 ms: coarse)\n- Peak RSS: VmHWM of the monitor's processes during the load (reset after start-up)\n- vs none: ratio of the medians; paired: median (min–max) over rounds of each run's conn/s ÷ the unmonitored run of the same round, which cancels the machine's drift between rounds (the targets use it)\n\n",
-        machine(), mitigations(), options.seconds, options.rounds
+        "- Machine: {}\n- CPU vulnerabilities the kernel reports (what makes calls and returns dear): {}\n- Workload: loopback connection churn (connect → 1-byte echo → close, 2 client threads), {} s per run, {} interleaved rounds; medians shown, min–max across rounds\n- Each run: {} s of churn with `kernel.bpf_stats_enabled=1` for BPF ns/event (run_time_ns / run_cnt of the monitor's own programs; the stats add two clock reads to every run, the same for every row: the empty program shows them), then {} s with it off, as in production, for everything else\n- User CPU ns/event: CPU time of the monitor's processes (all threads, schedstat) / its programs' runs, at the rate per connection of the first part\n- Peak RSS: VmHWM of the monitor's processes during the load (reset after start-up)\n- vs none: ratio of the medians; paired: median (min–max) over rounds of each run's conn/s ÷ the unmonitored run of the same round, which cancels the machine's drift between rounds (the targets use it)\n\n",
+        machine(), mitigations(), options.seconds, options.rounds, options.seconds.div_ceil(2), options.seconds
     ));
     report.push_str("| configuration | conn/s | min–max | vs none | paired (min–max) | BPF ns/event | user CPU ns/event | peak RSS MiB | lost events |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let baseline = rows.first().map(|r| r.connections_per_sec).unwrap_or(f64::NAN);
