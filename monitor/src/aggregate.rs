@@ -11,7 +11,7 @@ use prometheus::{
 };
 
 use crate::decode::TcpState;
-use crate::metrics::catch_up;
+use crate::metrics::{catch_up, ScrapeGate};
 use crate::tracker::{CloseReason, Observation, ObservationSink, ResetDirection, Side, Tracker};
 
 /// Buckets (seconds) for handshake and teardown latency: from loopback (tens of µs) to SYN
@@ -78,6 +78,8 @@ pub struct Aggregator {
     last_drain: Gauge,
     /// Per-namespace series, when `--netns-labels` asks for them.
     namespaces: Option<NamespaceMetrics>,
+    /// Held by whoever feeds these metrics a batch, and by scrapes.
+    gate: ScrapeGate,
 }
 
 /// The main connection metrics split by network namespace (`--netns-labels N`): the first N
@@ -292,6 +294,7 @@ impl Aggregator {
             )?,
             last_drain,
             namespaces: None,
+            gate: ScrapeGate::default(),
         })
     }
 
@@ -343,6 +346,12 @@ impl Aggregator {
     pub fn records_received(&self, transitions: u64, notes: u64) {
         self.events_received.inc_by(transitions);
         self.notes_received.inc_by(notes);
+    }
+
+    /// The gate that keeps scrapes of these metrics between two batches: the pipeline holds
+    /// it while it applies one, the HTTP handler while it reads them.
+    pub fn scrape_gate(&self) -> ScrapeGate {
+        self.gate.clone()
     }
 
     /// Counts one record that failed to decode.

@@ -148,6 +148,7 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
         .register(Box::new(SharedCollector(collector.clone())))
         .context("registering kernel metrics")?;
     let ring_count = rings.len();
+    let gate = aggregator.scrape_gate();
     let mut pipeline = Pipeline::attach(rings, ring_bytes, &options, aggregator, hub)?;
     pipeline.load_snapshot().await;
     info!(
@@ -179,7 +180,7 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
             Ok(())
         }
     });
-    let server = tokio::spawn(metrics::serve(listener, registry.clone(), health));
+    let server = tokio::spawn(metrics::serve(listener, registry.clone(), gate, health));
     let (subscribe, subscribers) = mpsc::channel(16);
     let live_clients = hub::LiveClients::default();
     let tails = tokio::spawn(hub::serve(tail_listener, subscribe, live_clients.clone()));

@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -169,10 +169,36 @@ impl<S: CounterSource> Collector for KernelCollector<S> {
     }
 }
 
-/// Encodes every metric of `registry` in the Prometheus text format.
-pub fn encode(registry: &Registry) -> Vec<u8> {
+/// Makes every scrape one consistent picture, taken between two batches of records and
+/// never in the middle of one.
+///
+/// The registry reads its collectors one after another, in no fixed order (they sit in a
+/// hash map). Without the gate, a scrape taken while the pipeline applies a batch could read
+/// `tcpmon_events_received_total` after the batch and `tcpmon_connections_opened_total`
+/// before it: records counted as received whose connections are not counted yet, so
+/// "received + lost = the kernel's count" would not mean that every number is complete.
+/// The pipeline holds the gate while it applies and publishes a batch (uncontended: one lock
+/// per batch of up to thousands of records), the HTTP handler while it reads the metrics.
+#[derive(Clone, Debug, Default)]
+pub struct ScrapeGate(Arc<Mutex<()>>);
+
+impl ScrapeGate {
+    /// Keeps scrapes (or batches) out until the guard drops.
+    pub fn hold(&self) -> MutexGuard<'_, ()> {
+        // The lock guards no data: a panic elsewhere cannot have left anything half-written.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Encodes every metric of `registry` in the Prometheus text format, read between two
+/// batches (see [`ScrapeGate`]).
+pub fn encode(registry: &Registry, gate: &ScrapeGate) -> Vec<u8> {
+    let families = {
+        let _between_batches = gate.hold();
+        registry.gather()
+    };
     let mut out = Vec::with_capacity(16 * 1024);
-    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut out) {
+    if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
         warn!("encoding metrics failed: {e}");
     }
     out
@@ -183,6 +209,7 @@ pub fn encode(registry: &Registry) -> Vec<u8> {
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
+    gate: ScrapeGate,
     health: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
 ) {
     loop {
@@ -196,10 +223,11 @@ pub async fn serve(
             }
         };
         let registry = registry.clone();
+        let gate = gate.clone();
         let health = health.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let response = respond(&request, &registry, health.as_ref());
+                let response = respond(&request, &registry, &gate, health.as_ref());
                 async move { Ok::<_, Infallible>(response) }
             });
             let result = hyper::server::conn::http1::Builder::new()
@@ -220,6 +248,7 @@ pub async fn serve(
 fn respond(
     request: &Request<Incoming>,
     registry: &Registry,
+    gate: &ScrapeGate,
     health: &(dyn Fn() -> Result<(), String> + Send + Sync),
 ) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, content_type: &str, body: Vec<u8>| {
@@ -233,7 +262,7 @@ fn respond(
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"use GET\n".to_vec());
     }
     match request.uri().path() {
-        "/metrics" => reply(StatusCode::OK, prometheus::TEXT_FORMAT, encode(registry)),
+        "/metrics" => reply(StatusCode::OK, prometheus::TEXT_FORMAT, encode(registry, gate)),
         "/healthz" => match health() {
             Ok(()) => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             Err(why) => reply(
@@ -281,7 +310,7 @@ mod tests {
         }));
         let registry = Registry::new();
         registry.register(Box::new(KernelCollector::new(Fake(counts.clone())).unwrap())).unwrap();
-        let text = String::from_utf8(encode(&registry)).unwrap();
+        let text = String::from_utf8(encode(&registry, &ScrapeGate::default())).unwrap();
         assert!(
             text.contains("tcpmon_state_transitions_total{from=\"CLOSE\",to=\"SYN_SENT\"} 5"),
             "{text}"
@@ -299,7 +328,7 @@ mod tests {
             run_time_ns: 1_500_000_000,
             run_count: 13,
         };
-        let text = String::from_utf8(encode(&registry)).unwrap();
+        let text = String::from_utf8(encode(&registry, &ScrapeGate::default())).unwrap();
         assert!(
             text.contains("tcpmon_state_transitions_total{from=\"CLOSE\",to=\"SYN_SENT\"} 9"),
             "{text}"

@@ -21,6 +21,7 @@ use crate::aggregate::Aggregator;
 use crate::clock::{unix_seconds, WallClock};
 use crate::decode::{decode, is_transition};
 use crate::loader::{self, HookChoice, LoadOptions, Loaded};
+use crate::metrics::ScrapeGate;
 use crate::snapshot;
 use crate::source::{Drained, Recorder, RingSource, Source, BATCH_RECORDS};
 use crate::tail::hub::{NewSubscriber, TailHub, TailMetrics};
@@ -160,9 +161,9 @@ impl Stages {
     }
 
     /// Publishes what a batch of `handed` records changed: the tail clients get their lines,
-    /// the metrics the tracker's gauges. The records are counted as received last: a scrape
-    /// that sees them received (e.g. one waiting until received + lost reaches the kernel's
-    /// count) also sees what they did.
+    /// the metrics the tracker's gauges, then the records are counted as received. Scrapes
+    /// wait for the batch (see [`ScrapeGate`]), so one that sees records received (e.g. one
+    /// waiting until received + lost reaches the kernel's count) also sees what they did.
     fn publish(&mut self, handed: usize) {
         self.hub.flush();
         self.aggregator.publish_tracker(&self.tracker, unix_seconds());
@@ -178,11 +179,14 @@ pub struct Pipeline<S> {
     /// The socket table's capacity at the last drain, to notice growth.
     capacity: usize,
     heartbeat: Heartbeat,
+    /// Held while a batch is applied, so scrapes see none of it or all of it.
+    gate: ScrapeGate,
 }
 
 impl<S: Source> Pipeline<S> {
     /// A pipeline from `source` to `aggregator` and `hub`.
     pub fn new(source: S, tracker: Tracker, aggregator: Aggregator, hub: TailHub) -> Self {
+        let gate = aggregator.scrape_gate();
         let stages = Stages {
             tracker,
             aggregator,
@@ -191,7 +195,7 @@ impl<S: Source> Pipeline<S> {
             summary: Summary::default(),
             batch_transitions: 0,
         };
-        Pipeline { source, stages, capacity: 0, heartbeat: Heartbeat::new() }
+        Pipeline { source, stages, capacity: 0, heartbeat: Heartbeat::new(), gate }
     }
 
     /// Also writes every record to `recorder` (`--record`).
@@ -226,6 +230,7 @@ impl<S: Source> Pipeline<S> {
 
     /// Drains one batch and publishes what it changed.
     pub fn drain_batch(&mut self) -> Drained {
+        let _batch = self.gate.hold();
         let stages = &mut self.stages;
         let drained = self.source.drain(BATCH_RECORDS, |bytes| stages.ingest(bytes));
         stages.publish(drained.handed);
@@ -256,6 +261,7 @@ impl<S: Source> Pipeline<S> {
     /// tail clients' queues end with it (each client writes what it has, then stops).
     pub fn finish(mut self) -> Summary {
         while self.drain_batch().more {}
+        let _batch = self.gate.hold();
         let stages = &mut self.stages;
         let handed = self.source.flush(|bytes| stages.ingest(bytes));
         stages.publish(handed);

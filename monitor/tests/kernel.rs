@@ -561,3 +561,57 @@ fn under_churn_concurrent_scrapes_and_two_tails_keep_working_and_nothing_goes_un
     }
     assert_eq!(delivered as f64, queued, "every queued record reached its tail");
 }
+
+/// Every scrape is one consistent picture of the daemon's numbers, even while it applies a
+/// batch: never records counted as received before the kernel counted them, never a
+/// connection's handshake without its open, or its open without its handshake.
+#[test]
+fn every_scrape_taken_under_churn_is_one_consistent_picture() {
+    let _host = common::exclusive();
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut daemon = Daemon::start(&["--ring-bytes", "64MiB"]);
+    let first = daemon.settled_scrape();
+    let listener = listener_with_deep_backlog();
+    let churn = std::thread::spawn(move || churn_on(listener, 10_000, 2));
+    // Opened minus handshakes, per side: each connection adds one to both, in one batch, or
+    // (no handshake time) to the first only. In a consistent picture it never falls and never
+    // exceeds its final value; a scrape that read one counter before a batch and the other
+    // after it breaks that by the size of the batch.
+    let unpaired = |m: &common::Metrics, side: &str| {
+        m[&format!("tcpmon_connections_opened_total{{side=\"{side}\"}}")]
+            - m[&format!("tcpmon_handshake_duration_seconds_count{{side=\"{side}\"}}")]
+    };
+    let mut during = Vec::new();
+    while !churn.is_finished() {
+        let m = daemon.scrape();
+        let kernel: f64 = m
+            .iter()
+            .filter(|(k, _)| k.starts_with("tcpmon_state_transitions_total"))
+            .map(|(_, v)| v)
+            .sum();
+        let received = m["tcpmon_events_received_total"] + m["tcpmon_events_lost_total"];
+        assert!(received <= kernel, "{received} received or lost, the kernel counted {kernel}");
+        during.push(m);
+    }
+    churn.join().unwrap();
+    let last = daemon.settled_scrape();
+    // Scrapes that landed while records were being applied: the ones that could be torn.
+    let moving = during
+        .windows(2)
+        .filter(|w| w[0]["tcpmon_events_received_total"] != w[1]["tcpmon_events_received_total"])
+        .count();
+    assert!(moving >= 10, "only {moving} of {} scrapes saw the churn move", during.len());
+    for side in ["active", "passive"] {
+        let (low, high) = (unpaired(&first, side), unpaired(&last, side));
+        for (i, m) in during.iter().enumerate() {
+            let value = unpaired(m, side);
+            assert!(
+                (low..=high).contains(&value),
+                "scrape {i} of {}: {side} opened - handshakes = {value}, outside {low}..={high}",
+                during.len()
+            );
+        }
+    }
+}

@@ -167,7 +167,7 @@ fn sighup_reloads_the_config_file_without_losing_counts() {
     common::churn_on(listener, 50, 2);
     let before = daemon.settled_scrape();
     let opened = "tcpmon_connections_opened_total{side=\"active\"}";
-    assert!(before[opened] >= 50.0, "{before:?}");
+    assert!(before[opened] >= 50.0, "{before:?}\ndaemon log:\n{}", daemon.stderr_so_far());
 
     // Changes that apply at once, one that needs a restart, then a broken file.
     std::fs::write(&path, "max-sockets = 500\nlog-level = \"debug\"\nring-bytes = \"1MiB\"\n")

@@ -78,13 +78,14 @@ fn replay() -> Seen {
     let aggregator = Aggregator::new(&registry).unwrap();
     let hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry).unwrap(), "replay");
     let source = ReplaySource::new(recording);
+    let gate = aggregator.scrape_gate();
     let mut pipeline = Pipeline::new(source, Tracker::default(), aggregator, hub);
     let connections = subscribe(&mut pipeline, View::Connections);
     let transitions = subscribe(&mut pipeline, View::Events);
     pipeline.drain_now();
     let summary = pipeline.finish();
     assert_eq!((summary.received, summary.undecodable, summary.tracked), (58, 0, 0));
-    let text = String::from_utf8(encode(&registry)).unwrap();
+    let text = String::from_utf8(encode(&registry, &gate)).unwrap();
     let metrics = text
         .lines()
         .filter(|l| !l.starts_with('#'))

@@ -213,6 +213,11 @@ impl Daemon {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
+    /// What the daemon wrote to stderr so far (for failure messages).
+    pub fn stderr_so_far(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
     /// Sends `signal` to the daemon.
     pub fn signal(&self, signal: i32) {
         // SAFETY: plain kill(2) on our own child.
