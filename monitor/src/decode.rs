@@ -7,6 +7,7 @@
 //! panic. Decoding allocates nothing: an [`Event`] is `Copy` and keeps addresses and the
 //! task name as raw bytes until something wants to print them.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -257,10 +258,11 @@ impl Endpoints {
     }
 }
 
-/// A NUL-padded kernel task name as text (lossy), without the padding.
-pub fn comm_text(comm: &[u8; 16]) -> String {
+/// A NUL-padded kernel task name as text (lossy), without the padding: borrowed from
+/// `comm` unless it is not valid UTF-8, so matching and writing a name allocate nothing.
+pub fn comm_text(comm: &[u8; 16]) -> Cow<'_, str> {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
+    String::from_utf8_lossy(&comm[..end])
 }
 
 impl Event {
@@ -275,7 +277,7 @@ impl Event {
     }
 
     /// The task name, lossily decoded, without the NUL padding.
-    pub fn comm(&self) -> String {
+    pub fn comm(&self) -> Cow<'_, str> {
         comm_text(&self.comm)
     }
 }
@@ -412,6 +414,24 @@ pub mod fixture {
     /// read (`complete`).
     pub fn with_stats(event: StateEvent, stats: TcpStats) -> StateEventWithStats {
         StateEventWithStats { event, stats: TcpStats { complete: 1, ..stats } }
+    }
+
+    /// The counters of a closed connection that sent 1,000,000 payload bytes (1,000 of them
+    /// twice: one retransmission) and received 12 and the peer's FIN (`SOCK_DONE`), with a
+    /// 250 µs smoothed RTT.
+    pub fn closed_stats() -> TcpStats {
+        TcpStats {
+            bytes_acked: 1_000_001,
+            bytes_received: 13,
+            bytes_sent: 1_001_000,
+            bytes_retrans: 1_000,
+            segs_out: 9,
+            segs_in: 8,
+            total_retrans: 1,
+            srtt_us_x8: 8 * 250,
+            sk_flags: 1 << monitor_common::SOCK_DONE,
+            complete: 1,
+        }
     }
 
     /// A reset note.

@@ -8,9 +8,10 @@
 use std::io::Write as _;
 use std::net::IpAddr;
 
+use super::record::micros;
 use crate::clock::WallClock;
 use crate::decode::TcpStats;
-use crate::tracker::{ConnectionPhase, ConnectionRecord, Endpoints, Owner, Side, TransitionRecord};
+use crate::tracker::{ConnectionRecord, Endpoints, Owner, Side, TransitionRecord};
 
 /// Writes RFC 3339 times with microseconds, as `humantime::format_rfc3339_micros` does,
 /// formatting the date and time of day only when the second changes (the records of one
@@ -161,10 +162,7 @@ impl<'a> Object<'a> {
         self.optional_text("side", side.map(Side::as_str));
         self.optional_number("pid", owner.pid);
         match owner.pid {
-            Some(_) => {
-                let end = owner.comm.iter().position(|&b| b == 0).unwrap_or(owner.comm.len());
-                self.escaped("comm", &String::from_utf8_lossy(&owner.comm[..end]));
-            }
+            Some(_) => self.escaped("comm", &owner.comm()),
             None => self.null("comm"),
         }
         self.optional_number("netns", netns);
@@ -188,10 +186,6 @@ impl<'a> Object<'a> {
     }
 }
 
-fn micros(ns: u64) -> u64 {
-    ns / 1_000
-}
-
 /// Appends `record` as a `connection` line.
 pub fn write_connection(
     out: &mut Vec<u8>,
@@ -200,12 +194,7 @@ pub fn write_connection(
     clock: &WallClock,
 ) {
     let mut object = Object::new(out, times, "connection");
-    let event = match record.phase {
-        ConnectionPhase::Established => "established",
-        ConnectionPhase::Closed => "closed",
-        ConnectionPhase::Failed => "failed",
-    };
-    object.text("event", event);
+    object.text("event", record.phase.as_str());
     object.time("start_time", clock, record.start_ns);
     object.time("time", clock, Some(record.time_ns));
     object.identity(record.side, &record.owner, &record.endpoints, record.netns);
@@ -239,9 +228,9 @@ pub fn write_transition(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::TcpState;
+    use crate::decode::{fixture, TcpState};
     use crate::tail::record::{ConnectionLine, TailRecord, TransitionLine};
-    use crate::tracker::CloseReason;
+    use crate::tracker::{CloseReason, ConnectionPhase};
 
     fn connection(owner: Owner, endpoints: Endpoints, full: bool) -> ConnectionRecord {
         ConnectionRecord {
@@ -254,18 +243,7 @@ mod tests {
             handshake_ns: full.then_some(37_500),
             handshake_retransmits: Some(1),
             netns: full.then_some(4026531840),
-            stats: full.then_some(TcpStats {
-                bytes_acked: 1_000_001,
-                bytes_received: 13,
-                bytes_sent: 1_001_000,
-                bytes_retrans: 1_000,
-                segs_out: 9,
-                segs_in: 8,
-                total_retrans: 1,
-                srtt_us_x8: 8 * 250,
-                sk_flags: 1 << monitor_common::SOCK_DONE,
-                complete: 1,
-            }),
+            stats: full.then(fixture::closed_stats),
             lifetime_ns: full.then_some(299_999_999),
             teardown: full.then_some((Side::Active, 300_000_000)),
             close_wait_ns: None,

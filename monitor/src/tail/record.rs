@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::WallClock;
 use crate::decode::TcpStats;
-use crate::tracker::{ConnectionPhase, ConnectionRecord, Endpoints, Owner, Side, TransitionRecord};
+use crate::tracker::{ConnectionRecord, Endpoints, Owner, Side, TransitionRecord};
 
 /// Protocol version of the subscribe request and the records.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -79,7 +79,7 @@ impl Identity {
     ) -> Self {
         let (local, remote) = (endpoints.local(), endpoints.remote());
         let (pid, comm) = match owner.pid {
-            Some(pid) => (Some(pid), Some(owner.comm())),
+            Some(pid) => (Some(pid), Some(owner.comm().into_owned())),
             None => (None, None),
         };
         Identity {
@@ -178,7 +178,8 @@ pub struct TransitionLine {
     pub in_old_state_us: Option<u64>,
 }
 
-fn micros(ns: u64) -> u64 {
+/// Nanoseconds as the tail's whole microseconds.
+pub(super) fn micros(ns: u64) -> u64 {
     ns / 1_000
 }
 
@@ -186,12 +187,7 @@ impl ConnectionLine {
     /// The JSON form of a tracker record.
     pub fn from_record(record: &ConnectionRecord, clock: &WallClock) -> Self {
         ConnectionLine {
-            event: match record.phase {
-                ConnectionPhase::Established => "established",
-                ConnectionPhase::Closed => "closed",
-                ConnectionPhase::Failed => "failed",
-            }
-            .to_owned(),
+            event: record.phase.as_str().to_owned(),
             start_time: record.start_ns.map(|ns| clock.format(ns)),
             time: clock.format(record.time_ns),
             who: Identity::of(record.side, &record.owner, &record.endpoints, record.netns),
@@ -233,7 +229,8 @@ impl TailRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tracker::{CloseReason, ConnectionRecord};
+    use crate::decode::fixture;
+    use crate::tracker::{CloseReason, ConnectionPhase, ConnectionRecord};
 
     #[test]
     fn json_field_names_and_units_are_stable() {
@@ -247,18 +244,7 @@ mod tests {
             handshake_ns: None,
             handshake_retransmits: Some(1),
             netns: Some(4026531840),
-            stats: Some(TcpStats {
-                bytes_acked: 1_000_001,
-                bytes_received: 13,
-                bytes_sent: 1_001_000,
-                bytes_retrans: 1_000,
-                segs_out: 9,
-                segs_in: 8,
-                total_retrans: 1,
-                srtt_us_x8: 8 * 250,
-                sk_flags: 1 << monitor_common::SOCK_DONE,
-                complete: 1,
-            }),
+            stats: Some(fixture::closed_stats()),
             lifetime_ns: Some(299_999_999),
             teardown: Some((Side::Passive, 300_000_000)),
             close_wait_ns: Some(250_000_000),

@@ -2,6 +2,8 @@
 //! ([`ConnectionRecord`]) and per-transition ([`TransitionRecord`]) records, handed to an
 //! [`ObservationSink`].
 
+use std::borrow::Cow;
+
 use super::outcome::{CloseReason, ResetDirection, Side};
 use crate::decode::{comm_text, Endpoints, Event, TcpState, TcpStats};
 
@@ -89,7 +91,7 @@ impl Owner {
     }
 
     /// The task name without padding, lossily decoded; empty when unknown.
-    pub fn comm(&self) -> String {
+    pub fn comm(&self) -> Cow<'_, str> {
         comm_text(&self.comm)
     }
 }
@@ -103,6 +105,17 @@ pub enum ConnectionPhase {
     Closed,
     /// Reached CLOSE without ever being established (connect failure, aborted accept).
     Failed,
+}
+
+impl ConnectionPhase {
+    /// The tail's name for it (the `event` of a `connection` record).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionPhase::Established => "established",
+            ConnectionPhase::Closed => "closed",
+            ConnectionPhase::Failed => "failed",
+        }
+    }
 }
 
 /// Everything known about one connection, for the per-connection tail.

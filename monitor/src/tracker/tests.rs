@@ -650,7 +650,7 @@ fn accepted_connections_belong_to_the_listener_not_the_interrupted_task() {
     let owners: Vec<(ConnectionPhase, Option<u32>, String)> = out
         .iter()
         .filter_map(|o| match o {
-            Observation::Connection(c) => Some((c.phase, c.owner.pid, c.owner.comm())),
+            Observation::Connection(c) => Some((c.phase, c.owner.pid, c.owner.comm().into_owned())),
             _ => None,
         })
         .collect();
