@@ -137,8 +137,8 @@ impl RingMemory {
     /// position, gave; the producer position is past it).
     fn record(&self, position: usize) -> Entry<'_> {
         let offset = position & (self.size - 1);
-        // SAFETY: the data pages start one page into the producer mapping and are mapped
-        // twice, so `offset + HEADER_BYTES + len` (len ≤ size) lies within the mapping.
+        // SAFETY: the data pages start one page into the producer mapping, so the header at
+        // `offset` (< size) lies within it.
         let base = unsafe { self.producer.cast::<u8>().add(self.page) };
         // The kernel commits a record by clearing BUSY with a fully ordered xchg
         // (bpf_ringbuf_commit): acquire makes the record's bytes visible once it is clear.
@@ -147,15 +147,30 @@ impl RingMemory {
             return Entry::Busy;
         }
         let len = ((header & !(BUSY | DISCARD)) as usize).min(self.size);
-        let next = position + (HEADER_BYTES + len).next_multiple_of(8);
+        let next = record_end(position, len);
         if header & DISCARD != 0 {
             return Entry::Discarded { next };
         }
-        // SAFETY: see above; the bytes are not written again until the consumer position
-        // passes them.
-        let bytes = unsafe { std::slice::from_raw_parts(base.add(offset + HEADER_BYTES), len) };
-        Entry::Record { bytes, next }
+        Entry::Record { bytes: self.committed(position, len), next }
     }
+
+    /// The `len` bytes of the committed record at `position` (as [`Self::record`] found
+    /// them; still unconsumed, so unchanged).
+    fn committed(&self, position: usize, len: usize) -> &[u8] {
+        let offset = position & (self.size - 1);
+        // SAFETY: the data pages start one page into the producer mapping and are mapped
+        // twice, so `offset + HEADER_BYTES + len` (len ≤ size) lies within the mapping; the
+        // bytes are not written again until the consumer position passes them.
+        unsafe {
+            let base = self.producer.cast::<u8>().add(self.page);
+            std::slice::from_raw_parts(base.add(offset + HEADER_BYTES), len)
+        }
+    }
+}
+
+/// Where the record of `len` bytes at `position` ends (records are 8-aligned).
+fn record_end(position: usize, len: usize) -> usize {
+    position + (HEADER_BYTES + len).next_multiple_of(8)
 }
 
 impl Drop for RingMemory {
@@ -346,10 +361,8 @@ impl RingSource {
     ) -> usize {
         let mut give = |index: usize, (position, len): (usize, usize)| {
             let ring = &mut rings[index];
-            if let Entry::Record { bytes, next } = ring.memory.record(position) {
-                each(&bytes[..len.min(bytes.len())]);
-                ring.handed = next;
-            }
+            each(ring.memory.committed(position, len));
+            ring.handed = record_end(position, len);
         };
         let handed = match watermark_ns {
             Some(watermark_ns) => reorder.release(watermark_ns, &mut give),
