@@ -189,11 +189,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let m = self.scrape();
-            let kernel: f64 = m
-                .iter()
-                .filter(|(k, _)| k.starts_with("tcpmon_state_transitions_total"))
-                .map(|(_, v)| v)
-                .sum();
+            let kernel = kernel_transitions(&m);
             let received = m["tcpmon_events_received_total"];
             if received == kernel - m["tcpmon_events_lost_total"] {
                 return m;
@@ -255,6 +251,11 @@ pub fn parse_metrics(text: &str) -> Metrics {
             Some((series.to_owned(), value.parse().ok()?))
         })
         .collect()
+}
+
+/// Every TCP transition the kernel counted (all `tcpmon_state_transitions_total` series).
+pub fn kernel_transitions(m: &Metrics) -> f64 {
+    m.iter().filter(|(k, _)| k.starts_with("tcpmon_state_transitions_total")).map(|(_, v)| v).sum()
 }
 
 pub fn delta(before: &Metrics, after: &Metrics, series: &str) -> f64 {
