@@ -64,6 +64,11 @@ pub struct StateEvent {
     /// `bpf_get_current_comm()`: NUL-padded task name, read when `pid_tgid` is; zeros
     /// otherwise.
     pub comm: [u8; 16],
+    /// The socket's cgroup v2 id (`sk->sk_cgrp_data.cgroup->kn->id`, the inode number of the
+    /// cgroup's directory), read with `netns`; 0 when not read. `cgroup_sk_alloc()` gives a
+    /// socket the cgroup of the task that creates it (connect, listen); an accepted child
+    /// copies its listener's (`sk_clone_lock()` → `cgroup_sk_clone()`).
+    pub cgroup_id: u64,
 }
 
 /// Size in bytes of [`StateEvent`].
@@ -296,6 +301,13 @@ kernel_offsets! {
     task_tgid: task_struct.tgid,
     /// `struct task_struct.comm`: the task name, 16 bytes.
     task_comm: task_struct.comm,
+    /// `struct sock.sk_cgrp_data.cgroup` (a `struct cgroup *`; Linux 5.15+, before that the
+    /// pointer hid in a tagged `u64` and the offset is unknown).
+    sk_cgroup: sock.sk_cgrp_data.cgroup,
+    /// `struct cgroup.kn` (a `struct kernfs_node *`).
+    cgroup_kn: cgroup.kn,
+    /// `struct kernfs_node.id`: the cgroup id, `u64` since Linux 5.5.
+    kernfs_id: kernfs_node.id,
 }
 
 /// "This offset could not be found": the program skips the read.
@@ -480,7 +492,7 @@ mod tests {
 
     #[test]
     fn state_event_layout_is_stable() {
-        assert_eq!(size_of::<StateEvent>(), 96);
+        assert_eq!(size_of::<StateEvent>(), 104);
         assert_eq!(align_of::<StateEvent>(), 8);
         assert_eq!(offset_of!(StateEvent, oldstate), 24);
         assert_eq!(offset_of!(StateEvent, sock_err), 32);
@@ -488,10 +500,11 @@ mod tests {
         assert_eq!(offset_of!(StateEvent, saddr), 48);
         assert_eq!(offset_of!(StateEvent, daddr), 64);
         assert_eq!(offset_of!(StateEvent, comm), 80);
+        assert_eq!(offset_of!(StateEvent, cgroup_id), 96);
         assert_eq!(size_of::<TcpStats>(), 56);
-        assert_eq!(size_of::<StateEventWithStats>(), 152);
+        assert_eq!(size_of::<StateEventWithStats>(), 160);
         assert_eq!(size_of::<SocketNote>(), 32);
-        assert_eq!(size_of::<KernelOffsets>(), 104);
+        assert_eq!(size_of::<KernelOffsets>(), 116);
         assert_eq!(size_of::<SynAckRetransmit>(), 56);
     }
 
@@ -505,7 +518,7 @@ mod tests {
             (offsets.sk_err, offsets.skc_net, offsets.inet_sport, offsets.task_comm, offsets._pad),
             (0, 1, 21, 24, 0)
         );
-        assert_eq!(KernelOffsets::FIELDS.len(), 25);
+        assert_eq!(KernelOffsets::FIELDS.len(), 28);
         assert_eq!(
             KernelOffsets::FIELDS[1],
             KernelField { name: "skc_net", structure: "sock", path: &["__sk_common", "skc_net"] }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
+use crate::aggregate::labels::LabelLimits;
 pub use crate::loader::HookChoice;
 use crate::pipeline::PipelineOptions;
 use crate::tail::client::TailOptions;
@@ -46,7 +47,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load the eBPF program and serve Prometheus metrics until SIGINT/SIGTERM (needs root).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Watch connections live: from the running daemon, or stand-alone when none runs.
     Tail(Box<TailArgs>),
     /// Diagnose this host: can tcpmon run here, and if not, what to fix. Exit code 0 if it can.
@@ -123,6 +124,36 @@ pub struct RunArgs {
     /// netns="other". 0 (the default) turns them off.
     #[arg(long, env = "TCPMON_NETNS_LABELS", value_name = "N", default_value_t = 0)]
     pub netns_labels: usize,
+
+    /// Give the service ports a `port` label of their own: up to N listening ports (learned
+    /// at listen() and at start-up) and N remote ports of connects (in the order first seen);
+    /// later ones share port="other". 0 with no --ports: no `port` label (the series of
+    /// tcpmon 0.1).
+    #[arg(long, env = "TCPMON_PORT_LABELS", value_name = "N", default_value_t = 32)]
+    pub port_labels: usize,
+
+    /// Ports that always get a `port` value of their own, beyond --port-labels
+    /// (comma-separated, e.g. 443,5432).
+    #[arg(long, env = "TCPMON_PORTS", value_name = "LIST", value_delimiter = ',')]
+    pub ports: Vec<u16>,
+
+    /// Give up to N workloads (systemd units, containers, pods, cgroups) a `workload` label
+    /// of their own, in the order first seen; later ones share workload="other". 0: no
+    /// `workload` label.
+    #[arg(long, env = "TCPMON_WORKLOAD_LABELS", value_name = "N", default_value_t = 32)]
+    pub workload_labels: usize,
+
+    /// Most (port, workload) pairs with series of their own; later pairs share
+    /// port="other",workload="other". With --port-labels and --workload-labels this is the
+    /// series budget (README).
+    #[arg(long, env = "TCPMON_LABEL_PAIRS", value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub label_pairs: u64,
+
+    /// The kubelet's pod log directory (`<namespace>_<pod>_<uid>` entries), which names pods
+    /// `namespace/pod`; without it pods are `pod/<uid>`.
+    #[arg(long, env = "TCPMON_POD_LOGS", value_name = "DIR", default_value = crate::workload::DEFAULT_POD_LOGS)]
+    pub pod_logs: PathBuf,
 
     /// Which build of the kernel program to attach: `btf` reads the socket directly and
     /// costs least (Linux 5.10+ in practice); `tracepoint` is the classic tracepoint, which
@@ -205,6 +236,11 @@ pub struct TailArgs {
     #[arg(long = "comm", value_name = "NAME")]
     pub comms: Vec<String>,
 
+    /// Workload name, where `*` matches anything (e.g. nginx.service, 'shop/*',
+    /// 'container/*').
+    #[arg(long = "workload", value_name = "PATTERN")]
+    pub workloads: Vec<String>,
+
     /// active (this host connected) or passive (accepted).
     #[arg(long = "side", value_parser = parse_side)]
     pub sides: Vec<String>,
@@ -270,6 +306,7 @@ impl TailArgs {
                 pids: self.pids.clone(),
                 comms: self.comms.clone(),
                 sides: self.sides.clone(),
+                workloads: self.workloads.clone(),
                 outcomes: self.outcomes.clone(),
                 min_handshake_us: micros(self.min_handshake),
                 min_lifetime_us: micros(self.min_lifetime),
@@ -287,6 +324,16 @@ pub fn parse_min(text: &str) -> Result<Duration, String> {
 }
 
 impl RunArgs {
+    /// The `port` and `workload` label caps these flags ask for.
+    pub fn label_limits(&self) -> LabelLimits {
+        LabelLimits {
+            ports: self.port_labels,
+            pinned_ports: self.ports.clone(),
+            workloads: self.workload_labels,
+            pairs: usize::try_from(self.label_pairs).unwrap_or(usize::MAX),
+        }
+    }
+
     /// The pipeline these flags ask for.
     pub fn pipeline_options(&self) -> PipelineOptions {
         PipelineOptions {

@@ -374,6 +374,11 @@ mod tests {
             "low-latency",
             "max-sockets",
             "netns-labels",
+            "port-labels",
+            "ports",
+            "workload-labels",
+            "label-pairs",
+            "pod-logs",
             "hook",
             "record",
             "tail-socket",
@@ -382,7 +387,7 @@ mod tests {
         ] {
             assert!(keys.contains(&key.to_owned()), "{key} in {keys:?}");
         }
-        assert_eq!(keys.len(), 11, "{keys:?}");
+        assert_eq!(keys.len(), 16, "{keys:?}");
     }
 
     #[test]

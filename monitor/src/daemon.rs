@@ -22,6 +22,7 @@ use crate::metrics::{self, CounterSource, KernelCollector};
 use crate::pipeline::{Controls, Pipeline, Wake};
 use crate::source::RingSource;
 use crate::tail::hub::{self, TailHub, TailMetrics};
+use crate::workload::Workloads;
 
 /// Installs the SIGTERM/SIGINT handlers now (so a signal during start-up is not fatal) and
 /// returns a future that resolves, with the signal's name, once one arrives.
@@ -132,7 +133,13 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     let listener = metrics::bind(args.listen).await?;
     let tail_listener = hub::bind_socket(&args.tail_socket)?;
     let registry = Registry::new();
-    let mut aggregator = Aggregator::new(&registry).context("creating the metrics")?;
+    let names = Workloads::discover(args.pod_logs.clone());
+    match names.mount() {
+        Some(mount) => info!("naming workloads from the cgroup2 tree at {}", mount.display()),
+        None => warn!("no cgroup2 mount in /proc/self/mountinfo: every workload is `unknown`"),
+    }
+    let mut aggregator = Aggregator::with_labels(&registry, args.label_limits(), names)
+        .context("creating the metrics")?;
     if args.netns_labels > 0 {
         aggregator
             .enable_netns_labels(&registry, args.netns_labels)

@@ -161,6 +161,8 @@ pub struct Event {
     pub comm: [u8; 16],
     /// Inode of the socket's network namespace; 0 when the record did not carry it.
     pub netns: u32,
+    /// The socket's cgroup v2 id; 0 when the record did not carry it.
+    pub cgroup_id: u64,
     /// The socket's counters, on handshake completion and CLOSE records.
     pub stats: Option<TcpStats>,
 }
@@ -370,6 +372,7 @@ pub fn decode_record(raw: &StateEvent) -> Result<Event, DecodeError> {
         endpoints,
         comm: raw.comm,
         netns: raw.netns,
+        cgroup_id: raw.cgroup_id,
         stats: None,
     })
 }
@@ -407,6 +410,7 @@ pub mod fixture {
             saddr: mapped(Ipv4Addr::LOCALHOST),
             daddr: mapped(Ipv4Addr::LOCALHOST),
             comm,
+            cgroup_id: 0,
         }
     }
 
@@ -514,7 +518,7 @@ mod tests {
         assert_eq!(decode(&[]), Err(DecodeError::WrongSize(0)));
         let mut long = good.clone();
         long.push(0);
-        assert_eq!(decode(&long), Err(DecodeError::WrongSize(97)));
+        assert_eq!(decode(&long), Err(DecodeError::WrongSize(105)));
         assert_eq!(decode(&bytes(&fixture::note(1, 2, 99, 0))), Err(DecodeError::UnknownNote(99)));
         let mut synack = fixture::synack_retransmit(1, 2, 3, 4);
         synack.family = 3;
@@ -541,6 +545,7 @@ mod tests {
     fn decodes_stats_netns_and_notes() {
         let mut raw = v4(10, 7, TcpState::FinWait2, TcpState::Close, 1, 2, 0);
         raw.netns = 4026531840;
+        raw.cgroup_id = 0x1_0000_0042;
         let stats = TcpStats {
             bytes_acked: 1 << 33,
             bytes_received: 5,
@@ -552,8 +557,8 @@ mod tests {
         };
         let event = state(&bytes(&fixture::with_stats(raw, stats)));
         assert_eq!(
-            (event.netns, event.stats),
-            (4026531840, Some(TcpStats { complete: 1, ..stats }))
+            (event.netns, event.cgroup_id, event.stats),
+            (4026531840, 0x1_0000_0042, Some(TcpStats { complete: 1, ..stats }))
         );
         // A counter the program could not read: none are reported, rather than zeros.
         let partial = StateEventWithStats { event: raw, stats: TcpStats { complete: 0, ..stats } };

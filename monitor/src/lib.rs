@@ -25,3 +25,4 @@ pub mod snapshot;
 pub mod source;
 pub mod tail;
 pub mod tracker;
+pub mod workload;

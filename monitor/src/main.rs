@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => runtime.block_on(monitor::daemon::run(args, settings.values)),
+        Command::Run(args) => runtime.block_on(monitor::daemon::run(*args, settings.values)),
         Command::Tail(args) => {
             let options = match args.options() {
                 Ok(options) => options,

@@ -17,15 +17,16 @@ use prometheus::Registry;
 use tokio::signal::unix::Signal;
 use tokio::sync::mpsc;
 
-use crate::aggregate::Aggregator;
+use crate::aggregate::{labels::LabelLimits, Aggregator};
 use crate::clock::{unix_seconds, WallClock};
-use crate::decode::{decode, is_transition};
+use crate::decode::{decode, is_transition, TcpState};
 use crate::loader::{self, HookChoice, LoadOptions, Loaded};
 use crate::metrics::ScrapeGate;
 use crate::snapshot;
 use crate::source::{Drained, Recorder, RingSource, Source, BATCH_RECORDS};
 use crate::tail::hub::{NewSubscriber, TailHub, TailMetrics};
-use crate::tracker::{Observation, ObservationSink, Tracker};
+use crate::tracker::{Attribution, Observation, ObservationSink, Tracker};
+use crate::workload::Workloads;
 
 /// Knobs of the pipeline and of the kernel side it reads.
 #[derive(Clone, Debug)]
@@ -91,27 +92,29 @@ impl Heartbeat {
     }
 }
 
-/// Feeds metrics to the aggregator and records to the tail.
+/// Feeds metrics to the aggregator and records, with their workload names, to the tail.
 struct DaemonSink<'a> {
-    aggregator: &'a Aggregator,
+    aggregator: &'a mut Aggregator,
     hub: &'a mut TailHub,
 }
 
 impl ObservationSink for DaemonSink<'_> {
     fn observe(&mut self, observation: &Observation) {
         match observation {
-            Observation::Connection(record) => self.hub.publish_connection(record),
-            Observation::Transition(record) => self.hub.publish_transition(record),
-            other => {
-                let mut aggregator = self.aggregator;
-                aggregator.observe(other);
+            Observation::Connection(record) => {
+                let workload = self.aggregator.workload_name(record.cgroup_id);
+                self.hub.publish_connection(record, workload);
             }
+            Observation::Transition(record) => {
+                let workload = self.aggregator.workload_name(record.cgroup_id);
+                self.hub.publish_transition(record, workload);
+            }
+            other => self.aggregator.observe(other),
         }
     }
 
-    fn observe_in(&mut self, observation: &Observation, netns: u32) {
-        let mut aggregator = self.aggregator;
-        aggregator.observe_in(observation, netns);
+    fn observe_in(&mut self, observation: &Observation, whose: &Attribution) {
+        self.aggregator.observe_in(observation, whose);
     }
 
     fn wants_records(&self) -> bool {
@@ -144,7 +147,7 @@ impl Stages {
         }
         match decode(bytes) {
             Ok(record) => {
-                let mut sink = DaemonSink { aggregator: &self.aggregator, hub: &mut self.hub };
+                let mut sink = DaemonSink { aggregator: &mut self.aggregator, hub: &mut self.hub };
                 self.tracker.on_record(&record, &mut sink);
             }
             Err(e) => {
@@ -342,6 +345,8 @@ impl Pipeline<RingSource> {
         };
         while self.drain_batch().more {}
         let added = self.stages.tracker.preload(&snapshot.sockets);
+        let listening = snapshot.sockets.iter().filter(|socket| socket.state == TcpState::Listen);
+        self.stages.aggregator.learn_listeners(listening.map(|socket| socket.endpoints.sport));
         for problem in &snapshot.problems {
             warn!("start-up snapshot incomplete: {problem}");
         }
@@ -398,7 +403,8 @@ impl Pipeline<RingSource> {
 /// that client goes away.
 pub async fn standalone(options: PipelineOptions, client: NewSubscriber) -> anyhow::Result<()> {
     let registry = Registry::new(); // never served; the aggregator needs one
-    let aggregator = Aggregator::new(&registry)?;
+    let names = Workloads::discover(crate::workload::DEFAULT_POD_LOGS.into());
+    let aggregator = Aggregator::with_labels(&registry, LabelLimits::NONE, names)?;
     let hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "standalone");
     let mut loaded = options.load()?;
     let rings = std::mem::take(&mut loaded.rings);

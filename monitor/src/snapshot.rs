@@ -1,6 +1,6 @@
 //! The start-up snapshot: TCP sockets that already exist when the daemon starts, read with
 //! netlink `sock_diag` (what `ss` uses) in every network namespace in use, with
-//! their owning process from `/proc/PID/fd`. The tracker uses it so that
+//! their owning process from `/proc/PID/fd` and its cgroup from `/proc/PID/cgroup`. The tracker uses it so that
 //! `tcpmon_connections{state}` is right from the first scrape, listeners older than the daemon
 //! own their accepted connections, and sockets open before the start close cleanly later.
 //!
@@ -25,6 +25,7 @@ use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
 
 use crate::decode::{Endpoints, TcpState};
 use crate::tracker::{ExistingSocket, Owner};
+use crate::workload;
 
 /// The result of [`take`].
 #[derive(Debug, Default)]
@@ -76,8 +77,9 @@ pub fn take() -> Snapshot {
             Ok(found) => {
                 snapshot.namespaces += 1;
                 snapshot.sockets.extend(found.into_iter().map(|(state, endpoints, inode)| {
-                    let owner = owners.get(&inode).copied().unwrap_or(Owner::UNKNOWN);
-                    ExistingSocket { state, endpoints, netns, owner }
+                    let (owner, cgroup_id) =
+                        owners.get(&inode).copied().unwrap_or((Owner::UNKNOWN, 0));
+                    ExistingSocket { state, endpoints, netns, owner, cgroup_id }
                 }));
             }
             Err(e) => snapshot.problems.push(format!("network namespace {netns}: {e}")),
@@ -113,9 +115,12 @@ fn pids() -> impl Iterator<Item = u32> {
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
 }
 
-/// Socket inode → the first process found holding it (`/proc/PID/fd/N` → `socket:[INODE]`).
-/// Also returns how many processes' fd tables could not be read.
-fn socket_owners() -> (HashMap<u32, Owner>, usize) {
+/// Socket inode → the first process found holding it (`/proc/PID/fd/N` → `socket:[INODE]`)
+/// and that process's cgroup id. Also returns how many processes' fd tables could not be
+/// read.
+fn socket_owners() -> (HashMap<u32, (Owner, u64)>, usize) {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let cgroup2 = workload::cgroup2_mount(&mountinfo);
     let mut owners = HashMap::new();
     let mut unreadable = 0;
     for pid in pids() {
@@ -128,7 +133,7 @@ fn socket_owners() -> (HashMap<u32, Owner>, usize) {
                 continue;
             }
         };
-        let mut comm = None;
+        let mut owner = None;
         for fd in fds.flatten() {
             let Ok(target) = fs::read_link(fd.path()) else { continue };
             let Some(inode) = target
@@ -139,8 +144,12 @@ fn socket_owners() -> (HashMap<u32, Owner>, usize) {
             else {
                 continue;
             };
-            let comm = *comm.get_or_insert_with(|| task_name(pid));
-            owners.entry(inode).or_insert(Owner { pid: Some(pid), comm });
+            let owner = *owner.get_or_insert_with(|| {
+                let cgroup_id =
+                    cgroup2.as_deref().map_or(0, |mount| workload::cgroup_id_of(mount, pid));
+                (Owner { pid: Some(pid), comm: task_name(pid) }, cgroup_id)
+            });
+            owners.entry(inode).or_insert(owner);
         }
     }
     (owners, unreadable)

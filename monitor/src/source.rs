@@ -415,7 +415,8 @@ impl Source for RingSource {
 
 /// First bytes of a recording file; the format is this magic, then per record a
 /// little-endian `u32` length and the record's bytes, exactly as the ring delivered them.
-pub const RECORDING_MAGIC: &[u8; 8] = b"TCPMONR1";
+/// The digit is the record layout's version: 2 added `StateEvent::cgroup_id`.
+pub const RECORDING_MAGIC: &[u8; 8] = b"TCPMONR2";
 
 /// Writes raw records to a recording file (`tcpmon run --record FILE`).
 pub struct Recorder {
@@ -449,6 +450,14 @@ pub fn read_recording(path: &Path) -> io::Result<Vec<Vec<u8>>> {
     let mut input = BufReader::new(File::open(path)?);
     let mut magic = [0u8; 8];
     input.read_exact(&mut magic)?;
+    if magic[..7] == RECORDING_MAGIC[..7] && magic != *RECORDING_MAGIC {
+        let message = format!(
+            "a tcpmon recording of record layout {}, this tcpmon reads layout {}",
+            char::from(magic[7]),
+            char::from(RECORDING_MAGIC[7])
+        );
+        return Err(io::Error::new(io::ErrorKind::InvalidData, message));
+    }
     if &magic != RECORDING_MAGIC {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "not a tcpmon recording"));
     }

@@ -239,6 +239,8 @@ mod tests {
                 pid: None,
                 comm: None,
                 netns: None,
+                cgroup_id: None,
+                workload: "unknown".into(),
                 family: "ipv4".into(),
                 local_addr: "127.0.0.1".into(),
                 local_port: 1,

@@ -63,6 +63,8 @@ pub struct Filter {
     pub comms: Vec<String>,
     /// `active` or `passive`.
     pub sides: Vec<String>,
+    /// Workload name patterns (`*` matches any run of characters).
+    pub workloads: Vec<String>,
     /// Connection outcomes (`fin`, `reset`, …); connections view only.
     pub outcomes: Vec<String>,
     /// Minimum handshake, µs; connections view only.
@@ -100,6 +102,37 @@ pub fn parse_side(text: &str) -> Result<String, String> {
         "active" | "passive" => Ok(text.to_owned()),
         _ => Err(format!("`{text}` is not a side: active or passive")),
     }
+}
+
+/// Whether `text` matches `pattern`, where `*` stands for any run of characters (a shell
+/// glob with `*` only). No allocation: the daemon runs it for every record a tail with
+/// `--workload` sees.
+pub fn glob_matches(pattern: &str, text: &str) -> bool {
+    let (pattern, text) = (pattern.as_bytes(), text.as_bytes());
+    let (mut p, mut t) = (0, 0);
+    // The last `*` seen, and how much of the text it has absorbed.
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(&c) if c == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                Some((star_p, star_t)) => {
+                    star = Some((star_p, star_t + 1));
+                    p = star_p + 1;
+                    t = star_t + 1;
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 fn any_or_empty<T>(values: &[T], test: impl Fn(&T) -> bool) -> bool {
@@ -143,7 +176,13 @@ impl Subscribe {
 }
 
 impl Filter {
-    fn matches_identity(&self, side: Option<Side>, owner: &Owner, endpoints: &Endpoints) -> bool {
+    fn matches_identity(
+        &self,
+        side: Option<Side>,
+        owner: &Owner,
+        endpoints: &Endpoints,
+        workload: &str,
+    ) -> bool {
         let (local, remote) = (endpoints.local(), endpoints.remote());
         any_or_empty(&self.ports, |p| *p == local.port() || *p == remote.port())
             && any_or_empty(&self.local_ports, |p| *p == local.port())
@@ -156,14 +195,15 @@ impl Filter {
             && any_or_empty(&self.pids, |p| owner.pid == Some(*p))
             && any_or_empty(&self.comms, |c| owner.pid.is_some() && *c == owner.comm())
             && any_or_empty(&self.sides, |s| side.is_some_and(|side| side.as_str() == s))
+            && any_or_empty(&self.workloads, |pattern| glob_matches(pattern, workload))
     }
 
-    /// Whether a connection record passes.
-    pub fn matches_connection(&self, record: &ConnectionRecord) -> bool {
+    /// Whether a connection record of workload `workload` passes.
+    pub fn matches_connection(&self, record: &ConnectionRecord, workload: &str) -> bool {
         let at_least = |min: Option<u64>, value: Option<u64>| {
             min.is_none_or(|min| value.is_some_and(|ns| ns / 1_000 >= min))
         };
-        self.matches_identity(record.side, &record.owner, &record.endpoints)
+        self.matches_identity(record.side, &record.owner, &record.endpoints, workload)
             && any_or_empty(&self.outcomes, |o| {
                 record.outcome.is_some_and(|outcome| {
                     // `reset` is either direction.
@@ -176,23 +216,24 @@ impl Filter {
             && at_least(self.min_teardown_us, record.teardown.map(|(_, ns)| ns))
     }
 
-    /// Whether a transition record passes.
-    pub fn matches_transition(&self, record: &TransitionRecord) -> bool {
-        self.matches_identity(record.side, &record.owner, &record.endpoints)
+    /// Whether a transition record of workload `workload` passes.
+    pub fn matches_transition(&self, record: &TransitionRecord, workload: &str) -> bool {
+        self.matches_identity(record.side, &record.owner, &record.endpoints, workload)
     }
 }
 
 impl Subscribe {
-    /// Whether this subscriber wants `record` at all (view, established flag, filter).
-    pub fn wants_connection(&self, record: &ConnectionRecord) -> bool {
+    /// Whether this subscriber wants `record` of `workload` at all (view, established flag,
+    /// filter).
+    pub fn wants_connection(&self, record: &ConnectionRecord, workload: &str) -> bool {
         self.view == View::Connections
             && (self.established || record.phase != ConnectionPhase::Established)
-            && self.filter.matches_connection(record)
+            && self.filter.matches_connection(record, workload)
     }
 
-    /// Whether this subscriber wants `record`.
-    pub fn wants_transition(&self, record: &TransitionRecord) -> bool {
-        self.view == View::Events && self.filter.matches_transition(record)
+    /// Whether this subscriber wants `record` of `workload`.
+    pub fn wants_transition(&self, record: &TransitionRecord, workload: &str) -> bool {
+        self.view == View::Events && self.filter.matches_transition(record, workload)
     }
 }
 
@@ -216,6 +257,7 @@ mod tests {
             handshake_ns: Some(250_000_000),
             handshake_retransmits: None,
             netns: None,
+            cgroup_id: None,
             stats: None,
             lifetime_ns: Some(1_000_000_000),
             teardown: None,
@@ -233,48 +275,80 @@ mod tests {
     #[test]
     fn criteria_combine_as_documented() {
         let r = record("10.1.2.3:40000", "192.0.2.7:5432", Some(9), CloseReason::ResetReceived);
-        assert!(Filter::default().matches_connection(&r));
-        assert!(filter(|f| f.ports = vec![5432]).matches_connection(&r));
-        assert!(filter(|f| f.ports = vec![80, 40000]).matches_connection(&r)); // OR within
-        assert!(!filter(|f| f.local_ports = vec![5432]).matches_connection(&r));
-        assert!(filter(|f| f.remote_ports = vec![5432]).matches_connection(&r));
-        assert!(filter(|f| f.addrs = vec![parse_net("10.0.0.0/8").unwrap()]).matches_connection(&r));
+        assert!(Filter::default().matches_connection(&r, "web.service"));
+        assert!(filter(|f| f.ports = vec![5432]).matches_connection(&r, "web.service"));
+        assert!(filter(|f| f.ports = vec![80, 40000]).matches_connection(&r, "web.service")); // OR within
+        assert!(!filter(|f| f.local_ports = vec![5432]).matches_connection(&r, "web.service"));
+        assert!(filter(|f| f.remote_ports = vec![5432]).matches_connection(&r, "web.service"));
+        assert!(filter(|f| f.addrs = vec![parse_net("10.0.0.0/8").unwrap()])
+            .matches_connection(&r, "web.service"));
         assert!(!filter(|f| f.remote_addrs = vec![parse_net("10.0.0.0/8").unwrap()])
-            .matches_connection(&r));
+            .matches_connection(&r, "web.service"));
         assert!(filter(|f| f.remote_addrs = vec![parse_net("192.0.2.7").unwrap()])
-            .matches_connection(&r));
-        assert!(filter(|f| f.pids = vec![9]).matches_connection(&r));
-        assert!(filter(|f| f.comms = vec!["psql".into()]).matches_connection(&r));
-        assert!(!filter(|f| f.comms = vec!["psq".into()]).matches_connection(&r));
-        assert!(filter(|f| f.sides = vec!["active".into()]).matches_connection(&r));
-        assert!(!filter(|f| f.sides = vec!["passive".into()]).matches_connection(&r));
+            .matches_connection(&r, "web.service"));
+        assert!(filter(|f| f.pids = vec![9]).matches_connection(&r, "web.service"));
+        assert!(filter(|f| f.comms = vec!["psql".into()]).matches_connection(&r, "web.service"));
+        assert!(!filter(|f| f.comms = vec!["psq".into()]).matches_connection(&r, "web.service"));
+        assert!(filter(|f| f.sides = vec!["active".into()]).matches_connection(&r, "web.service"));
+        assert!(!filter(|f| f.sides = vec!["passive".into()]).matches_connection(&r, "web.service"));
         assert!(filter(|f| f.outcomes = vec!["fin".into(), "reset_received".into()])
-            .matches_connection(&r));
-        assert!(!filter(|f| f.outcomes = vec!["fin".into()]).matches_connection(&r));
-        assert!(filter(|f| f.outcomes = vec!["reset".into()]).matches_connection(&r));
+            .matches_connection(&r, "web.service"));
+        assert!(!filter(|f| f.outcomes = vec!["fin".into()]).matches_connection(&r, "web.service"));
+        assert!(filter(|f| f.outcomes = vec!["reset".into()]).matches_connection(&r, "web.service"));
         // AND across criteria.
         assert!(!filter(|f| {
             f.ports = vec![5432];
             f.pids = vec![10];
         })
-        .matches_connection(&r));
+        .matches_connection(&r, "web.service"));
+    }
+
+    #[test]
+    fn workloads_match_by_pattern() {
+        let r = record("10.1.2.3:40000", "192.0.2.7:5432", Some(9), CloseReason::Fin);
+        let workloads = |patterns: &[&str]| {
+            filter(|f| f.workloads = patterns.iter().map(|p| p.to_string()).collect())
+        };
+        assert!(workloads(&["web.service"]).matches_connection(&r, "web.service"));
+        assert!(workloads(&["db*", "*.service"]).matches_connection(&r, "web.service"));
+        assert!(!workloads(&["web"]).matches_connection(&r, "web.service"));
+        assert!(workloads(&["shop/*"]).matches_connection(&r, "shop/web-7d9f"));
+        assert!(!workloads(&["shop/*"]).matches_connection(&r, "host"));
+        for (pattern, text, expected) in [
+            ("*", "", true),
+            ("", "", true),
+            ("", "a", false),
+            ("a*b*c", "aXbYbc", true),
+            ("a*b*c", "aXbYbd", false),
+            ("*service", "web.service", true),
+            ("container/*ab", "container/0123456789ab", true),
+            ("**a", "bba", true),
+        ] {
+            assert_eq!(glob_matches(pattern, text), expected, "{pattern} ~ {text}");
+        }
     }
 
     #[test]
     fn minimum_durations_need_the_duration_to_be_known() {
         let r = record("10.1.2.3:40000", "192.0.2.7:5432", Some(9), CloseReason::Fin);
-        assert!(filter(|f| f.min_handshake_us = Some(200_000)).matches_connection(&r));
-        assert!(!filter(|f| f.min_handshake_us = Some(300_000)).matches_connection(&r));
-        assert!(filter(|f| f.min_lifetime_us = Some(1_000_000)).matches_connection(&r));
-        assert!(!filter(|f| f.min_teardown_us = Some(0)).matches_connection(&r));
+        assert!(
+            filter(|f| f.min_handshake_us = Some(200_000)).matches_connection(&r, "web.service")
+        );
+        assert!(
+            !filter(|f| f.min_handshake_us = Some(300_000)).matches_connection(&r, "web.service")
+        );
+        assert!(
+            filter(|f| f.min_lifetime_us = Some(1_000_000)).matches_connection(&r, "web.service")
+        );
+        assert!(!filter(|f| f.min_teardown_us = Some(0)).matches_connection(&r, "web.service"));
         // unknown
     }
 
     #[test]
     fn unknown_owners_never_match_pid_or_comm() {
         let r = record("10.1.2.3:40000", "192.0.2.7:5432", None, CloseReason::Fin);
-        assert!(!filter(|f| f.pids = vec![0]).matches_connection(&r));
-        assert!(!filter(|f| f.comms = vec![String::new()]).matches_connection(&r));
+        assert!(!filter(|f| f.pids = vec![0]).matches_connection(&r, "web.service"));
+        assert!(!filter(|f| f.comms = vec![String::new()]).matches_connection(&r, "web.service"));
     }
 
     #[test]
@@ -285,7 +359,9 @@ mod tests {
             Some(1),
             CloseReason::Fin,
         );
-        assert!(filter(|f| f.raddr_for_test("198.51.100.0/24")).matches_connection(&r));
+        assert!(
+            filter(|f| f.raddr_for_test("198.51.100.0/24")).matches_connection(&r, "web.service")
+        );
     }
 
     impl Filter {

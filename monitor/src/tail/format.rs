@@ -9,6 +9,7 @@ use super::record::Totals;
 use super::record::{ConnectionLine, Identity, TailRecord, TransitionLine};
 
 const ADDR_WIDTH: usize = 23;
+const WORKLOAD_WIDTH: usize = 20;
 
 /// `52µs`, `3.25ms`, `301ms`, `1.02s`, `31.5s`, `2m05s`, `1h02m`.
 pub fn duration(us: u64) -> String {
@@ -74,17 +75,29 @@ fn printable(name: &str) -> String {
     name.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
-/// SIDE, PID, COMM, LOCAL and REMOTE, as both views print them.
+/// A name cut to `width` characters, its end replaced by `…` when it is longer (the JSON
+/// view has it whole).
+fn fit(name: &str, width: usize) -> String {
+    if name.chars().count() <= width {
+        return name.to_owned();
+    }
+    let mut cut: String = name.chars().take(width - 1).collect();
+    cut.push('…');
+    cut
+}
+
+/// SIDE, PID, COMM, WORKLOAD, LOCAL and REMOTE, as both views print them.
 fn identity_columns(who: &Identity) -> String {
     let (pid, comm) = match who.pid {
         Some(pid) => (pid.to_string(), printable(who.comm.as_deref().unwrap_or_default())),
         None => ("-".to_owned(), "-".to_owned()),
     };
     format!(
-        "{:<7} {:>7} {:<15} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$}",
+        "{:<7} {:>7} {:<15} {:<WORKLOAD_WIDTH$} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$}",
         who.side.as_deref().unwrap_or("-"),
         pid,
         comm,
+        fit(&printable(&who.workload), WORKLOAD_WIDTH),
         endpoint(&who.local_addr, who.local_port),
         endpoint(&who.remote_addr, who.remote_port),
     )
@@ -94,13 +107,13 @@ fn identity_columns(who: &Identity) -> String {
 pub fn header(view: View) -> String {
     match view {
         View::Connections => format!(
-            "{:<12} {:<7} {:>7} {:<15} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:>9} {:>9} {:>9} {:>10} {:>6} {:>6}  {}",
-            "TIME(UTC)", "SIDE", "PID", "COMM", "LOCAL", "REMOTE", "HANDSHAKE", "LIFETIME",
+            "{:<12} {:<7} {:>7} {:<15} {:<WORKLOAD_WIDTH$} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:>9} {:>9} {:>9} {:>10} {:>6} {:>6}  {}",
+            "TIME(UTC)", "SIDE", "PID", "COMM", "WORKLOAD", "LOCAL", "REMOTE", "HANDSHAKE", "LIFETIME",
             "TEARDOWN", "CLOSE_WAIT", "TX", "RX", "OUTCOME"
         ),
         View::Events => format!(
-            "{:<12} {:<7} {:>7} {:<15} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<26} {:>9}",
-            "TIME(UTC)", "SIDE", "PID", "COMM", "LOCAL", "REMOTE", "TRANSITION", "IN_OLD"
+            "{:<12} {:<7} {:>7} {:<15} {:<WORKLOAD_WIDTH$} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<26} {:>9}",
+            "TIME(UTC)", "SIDE", "PID", "COMM", "WORKLOAD", "LOCAL", "REMOTE", "TRANSITION", "IN_OLD"
         ),
     }
 }
@@ -180,6 +193,8 @@ mod tests {
                 pid: Some(27810),
                 comm: Some("python3".into()),
                 netns: Some(4026531840),
+                cgroup_id: Some(7),
+                workload: "nginx.service".into(),
                 family: "ipv4".into(),
                 local_addr: "127.0.0.1".into(),
                 local_port: 49104,
@@ -209,11 +224,11 @@ mod tests {
     fn golden_connection_lines() {
         assert_eq!(
             header(View::Connections),
-            "TIME(UTC)    SIDE        PID COMM            LOCAL                   REMOTE                  HANDSHAKE  LIFETIME  TEARDOWN CLOSE_WAIT     TX     RX  OUTCOME"
+            "TIME(UTC)    SIDE        PID COMM            WORKLOAD             LOCAL                   REMOTE                  HANDSHAKE  LIFETIME  TEARDOWN CLOSE_WAIT     TX     RX  OUTCOME"
         );
         assert_eq!(
             connection(&closed_v4(), false),
-            "08:10:57.880 active    27810 python3         127.0.0.1:49104         127.0.0.1:48493              43µs     300ms     300ms          -   1.5K   977K  fin"
+            "08:10:57.880 active    27810 python3         nginx.service        127.0.0.1:49104         127.0.0.1:48493              43µs     300ms     300ms          -   1.5K   977K  fin"
         );
 
         // IPv6, unknown owner, a 15-character comm elsewhere, mid-life start, still open.
@@ -223,6 +238,8 @@ mod tests {
         v6.who.remote_addr = "::1".into();
         v6.who.pid = None;
         v6.who.comm = None;
+        v6.who.workload = "unknown".into();
+        v6.who.cgroup_id = None;
         v6.start_time = None;
         v6.who.side = None;
         v6.event = "established".into();
@@ -233,7 +250,7 @@ mod tests {
         v6.totals = Totals::default();
         assert_eq!(
             connection(&v6, false),
-            "08:10:58.180 -             - -               [2001:db8::1]:49104     [::1]:48493                     -         -         -          -      -      -  established"
+            "08:10:58.180 -             - -               unknown              [2001:db8::1]:49104     [::1]:48493                     -         -         -          -      -      -  established"
         );
 
         let mut long = closed_v4();
@@ -245,11 +262,11 @@ mod tests {
         long.totals.bytes_received = Some(5 << 30);
         assert_eq!(
             connection(&long, false),
-            "08:10:57.880 active    27810 kworker/u16:3-e 127.0.0.1:49104         127.0.0.1:48493           1.00s+1     300ms     300ms      1h10m   1.5K   5.0G  reset_received"
+            "08:10:57.880 active    27810 kworker/u16:3-e nginx.service        127.0.0.1:49104         127.0.0.1:48493           1.00s+1     300ms     300ms      1h10m   1.5K   5.0G  reset_received"
         );
         assert_eq!(
             connection(&long, true),
-            "08:10:57.880 active    27810 kworker/u16:3-e 127.0.0.1:49104         127.0.0.1:48493           1.00s+1     300ms     300ms      1h10m   1.5K   5.0G  \x1b[31mreset_received\x1b[0m"
+            "08:10:57.880 active    27810 kworker/u16:3-e nginx.service        127.0.0.1:49104         127.0.0.1:48493           1.00s+1     300ms     300ms      1h10m   1.5K   5.0G  \x1b[31mreset_received\x1b[0m"
         );
     }
 
@@ -262,6 +279,8 @@ mod tests {
                 pid: Some(1),
                 comm: Some("nginx".into()),
                 netns: None,
+                cgroup_id: Some(9),
+                workload: "kube-system/ingress-nginx-controller-7d9f".into(),
                 family: "ipv6".into(),
                 local_addr: "::1".into(),
                 local_port: 443,
@@ -274,7 +293,7 @@ mod tests {
         };
         assert_eq!(
             transition(&line),
-            "08:10:57.880 passive       1 nginx           [::1]:443               [::1]:50000             CLOSE_WAIT -> LAST_ACK         2.50s"
+            "08:10:57.880 passive       1 nginx           kube-system/ingress… [::1]:443               [::1]:50000             CLOSE_WAIT -> LAST_ACK         2.50s"
         );
     }
 
@@ -282,6 +301,7 @@ mod tests {
     fn hostile_names_and_mapped_addresses_print_safely() {
         let mut line = closed_v4();
         line.who.comm = Some("evil\x1b[2Jname".into());
+        line.who.workload = "/evil\x1b[2J".into();
         line.who.family = "ipv6".into();
         line.who.remote_addr = "::ffff:198.51.100.4".into();
         let text = connection(&line, false);

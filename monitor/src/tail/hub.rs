@@ -270,19 +270,19 @@ impl TailHub {
         }
     }
 
-    /// Queues a connection record for every client that wants it.
-    pub fn publish_connection(&mut self, record: &ConnectionRecord) {
+    /// Queues a connection record of workload `workload` for every client that wants it.
+    pub fn publish_connection(&mut self, record: &ConnectionRecord, workload: &str) {
         self.publish(
-            |request| request.wants_connection(record),
-            |out, times, clock| write_connection(out, times, record, clock),
+            |request| request.wants_connection(record, workload),
+            |out, times, clock| write_connection(out, times, record, workload, clock),
         );
     }
 
-    /// Queues a transition record for every client that wants it.
-    pub fn publish_transition(&mut self, record: &TransitionRecord) {
+    /// Queues a transition record of workload `workload` for every client that wants it.
+    pub fn publish_transition(&mut self, record: &TransitionRecord, workload: &str) {
         self.publish(
-            |request| request.wants_transition(record),
-            |out, times, clock| write_transition(out, times, record, clock),
+            |request| request.wants_transition(record, workload),
+            |out, times, clock| write_transition(out, times, record, workload, clock),
         );
     }
 }

@@ -157,6 +157,8 @@ impl<'a> Object<'a> {
         owner: &Owner,
         endpoints: &Endpoints,
         netns: Option<u32>,
+        cgroup_id: Option<u64>,
+        workload: &str,
     ) {
         let (local, remote) = (endpoints.local(), endpoints.remote());
         self.optional_text("side", side.map(Side::as_str));
@@ -166,6 +168,8 @@ impl<'a> Object<'a> {
             None => self.null("comm"),
         }
         self.optional_number("netns", netns);
+        self.optional_number("cgroup_id", cgroup_id);
+        self.escaped("workload", workload);
         self.text("family", if local.is_ipv4() { "ipv4" } else { "ipv6" });
         self.address("local_addr", local.ip());
         self.number("local_port", local.port());
@@ -186,18 +190,20 @@ impl<'a> Object<'a> {
     }
 }
 
-/// Appends `record` as a `connection` line.
+/// Appends `record`, of workload `workload`, as a `connection` line.
 pub fn write_connection(
     out: &mut Vec<u8>,
     times: &mut TimeWriter,
     record: &ConnectionRecord,
+    workload: &str,
     clock: &WallClock,
 ) {
     let mut object = Object::new(out, times, "connection");
     object.text("event", record.phase.as_str());
     object.time("start_time", clock, record.start_ns);
     object.time("time", clock, Some(record.time_ns));
-    object.identity(record.side, &record.owner, &record.endpoints, record.netns);
+    let (netns, cgroup_id) = (record.netns, record.cgroup_id);
+    object.identity(record.side, &record.owner, &record.endpoints, netns, cgroup_id, workload);
     object.optional_number("handshake_us", record.handshake_ns.map(micros));
     object.optional_number("handshake_retransmits", record.handshake_retransmits);
     object.optional_number("lifetime_us", record.lifetime_ns.map(micros));
@@ -214,11 +220,13 @@ pub fn write_transition(
     out: &mut Vec<u8>,
     times: &mut TimeWriter,
     record: &TransitionRecord,
+    workload: &str,
     clock: &WallClock,
 ) {
     let mut object = Object::new(out, times, "transition");
     object.time("time", clock, Some(record.time_ns));
-    object.identity(record.side, &record.owner, &record.endpoints, record.netns);
+    let (netns, cgroup_id) = (record.netns, record.cgroup_id);
+    object.identity(record.side, &record.owner, &record.endpoints, netns, cgroup_id, workload);
     object.text("old_state", record.old.name());
     object.text("new_state", record.new.name());
     object.optional_number("in_old_state_us", record.in_old_ns.map(micros));
@@ -243,6 +251,7 @@ mod tests {
             handshake_ns: full.then_some(37_500),
             handshake_retransmits: Some(1),
             netns: full.then_some(4026531840),
+            cgroup_id: full.then_some(1 << 40),
             stats: full.then(fixture::closed_stats),
             lifetime_ns: full.then_some(299_999_999),
             teardown: full.then_some((Side::Active, 300_000_000)),
@@ -278,11 +287,12 @@ mod tests {
         let clock = WallClock::with_offset(1_795_000_000_000_000_000);
         for owner in owners() {
             for endpoints in endpoints() {
-                for full in [true, false] {
+                for (full, workload) in [(true, "shop/web \"1\"\n"), (false, "unknown")] {
                     let record = connection(owner, endpoints, full);
                     let mut written = Vec::new();
-                    write_connection(&mut written, &mut TimeWriter::default(), &record, &clock);
-                    let line = ConnectionLine::from_record(&record, &clock);
+                    let times = &mut TimeWriter::default();
+                    write_connection(&mut written, times, &record, workload, &clock);
+                    let line = ConnectionLine::from_record(&record, workload, &clock);
                     let expected = TailRecord::Connection(line).to_line();
                     assert_eq!(
                         String::from_utf8_lossy(&written),
@@ -318,13 +328,15 @@ mod tests {
                         owner,
                         endpoints,
                         netns: side.map(|_| 1),
+                        cgroup_id: side.map(|_| 7),
                         old: TcpState::FinWait1,
                         new: TcpState::FinWait2,
                         in_old_ns,
                     };
                     let mut written = Vec::new();
-                    write_transition(&mut written, &mut TimeWriter::default(), &record, &clock);
-                    let line = TransitionLine::from_record(&record, &clock);
+                    let times = &mut TimeWriter::default();
+                    write_transition(&mut written, times, &record, "web.service", &clock);
+                    let line = TransitionLine::from_record(&record, "web.service", &clock);
                     let expected = TailRecord::Transition(line).to_line();
                     assert_eq!(
                         String::from_utf8_lossy(&written),

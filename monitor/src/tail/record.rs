@@ -4,8 +4,8 @@
 //!
 //! | type | fields |
 //! |---|---|
-//! | `connection` | `event` (`established`, `closed`, `failed`), `start_time` (null if first seen mid-life), `time`, `side` (`active`, `passive`, null), `pid`, `comm` (null when unknown), `netns` (network namespace inode, as in `/proc/PID/ns/net`), `family` (`ipv4`, `ipv6`), `local_addr`, `local_port`, `remote_addr`, `remote_port`, `handshake_us` (active: SYN → SYN-ACK; passive: first SYN-ACK → ACK), `handshake_retransmits` (SYNs or SYN-ACKs resent), `lifetime_us`, `teardown_us`, `teardown_side`, `close_wait_us`, `outcome` (`fin`, `reset_received`, `reset_sent`, `abort`, `timeout`, `refused`, `unreachable`, `error`, `unknown`; null while established); on `closed` and `failed`: `bytes_sent` and `bytes_received` (application payload, exact), `bytes_acked` (the kernel's counter as `ss`/`tcplife` show it: payload + 1 for each acknowledged SYN and FIN), `segments_out`, `segments_in`, `retransmits`, `srtt_us` (null when unknown) |
-//! | `transition` | `time`, `side`, `pid`, `comm`, `netns`, `family`, addresses and ports as above, `old_state`, `new_state`, `in_old_state_us` (null when the old state's start was not seen) |
+//! | `connection` | `event` (`established`, `closed`, `failed`), `start_time` (null if first seen mid-life), `time`, `side` (`active`, `passive`, null), `pid`, `comm` (null when unknown), `netns` (network namespace inode, as in `/proc/PID/ns/net`), `cgroup_id` (the socket's cgroup v2 id, null when unknown), `workload` (its name: `namespace/pod`, `container/<id>`, a systemd unit, a cgroup path, `host`, or `unknown`), `family` (`ipv4`, `ipv6`), `local_addr`, `local_port`, `remote_addr`, `remote_port`, `handshake_us` (active: SYN → SYN-ACK; passive: first SYN-ACK → ACK), `handshake_retransmits` (SYNs or SYN-ACKs resent), `lifetime_us`, `teardown_us`, `teardown_side`, `close_wait_us`, `outcome` (`fin`, `reset_received`, `reset_sent`, `abort`, `timeout`, `refused`, `unreachable`, `error`, `unknown`; null while established); on `closed` and `failed`: `bytes_sent` and `bytes_received` (application payload, exact), `bytes_acked` (the kernel's counter as `ss`/`tcplife` show it: payload + 1 for each acknowledged SYN and FIN), `segments_out`, `segments_in`, `retransmits`, `srtt_us` (null when unknown) |
+//! | `transition` | `time`, `side`, `pid`, `comm`, `netns`, `cgroup_id`, `workload`, `family`, addresses and ports as above, `old_state`, `new_state`, `in_old_state_us` (null when the old state's start was not seen) |
 //! | `missed` | `records`: how many records the daemon dropped because this client read too slowly |
 //! | `hello` | `version`, `mode` (`daemon`, `standalone`): first line of a stream (not printed) |
 //! | `error` | `message`: the daemon refused the request (not printed to stdout) |
@@ -57,6 +57,10 @@ pub struct Identity {
     pub comm: Option<String>,
     /// Network namespace inode.
     pub netns: Option<u32>,
+    /// The socket's cgroup v2 id.
+    pub cgroup_id: Option<u64>,
+    /// The workload the cgroup is named after (`unknown` when it is not known).
+    pub workload: String,
     /// `ipv4` or `ipv6`.
     pub family: String,
     /// Local address.
@@ -76,6 +80,8 @@ impl Identity {
         owner: &Owner,
         endpoints: &Endpoints,
         netns: Option<u32>,
+        cgroup_id: Option<u64>,
+        workload: &str,
     ) -> Self {
         let (local, remote) = (endpoints.local(), endpoints.remote());
         let (pid, comm) = match owner.pid {
@@ -87,6 +93,8 @@ impl Identity {
             pid,
             comm,
             netns,
+            cgroup_id,
+            workload: workload.to_owned(),
             family: if local.is_ipv4() { "ipv4" } else { "ipv6" }.to_owned(),
             local_addr: local.ip().to_string(),
             local_port: local.port(),
@@ -184,13 +192,20 @@ pub(super) fn micros(ns: u64) -> u64 {
 }
 
 impl ConnectionLine {
-    /// The JSON form of a tracker record.
-    pub fn from_record(record: &ConnectionRecord, clock: &WallClock) -> Self {
+    /// The JSON form of a tracker record of workload `workload`.
+    pub fn from_record(record: &ConnectionRecord, workload: &str, clock: &WallClock) -> Self {
         ConnectionLine {
             event: record.phase.as_str().to_owned(),
             start_time: record.start_ns.map(|ns| clock.format(ns)),
             time: clock.format(record.time_ns),
-            who: Identity::of(record.side, &record.owner, &record.endpoints, record.netns),
+            who: Identity::of(
+                record.side,
+                &record.owner,
+                &record.endpoints,
+                record.netns,
+                record.cgroup_id,
+                workload,
+            ),
             handshake_us: record.handshake_ns.map(micros),
             handshake_retransmits: record.handshake_retransmits,
             lifetime_us: record.lifetime_ns.map(micros),
@@ -204,11 +219,18 @@ impl ConnectionLine {
 }
 
 impl TransitionLine {
-    /// The JSON form of a tracker record.
-    pub fn from_record(record: &TransitionRecord, clock: &WallClock) -> Self {
+    /// The JSON form of a tracker record of workload `workload`.
+    pub fn from_record(record: &TransitionRecord, workload: &str, clock: &WallClock) -> Self {
         TransitionLine {
             time: clock.format(record.time_ns),
-            who: Identity::of(record.side, &record.owner, &record.endpoints, record.netns),
+            who: Identity::of(
+                record.side,
+                &record.owner,
+                &record.endpoints,
+                record.netns,
+                record.cgroup_id,
+                workload,
+            ),
             old_state: record.old.name().to_owned(),
             new_state: record.new.name().to_owned(),
             in_old_state_us: record.in_old_ns.map(micros),
@@ -244,6 +266,7 @@ mod tests {
             handshake_ns: None,
             handshake_retransmits: Some(1),
             netns: Some(4026531840),
+            cgroup_id: Some(4242),
             stats: Some(fixture::closed_stats()),
             lifetime_ns: Some(299_999_999),
             teardown: Some((Side::Passive, 300_000_000)),
@@ -251,7 +274,9 @@ mod tests {
             outcome: Some(CloseReason::Fin),
         };
         let clock = WallClock::with_offset(1_795_000_000_000_000_000);
-        let line = TailRecord::Connection(ConnectionLine::from_record(&record, &clock)).to_line();
+        let line =
+            TailRecord::Connection(ConnectionLine::from_record(&record, "nginx.service", &clock))
+                .to_line();
         let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
         let object = value.as_object().unwrap();
         let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
@@ -262,6 +287,7 @@ mod tests {
                 "bytes_acked",
                 "bytes_received",
                 "bytes_sent",
+                "cgroup_id",
                 "close_wait_us",
                 "comm",
                 "event",
@@ -285,7 +311,8 @@ mod tests {
                 "teardown_side",
                 "teardown_us",
                 "time",
-                "type"
+                "type",
+                "workload"
             ]
         );
         assert_eq!(value["type"], "connection");
@@ -296,6 +323,10 @@ mod tests {
         assert_eq!(value["handshake_us"], serde_json::Value::Null);
         assert_eq!(value["family"], "ipv6");
         assert_eq!(value["netns"], 4026531840u32);
+        assert_eq!(
+            (&value["cgroup_id"], &value["workload"]),
+            (&4242.into(), &"nginx.service".into())
+        );
         assert_eq!(value["handshake_retransmits"], 1);
         assert_eq!(value["bytes_acked"], 1_000_001);
         assert_eq!(value["bytes_sent"], 1_000_000);

@@ -59,6 +59,8 @@ pub(super) struct SocketEntry {
     pub(super) established_ns: Stamp,
     /// Network namespace inode; 0 until a record carried it.
     pub(super) netns: u32,
+    /// The socket's cgroup v2 id; 0 until a record carried it.
+    pub(super) cgroup_id: u64,
     pub(super) resets: Resets,
     /// First FIN (sent or received) and who sent it.
     pub(super) teardown: Option<(Side, u64)>,
@@ -83,6 +85,7 @@ impl SocketEntry {
             handshake_ns: Stamp::NONE,
             established_ns: Stamp::NONE,
             netns: event.netns,
+            cgroup_id: event.cgroup_id,
             resets: Resets::default(),
             teardown: None,
             close_wait_ns: Stamp::NONE,
@@ -93,6 +96,21 @@ impl SocketEntry {
 
     fn netns(&self) -> Option<u32> {
         (self.netns != 0).then_some(self.netns)
+    }
+
+    fn cgroup_id(&self) -> Option<u64> {
+        (self.cgroup_id != 0).then_some(self.cgroup_id)
+    }
+
+    /// Takes what `event` tells of the socket's namespace and cgroup (birth and CLOSE
+    /// records carry them).
+    pub(super) fn learn_origin(&mut self, event: &Event) {
+        if event.netns != 0 {
+            self.netns = event.netns;
+        }
+        if event.cgroup_id != 0 {
+            self.cgroup_id = event.cgroup_id;
+        }
     }
 
     /// The tail's record of `event` on this socket.
@@ -107,6 +125,7 @@ impl SocketEntry {
             owner: self.owner,
             endpoints: self.endpoints,
             netns: self.netns(),
+            cgroup_id: self.cgroup_id(),
             old: event.old,
             new: event.new,
             in_old_ns,
@@ -135,6 +154,7 @@ impl SocketEntry {
             handshake_ns: self.handshake_ns.get(),
             handshake_retransmits: self.handshake_retransmits,
             netns: self.netns(),
+            cgroup_id: self.cgroup_id(),
             stats: None,
             lifetime_ns: None,
             teardown: None,
@@ -151,7 +171,7 @@ mod tests {
     #[test]
     fn a_tracked_socket_stays_small() {
         // The table's memory budget (≤ 256 bytes per socket with the hash table's own
-        // overhead, see BENCHMARKS.md) leaves about 168 bytes for the entry (160 today).
+        // overhead, see BENCHMARKS.md) leaves about 168 bytes for the entry (168 today).
         let size = std::mem::size_of::<SocketEntry>();
         assert!(size <= 168, "SocketEntry is {size} bytes");
         assert_eq!(Stamp::at(0).get(), Some(0));

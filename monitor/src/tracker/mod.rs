@@ -60,8 +60,8 @@ pub use crate::decode::Endpoints;
 use crate::decode::{Event, Note, NoteKind, Record, SynAckRetransmitted, TcpState, TcpStats};
 use entry::{elapsed, SocketEntry, Stamp};
 pub use observation::{
-    ConnectionPhase, ConnectionRecord, Observation, ObservationSink, Owner, RecordingSink,
-    TransitionRecord,
+    Attribution, ConnectionPhase, ConnectionRecord, Observation, ObservationSink, Owner,
+    RecordingSink, TransitionRecord,
 };
 pub use outcome::{CloseReason, ResetDirection, Resets, Side};
 use table::SocketTable;
@@ -78,6 +78,8 @@ pub struct ExistingSocket {
     pub netns: u32,
     /// The process holding it, when one was found.
     pub owner: Owner,
+    /// The cgroup v2 id of that process; 0 when unknown.
+    pub cgroup_id: u64,
 }
 
 /// Counters about the tracker itself (exported as self-observability metrics).
@@ -117,8 +119,8 @@ pub struct Tracker {
     table: SocketTable,
     /// Listening sockets by network namespace and port: `listen()` runs in the owner's
     /// context, accepted children are created in softirq context, so the listener is how we
-    /// know a child's owner. The kernel address is 0 for listeners from the snapshot.
-    listeners: FxHashMap<(u32, u16), (u64, Owner)>,
+    /// know a child's owner.
+    listeners: FxHashMap<(u32, u16), Listener>,
     /// While a snapshot is being taken: the 4-tuples of every event since the program was
     /// attached, whose sockets the events already describe better than the snapshot.
     touched: Option<FxHashSet<Endpoints>>,
@@ -134,6 +136,16 @@ impl Default for Tracker {
     fn default() -> Self {
         Tracker::new(DEFAULT_MAX_SOCKETS)
     }
+}
+
+/// A listening socket, as accepted children need it.
+#[derive(Clone, Copy, Debug)]
+struct Listener {
+    /// The kernel address; 0 for listeners from the snapshot.
+    skaddr: u64,
+    owner: Owner,
+    /// Its cgroup: the children's unless their records carry their own.
+    cgroup_id: u64,
 }
 
 /// Where a state sits in a connection's life; a transition that starts from an earlier phase
@@ -204,9 +216,9 @@ impl Tracker {
                 continue;
             }
             if socket.state == TcpState::Listen {
-                self.listeners
-                    .entry((socket.netns, socket.endpoints.sport))
-                    .or_insert((0, socket.owner));
+                let listener =
+                    Listener { skaddr: 0, owner: socket.owner, cgroup_id: socket.cgroup_id };
+                self.listeners.entry((socket.netns, socket.endpoints.sport)).or_insert(listener);
             }
             added += usize::from(self.table.add_existing(*socket));
         }
@@ -264,9 +276,13 @@ impl Tracker {
                 } else {
                     ResetDirection::Sent
                 };
-                sink.observe(&Observation::Reset { direction });
+                let reset = Observation::Reset { direction };
+                let Some(mut entry) = self.table.get(note.skaddr).copied() else {
+                    sink.observe(&reset);
+                    return;
+                };
+                sink.observe_in(&reset, &self.attribution(&entry));
                 // A listener answering a bad segment is not closing: only flag connections.
-                let Some(mut entry) = self.table.get(note.skaddr).copied() else { return };
                 if entry.state != TcpState::Listen {
                     match direction {
                         ResetDirection::Sent => entry.resets.sent = true,
@@ -293,9 +309,7 @@ impl Tracker {
         let (mut entry, consistent) = self.entry_for(event);
         entry.last_seen_ns = now;
         entry.endpoints = event.endpoints;
-        if event.netns != 0 {
-            entry.netns = event.netns;
-        }
+        entry.learn_origin(event);
         // close() and shutdown() run in the owner's context: the one safe moment to learn
         // the owner of a socket first seen mid-life.
         if entry.owner.pid.is_none()
@@ -309,6 +323,9 @@ impl Tracker {
             sink.observe(&Observation::Transition(entry.transition_record(event, in_old)));
         }
 
+        if entry.state == CloseWait && event.new != CloseWait && !entry.close_wait_ns.is_none() {
+            sink.observe_in(&Observation::CloseWaitLeft, &self.attribution(&entry));
+        }
         match (event.old, event.new) {
             (_, Established) => self.on_established(&mut entry, event, sink),
             // TCP Fast Open: an accepted child exists from the SYN on and may see a FIN, or
@@ -316,15 +333,16 @@ impl Tracker {
             // (tcp_set_state), and so do we.
             (SynRecv, FinWait1 | CloseWait) if entry.established_ns.is_none() => {
                 if let Some(side) = entry.open_side {
-                    sink.observe_in(&Observation::Opened { side }, entry.netns);
+                    sink.observe_in(&Observation::Opened { side }, &self.attribution(&entry));
                 }
                 entry.established_ns = Stamp::at(now);
-                first_fin(&mut entry, event);
+                self.first_fin(&mut entry, event, sink);
             }
-            (Established, FinWait1 | CloseWait) => first_fin(&mut entry, event),
+            (Established, FinWait1 | CloseWait) => self.first_fin(&mut entry, event, sink),
             (CloseWait, LastAck) => {
                 if let Some(since) = entry.close_wait_ns.get() {
-                    sink.observe(&Observation::CloseWait { duration_ns: elapsed(since, now) });
+                    let close_wait = Observation::CloseWait { duration_ns: elapsed(since, now) };
+                    sink.observe_in(&close_wait, &self.attribution(&entry));
                     entry.close_wait_until_ns = Stamp::at(now);
                 }
             }
@@ -345,27 +363,40 @@ impl Tracker {
     #[inline]
     fn on_birth(&mut self, event: &Event, sink: &mut impl ObservationSink) {
         use TcpState::*;
-        if self.table.remove(event.skaddr).is_some() {
+        if let Some(stale) = self.table.remove(event.skaddr) {
             self.stats.replaced_stale += 1;
+            if stale.state == CloseWait && !stale.close_wait_ns.is_none() {
+                sink.observe_in(&Observation::CloseWaitLeft, &self.attribution(&stale));
+            }
         }
         if self.table.has_existing() {
             self.table.take_existing(&event.endpoints);
         }
-        let (side, owner) = match event.new {
+        let (side, owner, cgroup_id) = match event.new {
             Close => return,
             // connect() and listen() run in the caller's context.
-            SynSent => (Some(Side::Active), Owner::current(event)),
-            Listen => (None, Owner::current(event)),
-            SynRecv => (Some(Side::Passive), self.listener_owner(event)),
-            _ => (None, Owner::UNKNOWN),
+            SynSent => (Some(Side::Active), Owner::current(event), 0),
+            Listen => (None, Owner::current(event), 0),
+            SynRecv => match self.listeners.get(&(event.netns, event.endpoints.sport)) {
+                Some(listener) => (Some(Side::Passive), listener.owner, listener.cgroup_id),
+                None => (Some(Side::Passive), Owner::UNKNOWN, 0),
+            },
+            _ => (None, Owner::UNKNOWN, 0),
         };
         let now = Stamp::at(event.timestamp_ns);
         let mut entry = SocketEntry::new(event.new, side, event);
         entry.owner = owner;
+        if entry.cgroup_id == 0 {
+            entry.cgroup_id = cgroup_id;
+        }
         entry.start_ns = now;
         entry.state_since_ns = now;
         if event.new == SynSent {
             entry.syn_sent_ns = now;
+        }
+        if event.new == Listen {
+            let listening = Observation::Listening { port: event.endpoints.sport };
+            sink.observe_in(&listening, &self.attribution(&entry));
         }
         if sink.wants_records() {
             sink.observe(&Observation::Transition(entry.transition_record(event, None)));
@@ -410,6 +441,9 @@ impl Tracker {
                 if let Some(existing) = self.table.take_existing(&event.endpoints) {
                     entry.owner = existing.owner;
                     entry.netns = existing.netns;
+                    if entry.cgroup_id == 0 {
+                        entry.cgroup_id = existing.cgroup_id;
+                    }
                 }
                 (entry, false)
             }
@@ -425,8 +459,9 @@ impl Tracker {
     ) {
         use TcpState::*;
         let now = event.timestamp_ns;
+        let whose = self.attribution(entry);
         if let Some(side) = entry.open_side {
-            sink.observe_in(&Observation::Opened { side }, entry.netns);
+            sink.observe_in(&Observation::Opened { side }, &whose);
         }
         // total_retrans at SYN_SENT → ESTABLISHED counts SYN retransmissions; a passive
         // child inherits its request socket's SYN-ACK retransmissions.
@@ -434,7 +469,7 @@ impl Tracker {
             entry.handshake_retransmits = Some(stats.total_retrans);
             if let Some(side) = entry.open_side.filter(|_| stats.total_retrans > 0) {
                 let count = stats.total_retrans;
-                sink.observe(&Observation::HandshakeRetransmits { side, count });
+                sink.observe_in(&Observation::HandshakeRetransmits { side, count }, &whose);
             }
         }
         let duration = match entry.open_side {
@@ -450,7 +485,7 @@ impl Tracker {
             entry.handshake_ns = Stamp::at(duration_ns);
             let retransmits = entry.handshake_retransmits;
             let handshake = Observation::Handshake { side, duration_ns, retransmits };
-            sink.observe_in(&handshake, entry.netns);
+            sink.observe_in(&handshake, &whose);
         }
         entry.established_ns = Stamp::at(now);
         // A RST sent while still connecting (e.g. to a bad SYN-ACK) did not end it.
@@ -486,14 +521,16 @@ impl Tracker {
         let key = (event.netns, event.endpoints.sport);
         match (event.old, event.new) {
             (TcpState::Close, TcpState::Listen) => {
-                self.listeners.insert(key, (event.skaddr, Owner::current(event)));
+                let owner = Owner::current(event);
+                let listener = Listener { skaddr: event.skaddr, owner, cgroup_id: event.cgroup_id };
+                self.listeners.insert(key, listener);
             }
             // The listener itself closes (0: one from the snapshot, whose address is unknown).
             (TcpState::Listen, TcpState::Close)
                 if self
                     .listeners
                     .get(&key)
-                    .is_some_and(|(sk, _)| [0, event.skaddr].contains(sk)) =>
+                    .is_some_and(|listener| [0, event.skaddr].contains(&listener.skaddr)) =>
             {
                 self.listeners.remove(&key);
             }
@@ -501,10 +538,34 @@ impl Tracker {
         }
     }
 
-    /// The owner of the listener a passive child was cloned from.
-    fn listener_owner(&self, child: &Event) -> Owner {
-        let key = (child.netns, child.endpoints.sport);
-        self.listeners.get(&key).map_or(Owner::UNKNOWN, |(_, owner)| *owner)
+    /// The first FIN of an orderly close: ours (→ FIN_WAIT1) starts an active teardown, the
+    /// peer's (→ CLOSE_WAIT) a passive one and the application's close-wait time.
+    fn first_fin(&self, entry: &mut SocketEntry, event: &Event, sink: &mut impl ObservationSink) {
+        let now = event.timestamp_ns;
+        if event.new == TcpState::FinWait1 {
+            entry.teardown = Some((Side::Active, now));
+        } else {
+            entry.teardown = Some((Side::Passive, now));
+            entry.close_wait_ns = Stamp::at(now);
+            sink.observe_in(&Observation::CloseWaitEntered, &self.attribution(entry));
+        }
+    }
+
+    /// Whose a tracked connection is. The service port of a socket first seen mid-life is
+    /// the local one when this host listens on it, else the remote one.
+    fn attribution(&self, entry: &SocketEntry) -> Attribution {
+        let endpoints = &entry.endpoints;
+        let listening = match entry.open_side {
+            Some(side) => side == Side::Passive,
+            None => self.listeners.contains_key(&(entry.netns, endpoints.sport)),
+        };
+        let port = if listening { endpoints.sport } else { endpoints.dport };
+        Attribution {
+            netns: entry.netns,
+            cgroup_id: entry.cgroup_id,
+            service_port: (port != 0).then_some(port),
+            listening,
+        }
     }
 
     /// Reports the end of a connection, or of a connection attempt.
@@ -526,7 +587,7 @@ impl Tracker {
                 _ => {
                     let duration_ns = entry.syn_sent_ns.get().map(|sent| elapsed(sent, now));
                     let failed = Observation::ConnectFailed { reason, duration_ns, retransmits };
-                    sink.observe_in(&failed, entry.netns);
+                    sink.observe_in(&failed, &self.attribution(entry));
                 }
             }
             if records {
@@ -544,7 +605,7 @@ impl Tracker {
         };
         let lifetime_ns = entry.established_ns.get().map(|since| elapsed(since, now));
         let closed = Observation::Closed { side: entry.open_side, reason, lifetime_ns, teardown };
-        sink.observe_in(&closed, entry.netns);
+        sink.observe_in(&closed, &self.attribution(entry));
         if records {
             let mut record = entry.connection_record(ConnectionPhase::Closed, now, Some(reason));
             record.lifetime_ns = lifetime_ns;
@@ -552,18 +613,6 @@ impl Tracker {
             record.stats = event.stats;
             sink.observe(&Observation::Connection(record));
         }
-    }
-}
-
-/// The first FIN of an orderly close: ours (→ FIN_WAIT1) starts an active teardown, the
-/// peer's (→ CLOSE_WAIT) a passive one and the application's close-wait time.
-fn first_fin(entry: &mut SocketEntry, event: &Event) {
-    let now = event.timestamp_ns;
-    if event.new == TcpState::FinWait1 {
-        entry.teardown = Some((Side::Active, now));
-    } else {
-        entry.teardown = Some((Side::Passive, now));
-        entry.close_wait_ns = Stamp::at(now);
     }
 }
 

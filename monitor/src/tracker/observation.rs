@@ -53,6 +53,11 @@ pub enum Observation {
         /// Nanoseconds the socket sat in CLOSE_WAIT.
         duration_ns: u64,
     },
+    /// The peer closed first: the connection is in CLOSE_WAIT until the application closes.
+    CloseWaitEntered,
+    /// A connection seen entering CLOSE_WAIT left it (closed by the application, reset, or
+    /// replaced after lost events).
+    CloseWaitLeft,
     /// An established connection reached CLOSE.
     Closed {
         /// How it was opened; `None` for sockets first seen mid-life.
@@ -64,6 +69,11 @@ pub enum Observation {
         /// For orderly closes whose first FIN was seen: who sent it, and the nanoseconds from
         /// that FIN (ESTABLISHED → FIN_WAIT1 or → CLOSE_WAIT) to CLOSE.
         teardown: Option<(Side, u64)>,
+    },
+    /// A socket started listening (`listen()`): its port is a service of this host.
+    Listening {
+        /// The local port.
+        port: u16,
     },
     /// A per-connection record for the tail (only when the sink wants records).
     Connection(ConnectionRecord),
@@ -140,6 +150,8 @@ pub struct ConnectionRecord {
     pub handshake_retransmits: Option<u32>,
     /// Inode of the connection's network namespace, when known.
     pub netns: Option<u32>,
+    /// The socket's cgroup v2 id, when known.
+    pub cgroup_id: Option<u64>,
     /// The socket's counters at CLOSE (closed and failed records only).
     pub stats: Option<TcpStats>,
     /// ESTABLISHED → CLOSE.
@@ -165,6 +177,8 @@ pub struct TransitionRecord {
     pub endpoints: Endpoints,
     /// Inode of the connection's network namespace, when known.
     pub netns: Option<u32>,
+    /// The socket's cgroup v2 id, when known.
+    pub cgroup_id: Option<u64>,
     /// State before.
     pub old: TcpState,
     /// State after.
@@ -173,15 +187,31 @@ pub struct TransitionRecord {
     pub in_old_ns: Option<u64>,
 }
 
+/// Whose connection an observation is about: what per-namespace, per-port and per-workload
+/// series need. Every field may be unknown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Attribution {
+    /// Inode of the connection's network namespace; 0 when unknown.
+    pub netns: u32,
+    /// The socket's cgroup v2 id; 0 when unknown.
+    pub cgroup_id: u64,
+    /// The service the connection is for: the local (listening) port of an accepted
+    /// connection, the remote port of a connect; `None` when not known.
+    pub service_port: Option<u16>,
+    /// Whether `service_port` is one this host listens on (accepted connections).
+    pub listening: bool,
+}
+
 /// Receives observations; implemented by the aggregator, the tail, and `Vec` for tests.
 pub trait ObservationSink {
     /// Called once per observation, in order.
     fn observe(&mut self, observation: &Observation);
 
-    /// An observation about a connection in network namespace `netns` (0: unknown). Sinks
-    /// that split metrics by namespace override this; the others see [`Self::observe`].
-    fn observe_in(&mut self, observation: &Observation, netns: u32) {
-        let _ = netns;
+    /// An observation about a connection that is known by `whose`. Sinks that split
+    /// metrics by namespace, port or workload override this; the others see
+    /// [`Self::observe`].
+    fn observe_in(&mut self, observation: &Observation, whose: &Attribution) {
+        let _ = whose;
         self.observe(observation);
     }
 

@@ -173,6 +173,7 @@ mod tests {
             ),
             netns: 1,
             owner: Owner::UNKNOWN,
+            cgroup_id: 0,
         }
     }
 

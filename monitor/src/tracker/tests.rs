@@ -221,6 +221,7 @@ fn snapshot_sockets_are_counted_matched_and_closed_without_invented_times() {
         endpoints: Endpoints::new(local.parse().unwrap(), remote.parse().unwrap()),
         netns: 77,
         owner: Owner { pid: Some(pid), comm: *b"db\0\0\0\0\0\0\0\0\0\0\0\0\0\0" },
+        cgroup_id: 0,
     };
     let mut tracker = Tracker::default();
     tracker.expect_snapshot();
@@ -304,8 +305,11 @@ fn passive_open_and_passive_close_with_close_wait() {
     assert_eq!(
         out,
         vec![
+            Observation::Listening { port: 40000 },
             // No handshake: SYN_RECV → ESTABLISHED is not the passive handshake.
             Observation::Opened { side: Side::Passive },
+            Observation::CloseWaitEntered,
+            Observation::CloseWaitLeft,
             Observation::CloseWait { duration_ns: 300 * MS },
             Observation::Closed {
                 side: Some(Side::Passive),
@@ -511,7 +515,7 @@ fn lost_events_never_produce_wrong_latencies() {
 #[test]
 fn listeners_are_tracked_but_never_counted_as_connections() {
     let (out, mut tracker) = run(&[(0, 9, Close, Listen, 0)]);
-    assert!(out.is_empty());
+    assert_eq!(out, [Observation::Listening { port: 40000 }]);
     assert_eq!(tracker.per_state()[Listen.index()], 1);
     let out = replay(&mut tracker, &[(5, 9, Listen, Close, 0)]);
     assert!(out.is_empty());
@@ -556,6 +560,8 @@ fn fast_open_children_are_established_by_a_fin_before_the_ack() {
         out,
         vec![
             Observation::Opened { side: Side::Passive },
+            Observation::CloseWaitEntered,
+            Observation::CloseWaitLeft,
             Observation::CloseWait { duration_ns: 2 * MS },
             Observation::Closed {
                 side: Some(Side::Passive),
@@ -691,4 +697,58 @@ fn the_table_stays_within_its_cap() {
             retransmits: None
         })
     );
+}
+
+/// Keeps every metric observation with whose it is (`None`: not attributed).
+#[derive(Default)]
+struct AttributedSink(Vec<(Observation, Option<Attribution>)>);
+
+impl ObservationSink for AttributedSink {
+    fn observe(&mut self, observation: &Observation) {
+        self.0.push((*observation, None));
+    }
+
+    fn observe_in(&mut self, observation: &Observation, whose: &Attribution) {
+        self.0.push((*observation, Some(*whose)));
+    }
+}
+
+#[test]
+fn observations_are_attributed_to_the_service_port_and_the_sockets_cgroup() {
+    let mut tracker = Tracker::default();
+    let mut sink = AttributedSink::default();
+    let event = |ms: u64, sk, old, new, local: u16, remote: u16, cgroup_id| {
+        let mut raw = v4(ms * MS, sk, old, new, local, remote, 0);
+        raw.cgroup_id = cgroup_id;
+        raw.netns = 7;
+        decode_record(&raw).unwrap()
+    };
+    for event in [
+        // A listener in cgroup 11; its child's record carries no cgroup (older kernels).
+        event(0, 9, Close, Listen, 80, 0, 11),
+        event(1, 2, Listen, SynRecv, 80, 40000, 0),
+        event(1, 2, SynRecv, Established, 80, 40000, 0),
+        // A connect from cgroup 12 to port 5432.
+        event(2, 3, Close, SynSent, 0, 5432, 12),
+        event(3, 3, SynSent, Established, 41000, 5432, 0),
+        // First seen mid-life on the listening port: an accepted connection.
+        event(4, 4, Established, FinWait1, 80, 40001, 0),
+        event(5, 4, FinWait1, Close, 80, 40001, 13),
+    ] {
+        tracker.on_event(&event, &mut sink);
+    }
+    let whose = |port, listening, cgroup_id| {
+        Some(Attribution { netns: 7, cgroup_id, service_port: Some(port), listening })
+    };
+    let passive = Observation::Opened { side: Side::Passive };
+    let active = Observation::Opened { side: Side::Active };
+    let seen: Vec<_> =
+        sink.0.iter().filter(|(o, _)| !matches!(o, Observation::Handshake { .. })).collect();
+    assert_eq!(seen[0], &(Observation::Listening { port: 80 }, whose(80, true, 11)));
+    assert_eq!(seen[1], &(passive, whose(80, true, 11)), "the child takes its listener's cgroup");
+    assert_eq!(seen[2], &(active, whose(5432, false, 12)));
+    assert!(
+        matches!(seen[3], (Observation::Closed { side: None, .. }, w) if *w == whose(80, true, 13))
+    );
+    assert_eq!(seen.len(), 4);
 }

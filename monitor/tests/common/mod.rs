@@ -243,14 +243,39 @@ impl Drop for Daemon {
     }
 }
 
+/// Every series of a scrape, and for series with `port` or `workload` labels (on by
+/// default) also their sum over those labels, under the name the series has without them
+/// (`tcpmon_connections_opened_total{side="active"}`): the host-wide totals tests compare with
+/// the kernel's counters.
 pub fn parse_metrics(text: &str) -> Metrics {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
+    let mut metrics = Metrics::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let Ok(value) = value.parse::<f64>() else { continue };
+        metrics.insert(series.to_owned(), value);
+        if let Some(total) = without_attribution(series) {
+            *metrics.entry(total).or_insert(0.0) += value;
+        }
+    }
+    metrics
+}
+
+/// `series` without its `port` and `workload` labels, if it has any.
+pub fn without_attribution(series: &str) -> Option<String> {
+    let (name, labels) = series.strip_suffix('}')?.split_once('{')?;
+    let labels: Vec<&str> = labels.split("\",").map(|l| l.trim_end_matches('"')).collect();
+    let kept: Vec<&str> = labels
+        .iter()
+        .copied()
+        .filter(|l| !l.starts_with("port=\"") && !l.starts_with("workload=\""))
+        .collect();
+    if kept.len() == labels.len() {
+        return None;
+    }
+    if kept.is_empty() {
+        return Some(name.to_owned());
+    }
+    Some(format!("{name}{{{}\"}}", kept.join("\",")))
 }
 
 /// Every TCP transition the kernel counted (all `tcpmon_state_transitions_total` series).

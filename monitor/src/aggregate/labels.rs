@@ -1,0 +1,310 @@
+//! The `port` and `workload` label values: closed sets by construction. Each label has a
+//! cap; a value, once given, is kept for the life of the process (no series churn); what
+//! comes after the cap shares `other`, and is counted. The (port, workload) pairs that get
+//! series of their own are capped too, which is what bounds the number of series
+//! (README, "Series budget").
+
+use rustc_hash::FxHashMap;
+
+/// The value of every port or workload beyond its label's cap.
+pub const OTHER: &str = "other";
+/// The value when a connection's port or workload is not known.
+pub const UNKNOWN: &str = "unknown";
+
+/// Index of a label value in its [`LabelValues`].
+pub type ValueIndex = u16;
+
+/// Index of [`OTHER`] in every [`LabelValues`].
+pub const OTHER_INDEX: ValueIndex = 0;
+/// Index of [`UNKNOWN`] in every [`LabelValues`].
+pub const UNKNOWN_INDEX: ValueIndex = 1;
+
+/// How many values each label may take (`--port-labels`, `--ports`, `--workload-labels`,
+/// `--label-pairs`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LabelLimits {
+    /// Ports with a value of their own, per side: listening ports, and remote ports of
+    /// connects. 0 with no `pinned_ports`: no `port` label at all.
+    pub ports: usize,
+    /// Ports that always get a value of their own (not counted in `ports`).
+    pub pinned_ports: Vec<u16>,
+    /// Workloads with a value of their own. 0: no `workload` label.
+    pub workloads: usize,
+    /// (port, workload) pairs with series of their own; later pairs share
+    /// `port="other",workload="other"`.
+    pub pairs: usize,
+}
+
+impl LabelLimits {
+    /// No `port` and no `workload` label: the series of tcpmon before attribution.
+    pub const NONE: LabelLimits =
+        LabelLimits { ports: 0, pinned_ports: Vec::new(), workloads: 0, pairs: 0 };
+
+    /// Whether the metrics carry a `port` label.
+    pub fn port_label(&self) -> bool {
+        self.ports > 0 || !self.pinned_ports.is_empty()
+    }
+
+    /// Whether the metrics carry a `workload` label.
+    pub fn workload_label(&self) -> bool {
+        self.workloads > 0
+    }
+}
+
+/// The values one label has given out: `other` and `unknown` first, then the rest in the
+/// order they were first seen.
+#[derive(Debug)]
+pub struct LabelValues {
+    names: Vec<String>,
+}
+
+impl LabelValues {
+    fn new() -> Self {
+        LabelValues { names: vec![OTHER.to_owned(), UNKNOWN.to_owned()] }
+    }
+
+    fn add(&mut self, name: String) -> ValueIndex {
+        self.names.push(name);
+        (self.names.len() - 1) as ValueIndex
+    }
+
+    /// The value at `index`.
+    pub fn name(&self, index: ValueIndex) -> &str {
+        &self.names[usize::from(index)]
+    }
+
+    /// Values given out, `other` and `unknown` not included.
+    pub fn given(&self) -> usize {
+        self.names.len() - 2
+    }
+}
+
+/// Which side of the port cap a port counts against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PortKind {
+    Pinned,
+    Listening,
+    Remote,
+}
+
+/// The `port` label: pinned ports, listening ports (learned at `listen()` and from the
+/// start-up snapshot) and the remote ports of connects, each side capped.
+#[derive(Debug)]
+pub struct PortLabels {
+    cap: usize,
+    values: LabelValues,
+    by_port: FxHashMap<u16, (ValueIndex, PortKind)>,
+    listening: usize,
+    remote: usize,
+    overflow: u64,
+}
+
+impl PortLabels {
+    /// Port values for `limits`.
+    pub fn new(limits: &LabelLimits) -> Self {
+        let mut labels = PortLabels {
+            cap: limits.ports,
+            values: LabelValues::new(),
+            by_port: FxHashMap::default(),
+            listening: 0,
+            remote: 0,
+            overflow: 0,
+        };
+        for &port in &limits.pinned_ports {
+            if !labels.by_port.contains_key(&port) {
+                let index = labels.values.add(port.to_string());
+                labels.by_port.insert(port, (index, PortKind::Pinned));
+            }
+        }
+        labels
+    }
+
+    /// A port this host listens on: it gets a value if there is room (not counted as
+    /// overflow when there is none: no connection was lumped yet).
+    pub fn learn_listener(&mut self, port: u16) {
+        self.give(port, PortKind::Listening);
+    }
+
+    /// The value of a connection's service port: `listening` for accepted connections
+    /// (the local port), otherwise a connect's remote port.
+    pub fn index(&mut self, port: Option<u16>, listening: bool) -> ValueIndex {
+        let Some(port) = port else { return UNKNOWN_INDEX };
+        if let Some((index, _)) = self.by_port.get(&port) {
+            return *index;
+        }
+        let kind = if listening { PortKind::Listening } else { PortKind::Remote };
+        self.give(port, kind).unwrap_or_else(|| {
+            self.overflow += 1;
+            OTHER_INDEX
+        })
+    }
+
+    fn give(&mut self, port: u16, kind: PortKind) -> Option<ValueIndex> {
+        if let Some((index, _)) = self.by_port.get(&port) {
+            return Some(*index);
+        }
+        let taken = match kind {
+            PortKind::Listening => &mut self.listening,
+            PortKind::Remote => &mut self.remote,
+            PortKind::Pinned => unreachable!("pinned ports are given at start"),
+        };
+        if *taken >= self.cap {
+            return None;
+        }
+        *taken += 1;
+        let index = self.values.add(port.to_string());
+        self.by_port.insert(port, (index, kind));
+        Some(index)
+    }
+
+    /// The values given out so far.
+    pub fn values(&self) -> &LabelValues {
+        &self.values
+    }
+
+    /// Lookups answered `other` because the port's side was full.
+    pub fn overflow(&self) -> u64 {
+        self.overflow
+    }
+}
+
+/// The `workload` label: workload names in the order first seen, capped.
+#[derive(Debug)]
+pub struct WorkloadLabels {
+    cap: usize,
+    values: LabelValues,
+    by_name: FxHashMap<String, ValueIndex>,
+    /// cgroup id → value: most lookups stop here, without the name.
+    by_cgroup: FxHashMap<u64, ValueIndex>,
+    overflow: u64,
+}
+
+/// Most cgroup ids remembered by [`WorkloadLabels`] (names are bounded by the cap; ids of a
+/// host that creates cgroups all day are not).
+const MAX_CGROUPS: usize = 65_536;
+
+impl WorkloadLabels {
+    /// Workload values for `limits`.
+    pub fn new(limits: &LabelLimits) -> Self {
+        WorkloadLabels {
+            cap: limits.workloads,
+            values: LabelValues::new(),
+            by_name: FxHashMap::default(),
+            by_cgroup: FxHashMap::default(),
+            overflow: 0,
+        }
+    }
+
+    /// The value of cgroup `cgroup_id` (0: unknown); `name` is asked only the first time
+    /// an id is seen.
+    pub fn index(&mut self, cgroup_id: u64, name: impl FnOnce() -> String) -> ValueIndex {
+        if cgroup_id == 0 {
+            return UNKNOWN_INDEX;
+        }
+        if let Some(index) = self.by_cgroup.get(&cgroup_id) {
+            if *index == OTHER_INDEX {
+                self.overflow += 1;
+            }
+            return *index;
+        }
+        let name = name();
+        let index = match self.by_name.get(&name) {
+            Some(index) => *index,
+            None if name == UNKNOWN => UNKNOWN_INDEX,
+            None if self.by_name.len() < self.cap => {
+                let index = self.values.add(name.clone());
+                self.by_name.insert(name, index);
+                index
+            }
+            None => {
+                self.overflow += 1;
+                OTHER_INDEX
+            }
+        };
+        // An id not found (yet) is asked again next time: the cgroup may just be new.
+        if index != UNKNOWN_INDEX {
+            if self.by_cgroup.len() >= MAX_CGROUPS {
+                self.by_cgroup.clear();
+            }
+            self.by_cgroup.insert(cgroup_id, index);
+        }
+        index
+    }
+
+    /// The values given out so far.
+    pub fn values(&self) -> &LabelValues {
+        &self.values
+    }
+
+    /// Lookups answered `other` because the cap was reached.
+    pub fn overflow(&self) -> u64 {
+        self.overflow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(ports: usize, pinned: &[u16], workloads: usize) -> LabelLimits {
+        LabelLimits { ports, pinned_ports: pinned.to_vec(), workloads, pairs: 10 }
+    }
+
+    #[test]
+    fn ports_are_capped_per_side_and_kept() {
+        let mut ports = PortLabels::new(&limits(2, &[5432], 0));
+        let name = |ports: &PortLabels, index| ports.values().name(index).to_owned();
+        ports.learn_listener(80);
+        ports.learn_listener(443);
+        ports.learn_listener(8080); // the listening side is full
+        let names = |ports: &mut PortLabels, list: &[u16], listening: bool| -> Vec<String> {
+            list.iter()
+                .map(|&p| {
+                    let index = ports.index(Some(p), listening);
+                    name(ports, index)
+                })
+                .collect()
+        };
+        let listening = names(&mut ports, &[80, 443, 8080], true);
+        assert_eq!(listening, ["80", "443", "other"]);
+        // Remote ports have a cap of their own; a pinned port is never capped.
+        let remote = names(&mut ports, &[53, 6379, 11211, 5432, 53], false);
+        assert_eq!(remote, ["53", "6379", "other", "5432", "53"]);
+        let unknown = ports.index(None, false);
+        assert_eq!(name(&ports, unknown), UNKNOWN);
+        assert_eq!((ports.values().given(), ports.overflow()), (5, 2));
+        // A port once given keeps its value, whichever side it shows up on.
+        assert_eq!(names(&mut ports, &[80], false), ["80"]);
+    }
+
+    #[test]
+    fn workloads_are_capped_by_name_not_by_cgroup() {
+        let mut workloads = WorkloadLabels::new(&limits(0, &[], 2));
+        let mut asked = 0;
+        let mut index = |id: u64, name: &str| {
+            workloads.index(id, || {
+                asked += 1;
+                name.to_owned()
+            })
+        };
+        let web = index(10, "web.service");
+        // A restarted unit has a new cgroup and the same name: the same value.
+        assert_eq!(index(11, "web.service"), web);
+        let db = index(20, "db.service");
+        assert_eq!(index(30, "cache.service"), OTHER_INDEX);
+        assert_eq!(index(30, "cache.service"), OTHER_INDEX);
+        assert_eq!(index(0, "never asked"), UNKNOWN_INDEX);
+        assert_eq!(index(40, UNKNOWN), UNKNOWN_INDEX);
+        assert_eq!(index(10, "web.service"), web);
+        assert_ne!(web, db);
+        assert_eq!(asked, 5, "ids are remembered, except unknown ones");
+        assert_eq!((workloads.values().given(), workloads.overflow()), (2, 2));
+        assert_eq!(workloads.values().name(web), "web.service");
+    }
+
+    #[test]
+    fn no_limits_no_labels() {
+        assert!(!LabelLimits::NONE.port_label() && !LabelLimits::NONE.workload_label());
+        assert!(limits(0, &[80], 0).port_label());
+    }
+}

@@ -1,0 +1,581 @@
+//! Observations → Prometheus histograms and counters.
+//!
+//! Label values come from closed sets: enums ([`Side`], [`CloseReason`], [`TcpState`]) and
+//! the capped `port` and `workload` values of [`labels`], so the number of series has a hard
+//! bound (README, "Series budget"): no addresses or pids ever become labels. Every label set
+//! is resolved once, so recording an observation is a lookup of its (port, workload) pair
+//! and a few atomic adds (no hashing of label values, no allocation).
+
+pub mod labels;
+mod namespaces;
+mod series;
+
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use rustc_hash::FxHashMap;
+
+use crate::decode::TcpState;
+use crate::metrics::{catch_up, ScrapeGate};
+use crate::tracker::{Attribution, Observation, ObservationSink, Tracker};
+use crate::workload::Workloads;
+use labels::{LabelLimits, PortLabels, ValueIndex, WorkloadLabels, OTHER_INDEX, UNKNOWN_INDEX};
+use namespaces::NamespaceMetrics;
+use series::{Families, SeriesSet};
+
+/// Buckets (seconds) for handshake and teardown latency: from loopback (tens of µs) to SYN
+/// retries. Linux retransmits an unanswered SYN after 1 s, then 2, 4, 8, 16, 32 s
+/// (`TCP_TIMEOUT_INIT`, doubling), so a handshake that needed N retries takes just over
+/// 1, 3, 7, 15, 31, 63, 127 s: the bounds 1.5, 3.5, 7.5, … put each retry count in a bucket
+/// of its own.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 3.5, 7.5, 15.5, 31.5, 63.5, 127.5,
+];
+
+/// Buckets (seconds) for CLOSE_WAIT time: from an application that closes at once to one that
+/// leaks sockets for an hour.
+pub const CLOSE_WAIT_BUCKETS: &[f64] = &[
+    0.000_1, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
+    1800.0, 3600.0,
+];
+
+/// Buckets (seconds) for connection lifetime: RPCs of a millisecond to day-long sessions.
+pub const LIFETIME_BUCKETS: &[f64] = &[
+    0.000_1, 0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
+    14_400.0, 43_200.0, 86_400.0,
+];
+
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// The most series one (port, workload) pair can have: every side, direction and reason of
+/// every family split by port and workload (histograms: one per bucket, `+Inf`, `_sum`,
+/// `_count`). The series budget is this times the pairs (README).
+pub const SERIES_PER_PAIR: usize = {
+    let latency = LATENCY_BUCKETS.len() + 3;
+    let histograms = 2 * latency /* handshake */ + 2 * latency /* teardown */
+        + (CLOSE_WAIT_BUCKETS.len() + 3) + 2 * (LIFETIME_BUCKETS.len() + 3);
+    let reasons = crate::tracker::CloseReason::ALL.len();
+    let counters = 2 /* opened */ + 3 * reasons /* closed */ + reasons /* connect failures */
+        + 2 /* handshake retransmits */ + 2 /* resets */ + 1 /* CLOSE_WAIT sockets */;
+    histograms + counters
+};
+
+/// `[port, workload, pair]`: the labels whose values are capped.
+const CAPPED: [&str; 3] = ["port", "workload", "pair"];
+
+/// How the connection series are split: the label values given out, and the series of each
+/// (port, workload) pair.
+struct Attributed {
+    limits: LabelLimits,
+    ports: PortLabels,
+    workloads: WorkloadLabels,
+    /// cgroup id → name, for the workload values and the tail.
+    names: Workloads,
+    /// (port, workload) → index in `sets`.
+    pairs: FxHashMap<(ValueIndex, ValueIndex), usize>,
+    sets: Vec<SeriesSet>,
+    pair_overflow: u64,
+    /// `[port, workload, pair]`
+    values: [IntGauge; 3],
+    overflow: [IntCounter; 3],
+}
+
+impl Attributed {
+    /// The series set of `whose` (`None`: an observation no connection is known for).
+    fn set_for(&mut self, whose: Option<&Attribution>) -> &SeriesSet {
+        if self.sets.len() == 1 && !self.limits.port_label() && !self.limits.workload_label() {
+            return &self.sets[0];
+        }
+        let port = match whose {
+            Some(whose) if self.limits.port_label() => {
+                self.ports.index(whose.service_port, whose.listening)
+            }
+            _ => UNKNOWN_INDEX,
+        };
+        let workload = match whose {
+            Some(whose) if self.limits.workload_label() => {
+                let names = &mut self.names;
+                self.workloads.index(whose.cgroup_id, || names.name(whose.cgroup_id).to_string())
+            }
+            _ => UNKNOWN_INDEX,
+        };
+        let index = match self.pairs.get(&(port, workload)) {
+            Some(index) => *index,
+            None => self.add_pair(port, workload),
+        };
+        &self.sets[index]
+    }
+
+    /// Series for a new pair, or the shared `other` pair once the cap is reached.
+    fn add_pair(&mut self, port: ValueIndex, workload: ValueIndex) -> usize {
+        let overflow = (OTHER_INDEX, OTHER_INDEX);
+        let key =
+            if self.sets.len() >= self.limits.pairs.max(1) { overflow } else { (port, workload) };
+        if key == overflow && (port, workload) != overflow {
+            self.pair_overflow += 1;
+        }
+        if let Some(index) = self.pairs.get(&key) {
+            return *index;
+        }
+        let mut extra = Vec::new();
+        if self.limits.port_label() {
+            extra.push(self.ports.values().name(key.0).to_owned());
+        }
+        if self.limits.workload_label() {
+            extra.push(self.workloads.values().name(key.1).to_owned());
+        }
+        self.sets.push(SeriesSet::new(extra));
+        self.pairs.insert(key, self.sets.len() - 1);
+        self.sets.len() - 1
+    }
+
+    /// Publishes how many values each capped label has given out, and its overflow.
+    fn publish(&self) {
+        let given = [self.ports.values().given(), self.workloads.values().given(), self.sets.len()];
+        let overflow = [self.ports.overflow(), self.workloads.overflow(), self.pair_overflow];
+        for index in 0..CAPPED.len() {
+            self.values[index].set(given[index] as i64);
+            catch_up(&self.overflow[index], overflow[index]);
+        }
+    }
+}
+
+/// The daemon's metrics that come from observations and from its own work.
+pub struct Aggregator {
+    families: Families,
+    attributed: Attributed,
+    connections: [IntGauge; 12],
+    tracked_sockets: IntGauge,
+    events_received: IntCounter,
+    notes_received: IntCounter,
+    events_undecodable: IntCounter,
+    evictions: IntCounter,
+    inconsistent: IntCounter,
+    first_seen_midlife: IntCounter,
+    replaced_stale: IntCounter,
+    passive_open_aborted: IntCounter,
+    synack_untracked: IntCounter,
+    last_drain: Gauge,
+    /// Per-namespace series, when `--netns-labels` asks for them.
+    namespaces: Option<NamespaceMetrics>,
+    /// Held by whoever feeds these metrics a batch, and by scrapes.
+    gate: ScrapeGate,
+}
+
+impl Aggregator {
+    /// Creates every metric, without `port` or `workload` labels, and registers it in
+    /// `registry`.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        Aggregator::with_labels(
+            registry,
+            LabelLimits::NONE,
+            Workloads::new(None, Default::default()),
+        )
+    }
+
+    /// Creates every metric with the `port` and `workload` labels `limits` asks for, naming
+    /// workloads with `names`, and registers it in `registry`.
+    pub fn with_labels(
+        registry: &Registry,
+        limits: LabelLimits,
+        names: Workloads,
+    ) -> prometheus::Result<Self> {
+        let mut extra = Vec::new();
+        if limits.port_label() {
+            extra.push("port");
+        }
+        if limits.workload_label() {
+            extra.push("workload");
+        }
+        let families = Families::new(registry, &extra)?;
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok::<_, prometheus::Error>(vec)
+        };
+        let plain_counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, prometheus::Error>(c)
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let vec = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok::<_, prometheus::Error>(vec)
+        };
+        let label_values = gauge_vec(
+            "tcpmon_label_values",
+            "Values given out by each capped label (port, workload; pair: the (port, \
+             workload) pairs with series of their own), other and unknown not included.",
+            &["label"],
+        )?;
+        let label_overflow = counter(
+            "tcpmon_label_overflow_total",
+            "Observations recorded under port=\"other\" or workload=\"other\" (both for \
+             label=\"pair\") because the label's cap was reached.",
+            &["label"],
+        )?;
+        let mut attributed = Attributed {
+            ports: PortLabels::new(&limits),
+            workloads: WorkloadLabels::new(&limits),
+            limits,
+            names,
+            pairs: FxHashMap::default(),
+            sets: Vec::new(),
+            pair_overflow: 0,
+            values: CAPPED.map(|label| label_values.with_label_values(&[label])),
+            overflow: CAPPED.map(|label| label_overflow.with_label_values(&[label])),
+        };
+        if !attributed.limits.port_label() && !attributed.limits.workload_label() {
+            // One set for everything, created at start as tcpmon always did.
+            let index = attributed.add_pair(UNKNOWN_INDEX, UNKNOWN_INDEX);
+            attributed.sets[index].create_all(&families);
+        }
+
+        let connections =
+            gauge_vec("tcpmon_connections", "Tracked sockets per TCP state.", &["state"])?;
+        let evictions = counter(
+            "tcpmon_tracker_evictions_total",
+            "Sockets dropped from the tracking table, by reason.",
+            &["reason"],
+        )?;
+        let build_info =
+            gauge_vec("tcpmon_build_info", "tcpmon build information; always 1.", &["version"])?;
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let tracked_sockets =
+            IntGauge::new("tcpmon_tracked_sockets", "Sockets in the tracking table.")?;
+        registry.register(Box::new(tracked_sockets.clone()))?;
+        let last_drain = Gauge::new(
+            "tcpmon_last_drain_timestamp_seconds",
+            "Unix time at which the daemon last drained the ring buffer.",
+        )?;
+        registry.register(Box::new(last_drain.clone()))?;
+
+        Ok(Aggregator {
+            families,
+            attributed,
+            connections: TcpState::ALL.map(|s| connections.with_label_values(&[s.name()])),
+            tracked_sockets,
+            events_received: plain_counter(
+                "tcpmon_events_received_total",
+                "State-transition records read from the ring buffer.",
+            )?,
+            notes_received: plain_counter(
+                "tcpmon_notes_received_total",
+                "Reset and SYN-ACK-retransmission records read from the ring buffer.",
+            )?,
+            events_undecodable: plain_counter(
+                "tcpmon_events_undecodable_total",
+                "Ring-buffer records that could not be decoded (and were skipped).",
+            )?,
+            evictions: evictions.with_label_values(&["capacity"]),
+            inconsistent: plain_counter(
+                "tcpmon_tracker_inconsistent_transitions_total",
+                "Transitions whose old state differed from the tracked one (events lost in \
+                 between); such sockets report only intervals whose both ends were seen.",
+            )?,
+            first_seen_midlife: plain_counter(
+                "tcpmon_tracker_sockets_first_seen_midlife_total",
+                "Sockets first seen after their birth (open before tcpmon started, or events lost).",
+            )?,
+            replaced_stale: plain_counter(
+                "tcpmon_tracker_sockets_replaced_total",
+                "Tracked sockets replaced by a new socket at the same kernel address before \
+                 their CLOSE was seen (events lost).",
+            )?,
+            passive_open_aborted: plain_counter(
+                "tcpmon_passive_opens_aborted_total",
+                "Accepted connections that closed before reaching ESTABLISHED.",
+            )?,
+            synack_untracked: plain_counter(
+                "tcpmon_tracker_synack_untracked_total",
+                "SYN-ACK retransmissions not remembered because the pending table was full \
+                 (a SYN flood); their connections report retries but no handshake duration.",
+            )?,
+            last_drain,
+            namespaces: None,
+            gate: ScrapeGate::default(),
+        })
+    }
+
+    /// Adds the per-namespace series (`--netns-labels`), for at most `limit` namespaces.
+    pub fn enable_netns_labels(
+        &mut self,
+        registry: &Registry,
+        limit: usize,
+    ) -> prometheus::Result<()> {
+        self.namespaces = Some(NamespaceMetrics::new(registry, limit)?);
+        Ok(())
+    }
+
+    /// Counts records read from the ring buffer: state transitions (which the kernel also
+    /// counts, so received + lost adds up to its count) and notes.
+    pub fn records_received(&self, transitions: u64, notes: u64) {
+        self.events_received.inc_by(transitions);
+        self.notes_received.inc_by(notes);
+    }
+
+    /// The gate that keeps scrapes of these metrics between two batches: the pipeline holds
+    /// it while it applies one, the HTTP handler while it reads them.
+    pub fn scrape_gate(&self) -> ScrapeGate {
+        self.gate.clone()
+    }
+
+    /// Counts one record that failed to decode.
+    pub fn record_undecodable(&self) {
+        self.events_undecodable.inc();
+    }
+
+    /// Ports this host listened on before tcpmon started (the start-up snapshot): they get
+    /// `port` values like the listeners seen at `listen()`.
+    pub fn learn_listeners(&mut self, ports: impl IntoIterator<Item = u16>) {
+        for port in ports {
+            self.attributed.ports.learn_listener(port);
+        }
+    }
+
+    /// The workload name of cgroup `cgroup_id`, for the tail.
+    pub fn workload_name(&mut self, cgroup_id: Option<u64>) -> &str {
+        self.attributed.names.name(cgroup_id.unwrap_or(0))
+    }
+
+    /// Publishes the tracker's gauges and the growth of its counters since the last call.
+    pub fn publish_tracker(&self, tracker: &Tracker, unix_time: f64) {
+        for (gauge, count) in self.connections.iter().zip(tracker.per_state()) {
+            gauge.set(*count as i64);
+        }
+        self.tracked_sockets.set(tracker.len() as i64);
+        let stats = tracker.stats();
+        catch_up(&self.evictions, stats.evicted_capacity);
+        catch_up(&self.inconsistent, stats.inconsistent);
+        catch_up(&self.first_seen_midlife, stats.first_seen_midlife);
+        catch_up(&self.replaced_stale, stats.replaced_stale);
+        catch_up(&self.passive_open_aborted, stats.passive_open_aborted);
+        catch_up(&self.synack_untracked, stats.synack_untracked);
+        self.attributed.publish();
+        self.last_drain.set(unix_time);
+    }
+}
+
+impl ObservationSink for Aggregator {
+    fn observe_in(&mut self, observation: &Observation, whose: &Attribution) {
+        if let Observation::Listening { port } = *observation {
+            self.attributed.ports.learn_listener(port);
+            return;
+        }
+        if let Some(namespaces) = &self.namespaces {
+            namespaces.observe(observation, whose.netns);
+        }
+        self.attributed.set_for(Some(whose)).record(&self.families, observation);
+    }
+
+    fn observe(&mut self, observation: &Observation) {
+        self.attributed.set_for(None).record(&self.families, observation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{
+        decode,
+        fixture::{self, v4},
+        TcpStats,
+    };
+    use crate::tracker::{ResetDirection, Side};
+    use monitor_common::note;
+    use prometheus::Encoder;
+
+    fn scrape(registry: &Registry) -> String {
+        let mut out = Vec::new();
+        prometheus::TextEncoder::new().encode(&registry.gather(), &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn observations_land_in_the_right_series_and_buckets() {
+        let registry = Registry::new();
+        let mut aggregator = Aggregator::new(&registry).unwrap();
+        let mut tracker = Tracker::default();
+        use TcpState::*;
+        let ms = 1_000_000u64;
+        let steps = [
+            (0, 1, Close, SynSent, 0),
+            (2 * ms, 1, SynSent, Established, 0),
+            (0, 2, Listen, SynRecv, 0),
+            (0, 2, SynRecv, Established, 0),
+            (100 * ms, 2, Established, CloseWait, 0),
+            (400 * ms, 2, CloseWait, LastAck, 0),
+            (401 * ms, 2, LastAck, Close, 0),
+            (0, 3, Close, SynSent, 0),
+            (ms, 3, SynSent, Close, libc::ECONNREFUSED),
+        ];
+        for (ts, sk, old, new, err) in steps {
+            let raw = v4(ts, sk, old, new, 1, 2, err);
+            let bytes = match (sk, old, new) {
+                // The refused connect retried its SYN twice.
+                (3, SynSent, Close) => {
+                    let stats = TcpStats { total_retrans: 2, ..TcpStats::default() };
+                    fixture::bytes(&fixture::with_stats(raw, stats))
+                }
+                // The passive child's SYN-ACK was resent once; its first one left 1.2 s
+                // before the final ACK.
+                (2, SynRecv, Established) => {
+                    let synack = fixture::synack_retransmit(ts, 1_000, 1, 2);
+                    tracker.on_record(&decode(&fixture::bytes(&synack)).unwrap(), &mut aggregator);
+                    let raw = v4(1_200 * ms + 1_000_000, sk, old, new, 1, 2, err);
+                    let stats = TcpStats { total_retrans: 1, ..TcpStats::default() };
+                    fixture::bytes(&fixture::with_stats(raw, stats))
+                }
+                _ => fixture::bytes(&raw),
+            };
+            aggregator.records_received(1, 0);
+            tracker.on_record(&decode(&bytes).unwrap(), &mut aggregator);
+        }
+        let reset = fixture::note(0, 0, note::RESET_SENT, 1);
+        tracker.on_record(&decode(&fixture::bytes(&reset)).unwrap(), &mut aggregator);
+        aggregator.publish_tracker(&tracker, 1.0);
+        let text = scrape(&registry);
+        let v = |series: &str| {
+            value(&text, series).unwrap_or_else(|| panic!("{series} missing in\n{text}"))
+        };
+
+        assert_eq!(v("tcpmon_handshake_duration_seconds_count{side=\"active\"}"), 1.0);
+        assert_eq!(
+            v("tcpmon_handshake_duration_seconds_bucket{side=\"active\",le=\"0.001\"}"),
+            0.0
+        );
+        assert_eq!(
+            v("tcpmon_handshake_duration_seconds_bucket{side=\"active\",le=\"0.0025\"}"),
+            1.0
+        );
+        assert_eq!(v("tcpmon_handshake_duration_seconds_bucket{side=\"passive\",le=\"1\"}"), 0.0);
+        assert_eq!(v("tcpmon_handshake_duration_seconds_bucket{side=\"passive\",le=\"1.5\"}"), 1.0);
+        assert_eq!(v("tcpmon_handshake_retransmits_total{side=\"active\"}"), 2.0);
+        assert_eq!(v("tcpmon_handshake_retransmits_total{side=\"passive\"}"), 1.0);
+        assert_eq!(v("tcpmon_resets_total{direction=\"sent\"}"), 1.0);
+        assert_eq!(v("tcpmon_resets_total{direction=\"received\"}"), 0.0);
+        assert_eq!(v("tcpmon_close_wait_duration_seconds_bucket{le=\"0.25\"}"), 0.0);
+        assert_eq!(v("tcpmon_close_wait_duration_seconds_bucket{le=\"0.5\"}"), 1.0);
+        assert_eq!(v("tcpmon_teardown_duration_seconds_bucket{side=\"passive\",le=\"0.25\"}"), 0.0);
+        assert_eq!(v("tcpmon_teardown_duration_seconds_bucket{side=\"passive\",le=\"0.5\"}"), 1.0);
+        assert_eq!(v("tcpmon_connections_opened_total{side=\"active\"}"), 1.0);
+        assert_eq!(v("tcpmon_connections_opened_total{side=\"passive\"}"), 1.0);
+        assert_eq!(v("tcpmon_connections_closed_total{reason=\"fin\",side=\"passive\"}"), 1.0);
+        assert_eq!(v("tcpmon_connect_failures_total{reason=\"refused\"}"), 1.0);
+        assert_eq!(v("tcpmon_connect_failures_total{reason=\"timeout\"}"), 0.0);
+        assert_eq!(v("tcpmon_connections{state=\"ESTABLISHED\"}"), 1.0);
+        assert_eq!(v("tcpmon_tracked_sockets"), 1.0);
+        assert_eq!(v("tcpmon_events_received_total"), 9.0);
+        assert_eq!(v("tcpmon_build_info{version=\"0.1.0\"}"), 1.0);
+    }
+
+    #[test]
+    fn netns_labels_are_bounded() {
+        let registry = Registry::new();
+        let mut aggregator = Aggregator::new(&registry).unwrap();
+        aggregator.enable_netns_labels(&registry, 2).unwrap();
+        for netns in [11, 12, 13, 14, 11, 0] {
+            let whose = Attribution { netns, ..Attribution::default() };
+            aggregator.observe_in(&Observation::Opened { side: Side::Active }, &whose);
+        }
+        let text = scrape(&registry);
+        let v = |ns: &str| {
+            value(
+                &text,
+                &format!("tcpmon_netns_connections_opened_total{{netns=\"{ns}\",side=\"active\"}}"),
+            )
+        };
+        assert_eq!(
+            (v("11"), v("12"), v("other"), v("unknown")),
+            (Some(2.0), Some(1.0), Some(2.0), Some(1.0))
+        );
+        assert_eq!(v("13"), None, "beyond the limit");
+        assert_eq!(value(&text, "tcpmon_connections_opened_total{side=\"active\"}"), Some(6.0));
+    }
+
+    #[test]
+    fn ports_workloads_and_pairs_are_capped_and_counted() {
+        let root = std::env::temp_dir().join(format!("tcpmon-labels-{}", std::process::id()));
+        let cgroup = |name: &str| {
+            let path = root.join(name);
+            std::fs::create_dir_all(&path).unwrap();
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+        };
+        let (web, db, cache) =
+            (cgroup("web.service"), cgroup("db.service"), cgroup("cache.service"));
+        let registry = Registry::new();
+        let limits = LabelLimits { ports: 1, pinned_ports: vec![6379], workloads: 2, pairs: 5 };
+        let names = Workloads::new(Some(root.clone()), root.join("no-pods"));
+        let mut aggregator = Aggregator::with_labels(&registry, limits, names).unwrap();
+        let passive = Observation::Opened { side: Side::Passive };
+        let active = Observation::Opened { side: Side::Active };
+        let whose = |port, listening, cgroup_id| Attribution {
+            netns: 1,
+            cgroup_id,
+            service_port: Some(port),
+            listening,
+        };
+        aggregator.observe_in(&Observation::Listening { port: 80 }, &whose(80, true, web));
+        for (observation, port, listening, cgroup_id) in [
+            (passive, 80, true, web),
+            (passive, 80, true, web),
+            (passive, 8080, true, web), // the listening side is full: other
+            (active, 5432, false, db),
+            (active, 6379, false, db),    // pinned
+            (active, 5432, false, cache), // a third workload: other
+            (active, 11211, false, 0),    // the remote side is full; cgroup unknown
+        ] {
+            aggregator.observe_in(&observation, &whose(port, listening, cgroup_id));
+        }
+        // A sixth pair is beyond the cap: both labels are other.
+        aggregator.observe_in(&passive, &whose(80, true, db));
+        aggregator.observe(&Observation::Reset { direction: ResetDirection::Sent });
+        aggregator.publish_tracker(&Tracker::default(), 1.0);
+        let text = scrape(&registry);
+        std::fs::remove_dir_all(&root).unwrap();
+        let opened = |side: &str, port: &str, workload: &str| {
+            let series = format!(
+                "tcpmon_connections_opened_total{{port=\"{port}\",side=\"{side}\",workload=\"{workload}\"}}"
+            );
+            value(&text, &series)
+        };
+        assert_eq!(opened("passive", "80", "web.service"), Some(2.0));
+        assert_eq!(opened("passive", "other", "web.service"), Some(1.0));
+        assert_eq!(opened("active", "5432", "db.service"), Some(1.0));
+        assert_eq!(opened("active", "6379", "db.service"), Some(1.0));
+        assert_eq!(opened("active", "5432", "other"), Some(1.0));
+        assert_eq!(opened("active", "other", "unknown"), None, "a sixth pair");
+        assert_eq!(opened("active", "other", "other"), Some(1.0), "the sixth pair");
+        assert_eq!(opened("passive", "other", "other"), Some(1.0), "the seventh");
+        assert_eq!(opened("passive", "80", "db.service"), None);
+        assert_eq!(opened("active", "5432", "web.service"), None, "series exist once used");
+        assert_eq!(
+            value(
+                &text,
+                "tcpmon_resets_total{direction=\"sent\",port=\"other\",workload=\"other\"}"
+            ),
+            Some(1.0),
+            "an unattributed reset is pair (unknown, unknown): over the cap too"
+        );
+        let label = |name: &str, label: &str| value(&text, &format!("{name}{{label=\"{label}\"}}"));
+        assert_eq!(label("tcpmon_label_values", "port"), Some(3.0), "6379, 80, 5432");
+        assert_eq!(label("tcpmon_label_values", "workload"), Some(2.0));
+        assert_eq!(label("tcpmon_label_values", "pair"), Some(6.0));
+        assert_eq!(label("tcpmon_label_overflow_total", "port"), Some(2.0));
+        assert_eq!(label("tcpmon_label_overflow_total", "workload"), Some(1.0));
+        assert_eq!(label("tcpmon_label_overflow_total", "pair"), Some(3.0));
+    }
+
+    #[test]
+    fn bucket_bounds_are_increasing() {
+        for buckets in [LATENCY_BUCKETS, CLOSE_WAIT_BUCKETS, LIFETIME_BUCKETS] {
+            assert!(buckets.windows(2).all(|w| w[0] < w[1]));
+        }
+    }
+}

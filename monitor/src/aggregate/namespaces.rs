@@ -1,0 +1,90 @@
+//! The main connection metrics split by network namespace (`--netns-labels N`).
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+use super::{seconds, LATENCY_BUCKETS};
+use crate::tracker::{Observation, Side};
+
+/// The main connection metrics split by network namespace (`--netns-labels N`): the first N
+/// namespaces seen get a `netns` label of their own (the inode, as `readlink
+/// /proc/PID/ns/net` shows it), later ones share `netns="other"`, so the series stay bounded
+/// on a host that creates namespaces all day.
+pub(super) struct NamespaceMetrics {
+    opened: IntCounterVec,
+    closed: IntCounterVec,
+    failures: IntCounterVec,
+    handshake: HistogramVec,
+    labels: std::sync::Mutex<std::collections::HashMap<u32, String>>,
+    limit: usize,
+}
+
+impl NamespaceMetrics {
+    /// Records `observation` under its namespace's label. The label strings live in the map,
+    /// so this allocates only the first time a namespace is seen.
+    pub(super) fn observe(&self, observation: &Observation, netns: u32) {
+        let mut labels = self.labels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if netns != 0 && labels.len() < self.limit {
+            labels.entry(netns).or_insert_with(|| netns.to_string());
+        }
+        let ns = match netns {
+            0 => "unknown",
+            _ => labels.get(&netns).map_or("other", String::as_str),
+        };
+        match *observation {
+            Observation::Opened { side } => {
+                self.opened.with_label_values(&[ns, side.as_str()]).inc()
+            }
+            Observation::Handshake { side, duration_ns, .. } => {
+                self.handshake.with_label_values(&[ns, side.as_str()]).observe(seconds(duration_ns))
+            }
+            Observation::ConnectFailed { reason, .. } => {
+                self.failures.with_label_values(&[ns, reason.as_str()]).inc()
+            }
+            Observation::Closed { side, reason, .. } => {
+                let side = side.map_or("unknown", Side::as_str);
+                self.closed.with_label_values(&[ns, side, reason.as_str()]).inc()
+            }
+            _ => {}
+        }
+    }
+}
+
+impl NamespaceMetrics {
+    /// Registers the per-namespace families; at most `limit` namespaces get a value.
+    pub(super) fn new(registry: &Registry, limit: usize) -> prometheus::Result<Self> {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok::<_, prometheus::Error>(vec)
+        };
+        let handshake = HistogramVec::new(
+            HistogramOpts::new(
+                "tcpmon_netns_handshake_duration_seconds",
+                "tcpmon_handshake_duration_seconds by network namespace.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["netns", "side"],
+        )?;
+        registry.register(Box::new(handshake.clone()))?;
+        Ok(NamespaceMetrics {
+            opened: counter(
+                "tcpmon_netns_connections_opened_total",
+                "tcpmon_connections_opened_total by network namespace.",
+                &["netns", "side"],
+            )?,
+            closed: counter(
+                "tcpmon_netns_connections_closed_total",
+                "tcpmon_connections_closed_total by network namespace.",
+                &["netns", "side", "reason"],
+            )?,
+            failures: counter(
+                "tcpmon_netns_connect_failures_total",
+                "tcpmon_connect_failures_total by network namespace.",
+                &["netns", "reason"],
+            )?,
+            handshake,
+            labels: Default::default(),
+            limit,
+        })
+    }
+}

@@ -1,0 +1,286 @@
+//! The connection metric families, and the series of one (port, workload) pair, each
+//! created the first time something is recorded in it: a pair that only ever accepts
+//! connections never exports the series of connects.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use super::{CLOSE_WAIT_BUCKETS, LATENCY_BUCKETS, LIFETIME_BUCKETS};
+use crate::tracker::{CloseReason, Observation, ResetDirection, Side};
+
+/// The families whose series are split by port and workload.
+pub(super) struct Families {
+    handshake: HistogramVec,
+    teardown: HistogramVec,
+    close_wait: HistogramVec,
+    lifetime: HistogramVec,
+    opened: IntCounterVec,
+    closed: IntCounterVec,
+    handshake_retransmits: IntCounterVec,
+    resets: IntCounterVec,
+    failures: IntCounterVec,
+    /// Only with `port` or `workload` labels: host-wide, `tcpmon_connections{state}` says it.
+    close_wait_sockets: Option<IntGaugeVec>,
+}
+
+impl Families {
+    /// Registers every family, each with its own labels followed by `extra` (`port`,
+    /// `workload`, or none).
+    pub(super) fn new(registry: &Registry, extra: &[&str]) -> prometheus::Result<Self> {
+        let labels = |own: &[&'static str]| -> Vec<&str> {
+            own.iter().copied().chain(extra.iter().copied()).collect()
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64], own: &[&'static str]| {
+            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+            let vec = HistogramVec::new(opts, &labels(own))?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok::<_, prometheus::Error>(vec)
+        };
+        let counter = |name: &str, help: &str, own: &[&'static str]| {
+            let vec = IntCounterVec::new(Opts::new(name, help), &labels(own))?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok::<_, prometheus::Error>(vec)
+        };
+        let close_wait_sockets = if extra.is_empty() {
+            None
+        } else {
+            let opts = Opts::new(
+                "tcpmon_close_wait_sockets",
+                "Connections in CLOSE_WAIT now (the peer closed, the application has not yet), \
+                 among those tcpmon saw enter it.",
+            );
+            let vec = IntGaugeVec::new(opts, extra)?;
+            registry.register(Box::new(vec.clone()))?;
+            Some(vec)
+        };
+        Ok(Families {
+            close_wait_sockets,
+            handshake: histogram(
+                "tcpmon_handshake_duration_seconds",
+                "TCP three-way handshake latency. side=active: SYN sent to SYN-ACK received \
+                 (SYN_SENT -> ESTABLISHED). side=passive: first SYN-ACK sent to the final ACK \
+                 (the request socket's snt_synack to SYN_RECV -> ESTABLISHED). Retransmissions \
+                 are included: a lost first SYN or SYN-ACK adds the 1 s initial RTO.",
+                LATENCY_BUCKETS,
+                &["side"],
+            )?,
+            teardown: histogram(
+                "tcpmon_teardown_duration_seconds",
+                "Orderly TCP close latency, from the first FIN to CLOSE. side=passive: the peer \
+                 sent the first FIN (ESTABLISHED -> CLOSE_WAIT ... CLOSE: includes the time the \
+                 application took to close). side=active: this host did (ESTABLISHED -> \
+                 FIN_WAIT1 ... CLOSE); if the application had already closed the socket it ends \
+                 when our FIN is acknowledged (the kernel hands it to TIME_WAIT), otherwise when \
+                 the peer's FIN arrives.",
+                LATENCY_BUCKETS,
+                &["side"],
+            )?,
+            close_wait: histogram(
+                "tcpmon_close_wait_duration_seconds",
+                "Time the application took to close() after the peer's FIN (CLOSE_WAIT -> LAST_ACK).",
+                CLOSE_WAIT_BUCKETS,
+                &[],
+            )?,
+            lifetime: histogram(
+                "tcpmon_connection_duration_seconds",
+                "Connection lifetime, ESTABLISHED -> CLOSE, by how it was opened.",
+                LIFETIME_BUCKETS,
+                &["side"],
+            )?,
+            opened: counter(
+                "tcpmon_connections_opened_total",
+                "Connections that reached ESTABLISHED, by how they were opened.",
+                &["side"],
+            )?,
+            closed: counter(
+                "tcpmon_connections_closed_total",
+                "Established connections that reached CLOSE, by how they were opened \
+                 (unknown: open before tcpmon saw it) and how they ended.",
+                &["side", "reason"],
+            )?,
+            handshake_retransmits: counter(
+                "tcpmon_handshake_retransmits_total",
+                "Handshake retransmissions: SYNs (side=active, completed or failed connects) and \
+                 SYN-ACKs (side=passive, accepted connections).",
+                &["side"],
+            )?,
+            resets: counter(
+                "tcpmon_resets_total",
+                "RST segments the kernel sent (tcp:tcp_send_reset; also for segments no socket \
+                 owns) or processed from a peer (tcp:tcp_receive_reset).",
+                &["direction"],
+            )?,
+            failures: counter(
+                "tcpmon_connect_failures_total",
+                "Active opens that never reached ESTABLISHED (SYN_SENT -> CLOSE), by reason.",
+                &["reason"],
+            )?,
+        })
+    }
+}
+
+/// Index of a side in the per-side arrays.
+const fn side_index(side: Side) -> usize {
+    match side {
+        Side::Active => 0,
+        Side::Passive => 1,
+    }
+}
+
+fn reason_index(reason: CloseReason) -> usize {
+    CloseReason::ALL.iter().position(|r| *r == reason).unwrap_or(CloseReason::ALL.len() - 1)
+}
+
+const SIDES: [Side; 2] = [Side::Active, Side::Passive];
+const CLOSED_SIDES: [&str; 3] = ["active", "passive", "unknown"];
+const REASONS: usize = CloseReason::ALL.len();
+
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// The series of one (port, workload) pair, each resolved once: recording is then a few
+/// atomic adds, with no hashing of label values.
+pub(super) struct SeriesSet {
+    /// The values of the extra labels, in the order [`Families::new`] got their names.
+    extra: Vec<String>,
+    handshake: [OnceLock<Histogram>; 2],
+    handshake_retransmits: [OnceLock<IntCounter>; 2],
+    /// `[sent, received]`
+    resets: [OnceLock<IntCounter>; 2],
+    teardown: [OnceLock<Histogram>; 2],
+    close_wait: OnceLock<Histogram>,
+    lifetime: [OnceLock<Histogram>; 2],
+    opened: [OnceLock<IntCounter>; 2],
+    /// `[side: active, passive, unknown][reason]`
+    closed: [[OnceLock<IntCounter>; REASONS]; 3],
+    connect_failures: [OnceLock<IntCounter>; REASONS],
+    close_wait_sockets: OnceLock<IntGauge>,
+}
+
+/// The child of `family` for `own` label values followed by `extra`, created on first use.
+macro_rules! child {
+    ($cell:expr, $family:expr, $extra:expr, [$($own:expr),*]) => {
+        $cell.get_or_init(|| {
+            let values: Vec<&str> =
+                [$($own),*].into_iter().chain($extra.iter().map(String::as_str)).collect();
+            $family.with_label_values(&values)
+        })
+    };
+}
+
+impl SeriesSet {
+    /// The series for the extra label values `extra`, none created yet.
+    pub(super) fn new(extra: Vec<String>) -> Self {
+        SeriesSet {
+            extra,
+            handshake: Default::default(),
+            handshake_retransmits: Default::default(),
+            resets: Default::default(),
+            teardown: Default::default(),
+            close_wait: Default::default(),
+            lifetime: Default::default(),
+            opened: Default::default(),
+            closed: Default::default(),
+            connect_failures: Default::default(),
+            close_wait_sockets: Default::default(),
+        }
+    }
+
+    /// Creates every series at 0, as tcpmon without port or workload labels always has
+    /// (dashboards and alerts then see the series before the first event).
+    pub(super) fn create_all(&self, f: &Families) {
+        let extra = &self.extra;
+        for side in SIDES {
+            let (i, s) = (side_index(side), side.as_str());
+            child!(self.handshake[i], f.handshake, extra, [s]);
+            child!(self.handshake_retransmits[i], f.handshake_retransmits, extra, [s]);
+            child!(self.teardown[i], f.teardown, extra, [s]);
+            child!(self.lifetime[i], f.lifetime, extra, [s]);
+            child!(self.opened[i], f.opened, extra, [s]);
+        }
+        for (i, direction) in [ResetDirection::Sent, ResetDirection::Received].iter().enumerate() {
+            child!(self.resets[i], f.resets, extra, [direction.as_str()]);
+        }
+        child!(self.close_wait, f.close_wait, extra, []);
+        for (row, side) in CLOSED_SIDES.iter().enumerate() {
+            for reason in CloseReason::ALL {
+                let r = reason_index(reason);
+                child!(self.closed[row][r], f.closed, extra, [*side, reason.as_str()]);
+            }
+        }
+        for reason in CloseReason::ALL {
+            let r = reason_index(reason);
+            child!(self.connect_failures[r], f.failures, extra, [reason.as_str()]);
+        }
+    }
+
+    /// Records one observation.
+    pub(super) fn record(&self, f: &Families, observation: &Observation) {
+        let extra = &self.extra;
+        match *observation {
+            Observation::Opened { side } => {
+                child!(self.opened[side_index(side)], f.opened, extra, [side.as_str()]).inc()
+            }
+            Observation::Handshake { side, duration_ns, .. } => {
+                child!(self.handshake[side_index(side)], f.handshake, extra, [side.as_str()])
+                    .observe(seconds(duration_ns))
+            }
+            Observation::HandshakeRetransmits { side, count } => {
+                let i = side_index(side);
+                child!(
+                    self.handshake_retransmits[i],
+                    f.handshake_retransmits,
+                    extra,
+                    [side.as_str()]
+                )
+                .inc_by(u64::from(count))
+            }
+            Observation::ConnectFailed { reason, retransmits, .. } => {
+                let r = reason_index(reason);
+                child!(self.connect_failures[r], f.failures, extra, [reason.as_str()]).inc();
+                if let Some(count) = retransmits.filter(|count| *count > 0) {
+                    let active = Side::Active.as_str();
+                    child!(self.handshake_retransmits[0], f.handshake_retransmits, extra, [active])
+                        .inc_by(u64::from(count));
+                }
+            }
+            Observation::Reset { direction } => {
+                let i = matches!(direction, ResetDirection::Received) as usize;
+                child!(self.resets[i], f.resets, extra, [direction.as_str()]).inc()
+            }
+            Observation::CloseWait { duration_ns } => {
+                child!(self.close_wait, f.close_wait, extra, []).observe(seconds(duration_ns))
+            }
+            Observation::Closed { side, reason, lifetime_ns, teardown } => {
+                let row = side.map_or(2, side_index);
+                let r = reason_index(reason);
+                child!(self.closed[row][r], f.closed, extra, [CLOSED_SIDES[row], reason.as_str()])
+                    .inc();
+                if let (Some(side), Some(ns)) = (side, lifetime_ns) {
+                    child!(self.lifetime[side_index(side)], f.lifetime, extra, [side.as_str()])
+                        .observe(seconds(ns));
+                }
+                if let Some((side, ns)) = teardown {
+                    child!(self.teardown[side_index(side)], f.teardown, extra, [side.as_str()])
+                        .observe(seconds(ns));
+                }
+            }
+            Observation::CloseWaitEntered | Observation::CloseWaitLeft => {
+                let Some(family) = &f.close_wait_sockets else { return };
+                let gauge = child!(self.close_wait_sockets, family, extra, []);
+                match observation {
+                    Observation::CloseWaitEntered => gauge.inc(),
+                    _ => gauge.dec(),
+                }
+            }
+            Observation::Listening { .. }
+            | Observation::Connection(_)
+            | Observation::Transition(_) => {}
+        }
+    }
+}
