@@ -76,9 +76,8 @@ struct Attributed {
     pairs: FxHashMap<(ValueIndex, ValueIndex), usize>,
     sets: Vec<SeriesSet>,
     pair_overflow: u64,
-    /// `[port, workload, pair]`
-    values: [IntGauge; 3],
-    overflow: [IntCounter; 3],
+    /// `[port, workload, pair]` values given out and overflow; only with labels.
+    counts: Option<([IntGauge; 3], [IntCounter; 3])>,
 }
 
 impl Attributed {
@@ -132,11 +131,12 @@ impl Attributed {
 
     /// Publishes how many values each capped label has given out, and its overflow.
     fn publish(&self) {
+        let Some((values, overflows)) = &self.counts else { return };
         let given = [self.ports.values().given(), self.workloads.values().given(), self.sets.len()];
         let overflow = [self.ports.overflow(), self.workloads.overflow(), self.pair_overflow];
         for index in 0..CAPPED.len() {
-            self.values[index].set(given[index] as i64);
-            catch_up(&self.overflow[index], overflow[index]);
+            values[index].set(given[index] as i64);
+            catch_up(&overflows[index], overflow[index]);
         }
     }
 }
@@ -204,18 +204,26 @@ impl Aggregator {
             registry.register(Box::new(vec.clone()))?;
             Ok::<_, prometheus::Error>(vec)
         };
-        let label_values = gauge_vec(
-            "tcpmon_label_values",
-            "Values given out by each capped label (port, workload; pair: the (port, \
-             workload) pairs with series of their own), other and unknown not included.",
-            &["label"],
-        )?;
-        let label_overflow = counter(
-            "tcpmon_label_overflow_total",
-            "Observations recorded under port=\"other\" or workload=\"other\" (both for \
-             label=\"pair\") because the label's cap was reached.",
-            &["label"],
-        )?;
+        let counts = if extra.is_empty() {
+            None
+        } else {
+            let label_values = gauge_vec(
+                "tcpmon_label_values",
+                "Values given out by each capped label (port, workload; pair: the (port, \
+                 workload) pairs with series of their own), other and unknown not included.",
+                &["label"],
+            )?;
+            let label_overflow = counter(
+                "tcpmon_label_overflow_total",
+                "Observations recorded under port=\"other\" or workload=\"other\" (both for \
+                 label=\"pair\") because the label's cap was reached.",
+                &["label"],
+            )?;
+            Some((
+                CAPPED.map(|label| label_values.with_label_values(&[label])),
+                CAPPED.map(|label| label_overflow.with_label_values(&[label])),
+            ))
+        };
         let mut attributed = Attributed {
             ports: PortLabels::new(&limits),
             workloads: WorkloadLabels::new(&limits),
@@ -224,8 +232,7 @@ impl Aggregator {
             pairs: FxHashMap::default(),
             sets: Vec::new(),
             pair_overflow: 0,
-            values: CAPPED.map(|label| label_values.with_label_values(&[label])),
-            overflow: CAPPED.map(|label| label_overflow.with_label_values(&[label])),
+            counts,
         };
         if !attributed.limits.port_label() && !attributed.limits.workload_label() {
             // One set for everything, created at start as tcpmon always did.
@@ -570,6 +577,129 @@ mod tests {
         assert_eq!(label("tcpmon_label_overflow_total", "port"), Some(2.0));
         assert_eq!(label("tcpmon_label_overflow_total", "workload"), Some(1.0));
         assert_eq!(label("tcpmon_label_overflow_total", "pair"), Some(3.0));
+    }
+
+    #[test]
+    fn no_labels_reproduce_the_series_of_before() {
+        let registry = Registry::new();
+        let limits = LabelLimits { pairs: 64, ..LabelLimits::NONE };
+        let _aggregator =
+            Aggregator::with_labels(&registry, limits, Workloads::new(None, "".into()));
+        let before = include_str!("../../tests/fixtures/metrics-unlabelled.txt");
+        assert_eq!(scrape(&registry), before);
+    }
+
+    /// Series of the families split by port and workload, in a scrape.
+    fn attributed_series(text: &str) -> usize {
+        text.lines().filter(|l| !l.starts_with('#') && l.contains("workload=\"")).count()
+    }
+
+    /// Every observation a connection opened on `side` can yield: every way to close it, a
+    /// teardown started by either end, and for connects every way to fail.
+    fn observations_of(side: Side) -> Vec<Observation> {
+        let mut all = vec![
+            Observation::CloseWaitEntered,
+            Observation::CloseWait { duration_ns: 1 },
+            Observation::Opened { side },
+            Observation::Handshake { side, duration_ns: 1, retransmits: None },
+            Observation::HandshakeRetransmits { side, count: 1 },
+        ];
+        for reason in crate::tracker::CloseReason::ALL {
+            for first_fin in [Side::Active, Side::Passive] {
+                let teardown = Some((first_fin, 1));
+                let lifetime_ns = Some(1);
+                all.push(Observation::Closed { side: Some(side), reason, lifetime_ns, teardown });
+            }
+            if side == Side::Active {
+                all.push(Observation::ConnectFailed {
+                    reason,
+                    duration_ns: None,
+                    retransmits: None,
+                });
+            }
+        }
+        for direction in [ResetDirection::Sent, ResetDirection::Received] {
+            all.push(Observation::Reset { direction });
+        }
+        all
+    }
+
+    /// Both sides' observations, and closes of connections first seen mid-life.
+    fn every_observation() -> Vec<Observation> {
+        let mut all = observations_of(Side::Active);
+        all.extend(observations_of(Side::Passive));
+        for reason in crate::tracker::CloseReason::ALL {
+            all.push(Observation::Closed { side: None, reason, lifetime_ns: None, teardown: None });
+        }
+        all
+    }
+
+    /// The series of a pair that only accepts (handshake, lifetime, opened, closed and
+    /// retransmits of one side; teardown by either end; CLOSE_WAIT; resets) or only connects
+    /// (the same, and connect failures).
+    const PASSIVE_PAIR: usize = 26 + 2 * 26 + 20 + 1 + 20 + 1 + 9 + 1 + 2;
+    const ACTIVE_PAIR: usize = PASSIVE_PAIR + 9;
+
+    #[test]
+    fn the_series_budget_holds_for_twenty_ports_twenty_upstreams_and_twenty_workloads() {
+        let root = std::env::temp_dir().join(format!("tcpmon-budget-{}", std::process::id()));
+        let workloads: Vec<u64> = (0..20)
+            .map(|i| {
+                let path = root.join(format!("app{i}.service"));
+                std::fs::create_dir_all(&path).unwrap();
+                std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+            })
+            .collect();
+        let defaults =
+            LabelLimits { ports: 32, pinned_ports: Vec::new(), workloads: 32, pairs: 64 };
+        let host = |limits: &LabelLimits, traffic: &dyn Fn(&mut Aggregator)| {
+            let registry = Registry::new();
+            let names = Workloads::new(Some(root.clone()), root.join("no-pods"));
+            let mut aggregator = Aggregator::with_labels(&registry, limits.clone(), names).unwrap();
+            traffic(&mut aggregator);
+            aggregator.publish_tracker(&Tracker::default(), 1.0);
+            attributed_series(&scrape(&registry))
+        };
+        let whose = |port: u16, listening, cgroup_id| Attribution {
+            netns: 1,
+            cgroup_id,
+            service_port: Some(port),
+            listening,
+        };
+        // Realistic: workload i serves port 8000+i and calls upstreams 5000+i and
+        // 5000+(i+1)%20, and its connections end every way they can.
+        let realistic = |aggregator: &mut Aggregator| {
+            for (i, &cgroup) in workloads.iter().enumerate() {
+                let served = whose(8000 + i as u16, true, cgroup);
+                for observation in observations_of(Side::Passive) {
+                    aggregator.observe_in(&observation, &served);
+                }
+                for upstream in [5000 + i as u16, 5000 + (i as u16 + 1) % 20] {
+                    for observation in observations_of(Side::Active) {
+                        aggregator.observe_in(&observation, &whose(upstream, false, cgroup));
+                    }
+                }
+            }
+        };
+        // The worst: every workload on every port, every kind of observation.
+        let worst = |aggregator: &mut Aggregator| {
+            for &cgroup in &workloads {
+                for port in (8000..8020).chain(5000..5020) {
+                    for observation in every_observation() {
+                        aggregator.observe_in(&observation, &whose(port, port >= 8000, cgroup));
+                    }
+                }
+            }
+        };
+        let realistic_series = host(&defaults, &realistic);
+        let worst_series = host(&defaults, &worst);
+        std::fs::remove_dir_all(&root).unwrap();
+        // 60 pairs (20 served, 40 called), each with the series of one side.
+        assert_eq!(realistic_series, 20 * PASSIVE_PAIR + 40 * ACTIVE_PAIR);
+        // The pair cap, plus the shared `other` pair: the documented bound, reached.
+        assert_eq!(worst_series, 65 * SERIES_PER_PAIR);
+        assert_eq!((SERIES_PER_PAIR, PASSIVE_PAIR, ACTIVE_PAIR), (207, 132, 141));
+        println!("series: realistic {realistic_series}, worst {worst_series}");
     }
 
     #[test]

@@ -752,3 +752,43 @@ fn observations_are_attributed_to_the_service_port_and_the_sockets_cgroup() {
     );
     assert_eq!(seen.len(), 4);
 }
+
+#[test]
+fn sockets_from_the_snapshot_keep_their_owners_cgroup_when_records_carry_none() {
+    let mut tracker = Tracker::default();
+    tracker.expect_snapshot();
+    let listener = ExistingSocket {
+        state: Listen,
+        endpoints: Endpoints::new("127.0.0.1:80".parse().unwrap(), "0.0.0.0:0".parse().unwrap()),
+        netns: 0,
+        owner: Owner::UNKNOWN,
+        cgroup_id: 21,
+    };
+    let established = ExistingSocket {
+        state: Established,
+        endpoints: Endpoints::new(
+            "127.0.0.1:80".parse().unwrap(),
+            "127.0.0.1:40000".parse().unwrap(),
+        ),
+        cgroup_id: 22,
+        ..listener
+    };
+    tracker.preload(&[listener, established]);
+    let mut sink = AttributedSink::default();
+    // Records without cgroup ids (a kernel where the program cannot read them): a child of
+    // the old listener, and the old connection closing.
+    for (ms, sk, old, new, local, remote) in [
+        (1, 5, Listen, SynRecv, 80, 40001),
+        (1, 5, SynRecv, Established, 80, 40001),
+        (2, 6, Established, CloseWait, 80, 40000),
+    ] {
+        let event = decode_record(&v4(ms * MS, sk, old, new, local, remote, 0)).unwrap();
+        tracker.on_event(&event, &mut sink);
+    }
+    let cgroups: Vec<(Observation, u64)> =
+        sink.0.iter().map(|(o, whose)| (*o, whose.map_or(0, |w| w.cgroup_id))).collect();
+    assert_eq!(
+        cgroups,
+        [(Observation::Opened { side: Side::Passive }, 21), (Observation::CloseWaitEntered, 22),]
+    );
+}
