@@ -10,18 +10,22 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use monitor::aggregate::Aggregator;
+use monitor::aggregate::{labels::LabelLimits, Aggregator};
 use monitor::clock::WallClock;
 use monitor::decode::{fixture, TcpState};
 use monitor::pipeline::Pipeline;
 use monitor::source::ReplaySource;
 use monitor::tail::hub::{TailHub, TailMetrics};
 use monitor::tracker::Tracker;
+use monitor::workload::Workloads;
 
-/// The daemon's pipeline over `records`, with its own metrics and no tail client.
+/// The daemon's pipeline over `records`, with its own metrics (the default `port` and
+/// `workload` labels) and no tail client.
 fn pipeline(records: Vec<Vec<u8>>, max_sockets: usize) -> Pipeline<ReplaySource> {
     let registry = prometheus::Registry::new();
-    let aggregator = Aggregator::new(&registry).expect("metrics");
+    let names = Workloads::discover(monitor::workload::DEFAULT_POD_LOGS.into());
+    let aggregator =
+        Aggregator::with_labels(&registry, LabelLimits::DEFAULT, names).expect("metrics");
     let hub =
         TailHub::new(WallClock::now(), TailMetrics::new(&registry).expect("metrics"), "bench");
     Pipeline::new(ReplaySource::new(records), Tracker::new(max_sockets), aggregator, hub)
@@ -69,7 +73,12 @@ fn churn_stream(connections: u64, in_flight: u64) -> Vec<Vec<u8>> {
         let port = 30_000 + (i % 30_000) as u16;
         let mut push = |dt: u64, sk: u64, old, new, sport, dport| {
             t += dt;
-            records.push(fixture::bytes(&fixture::v4(t, sk, old, new, sport, dport, 0)));
+            let mut raw = fixture::v4(t, sk, old, new, sport, dport, 0);
+            // The root cgroup (id 1) at births and closes, where the kernel reads it.
+            if old == Close || new == Close || old == Listen {
+                raw.cgroup_id = 1;
+            }
+            records.push(fixture::bytes(&raw));
         };
         push(1_000, client, Close, SynSent, 0, 8080);
         push(20_000, client, SynSent, Established, port, 8080);

@@ -129,7 +129,7 @@ pub struct RunArgs {
     /// at listen() and at start-up) and N remote ports of connects (in the order first seen);
     /// later ones share port="other". 0 with no --ports: no `port` label (the series of
     /// tcpmon 0.1).
-    #[arg(long, env = "TCPMON_PORT_LABELS", value_name = "N", default_value_t = 32)]
+    #[arg(long, env = "TCPMON_PORT_LABELS", value_name = "N", default_value_t = LabelLimits::DEFAULT.ports)]
     pub port_labels: usize,
 
     /// Ports that always get a `port` value of their own, beyond --port-labels
@@ -140,15 +140,21 @@ pub struct RunArgs {
     /// Give up to N workloads (systemd units, containers, pods, cgroups) a `workload` label
     /// of their own, in the order first seen; later ones share workload="other". 0: no
     /// `workload` label.
-    #[arg(long, env = "TCPMON_WORKLOAD_LABELS", value_name = "N", default_value_t = 32)]
+    #[arg(long, env = "TCPMON_WORKLOAD_LABELS", value_name = "N", default_value_t = LabelLimits::DEFAULT.workloads)]
     pub workload_labels: usize,
 
     /// Most (port, workload) pairs with series of their own; later pairs share
     /// port="other",workload="other". With --port-labels and --workload-labels this is the
     /// series budget (README).
-    #[arg(long, env = "TCPMON_LABEL_PAIRS", value_name = "N", default_value_t = 64,
+    #[arg(long, env = "TCPMON_LABEL_PAIRS", value_name = "N", default_value_t = LabelLimits::DEFAULT.pairs as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub label_pairs: u64,
+
+    /// The cgroup2 tree workloads are named from; by default the cgroup2 mount in
+    /// /proc/self/mountinfo. In a container with a cgroup namespace of its own, mount the
+    /// host's tree and point this at it.
+    #[arg(long, env = "TCPMON_CGROUP_ROOT", value_name = "DIR")]
+    pub cgroup_root: Option<PathBuf>,
 
     /// The kubelet's pod log directory (`<namespace>_<pod>_<uid>` entries), which names pods
     /// `namespace/pod`; without it pods are `pod/<uid>`.

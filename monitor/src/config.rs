@@ -10,6 +10,12 @@
 //! low-latency = false
 //! max-sockets = 1048576
 //! netns-labels = 0      # split the main metrics by network namespace, for up to N of them
+//! port-labels = 32      # service ports with a `port` value of their own, per side (0: no label)
+//! ports = "443,5432"    # ports that always get one
+//! workload-labels = 32  # workloads with a `workload` value of their own (0: no label)
+//! label-pairs = 64      # (port, workload) pairs with series of their own: the series budget
+//! cgroup-root = "/host/sys/fs/cgroup"   # the cgroup2 tree (default: from mountinfo)
+//! pod-logs = "/var/log/pods"   # the kubelet's pod directories, which name pods
 //! hook = "auto"         # or "btf", "tracepoint": which build of the kernel program
 //! tail-socket = "/run/tcpmon/tail.sock"
 //! record = "/var/tmp/tcpmon.rec"   # raw records, for bug reports
@@ -378,6 +384,7 @@ mod tests {
             "ports",
             "workload-labels",
             "label-pairs",
+            "cgroup-root",
             "pod-logs",
             "hook",
             "record",
@@ -387,7 +394,7 @@ mod tests {
         ] {
             assert!(keys.contains(&key.to_owned()), "{key} in {keys:?}");
         }
-        assert_eq!(keys.len(), 16, "{keys:?}");
+        assert_eq!(keys.len(), 17, "{keys:?}");
     }
 
     #[test]

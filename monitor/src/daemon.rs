@@ -133,7 +133,10 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     let listener = metrics::bind(args.listen).await?;
     let tail_listener = hub::bind_socket(&args.tail_socket)?;
     let registry = Registry::new();
-    let names = Workloads::discover(args.pod_logs.clone());
+    let names = match &args.cgroup_root {
+        Some(root) => Workloads::new(Some(root.clone()), args.pod_logs.clone()),
+        None => Workloads::discover(args.pod_logs.clone()),
+    };
     match names.mount() {
         Some(mount) => info!("naming workloads from the cgroup2 tree at {}", mount.display()),
         None => warn!("no cgroup2 mount in /proc/self/mountinfo: every workload is `unknown`"),

@@ -1,6 +1,6 @@
 //! The `port` and `workload` label values: closed sets by construction. Each label has a
 //! cap; a value, once given, is kept for the life of the process (no series churn); what
-//! comes after the cap shares `other`, and is counted. The (port, workload) pairs that get
+//! comes after the cap shares `other` (the aggregator counts what it lumps there). The (port, workload) pairs that get
 //! series of their own are capped too, which is what bounds the number of series
 //! (README, "Series budget").
 
@@ -39,6 +39,11 @@ impl LabelLimits {
     /// No `port` and no `workload` label: the series of tcpmon before attribution.
     pub const NONE: LabelLimits =
         LabelLimits { ports: 0, pinned_ports: Vec::new(), workloads: 0, pairs: 0 };
+
+    /// `tcpmon run`'s defaults: 32 ports per side, 32 workloads, 64 pairs (README, "Series
+    /// budget").
+    pub const DEFAULT: LabelLimits =
+        LabelLimits { ports: 32, pinned_ports: Vec::new(), workloads: 32, pairs: 64 };
 
     /// Whether the metrics carry a `port` label.
     pub fn port_label(&self) -> bool {
@@ -96,7 +101,6 @@ pub struct PortLabels {
     by_port: FxHashMap<u16, (ValueIndex, PortKind)>,
     listening: usize,
     remote: usize,
-    overflow: u64,
 }
 
 impl PortLabels {
@@ -108,7 +112,6 @@ impl PortLabels {
             by_port: FxHashMap::default(),
             listening: 0,
             remote: 0,
-            overflow: 0,
         };
         for &port in &limits.pinned_ports {
             if !labels.by_port.contains_key(&port) {
@@ -133,10 +136,7 @@ impl PortLabels {
             return *index;
         }
         let kind = if listening { PortKind::Listening } else { PortKind::Remote };
-        self.give(port, kind).unwrap_or_else(|| {
-            self.overflow += 1;
-            OTHER_INDEX
-        })
+        self.give(port, kind).unwrap_or(OTHER_INDEX)
     }
 
     fn give(&mut self, port: u16, kind: PortKind) -> Option<ValueIndex> {
@@ -161,11 +161,6 @@ impl PortLabels {
     pub fn values(&self) -> &LabelValues {
         &self.values
     }
-
-    /// Lookups answered `other` because the port's side was full.
-    pub fn overflow(&self) -> u64 {
-        self.overflow
-    }
 }
 
 /// The `workload` label: workload names in the order first seen, capped.
@@ -176,7 +171,6 @@ pub struct WorkloadLabels {
     by_name: FxHashMap<String, ValueIndex>,
     /// cgroup id → value: most lookups stop here, without the name.
     by_cgroup: FxHashMap<u64, ValueIndex>,
-    overflow: u64,
 }
 
 /// Most cgroup ids remembered by [`WorkloadLabels`] (names are bounded by the cap; ids of a
@@ -191,7 +185,6 @@ impl WorkloadLabels {
             values: LabelValues::new(),
             by_name: FxHashMap::default(),
             by_cgroup: FxHashMap::default(),
-            overflow: 0,
         }
     }
 
@@ -202,9 +195,6 @@ impl WorkloadLabels {
             return UNKNOWN_INDEX;
         }
         if let Some(index) = self.by_cgroup.get(&cgroup_id) {
-            if *index == OTHER_INDEX {
-                self.overflow += 1;
-            }
             return *index;
         }
         let name = name();
@@ -216,10 +206,7 @@ impl WorkloadLabels {
                 self.by_name.insert(name, index);
                 index
             }
-            None => {
-                self.overflow += 1;
-                OTHER_INDEX
-            }
+            None => OTHER_INDEX,
         };
         // An id not found (yet) is asked again next time: the cgroup may just be new.
         if index != UNKNOWN_INDEX {
@@ -234,11 +221,6 @@ impl WorkloadLabels {
     /// The values given out so far.
     pub fn values(&self) -> &LabelValues {
         &self.values
-    }
-
-    /// Lookups answered `other` because the cap was reached.
-    pub fn overflow(&self) -> u64 {
-        self.overflow
     }
 }
 
@@ -272,7 +254,7 @@ mod tests {
         assert_eq!(remote, ["53", "6379", "other", "5432", "53"]);
         let unknown = ports.index(None, false);
         assert_eq!(name(&ports, unknown), UNKNOWN);
-        assert_eq!((ports.values().given(), ports.overflow()), (5, 2));
+        assert_eq!(ports.values().given(), 5);
         // A port once given keeps its value, whichever side it shows up on.
         assert_eq!(names(&mut ports, &[80], false), ["80"]);
     }
@@ -298,7 +280,7 @@ mod tests {
         assert_eq!(index(10, "web.service"), web);
         assert_ne!(web, db);
         assert_eq!(asked, 5, "ids are remembered, except unknown ones");
-        assert_eq!((workloads.values().given(), workloads.overflow()), (2, 2));
+        assert_eq!(workloads.values().given(), 2);
         assert_eq!(workloads.values().name(web), "web.service");
     }
 

@@ -64,6 +64,25 @@ pub const SERIES_PER_PAIR: usize = {
 /// `[port, workload, pair]`: the labels whose values are capped.
 const CAPPED: [&str; 3] = ["port", "workload", "pair"];
 
+/// Where an origin's observations go: its series set, and which labels were lumped into
+/// `other` on the way (counted per observation).
+#[derive(Clone, Copy, Debug)]
+struct Resolved {
+    set: usize,
+    /// `[port, workload, pair]`
+    other: [bool; 3],
+}
+
+/// An origin (service port or 0, listening, cgroup id) in one word, which hashes with one
+/// multiplication; `None` for a cgroup id above 2^47 (ids are inode numbers: never seen).
+fn packed((port, listening, cgroup_id): (u16, bool, u64)) -> Option<u64> {
+    (cgroup_id < 1 << 47).then(|| cgroup_id << 17 | u64::from(listening) << 16 | u64::from(port))
+}
+
+/// Most origins remembered by [`Attributed`]; past it the memo starts over (the values
+/// given out stay).
+const MAX_ORIGINS: usize = 65_536;
+
 /// How the connection series are split: the label values given out, and the series of each
 /// (port, workload) pair.
 struct Attributed {
@@ -75,7 +94,12 @@ struct Attributed {
     /// (port, workload) → index in `sets`.
     pairs: FxHashMap<(ValueIndex, ValueIndex), usize>,
     sets: Vec<SeriesSet>,
-    pair_overflow: u64,
+    /// [`packed`] origins → where they resolved: one lookup per observation instead of three.
+    origins: FxHashMap<u64, Resolved>,
+    /// The last origin resolved: a connection's observations mostly come in runs.
+    last: Option<(u64, Resolved)>,
+    /// `[port, workload, pair]` observations lumped into `other`.
+    overflow: [u64; 3],
     /// `[port, workload, pair]` values given out and overflow; only with labels.
     counts: Option<([IntGauge; 3], [IntCounter; 3])>,
 }
@@ -83,49 +107,80 @@ struct Attributed {
 impl Attributed {
     /// The series set of `whose` (`None`: an observation no connection is known for).
     fn set_for(&mut self, whose: Option<&Attribution>) -> &SeriesSet {
-        if self.sets.len() == 1 && !self.limits.port_label() && !self.limits.workload_label() {
+        if self.counts.is_none() {
             return &self.sets[0];
         }
-        let port = match whose {
-            Some(whose) if self.limits.port_label() => {
-                self.ports.index(whose.service_port, whose.listening)
-            }
-            _ => UNKNOWN_INDEX,
+        let origin = whose
+            .map_or((0, false, 0), |w| (w.service_port.unwrap_or(0), w.listening, w.cgroup_id));
+        let key = packed(origin);
+        let resolved = match self.last {
+            Some((last, resolved)) if Some(last) == key => resolved,
+            _ => match key.and_then(|key| self.origins.get(&key)) {
+                Some(resolved) => {
+                    self.last = key.map(|key| (key, *resolved));
+                    *resolved
+                }
+                None => self.resolve(origin),
+            },
         };
-        let workload = match whose {
-            Some(whose) if self.limits.workload_label() => {
-                let names = &mut self.names;
-                self.workloads.index(whose.cgroup_id, || names.name(whose.cgroup_id).to_string())
-            }
-            _ => UNKNOWN_INDEX,
-        };
-        let index = match self.pairs.get(&(port, workload)) {
-            Some(index) => *index,
-            None => self.add_pair(port, workload),
-        };
-        &self.sets[index]
+        for (count, lumped) in self.overflow.iter_mut().zip(resolved.other) {
+            *count += u64::from(lumped);
+        }
+        &self.sets[resolved.set]
     }
 
-    /// Series for a new pair, or the shared `other` pair once the cap is reached.
-    fn add_pair(&mut self, port: ValueIndex, workload: ValueIndex) -> usize {
+    /// Gives the origin's port and workload their values (or `other`), and its pair a
+    /// series set; remembers the answer unless the cgroup could not be named yet.
+    fn resolve(&mut self, origin: (u16, bool, u64)) -> Resolved {
+        let (service_port, listening, cgroup_id) = origin;
+        let port = match self.limits.port_label() {
+            true => self.ports.index((service_port != 0).then_some(service_port), listening),
+            false => UNKNOWN_INDEX,
+        };
+        let workload = match self.limits.workload_label() {
+            true => {
+                let names = &mut self.names;
+                self.workloads.index(cgroup_id, || names.name(cgroup_id).to_string())
+            }
+            false => UNKNOWN_INDEX,
+        };
+        let requested = (port, workload);
         let overflow = (OTHER_INDEX, OTHER_INDEX);
-        let key =
-            if self.sets.len() >= self.limits.pairs.max(1) { overflow } else { (port, workload) };
-        if key == overflow && (port, workload) != overflow {
-            self.pair_overflow += 1;
+        let pair = match self.pairs.get(&requested) {
+            Some(_) => requested,
+            None if self.sets.len() >= self.limits.pairs.max(1) => overflow,
+            None => requested,
+        };
+        let set = match self.pairs.get(&pair) {
+            Some(set) => *set,
+            None => self.add_set(pair),
+        };
+        let resolved = Resolved {
+            set,
+            other: [port == OTHER_INDEX, workload == OTHER_INDEX, pair != requested],
+        };
+        let named = workload != UNKNOWN_INDEX || cgroup_id == 0 || !self.limits.workload_label();
+        if let (true, Some(key)) = (named, packed(origin)) {
+            if self.origins.len() >= MAX_ORIGINS {
+                self.origins.clear();
+            }
+            self.origins.insert(key, resolved);
+            self.last = Some((key, resolved));
         }
-        if let Some(index) = self.pairs.get(&key) {
-            return *index;
-        }
+        resolved
+    }
+
+    /// A series set for a new pair.
+    fn add_set(&mut self, (port, workload): (ValueIndex, ValueIndex)) -> usize {
         let mut extra = Vec::new();
         if self.limits.port_label() {
-            extra.push(self.ports.values().name(key.0).to_owned());
+            extra.push(self.ports.values().name(port).to_owned());
         }
         if self.limits.workload_label() {
-            extra.push(self.workloads.values().name(key.1).to_owned());
+            extra.push(self.workloads.values().name(workload).to_owned());
         }
         self.sets.push(SeriesSet::new(extra));
-        self.pairs.insert(key, self.sets.len() - 1);
+        self.pairs.insert((port, workload), self.sets.len() - 1);
         self.sets.len() - 1
     }
 
@@ -133,10 +188,9 @@ impl Attributed {
     fn publish(&self) {
         let Some((values, overflows)) = &self.counts else { return };
         let given = [self.ports.values().given(), self.workloads.values().given(), self.sets.len()];
-        let overflow = [self.ports.overflow(), self.workloads.overflow(), self.pair_overflow];
         for index in 0..CAPPED.len() {
             values[index].set(given[index] as i64);
-            catch_up(&overflows[index], overflow[index]);
+            catch_up(&overflows[index], self.overflow[index]);
         }
     }
 }
@@ -231,12 +285,14 @@ impl Aggregator {
             names,
             pairs: FxHashMap::default(),
             sets: Vec::new(),
-            pair_overflow: 0,
+            origins: FxHashMap::default(),
+            last: None,
+            overflow: [0; 3],
             counts,
         };
         if !attributed.limits.port_label() && !attributed.limits.workload_label() {
             // One set for everything, created at start as tcpmon always did.
-            let index = attributed.add_pair(UNKNOWN_INDEX, UNKNOWN_INDEX);
+            let index = attributed.add_set((UNKNOWN_INDEX, UNKNOWN_INDEX));
             attributed.sets[index].create_all(&families);
         }
 

@@ -254,7 +254,10 @@ impl SeriesSet {
                 child!(self.resets[i], f.resets, extra, [direction.as_str()]).inc()
             }
             Observation::CloseWait { duration_ns } => {
-                child!(self.close_wait, f.close_wait, extra, []).observe(seconds(duration_ns))
+                child!(self.close_wait, f.close_wait, extra, []).observe(seconds(duration_ns));
+                if let Some(family) = &f.close_wait_sockets {
+                    child!(self.close_wait_sockets, family, extra, []).dec();
+                }
             }
             Observation::Closed { side, reason, lifetime_ns, teardown } => {
                 let row = side.map_or(2, side_index);

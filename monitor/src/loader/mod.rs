@@ -178,6 +178,10 @@ fn check_object(object: &[u8]) -> Result<(), FingerprintError> {
     }
 }
 
+/// Set (to anything) in the environment, the programs skip reading sockets' cgroups (every
+/// workload is `unknown`): `cargo xtask bench` measures what that read costs with it.
+pub const WITHOUT_CGROUP_ENV: &str = "TCPMON_BENCH_WITHOUT_CGROUP";
+
 /// Knobs of the kernel side.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
@@ -296,6 +300,12 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     for problem in &report.missing {
         warn!("not read from the kernel (the numbers that need it are not reported): {problem}");
     }
+    let mut offsets = report.offsets;
+    if std::env::var_os(WITHOUT_CGROUP_ENV).is_some() {
+        // The verifier prunes the loads of an unknown offset: the program as it was before
+        // it read cgroups, for the benchmark's comparison.
+        offsets.sk_cgroup = OFFSET_UNKNOWN;
+    }
     // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; harmless on newer ones.
     let _ = nix::sys::resource::setrlimit(
         nix::sys::resource::Resource::RLIMIT_MEMLOCK,
@@ -313,7 +323,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     let mut loader = EbpfLoader::new();
     loader
         .btf(btf.as_ref())
-        .override_global(names::OFFSETS_GLOBAL, &report.offsets, true)
+        .override_global(names::OFFSETS_GLOBAL, &offsets, true)
         .override_global(names::WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
         .override_global(names::CHECK_BYTES_GLOBAL, &check_bytes, true)
         .override_global(names::RINGS_GLOBAL, &rings_global, true);
@@ -322,7 +332,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     }
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| aya_error("loading the eBPF object", e))?;
 
-    let hook = attach_state_program(&mut ebpf, btf.as_ref(), &report.offsets, options.hook)?;
+    let hook = attach_state_program(&mut ebpf, btf.as_ref(), &offsets, options.hook)?;
     let program = ebpf
         .program(hook.program())
         .ok_or(LoadError::NotInObject { kind: "program", name: hook.program() })?
@@ -330,7 +340,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         .and_then(|fd| fd.try_clone().map_err(Into::into))
         .map_err(|e| aya_error("duplicating the program fd", e))?;
 
-    let enrichments = attach_enrichments(&mut ebpf, btf.as_ref(), &report.offsets);
+    let enrichments = attach_enrichments(&mut ebpf, btf.as_ref(), &offsets);
 
     let mut take = |name: &'static str| {
         ebpf.take_map(name).ok_or(LoadError::NotInObject { kind: "map", name })

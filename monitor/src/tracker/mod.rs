@@ -323,7 +323,11 @@ impl Tracker {
             sink.observe(&Observation::Transition(entry.transition_record(event, in_old)));
         }
 
-        if entry.state == CloseWait && event.new != CloseWait && !entry.close_wait_ns.is_none() {
+        // Leaving CLOSE_WAIT for LAST_ACK is reported as its duration (below); any other way
+        // out (a reset, lost events) on its own.
+        let left_otherwise = (event.old, event.new) != (CloseWait, LastAck);
+        let was_entered = entry.state == CloseWait && !entry.close_wait_ns.is_none();
+        if was_entered && event.new != CloseWait && left_otherwise {
             sink.observe_in(&Observation::CloseWaitLeft, &self.attribution(&entry));
         }
         match (event.old, event.new) {

@@ -48,15 +48,16 @@ pub enum Observation {
         /// Sent or received.
         direction: ResetDirection,
     },
-    /// The application closed a socket the peer had closed: CLOSE_WAIT → LAST_ACK.
+    /// The application closed a socket the peer had closed: CLOSE_WAIT → LAST_ACK (it left
+    /// CLOSE_WAIT).
     CloseWait {
         /// Nanoseconds the socket sat in CLOSE_WAIT.
         duration_ns: u64,
     },
     /// The peer closed first: the connection is in CLOSE_WAIT until the application closes.
     CloseWaitEntered,
-    /// A connection seen entering CLOSE_WAIT left it (closed by the application, reset, or
-    /// replaced after lost events).
+    /// A connection seen entering CLOSE_WAIT left it another way than by the application's
+    /// close ([`Observation::CloseWait`]): a reset, or lost events.
     CloseWaitLeft,
     /// An established connection reached CLOSE.
     Closed {

@@ -309,7 +309,6 @@ fn passive_open_and_passive_close_with_close_wait() {
             // No handshake: SYN_RECV → ESTABLISHED is not the passive handshake.
             Observation::Opened { side: Side::Passive },
             Observation::CloseWaitEntered,
-            Observation::CloseWaitLeft,
             Observation::CloseWait { duration_ns: 300 * MS },
             Observation::Closed {
                 side: Some(Side::Passive),
@@ -561,7 +560,6 @@ fn fast_open_children_are_established_by_a_fin_before_the_ack() {
         vec![
             Observation::Opened { side: Side::Passive },
             Observation::CloseWaitEntered,
-            Observation::CloseWaitLeft,
             Observation::CloseWait { duration_ns: 2 * MS },
             Observation::Closed {
                 side: Some(Side::Passive),
