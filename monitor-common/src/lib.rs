@@ -187,13 +187,19 @@ pub struct SynAckRetransmit {
     pub dport: u16,
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
-    /// Explicit padding; always zero.
-    pub _pad: u16,
+    /// [`SYNACK_CLIENT_ACKED`] or 0.
+    pub flags: u16,
     /// Local address, IPv4-mapped for `AF_INET` (as in [`StateEvent`]).
     pub saddr: [u8; 16],
     /// Remote address, same encoding.
     pub daddr: [u8; 16],
 }
+
+/// [`SynAckRetransmit::flags`]: the client's final ACK had arrived (`inet_rsk(req)->acked`),
+/// but the listener's accept queue was full, so the kernel dropped it and resends the SYN-ACK
+/// until there is room (`tcp_check_req()`, `listen_overflow`; with `tcp_abort_on_overflow`
+/// off, the default).
+pub const SYNACK_CLIENT_ACKED: u16 = 1;
 
 /// Size in bytes of [`SynAckRetransmit`].
 pub const SYNACK_RETRANSMIT_SIZE: usize = core::mem::size_of::<SynAckRetransmit>();
@@ -408,6 +414,9 @@ pub mod names {
     pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
     /// Global: bytes a CPU writes between two looks at its ring's fill.
     pub const CHECK_BYTES_GLOBAL: &str = "CHECK_BYTES";
+    /// Global: the bit offset of `struct inet_request_sock.acked` (a bitfield, so not one of
+    /// the byte offsets of [`super::KernelOffsets`]); [`super::OFFSET_UNKNOWN`] if unknown.
+    pub const REQ_ACKED_BIT_GLOBAL: &str = "REQ_ACKED_BIT";
     /// The `u64` [`super::SOURCE_FINGERPRINT`] the object was compiled with (read-only data,
     /// never used by a program).
     pub const FINGERPRINT_SYMBOL: &str = "COMMON_FINGERPRINT";

@@ -27,7 +27,7 @@ use aya_ebpf::{
 use monitor_common::{
     counter, note, synack_layout as synack, tracepoint_layout as tp, transition_index,
     KernelOffsets, SocketNote, StateEvent, StateEventWithStats, SynAckRetransmit, TcpStats,
-    AF_INET, IPPROTO_TCP, OFFSET_UNKNOWN, SOCK_ERR_UNKNOWN, TRANSITION_SLOTS,
+    AF_INET, IPPROTO_TCP, OFFSET_UNKNOWN, SOCK_ERR_UNKNOWN, SYNACK_CLIENT_ACKED, TRANSITION_SLOTS,
 };
 
 // The kernel's TCP states (include/net/tcp_states.h).
@@ -183,6 +183,11 @@ static WAKEUP_BYTES: Global<u64> = Global::new(0);
 /// threshold shared among the CPUs that write to one ring; set by the loader.
 #[unsafe(no_mangle)]
 static CHECK_BYTES: Global<u64> = Global::new(0);
+
+/// The bit offset of `inet_request_sock.acked`, set by the loader (bitfields have no byte
+/// offset of their own).
+#[unsafe(no_mangle)]
+static REQ_ACKED_BIT: Global<u32> = Global::new(OFFSET_UNKNOWN);
 
 /// Bytes this CPU has written since it last looked at its ring's fill (one slot).
 #[map(name = "UNCHECKED_BYTES")]
@@ -689,7 +694,12 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
         (*record).sport = field(&ctx, synack::SPORT);
         (*record).dport = field(&ctx, synack::DPORT);
         (*record).family = field(&ctx, synack::FAMILY);
-        (*record)._pad = 0;
+        let acked_bit = REQ_ACKED_BIT.load();
+        let acked = match acked_bit {
+            OFFSET_UNKNOWN => 0,
+            bit => Probe(req).read::<u8>(bit / 8).map_or(0, |byte| byte >> (bit % 8) & 1),
+        };
+        (*record).flags = if acked != 0 { SYNACK_CLIENT_ACKED } else { 0 };
         copy_addr_2aligned(&ctx, synack::SADDR_V6, &mut (*record).saddr);
         copy_addr_2aligned(&ctx, synack::DADDR_V6, &mut (*record).daddr);
         output(&*record, counter::NOTE_RESERVE_FAILED);

@@ -19,6 +19,7 @@ use crate::config::{self, Values};
 use crate::loader::Loaded;
 use crate::logging;
 use crate::metrics::{self, CounterSource, KernelCollector};
+use crate::netstate::NetState;
 use crate::pipeline::{Controls, Pipeline, Wake};
 use crate::source::RingSource;
 use crate::tail::hub::{self, TailHub, TailMetrics};
@@ -148,6 +149,9 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
             .enable_netns_labels(&registry, args.netns_labels)
             .context("creating the per-namespace metrics")?;
     }
+    let kernel_state = NetState::new(aggregator.port_labels(), args.netns_labels)
+        .context("creating the kernel state metrics")?;
+    registry.register(Box::new(kernel_state)).context("registering the kernel state metrics")?;
     let hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "daemon");
 
     let options = args.pipeline_options();

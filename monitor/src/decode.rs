@@ -194,6 +194,9 @@ pub struct SynAckRetransmitted {
     pub timestamp_ns: u64,
     /// CLOCK_MONOTONIC ns of the request's first SYN-ACK (µs precision); `None` if unread.
     pub first_synack_ns: Option<u64>,
+    /// The client had acknowledged the SYN-ACK, but the accept queue was full
+    /// ([`monitor_common::SYNACK_CLIENT_ACKED`]).
+    pub client_acked: bool,
     /// The 4-tuple the accepted child socket will have.
     pub endpoints: Endpoints,
 }
@@ -320,6 +323,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
                 timestamp_ns: raw.timestamp_ns,
                 first_synack_ns: (raw.first_synack_us != 0)
                     .then(|| raw.first_synack_us.saturating_mul(1000)),
+                client_acked: raw.flags & monitor_common::SYNACK_CLIENT_ACKED != 0,
                 endpoints: endpoints(raw.family, raw.sport, raw.dport, raw.saddr, raw.daddr)?,
             }))
         }
@@ -458,7 +462,7 @@ pub mod fixture {
             sport,
             dport,
             family: AF_INET,
-            _pad: 0,
+            flags: 0,
             saddr: loopback,
             daddr: loopback,
         }

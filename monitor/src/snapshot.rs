@@ -8,22 +8,13 @@
 //! reports, so snapshot sockets are matched to later events by their 4-tuple.
 
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs;
 use std::io;
-use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt;
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
-};
-use netlink_packet_sock_diag::{
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
-    SockDiagMessage,
-};
-use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
+use netlink_packet_sock_diag::inet::StateFlags;
 
 use crate::decode::{Endpoints, TcpState};
+use crate::sockdiag;
 use crate::tracker::{ExistingSocket, Owner};
 use crate::workload;
 
@@ -55,24 +46,8 @@ pub fn take() -> Snapshot {
              CAP_SYS_PTRACE for other users): their owners stay unknown"
         ));
     }
-    let own = fs::metadata("/proc/self/ns/net").map(|m| m.ino() as u32).unwrap_or(0);
-    for (netns, path) in namespaces(own) {
-        let dumped = if netns == own {
-            dump_all()
-        } else {
-            // setns() changes the calling thread's namespace: do it on a thread of its own.
-            std::thread::scope(|scope| {
-                scope
-                    .spawn(|| {
-                        let handle = File::open(&path)?;
-                        nix::sched::setns(handle, nix::sched::CloneFlags::CLONE_NEWNET)
-                            .map_err(io::Error::from)?;
-                        dump_all()
-                    })
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("the dump thread panicked")))
-            })
-        };
+    let namespaces = sockdiag::namespaces(sockdiag::own_namespace());
+    for (netns, dumped) in sockdiag::in_each(&namespaces, dump_all) {
         match dumped {
             Ok(found) => {
                 snapshot.namespaces += 1;
@@ -88,33 +63,6 @@ pub fn take() -> Snapshot {
     snapshot
 }
 
-/// Network namespaces some process is in or `ip netns` named (a namespace can outlive its
-/// processes, pinned by a mount in /run/netns and by its sockets), by inode, with a path to
-/// open each; `own` first.
-fn namespaces(own: u32) -> Vec<(u32, String)> {
-    let mut found: HashMap<u32, String> = HashMap::new();
-    found.insert(own, "/proc/self/ns/net".to_owned());
-    let named = fs::read_dir("/run/netns")
-        .into_iter()
-        .flatten()
-        .filter_map(|entry| entry.ok()?.path().to_str().map(str::to_owned));
-    for path in pids().map(|pid| format!("/proc/{pid}/ns/net")).chain(named) {
-        if let Ok(meta) = fs::metadata(&path) {
-            found.entry(meta.ino() as u32).or_insert(path);
-        }
-    }
-    let mut list: Vec<_> = found.into_iter().collect();
-    list.sort_by_key(|(inode, _)| (*inode != own, *inode));
-    list
-}
-
-fn pids() -> impl Iterator<Item = u32> {
-    fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-}
-
 /// Socket inode → the first process found holding it (`/proc/PID/fd/N` → `socket:[INODE]`)
 /// and that process's cgroup id. Also returns how many processes' fd tables could not be
 /// read.
@@ -123,7 +71,7 @@ fn socket_owners() -> (HashMap<u32, (Owner, u64)>, usize) {
     let cgroup2 = workload::cgroup2_mount(&mountinfo);
     let mut owners = HashMap::new();
     let mut unreadable = 0;
-    for pid in pids() {
+    for pid in sockdiag::pids() {
         let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
             Ok(fds) => fds,
             // The process ended meanwhile: nothing to read.
@@ -166,72 +114,16 @@ fn task_name(pid: u32) -> [u8; 16] {
     name
 }
 
-/// Both families of the current network namespace.
+/// Both families of the current network namespace: `(state, endpoints, inode)`.
 fn dump_all() -> io::Result<Vec<(TcpState, Endpoints, u32)>> {
-    let mut sockets = dump(AF_INET)?;
-    sockets.extend(dump(AF_INET6)?);
-    Ok(sockets)
-}
-
-/// One `SOCK_DIAG_BY_FAMILY` dump of TCP sockets: `(state, endpoints, inode)`.
-fn dump(family: u8) -> io::Result<Vec<(TcpState, Endpoints, u32)>> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&netlink_sys::SocketAddr::new(0, 0))?;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
-    let mut request = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
-            family,
-            protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::empty(),
-            states: wanted_states(),
-            socket_id,
-        })
-        .into(),
-    );
-    request.finalize();
-    let mut buffer = vec![0; request.buffer_len()];
-    request.serialize(&mut buffer);
-    socket.send(&buffer, 0)?;
-
-    let mut sockets = Vec::new();
-    let mut receive = vec![0u8; 1 << 16];
-    loop {
-        let size = socket.recv(&mut &mut receive[..], 0)?;
-        let mut offset = 0;
-        while offset < size {
-            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&receive[offset..size])
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            let length = message.header.length as usize;
-            match message.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    let h = &response.header;
-                    let Ok(state) = TcpState::try_from(i32::from(h.state)) else { continue };
-                    // The SYN_RECV filter also dumps request sockets (no inode, no full
-                    // socket, never a state event); their children are born later.
-                    if state == TcpState::SynRecv && h.inode == 0 {
-                        continue;
-                    }
-                    let id = &h.socket_id;
-                    let local = SocketAddr::new(id.source_address, id.source_port);
-                    let remote = SocketAddr::new(id.destination_address, id.destination_port);
-                    if local.is_ipv4() == remote.is_ipv4() {
-                        sockets.push((state, Endpoints::new(local, remote), h.inode));
-                    }
-                }
-                NetlinkPayload::Done(_) => return Ok(sockets),
-                NetlinkPayload::Error(e) => return Err(e.to_io()),
-                _ => {}
-            }
-            if length == 0 {
-                break;
-            }
-            offset += length;
-        }
-    }
+    let sockets = sockdiag::dump_both(wanted_states())?;
+    // The SYN_RECV filter also dumps request sockets (no inode, no full socket, never a
+    // state event); their children are born later.
+    Ok(sockets
+        .into_iter()
+        .filter(|s| !(s.state == TcpState::SynRecv && s.inode == 0))
+        .map(|s| (s.state, s.endpoints, s.inode))
+        .collect())
 }
 
 #[cfg(test)]

@@ -161,6 +161,11 @@ impl PortLabels {
     pub fn values(&self) -> &LabelValues {
         &self.values
     }
+
+    /// The value `port` has, without giving it one: [`OTHER`] if it has none.
+    pub fn value_of(&self, port: u16) -> &str {
+        self.by_port.get(&port).map_or(OTHER, |(index, _)| self.values.name(*index))
+    }
 }
 
 /// The `workload` label: workload names in the order first seen, capped.

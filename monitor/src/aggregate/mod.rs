@@ -10,6 +10,8 @@ pub mod labels;
 mod namespaces;
 mod series;
 
+use std::sync::{Arc, Mutex};
+
 use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use rustc_hash::FxHashMap;
 
@@ -57,9 +59,31 @@ pub const SERIES_PER_PAIR: usize = {
         + (CLOSE_WAIT_BUCKETS.len() + 3) + 2 * (LIFETIME_BUCKETS.len() + 3);
     let reasons = crate::tracker::CloseReason::ALL.len();
     let counters = 2 /* opened */ + 3 * reasons /* closed */ + reasons /* connect failures */
-        + 2 /* handshake retransmits */ + 2 /* resets */ + 1 /* CLOSE_WAIT sockets */;
+        + 2 /* handshake retransmits */ + 2 /* resets */ + 1 /* CLOSE_WAIT sockets */
+        + 2 /* SYN-ACK retransmits */ + 1 /* TIME_WAIT entered */;
     histograms + counters
 };
+
+/// The states of full sockets, which the tracker counts. The state tracepoint never reports
+/// TIME_WAIT (a timewait mini-socket takes over) nor request sockets (NEW_SYN_RECV; `ss`
+/// shows them as SYN-RECV), and a full socket in SYN_RECV lives for microseconds:
+/// [`crate::netstate`] reads those two from the kernel. CLOSE is the end, not a population.
+pub const TRACKED_STATES: [TcpState; 8] = [
+    TcpState::Established,
+    TcpState::SynSent,
+    TcpState::FinWait1,
+    TcpState::FinWait2,
+    TcpState::CloseWait,
+    TcpState::LastAck,
+    TcpState::Closing,
+    TcpState::Listen,
+];
+
+/// The help of `tcpmon_connections`, which the aggregator (tracked states) and this collector
+/// (TIME_WAIT, SYN_RECV) share.
+pub const CONNECTIONS_HELP: &str = "TCP sockets per state: the tracker's for the states of full \
+     sockets; TIME_WAIT from /proc/net/sockstat and SYN_RECV (request sockets, as ss shows \
+     them) from sock_diag, summed over every network namespace.";
 
 /// `[port, workload, pair]`: the labels whose values are capped.
 const CAPPED: [&str; 3] = ["port", "workload", "pair"];
@@ -79,6 +103,10 @@ fn packed((port, listening, cgroup_id): (u16, bool, u64)) -> Option<u64> {
     (cgroup_id < 1 << 47).then(|| cgroup_id << 17 | u64::from(listening) << 16 | u64::from(port))
 }
 
+fn lock(ports: &Mutex<PortLabels>) -> std::sync::MutexGuard<'_, PortLabels> {
+    ports.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Most origins remembered by [`Attributed`]; past it the memo starts over (the values
 /// given out stay).
 const MAX_ORIGINS: usize = 65_536;
@@ -87,7 +115,9 @@ const MAX_ORIGINS: usize = 65_536;
 /// (port, workload) pair.
 struct Attributed {
     limits: LabelLimits,
-    ports: PortLabels,
+    /// Shared with the scrape-time listen-queue gauges ([`crate::netstate`]), which label
+    /// listeners with the same values; locked only when an origin is first resolved.
+    ports: Arc<Mutex<PortLabels>>,
     workloads: WorkloadLabels,
     /// cgroup id → name, for the workload values and the tail.
     names: Workloads,
@@ -134,7 +164,7 @@ impl Attributed {
     fn resolve(&mut self, origin: (u16, bool, u64)) -> Resolved {
         let (service_port, listening, cgroup_id) = origin;
         let port = match self.limits.port_label() {
-            true => self.ports.index((service_port != 0).then_some(service_port), listening),
+            true => lock(&self.ports).index((service_port != 0).then_some(service_port), listening),
             false => UNKNOWN_INDEX,
         };
         let workload = match self.limits.workload_label() {
@@ -174,7 +204,7 @@ impl Attributed {
     fn add_set(&mut self, (port, workload): (ValueIndex, ValueIndex)) -> usize {
         let mut extra = Vec::new();
         if self.limits.port_label() {
-            extra.push(self.ports.values().name(port).to_owned());
+            extra.push(lock(&self.ports).values().name(port).to_owned());
         }
         if self.limits.workload_label() {
             extra.push(self.workloads.values().name(workload).to_owned());
@@ -187,7 +217,8 @@ impl Attributed {
     /// Publishes how many values each capped label has given out, and its overflow.
     fn publish(&self) {
         let Some((values, overflows)) = &self.counts else { return };
-        let given = [self.ports.values().given(), self.workloads.values().given(), self.sets.len()];
+        let ports = lock(&self.ports).values().given();
+        let given = [ports, self.workloads.values().given(), self.sets.len()];
         for index in 0..CAPPED.len() {
             values[index].set(given[index] as i64);
             catch_up(&overflows[index], self.overflow[index]);
@@ -199,7 +230,8 @@ impl Attributed {
 pub struct Aggregator {
     families: Families,
     attributed: Attributed,
-    connections: [IntGauge; 12],
+    /// `tcpmon_connections` of the [`TRACKED_STATES`].
+    connections: [IntGauge; TRACKED_STATES.len()],
     tracked_sockets: IntGauge,
     events_received: IntCounter,
     notes_received: IntCounter,
@@ -279,7 +311,7 @@ impl Aggregator {
             ))
         };
         let mut attributed = Attributed {
-            ports: PortLabels::new(&limits),
+            ports: Arc::new(Mutex::new(PortLabels::new(&limits))),
             workloads: WorkloadLabels::new(&limits),
             limits,
             names,
@@ -296,8 +328,22 @@ impl Aggregator {
             attributed.sets[index].create_all(&families);
         }
 
-        let connections =
-            gauge_vec("tcpmon_connections", "Tracked sockets per TCP state.", &["state"])?;
+        // One gauge per state, the state a constant label: the scrape-time collector adds the
+        // other states to the same family, which Prometheus' client merges only when every
+        // part declares the same label names the same way.
+        let connections = TRACKED_STATES.map(|state| {
+            let opts = Opts::new("tcpmon_connections", CONNECTIONS_HELP)
+                .const_label("state", state.name());
+            IntGauge::with_opts(opts)
+        });
+        let mut gauges = Vec::with_capacity(connections.len());
+        for gauge in connections {
+            let gauge = gauge?;
+            registry.register(Box::new(gauge.clone()))?;
+            gauges.push(gauge);
+        }
+        let connections: [IntGauge; TRACKED_STATES.len()] =
+            gauges.try_into().unwrap_or_else(|_| unreachable!("one gauge per tracked state"));
         let evictions = counter(
             "tcpmon_tracker_evictions_total",
             "Sockets dropped from the tracking table, by reason.",
@@ -318,7 +364,7 @@ impl Aggregator {
         Ok(Aggregator {
             families,
             attributed,
-            connections: TcpState::ALL.map(|s| connections.with_label_values(&[s.name()])),
+            connections,
             tracked_sockets,
             events_received: plain_counter(
                 "tcpmon_events_received_total",
@@ -394,8 +440,14 @@ impl Aggregator {
     /// `port` values like the listeners seen at `listen()`.
     pub fn learn_listeners(&mut self, ports: impl IntoIterator<Item = u16>) {
         for port in ports {
-            self.attributed.ports.learn_listener(port);
+            lock(&self.attributed.ports).learn_listener(port);
         }
+    }
+
+    /// The `port` values, for labelling what is read at scrape time the same way; `None`
+    /// without a `port` label.
+    pub fn port_labels(&self) -> Option<Arc<Mutex<PortLabels>>> {
+        self.attributed.limits.port_label().then(|| self.attributed.ports.clone())
     }
 
     /// The workload name of cgroup `cgroup_id`, for the tail.
@@ -405,8 +457,9 @@ impl Aggregator {
 
     /// Publishes the tracker's gauges and the growth of its counters since the last call.
     pub fn publish_tracker(&self, tracker: &Tracker, unix_time: f64) {
-        for (gauge, count) in self.connections.iter().zip(tracker.per_state()) {
-            gauge.set(*count as i64);
+        let per_state = tracker.per_state();
+        for (gauge, state) in self.connections.iter().zip(TRACKED_STATES) {
+            gauge.set(per_state[state.index()] as i64);
         }
         self.tracked_sockets.set(tracker.len() as i64);
         let stats = tracker.stats();
@@ -424,7 +477,7 @@ impl Aggregator {
 impl ObservationSink for Aggregator {
     fn observe_in(&mut self, observation: &Observation, whose: &Attribution) {
         if let Observation::Listening { port } = *observation {
-            self.attributed.ports.learn_listener(port);
+            lock(&self.attributed.ports).learn_listener(port);
             return;
         }
         if let Some(namespaces) = &self.namespaces {
@@ -449,6 +502,7 @@ mod tests {
     use crate::tracker::{ResetDirection, Side};
     use monitor_common::note;
     use prometheus::Encoder;
+    use std::collections::BTreeMap;
 
     fn scrape(registry: &Registry) -> String {
         let mut out = Vec::new();
@@ -642,7 +696,39 @@ mod tests {
         let _aggregator =
             Aggregator::with_labels(&registry, limits, Workloads::new(None, "".into()));
         let before = include_str!("../../tests/fixtures/metrics-unlabelled.txt");
-        assert_eq!(scrape(&registry), before);
+        // Every family of before, as it was; later features may add families of their own.
+        // `tcpmon_connections` changed on purpose: CLOSE and NEW_SYN_RECV are gone (always 0),
+        // TIME_WAIT and SYN_RECV come from the kernel at scrape time (`netstate`), and the
+        // help says so.
+        let families = |text: &str| -> BTreeMap<String, String> {
+            let mut families = BTreeMap::new();
+            for block in text.split("# HELP ").filter(|b| !b.is_empty()) {
+                let name = block.split(' ').next().unwrap().to_owned();
+                families.insert(name, block.to_owned());
+            }
+            families
+        };
+        let (old, now) = (families(before), families(&scrape(&registry)));
+        for (name, block) in &old {
+            if name == "tcpmon_connections" {
+                let states = |block: &str| -> Vec<String> {
+                    block
+                        .lines()
+                        .filter(|l| l.starts_with(&format!("{name}{{")))
+                        .map(str::to_owned)
+                        .collect()
+                };
+                let kept: Vec<String> = states(block)
+                    .into_iter()
+                    .filter(|line| {
+                        TRACKED_STATES.iter().any(|s| line.contains(&format!("\"{}\"", s.name())))
+                    })
+                    .collect();
+                assert_eq!(states(&now[name]), kept);
+                continue;
+            }
+            assert_eq!(now.get(name), Some(block), "{name} changed");
+        }
     }
 
     /// Series of the families split by port and workload, in a scrape.
@@ -677,6 +763,12 @@ mod tests {
         for direction in [ResetDirection::Sent, ResetDirection::Received] {
             all.push(Observation::Reset { direction });
         }
+        all.push(Observation::TimeWaitEntered);
+        if side == Side::Passive {
+            for client_acked in [false, true] {
+                all.push(Observation::SynAckRetransmitted { client_acked });
+            }
+        }
         all
     }
 
@@ -693,8 +785,9 @@ mod tests {
     /// The series of a pair that only accepts (handshake, lifetime, opened, closed and
     /// retransmits of one side; teardown by either end; CLOSE_WAIT; resets) or only connects
     /// (the same, and connect failures).
-    const PASSIVE_PAIR: usize = 26 + 2 * 26 + 20 + 1 + 20 + 1 + 9 + 1 + 2;
-    const ACTIVE_PAIR: usize = PASSIVE_PAIR + 9;
+    /// (A pair that only connects has no SYN-ACK retransmissions, and connect failures.)
+    const PASSIVE_PAIR: usize = 26 + 2 * 26 + 20 + 1 + 20 + 1 + 9 + 1 + 2 + 1 + 2;
+    const ACTIVE_PAIR: usize = PASSIVE_PAIR - 2 + 9;
 
     #[test]
     fn the_series_budget_holds_for_twenty_ports_twenty_upstreams_and_twenty_workloads() {
@@ -754,7 +847,7 @@ mod tests {
         assert_eq!(realistic_series, 20 * PASSIVE_PAIR + 40 * ACTIVE_PAIR);
         // The pair cap, plus the shared `other` pair: the documented bound, reached.
         assert_eq!(worst_series, 65 * SERIES_PER_PAIR);
-        assert_eq!((SERIES_PER_PAIR, PASSIVE_PAIR, ACTIVE_PAIR), (207, 132, 141));
+        assert_eq!((SERIES_PER_PAIR, PASSIVE_PAIR, ACTIVE_PAIR), (210, 135, 142));
         println!("series: realistic {realistic_series}, worst {worst_series}");
     }
 

@@ -23,6 +23,8 @@ pub(super) struct Families {
     handshake_retransmits: IntCounterVec,
     resets: IntCounterVec,
     failures: IntCounterVec,
+    synack_retransmits: IntCounterVec,
+    time_wait_entered: IntCounterVec,
     /// Only with `port` or `workload` labels: host-wide, `tcpmon_connections{state}` says it.
     close_wait_sockets: Option<IntGaugeVec>,
 }
@@ -119,6 +121,21 @@ impl Families {
                 "Active opens that never reached ESTABLISHED (SYN_SENT -> CLOSE), by reason.",
                 &["reason"],
             )?,
+            synack_retransmits: counter(
+                "tcpmon_synack_retransmits_total",
+                "SYN-ACKs a listening port resent (tcp:tcp_retransmit_synack), whether or not \
+                 the connection was ever accepted. reason=accept_queue_full: the client had \
+                 already sent its final ACK, which the kernel dropped because the accept \
+                 queue was full; reason=unacknowledged: no ACK came (a lost SYN-ACK or ACK, \
+                 or a SYN flood).",
+                &["reason"],
+            )?,
+            time_wait_entered: counter(
+                "tcpmon_time_wait_entered_total",
+                "Active closes handed to a TIME_WAIT socket (FIN_WAIT2 or CLOSING -> CLOSE \
+                 after an orderly FIN exchange; tcp_time_wait()).",
+                &[],
+            )?,
         })
     }
 }
@@ -138,6 +155,8 @@ fn reason_index(reason: CloseReason) -> usize {
 const SIDES: [Side; 2] = [Side::Active, Side::Passive];
 const CLOSED_SIDES: [&str; 3] = ["active", "passive", "unknown"];
 const REASONS: usize = CloseReason::ALL.len();
+/// `reason` of `tcpmon_synack_retransmits_total`, by whether the client had acknowledged.
+const SYNACK_REASONS: [&str; 2] = ["unacknowledged", "accept_queue_full"];
 
 fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
@@ -159,6 +178,9 @@ pub(super) struct SeriesSet {
     /// `[side: active, passive, unknown][reason]`
     closed: [[OnceLock<IntCounter>; REASONS]; 3],
     connect_failures: [OnceLock<IntCounter>; REASONS],
+    /// `[unacknowledged, accept_queue_full]`
+    synack_retransmits: [OnceLock<IntCounter>; 2],
+    time_wait_entered: OnceLock<IntCounter>,
     close_wait_sockets: OnceLock<IntGauge>,
 }
 
@@ -187,6 +209,8 @@ impl SeriesSet {
             opened: Default::default(),
             closed: Default::default(),
             connect_failures: Default::default(),
+            synack_retransmits: Default::default(),
+            time_wait_entered: Default::default(),
             close_wait_sockets: Default::default(),
         }
     }
@@ -217,6 +241,10 @@ impl SeriesSet {
             let r = reason_index(reason);
             child!(self.connect_failures[r], f.failures, extra, [reason.as_str()]);
         }
+        for (i, reason) in SYNACK_REASONS.iter().enumerate() {
+            child!(self.synack_retransmits[i], f.synack_retransmits, extra, [*reason]);
+        }
+        child!(self.time_wait_entered, f.time_wait_entered, extra, []);
     }
 
     /// Records one observation.
@@ -272,6 +300,14 @@ impl SeriesSet {
                     child!(self.teardown[side_index(side)], f.teardown, extra, [side.as_str()])
                         .observe(seconds(ns));
                 }
+            }
+            Observation::SynAckRetransmitted { client_acked } => {
+                let i = usize::from(client_acked);
+                let reason = SYNACK_REASONS[i];
+                child!(self.synack_retransmits[i], f.synack_retransmits, extra, [reason]).inc()
+            }
+            Observation::TimeWaitEntered => {
+                child!(self.time_wait_entered, f.time_wait_entered, extra, []).inc()
             }
             Observation::CloseWaitEntered | Observation::CloseWaitLeft => {
                 let Some(family) = &f.close_wait_sockets else { return };

@@ -63,6 +63,9 @@ pub struct OffsetReport {
     pub offsets: KernelOffsets,
     /// Every field that could not be located.
     pub missing: Vec<MissingField>,
+    /// Bit offset of `struct inet_request_sock.acked` (a one-bit bitfield), or
+    /// [`OFFSET_UNKNOWN`].
+    pub req_acked_bit: u32,
 }
 
 impl OffsetReport {
@@ -85,7 +88,19 @@ pub fn kernel_offsets(btf_path: &Path) -> Result<OffsetReport, BtfError> {
             Err(reason) => missing.push(MissingField { field: *field, reason }),
         }
     }
-    Ok(OffsetReport { offsets, missing })
+    let req_acked_bit =
+        bitfield_offset(&btf, "inet_request_sock", "acked").unwrap_or(OFFSET_UNKNOWN);
+    Ok(OffsetReport { offsets, missing, req_acked_bit })
+}
+
+/// Bit offset of the one-bit bitfield `field` of `struct name`.
+fn bitfield_offset(btf: &btf_rs::Btf, name: &str, field: &str) -> Option<u32> {
+    let found = btf.resolve_types_by_name(name).ok()?.into_iter().find_map(|ty| match ty {
+        btf_rs::Type::Struct(s) if !s.members.is_empty() => Some(s),
+        _ => None,
+    })?;
+    let (bits, member) = find_member(btf, &found, field, 0)?;
+    (member.bitfield_size() == Some(1)).then_some(bits)
 }
 
 /// Byte offset of `path` (a member, then members of that member) inside `struct name`.
@@ -175,6 +190,10 @@ mod tests {
             assert!(tcp > o.sk_err, "tcp_sock field at {tcp}");
         }
         assert_eq!(o.bytes_acked % 8, 0);
+        // inet_request_sock.acked: a one-bit field after struct request_sock (bpftool
+        // shows bits_offset=1868 on 6.18).
+        let acked = report.req_acked_bit;
+        assert!(acked != OFFSET_UNKNOWN && acked > 8 * 200, "acked bit {acked}");
         let err = kernel_offsets(Path::new("/nonexistent")).unwrap_err();
         assert!(err.to_string().starts_with("reading /nonexistent: "), "{err}");
     }

@@ -295,7 +295,11 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     }
     let report = btf::kernel_offsets(Path::new(VMLINUX_BTF)).unwrap_or_else(|e| {
         warn!("{e}: no struct field can be read (the numbers that need them are not reported)");
-        btf::OffsetReport { offsets: KernelOffsets::UNKNOWN, missing: Vec::new() }
+        btf::OffsetReport {
+            offsets: KernelOffsets::UNKNOWN,
+            missing: Vec::new(),
+            req_acked_bit: OFFSET_UNKNOWN,
+        }
     });
     for problem in &report.missing {
         warn!("not read from the kernel (the numbers that need it are not reported): {problem}");
@@ -325,6 +329,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         .btf(btf.as_ref())
         .override_global(names::OFFSETS_GLOBAL, &offsets, true)
         .override_global(names::WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
+        .override_global(names::REQ_ACKED_BIT_GLOBAL, &report.req_acked_bit, true)
         .override_global(names::CHECK_BYTES_GLOBAL, &check_bytes, true)
         .override_global(names::RINGS_GLOBAL, &rings_global, true);
     for name in &names::EVENTS_MAPS[..rings] {

@@ -256,6 +256,7 @@ mod tests {
             endpoints: Endpoints::new(local.parse().unwrap(), remote.parse().unwrap()),
             handshake_ns: Some(250_000_000),
             handshake_retransmits: None,
+            accept_queue_full: false,
             netns: None,
             cgroup_id: None,
             stats: None,

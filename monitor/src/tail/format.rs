@@ -152,6 +152,9 @@ pub fn connection(line: &ConnectionLine, color: bool) -> String {
         line.totals.bytes_received.map_or_else(|| "-".to_owned(), bytes),
         outcome,
     );
+    if line.accept_queue_full {
+        out.push_str(" (accept queue was full)");
+    }
     out
 }
 
@@ -203,6 +206,7 @@ mod tests {
             },
             handshake_us: Some(43),
             handshake_retransmits: Some(0),
+            accept_queue_full: false,
             lifetime_us: Some(300_412),
             teardown_us: Some(300_301),
             teardown_side: Some("active".into()),

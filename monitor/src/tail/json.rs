@@ -141,6 +141,11 @@ impl<'a> Object<'a> {
         }
     }
 
+    fn boolean(&mut self, key: &str, value: bool) {
+        self.key(key);
+        self.out.extend_from_slice(if value { b"true" } else { b"false" });
+    }
+
     fn null(&mut self, key: &str) {
         self.key(key);
         self.out.extend_from_slice(b"null");
@@ -206,6 +211,7 @@ pub fn write_connection(
     object.identity(record.side, &record.owner, &record.endpoints, netns, cgroup_id, workload);
     object.optional_number("handshake_us", record.handshake_ns.map(micros));
     object.optional_number("handshake_retransmits", record.handshake_retransmits);
+    object.boolean("accept_queue_full", record.accept_queue_full);
     object.optional_number("lifetime_us", record.lifetime_ns.map(micros));
     object.optional_number("teardown_us", record.teardown.map(|(_, ns)| micros(ns)));
     object.optional_text("teardown_side", record.teardown.map(|(side, _)| side.as_str()));
@@ -250,6 +256,7 @@ mod tests {
             endpoints,
             handshake_ns: full.then_some(37_500),
             handshake_retransmits: Some(1),
+            accept_queue_full: full,
             netns: full.then_some(4026531840),
             cgroup_id: full.then_some(1 << 40),
             stats: full.then(fixture::closed_stats),

@@ -4,7 +4,7 @@
 //!
 //! | type | fields |
 //! |---|---|
-//! | `connection` | `event` (`established`, `closed`, `failed`), `start_time` (null if first seen mid-life), `time`, `side` (`active`, `passive`, null), `pid`, `comm` (null when unknown), `netns` (network namespace inode, as in `/proc/PID/ns/net`), `cgroup_id` (the socket's cgroup v2 id, null when unknown), `workload` (its name: `namespace/pod`, `container/<id>`, a systemd unit, a cgroup path, `host`, or `unknown`), `family` (`ipv4`, `ipv6`), `local_addr`, `local_port`, `remote_addr`, `remote_port`, `handshake_us` (active: SYN → SYN-ACK; passive: first SYN-ACK → ACK), `handshake_retransmits` (SYNs or SYN-ACKs resent), `lifetime_us`, `teardown_us`, `teardown_side`, `close_wait_us`, `outcome` (`fin`, `reset_received`, `reset_sent`, `abort`, `timeout`, `refused`, `unreachable`, `error`, `unknown`; null while established); on `closed` and `failed`: `bytes_sent` and `bytes_received` (application payload, exact), `bytes_acked` (the kernel's counter as `ss`/`tcplife` show it: payload + 1 for each acknowledged SYN and FIN), `segments_out`, `segments_in`, `retransmits`, `srtt_us` (null when unknown) |
+//! | `connection` | `event` (`established`, `closed`, `failed`), `start_time` (null if first seen mid-life), `time`, `side` (`active`, `passive`, null), `pid`, `comm` (null when unknown), `netns` (network namespace inode, as in `/proc/PID/ns/net`), `cgroup_id` (the socket's cgroup v2 id, null when unknown), `workload` (its name: `namespace/pod`, `container/<id>`, a systemd unit, a cgroup path, `host`, or `unknown`), `family` (`ipv4`, `ipv6`), `local_addr`, `local_port`, `remote_addr`, `remote_port`, `handshake_us` (active: SYN → SYN-ACK; passive: first SYN-ACK → ACK), `handshake_retransmits` (SYNs or SYN-ACKs resent), `accept_queue_full` (accepted connections whose SYN-ACK was resent after the client's ACK, which the kernel dropped because the listener's accept queue was full), `lifetime_us`, `teardown_us`, `teardown_side`, `close_wait_us`, `outcome` (`fin`, `reset_received`, `reset_sent`, `abort`, `timeout`, `refused`, `unreachable`, `error`, `unknown`; null while established); on `closed` and `failed`: `bytes_sent` and `bytes_received` (application payload, exact), `bytes_acked` (the kernel's counter as `ss`/`tcplife` show it: payload + 1 for each acknowledged SYN and FIN), `segments_out`, `segments_in`, `retransmits`, `srtt_us` (null when unknown) |
 //! | `transition` | `time`, `side`, `pid`, `comm`, `netns`, `cgroup_id`, `workload`, `family`, addresses and ports as above, `old_state`, `new_state`, `in_old_state_us` (null when the old state's start was not seen) |
 //! | `missed` | `records`: how many records the daemon dropped because this client read too slowly |
 //! | `hello` | `version`, `mode` (`daemon`, `standalone`): first line of a stream (not printed) |
@@ -120,6 +120,9 @@ pub struct ConnectionLine {
     pub handshake_us: Option<u64>,
     /// SYN (active) or SYN-ACK (passive) retransmissions in the handshake.
     pub handshake_retransmits: Option<u32>,
+    /// Accepted while the listener's accept queue was full (a SYN-ACK resent after the
+    /// client's ACK).
+    pub accept_queue_full: bool,
     /// ESTABLISHED → CLOSE.
     pub lifetime_us: Option<u64>,
     /// First FIN → CLOSE, orderly closes.
@@ -208,6 +211,7 @@ impl ConnectionLine {
             ),
             handshake_us: record.handshake_ns.map(micros),
             handshake_retransmits: record.handshake_retransmits,
+            accept_queue_full: record.accept_queue_full,
             lifetime_us: record.lifetime_ns.map(micros),
             teardown_us: record.teardown.map(|(_, ns)| micros(ns)),
             teardown_side: record.teardown.map(|(s, _)| s.as_str().to_owned()),
@@ -265,6 +269,7 @@ mod tests {
             endpoints: Endpoints::new("[::1]:443".parse().unwrap(), "[::1]:50000".parse().unwrap()),
             handshake_ns: None,
             handshake_retransmits: Some(1),
+            accept_queue_full: true,
             netns: Some(4026531840),
             cgroup_id: Some(4242),
             stats: Some(fixture::closed_stats()),
@@ -284,6 +289,7 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "accept_queue_full",
                 "bytes_acked",
                 "bytes_received",
                 "bytes_sent",
@@ -328,6 +334,7 @@ mod tests {
             (&4242.into(), &"nginx.service".into())
         );
         assert_eq!(value["handshake_retransmits"], 1);
+        assert_eq!(value["accept_queue_full"], true);
         assert_eq!(value["bytes_acked"], 1_000_001);
         assert_eq!(value["bytes_sent"], 1_000_000);
         assert_eq!(value["bytes_received"], 12);

@@ -54,6 +54,8 @@ pub(super) struct SocketEntry {
     pub(super) syn_sent_ns: Stamp,
     /// SYN or SYN-ACK retransmissions, once known.
     pub(super) handshake_retransmits: Option<u32>,
+    /// Accepted while the accept queue was full: a SYN-ACK was resent after the client's ACK.
+    pub(super) accept_queue_full: bool,
     /// Handshake duration, once established.
     pub(super) handshake_ns: Stamp,
     pub(super) established_ns: Stamp,
@@ -82,6 +84,7 @@ impl SocketEntry {
             open_side,
             syn_sent_ns: Stamp::NONE,
             handshake_retransmits: None,
+            accept_queue_full: false,
             handshake_ns: Stamp::NONE,
             established_ns: Stamp::NONE,
             netns: event.netns,
@@ -153,6 +156,7 @@ impl SocketEntry {
             endpoints: self.endpoints,
             handshake_ns: self.handshake_ns.get(),
             handshake_retransmits: self.handshake_retransmits,
+            accept_queue_full: self.accept_queue_full,
             netns: self.netns(),
             cgroup_id: self.cgroup_id(),
             stats: None,

@@ -126,7 +126,10 @@ pub struct Tracker {
     touched: Option<FxHashSet<Endpoints>>,
     /// First SYN-ACK time of request sockets that retransmitted it, by the 4-tuple their
     /// child will have; taken when the child is established.
-    synack_retransmits: FxHashMap<Endpoints, u64>,
+    synack_retransmits: FxHashMap<Endpoints, PendingSynAck>,
+    /// The cgroup of the listener on each port (any namespace: SYN-ACK records carry none),
+    /// for the SYN-ACK retransmissions' workload.
+    listener_cgroups: FxHashMap<u16, u64>,
     /// When `synack_retransmits` was last pruned.
     synack_pruned_ns: u64,
     stats: TrackerStats,
@@ -136,6 +139,15 @@ impl Default for Tracker {
     fn default() -> Self {
         Tracker::new(DEFAULT_MAX_SOCKETS)
     }
+}
+
+/// A request socket that resent its SYN-ACK, until its child is established.
+#[derive(Clone, Copy, Debug)]
+struct PendingSynAck {
+    /// CLOCK_MONOTONIC ns of its first SYN-ACK.
+    first_ns: u64,
+    /// Some retransmission was sent after the client's ACK: the accept queue was full.
+    client_acked: bool,
 }
 
 /// A listening socket, as accepted children need it.
@@ -174,6 +186,7 @@ impl Tracker {
             listeners: FxHashMap::default(),
             touched: None,
             synack_retransmits: FxHashMap::default(),
+            listener_cgroups: FxHashMap::default(),
             synack_pruned_ns: 0,
             stats: TrackerStats::default(),
         }
@@ -219,6 +232,7 @@ impl Tracker {
                 let listener =
                     Listener { skaddr: 0, owner: socket.owner, cgroup_id: socket.cgroup_id };
                 self.listeners.entry((socket.netns, socket.endpoints.sport)).or_insert(listener);
+                self.listener_cgroups.entry(socket.endpoints.sport).or_insert(socket.cgroup_id);
             }
             added += usize::from(self.table.add_existing(*socket));
         }
@@ -240,12 +254,26 @@ impl Tracker {
         match record {
             Record::State(event) => self.on_event(event, sink),
             Record::Note(note) => self.on_note(note, sink),
-            Record::SynAckRetransmit(synack) => self.on_synack_retransmit(synack),
+            Record::SynAckRetransmit(synack) => self.on_synack_retransmit(synack, sink),
         }
     }
 
-    /// Remembers when a request socket that is resending its SYN-ACK sent the first one.
-    pub fn on_synack_retransmit(&mut self, synack: &SynAckRetransmitted) {
+    /// Counts a SYN-ACK retransmission for its listening port, and remembers when the
+    /// request socket sent its first one and whether the client had already answered.
+    pub fn on_synack_retransmit(
+        &mut self,
+        synack: &SynAckRetransmitted,
+        sink: &mut impl ObservationSink,
+    ) {
+        let port = synack.endpoints.sport;
+        let whose = Attribution {
+            netns: 0,
+            cgroup_id: self.listener_cgroups.get(&port).copied().unwrap_or(0),
+            service_port: Some(port),
+            listening: true,
+        };
+        let client_acked = synack.client_acked;
+        sink.observe_in(&Observation::SynAckRetransmitted { client_acked }, &whose);
         let Some(first) = synack.first_synack_ns else { return };
         let cap = MAX_PENDING_SYNACKS.min(self.table.max_sockets());
         if self.synack_retransmits.len() >= cap
@@ -257,14 +285,18 @@ impl Tracker {
             if synack.timestamp_ns >= self.synack_pruned_ns.saturating_add(1_000_000_000) {
                 self.synack_pruned_ns = synack.timestamp_ns;
                 let horizon = synack.timestamp_ns.saturating_sub(SYNACK_HORIZON_NS);
-                self.synack_retransmits.retain(|_, first| *first >= horizon);
+                self.synack_retransmits.retain(|_, pending| pending.first_ns >= horizon);
             }
             if self.synack_retransmits.len() >= cap {
                 self.stats.synack_untracked += 1;
                 return;
             }
         }
-        self.synack_retransmits.insert(synack.endpoints, first);
+        let pending = self
+            .synack_retransmits
+            .entry(synack.endpoints)
+            .or_insert(PendingSynAck { first_ns: first, client_acked: false });
+        pending.client_acked |= client_acked;
     }
 
     /// Applies a socket note: facts the state transitions do not carry.
@@ -481,7 +513,10 @@ impl Tracker {
                 entry.syn_sent_ns.get().map(|sent| elapsed(sent, now))
             }
             Some(Side::Passive) if event.old == SynRecv => {
-                self.passive_handshake(&entry.endpoints, event.stats.as_ref(), now)
+                let (duration, queue_full) =
+                    self.passive_handshake(&entry.endpoints, event.stats.as_ref(), now);
+                entry.accept_queue_full = queue_full;
+                duration
             }
             _ => None,
         };
@@ -501,24 +536,30 @@ impl Tracker {
     }
 
     /// First SYN-ACK → final ACK of an accepted child at SYN_RECV → ESTABLISHED (see the
-    /// module docs).
+    /// module docs), and whether a SYN-ACK was resent after the client's ACK (the accept
+    /// queue was full).
     fn passive_handshake(
         &mut self,
         endpoints: &Endpoints,
         stats: Option<&TcpStats>,
         now: u64,
-    ) -> Option<u64> {
-        let resent = self.synack_retransmits.remove(endpoints);
-        match stats {
+    ) -> (Option<u64>, bool) {
+        // An entry older than any request can live is another connection's.
+        let resent = self
+            .synack_retransmits
+            .remove(endpoints)
+            .filter(|pending| now.saturating_sub(pending.first_ns) <= SYNACK_HORIZON_NS);
+        let queue_full = resent.is_some_and(|pending| pending.client_acked);
+        let duration = match stats {
             Some(stats) if stats.total_retrans == 0 && stats.srtt_us_x8 != 0 => {
                 Some(u64::from(stats.srtt_us_x8 >> 3) * 1_000)
             }
-            // An entry older than any request can live is another connection's.
-            Some(stats) if stats.total_retrans > 0 => resent
-                .filter(|first| now.saturating_sub(*first) <= SYNACK_HORIZON_NS)
-                .map(|first| elapsed(first, now)),
+            Some(stats) if stats.total_retrans > 0 => {
+                resent.map(|pending| elapsed(pending.first_ns, now))
+            }
             _ => None,
-        }
+        };
+        (duration, queue_full)
     }
 
     fn track_listener(&mut self, event: &Event) {
@@ -528,6 +569,7 @@ impl Tracker {
                 let owner = Owner::current(event);
                 let listener = Listener { skaddr: event.skaddr, owner, cgroup_id: event.cgroup_id };
                 self.listeners.insert(key, listener);
+                self.listener_cgroups.insert(event.endpoints.sport, event.cgroup_id);
             }
             // The listener itself closes (0: one from the snapshot, whose address is unknown).
             (TcpState::Listen, TcpState::Close)
@@ -609,7 +651,15 @@ impl Tracker {
         };
         let lifetime_ns = entry.established_ns.get().map(|since| elapsed(since, now));
         let closed = Observation::Closed { side: entry.open_side, reason, lifetime_ns, teardown };
-        sink.observe_in(&closed, &self.attribution(entry));
+        let whose = self.attribution(entry);
+        sink.observe_in(&closed, &whose);
+        // tcp_time_wait() ends an orderly active close in FIN_WAIT2 (our FIN acknowledged, the
+        // peer's received) or CLOSING (simultaneous close); a FIN_WAIT2 that times out or is
+        // reset ends with a RST instead, so its reason is not `fin`.
+        if reason == CloseReason::Fin && matches!(event.old, TcpState::FinWait2 | TcpState::Closing)
+        {
+            sink.observe_in(&Observation::TimeWaitEntered, &whose);
+        }
         if records {
             let mut record = entry.connection_record(ConnectionPhase::Closed, now, Some(reason));
             record.lifetime_ns = lifetime_ns;

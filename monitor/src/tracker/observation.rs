@@ -71,6 +71,16 @@ pub enum Observation {
         /// that FIN (ESTABLISHED → FIN_WAIT1 or → CLOSE_WAIT) to CLOSE.
         teardown: Option<(Side, u64)>,
     },
+    /// A request socket resent its SYN-ACK (`tcp:tcp_retransmit_synack`).
+    SynAckRetransmitted {
+        /// The client had already sent its final ACK, which the kernel dropped because the
+        /// accept queue was full; otherwise the SYN-ACK or the ACK was lost, or the client
+        /// is silent (a SYN flood).
+        client_acked: bool,
+    },
+    /// An active close handed the connection to a TIME_WAIT socket: FIN_WAIT2 or CLOSING →
+    /// CLOSE after an orderly FIN exchange (`tcp_time_wait()`).
+    TimeWaitEntered,
     /// A socket started listening (`listen()`): its port is a service of this host.
     Listening {
         /// The local port.
@@ -149,6 +159,9 @@ pub struct ConnectionRecord {
     pub handshake_ns: Option<u64>,
     /// SYN (active) or SYN-ACK (passive) retransmissions during the handshake.
     pub handshake_retransmits: Option<u32>,
+    /// Accepted connections: a SYN-ACK was resent after the client had already completed
+    /// its handshake, because the listener's accept queue was full.
+    pub accept_queue_full: bool,
     /// Inode of the connection's network namespace, when known.
     pub netns: Option<u32>,
     /// The socket's cgroup v2 id, when known.

@@ -1,0 +1,404 @@
+//! What no state transition tells, read from the kernel when Prometheus scrapes, in every
+//! network namespace tcpmon watches:
+//!
+//! - TIME_WAIT sockets: `tcp_time_wait()` hands a closing socket to a timewait mini-socket
+//!   without a state change of the full one, so the count comes from `/proc/net/sockstat`
+//!   (`tw`: the namespace's `tcp_death_row.tw_refcount`, both families);
+//! - request sockets (SYN received, SYN-ACK sent: `ss` shows them as SYN-RECV) and every
+//!   listener's accept queue, depth and limit (`ss -lnt`'s Recv-Q and Send-Q), from a
+//!   `sock_diag` dump of LISTEN and SYN_RECV sockets;
+//! - the kernel's queue and TIME_WAIT counters of `/proc/net/netstat` (`TcpExt`).
+//!
+//! One read serves every scrape within [`MIN_INTERVAL`]: Prometheus servers scraping the same
+//! host together cost one walk of the namespaces, and a scrape storm cannot turn into a dump
+//! storm.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use netlink_packet_sock_diag::inet::StateFlags;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts};
+
+use crate::aggregate::labels::PortLabels;
+use crate::aggregate::CONNECTIONS_HELP;
+use crate::decode::TcpState;
+use crate::metrics::catch_up;
+use crate::sockdiag;
+
+/// Scrapes closer together than this share one read.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `(TcpExt field, metric, help)` of the kernel counters exported.
+pub const KERNEL_COUNTERS: [(&str, &str, &str); 8] = [
+    (
+        "ListenOverflows",
+        "tcpmon_listen_overflows_total",
+        "Final ACKs dropped because the listener's accept queue was full (TcpExtListenOverflows).",
+    ),
+    (
+        "ListenDrops",
+        "tcpmon_listen_drops_total",
+        "SYNs and final ACKs a listener dropped, overflows included (TcpExtListenDrops).",
+    ),
+    (
+        "TCPReqQFullDrop",
+        "tcpmon_syn_queue_full_drops_total",
+        "SYNs dropped because the SYN queue was full and SYN cookies were off \
+         (TcpExtTCPReqQFullDrop).",
+    ),
+    (
+        "TCPReqQFullDoCookies",
+        "tcpmon_syn_queue_full_cookies_total",
+        "SYNs answered with a SYN cookie because the SYN queue was full \
+         (TcpExtTCPReqQFullDoCookies).",
+    ),
+    ("SyncookiesSent", "tcpmon_syncookies_sent_total", "SYN cookies sent (TcpExtSyncookiesSent)."),
+    (
+        "SyncookiesRecv",
+        "tcpmon_syncookies_received_total",
+        "Valid SYN cookies received: connections completed by a cookie (TcpExtSyncookiesRecv).",
+    ),
+    (
+        "SyncookiesFailed",
+        "tcpmon_syncookies_failed_total",
+        "ACKs with an invalid SYN cookie (TcpExtSyncookiesFailed).",
+    ),
+    (
+        "TCPTimeWaitOverflow",
+        "tcpmon_time_wait_overflows_total",
+        "Closes that got no TIME_WAIT socket because net.ipv4.tcp_max_tw_buckets was reached \
+         (TcpExtTCPTimeWaitOverflow).",
+    ),
+];
+
+const COUNTERS: usize = KERNEL_COUNTERS.len();
+
+/// One listener's accept queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenQueue {
+    /// Its local port.
+    pub port: u16,
+    /// Connections waiting for `accept()`.
+    pub length: u32,
+    /// The backlog: the most that can wait.
+    pub limit: u32,
+}
+
+/// What one network namespace says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceState {
+    /// TIME_WAIT sockets (both families).
+    pub time_wait: u64,
+    /// Request sockets (and full sockets in SYN_RECV, which live for microseconds).
+    pub syn_recv: u64,
+    /// Every listener.
+    pub listeners: Vec<ListenQueue>,
+    /// [`KERNEL_COUNTERS`], in order; `None` when the kernel has no such field.
+    pub counters: [Option<u64>; COUNTERS],
+}
+
+/// The `tw` of `/proc/net/sockstat`'s `TCP:` line.
+pub fn parse_sockstat_time_wait(text: &str) -> Option<u64> {
+    let line = text.lines().find(|line| line.starts_with("TCP:"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|word| *word == "tw")?;
+    words.get(at + 1)?.parse().ok()
+}
+
+/// The [`KERNEL_COUNTERS`] in a `/proc/net/netstat` text: pairs of lines, names then values,
+/// for each section (`TcpExt:`, `IpExt:`, …).
+pub fn parse_netstat(text: &str) -> [Option<u64>; COUNTERS] {
+    let mut counters = [None; COUNTERS];
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        let [names, values] = pair else { continue };
+        let (Some(("TcpExt", names)), Some(("TcpExt", values))) =
+            (names.split_once(": "), values.split_once(": "))
+        else {
+            continue;
+        };
+        for (name, value) in names.split_whitespace().zip(values.split_whitespace()) {
+            if let Some(index) = KERNEL_COUNTERS.iter().position(|(field, ..)| *field == name) {
+                counters[index] = value.parse().ok();
+            }
+        }
+    }
+    counters
+}
+
+/// Reads the calling thread's network namespace.
+pub fn read_namespace() -> io::Result<NamespaceState> {
+    let sockstat = std::fs::read_to_string("/proc/thread-self/net/sockstat")?;
+    let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat")?;
+    let mut state = NamespaceState {
+        time_wait: parse_sockstat_time_wait(&sockstat).unwrap_or(0),
+        counters: parse_netstat(&netstat),
+        ..NamespaceState::default()
+    };
+    let wanted = StateFlags::LISTEN | StateFlags::SYN_RECV;
+    for socket in sockdiag::dump_both(wanted)? {
+        match socket.state {
+            TcpState::Listen => state.listeners.push(ListenQueue {
+                port: socket.endpoints.sport,
+                length: socket.recv_queue,
+                limit: socket.send_queue,
+            }),
+            TcpState::SynRecv => state.syn_recv += 1,
+            _ => {}
+        }
+    }
+    Ok(state)
+}
+
+/// The size of `net.ipv4.ip_local_port_range` (the ports connects can take), or `None`.
+fn ephemeral_ports() -> Option<i64> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut bounds = text.split_whitespace().map(|word| word.parse::<i64>());
+    let (Some(Ok(low)), Some(Ok(high))) = (bounds.next(), bounds.next()) else { return None };
+    Some(high - low + 1)
+}
+
+/// The kernel state collector: register it with the daemon's registry.
+pub struct NetState {
+    inner: Mutex<Inner>,
+    descs: Vec<Desc>,
+}
+
+struct Inner {
+    read_at: Option<Instant>,
+    /// The port values the metrics use; `None`: no `port` label.
+    ports: Option<Arc<Mutex<PortLabels>>>,
+    /// Namespaces with a `netns` value of their own (`--netns-labels`; 0: none).
+    netns_limit: usize,
+    netns_labels: HashMap<u32, String>,
+    /// Each namespace's counters at the last read, so vanished and new namespaces never make
+    /// a total go down.
+    last: HashMap<u32, [u64; COUNTERS]>,
+    time_wait: IntGauge,
+    syn_recv: IntGauge,
+    queue_length: IntGaugeVec,
+    queue_limit: IntGaugeVec,
+    ephemeral_ports: IntGauge,
+    read_errors: prometheus::IntCounter,
+    counters: Vec<IntCounterVec>,
+    /// Totals by `(counter, netns value)`.
+    totals: BTreeMap<(usize, String), u64>,
+}
+
+impl NetState {
+    /// A collector labelling listen queues with `ports` (when the `port` label is on) and
+    /// the kernel counters with up to `netns_limit` namespaces (`--netns-labels`).
+    pub fn new(
+        ports: Option<Arc<Mutex<PortLabels>>>,
+        netns_limit: usize,
+    ) -> prometheus::Result<Self> {
+        let state_gauge = |state: &str| {
+            IntGauge::with_opts(
+                Opts::new("tcpmon_connections", CONNECTIONS_HELP).const_label("state", state),
+            )
+        };
+        let port_labels: &[&str] = if ports.is_some() { &["port"] } else { &[] };
+        let netns_labels: &[&str] = if netns_limit > 0 { &["netns"] } else { &[] };
+        let counters = KERNEL_COUNTERS
+            .iter()
+            .map(|(_, name, help)| IntCounterVec::new(Opts::new(*name, *help), netns_labels))
+            .collect::<prometheus::Result<Vec<_>>>()?;
+        let inner = Inner {
+            read_at: None,
+            ports,
+            netns_limit,
+            netns_labels: HashMap::new(),
+            last: HashMap::new(),
+            time_wait: state_gauge("TIME_WAIT")?,
+            syn_recv: state_gauge("SYN_RECV")?,
+            queue_length: IntGaugeVec::new(
+                Opts::new(
+                    "tcpmon_listen_queue_length",
+                    "Connections waiting in listeners' accept queues, by listening port (ss -lnt \
+                     Recv-Q, summed over namespaces and addresses).",
+                ),
+                port_labels,
+            )?,
+            queue_limit: IntGaugeVec::new(
+                Opts::new(
+                    "tcpmon_listen_queue_limit",
+                    "Accept queue limits (the listen() backlog, ss -lnt Send-Q), by listening \
+                     port, summed like tcpmon_listen_queue_length.",
+                ),
+                port_labels,
+            )?,
+            ephemeral_ports: IntGauge::new(
+                "tcpmon_ephemeral_ports",
+                "Ports in net.ipv4.ip_local_port_range of tcpmon's network namespace: what \
+                 connects to one destination can use, TIME_WAIT ones included.",
+            )?,
+            read_errors: prometheus::IntCounter::new(
+                "tcpmon_kernel_state_read_errors_total",
+                "Network namespaces whose sockstat, netstat or sock_diag could not be read at a \
+                 scrape.",
+            )?,
+            counters,
+            totals: BTreeMap::new(),
+        };
+        let mut descs = Vec::new();
+        for collector in inner.collectors() {
+            descs.extend(collector.desc().into_iter().cloned());
+        }
+        Ok(NetState { inner: Mutex::new(inner), descs })
+    }
+}
+
+impl Inner {
+    fn collectors(&self) -> Vec<&dyn Collector> {
+        let mut all: Vec<&dyn Collector> = vec![
+            &self.time_wait,
+            &self.syn_recv,
+            &self.queue_length,
+            &self.queue_limit,
+            &self.ephemeral_ports,
+            &self.read_errors,
+        ];
+        all.extend(self.counters.iter().map(|c| c as &dyn Collector));
+        all
+    }
+
+    /// Reads every namespace, unless the last read is recent enough.
+    fn refresh(&mut self) {
+        if self.read_at.is_some_and(|at| at.elapsed() < MIN_INTERVAL) {
+            return;
+        }
+        self.read_at = Some(Instant::now());
+        let namespaces = sockdiag::namespaces(sockdiag::own_namespace());
+        let mut states = Vec::new();
+        for (netns, read) in sockdiag::in_each(&namespaces, read_namespace) {
+            match read {
+                Ok(state) => states.push((netns, state)),
+                // A namespace can vanish between the listing and the read.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => self.read_errors.inc(),
+            }
+        }
+        self.publish(&states);
+    }
+
+    /// Sets the gauges and advances the counters from one read.
+    fn publish(&mut self, states: &[(u32, NamespaceState)]) {
+        self.time_wait.set(states.iter().map(|(_, s)| s.time_wait as i64).sum());
+        self.syn_recv.set(states.iter().map(|(_, s)| s.syn_recv as i64).sum());
+        self.queue_length.reset();
+        self.queue_limit.reset();
+        let ports =
+            self.ports.as_ref().map(|ports| ports.lock().unwrap_or_else(PoisonError::into_inner));
+        for queue in states.iter().flat_map(|(_, s)| &s.listeners) {
+            let port = ports.as_ref().map(|ports| ports.value_of(queue.port));
+            let labels: Vec<&str> = port.iter().copied().collect();
+            self.queue_length.with_label_values(&labels).add(i64::from(queue.length));
+            self.queue_limit.with_label_values(&labels).add(i64::from(queue.limit));
+        }
+        drop(ports);
+        if let Some(ports) = ephemeral_ports() {
+            self.ephemeral_ports.set(ports);
+        }
+        let mut seen = HashMap::new();
+        for (netns, state) in states {
+            let label = self.netns_label(*netns);
+            let last = self.last.get(netns).copied().unwrap_or([0; COUNTERS]);
+            let mut now = last;
+            for (index, value) in state.counters.iter().enumerate() {
+                let Some(value) = *value else { continue };
+                // A counter never goes down; if it did (never seen), start over from it.
+                let grown = value.checked_sub(last[index]).unwrap_or(value);
+                *self.totals.entry((index, label.clone())).or_insert(0) += grown;
+                now[index] = value;
+            }
+            seen.insert(*netns, now);
+        }
+        self.last = seen;
+        for ((index, label), total) in &self.totals {
+            let labels: Vec<&str> =
+                if self.netns_limit > 0 { vec![label.as_str()] } else { vec![] };
+            catch_up(&self.counters[*index].with_label_values(&labels), *total);
+        }
+    }
+
+    /// The `netns` value of a namespace: its inode for the first `netns_limit`, `other`
+    /// after; empty when the label is off.
+    fn netns_label(&mut self, netns: u32) -> String {
+        if self.netns_limit == 0 {
+            return String::new();
+        }
+        if !self.netns_labels.contains_key(&netns) && self.netns_labels.len() < self.netns_limit {
+            self.netns_labels.insert(netns, netns.to_string());
+        }
+        self.netns_labels.get(&netns).cloned().unwrap_or_else(|| "other".to_owned())
+    }
+}
+
+impl Collector for NetState {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.refresh();
+        inner.collectors().iter().flat_map(|c| c.collect()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockstat_and_netstat_parse_as_the_kernel_writes_them() {
+        let sockstat =
+            "sockets: used 150\nTCP: inuse 5 orphan 0 tw 44012 alloc 9 mem 1\nUDP: inuse 1 mem 0\n";
+        assert_eq!(parse_sockstat_time_wait(sockstat), Some(44012));
+        assert_eq!(parse_sockstat_time_wait("TCP: inuse 5\n"), None);
+        let netstat = "TcpExt: SyncookiesSent SyncookiesRecv SyncookiesFailed TW ListenOverflows ListenDrops\n\
+                       TcpExt: 7 6 1 400 3 5\n\
+                       IpExt: InNoRoutes ListenOverflows\n\
+                       IpExt: 0 99\n";
+        let counters = parse_netstat(netstat);
+        let get =
+            |field: &str| counters[KERNEL_COUNTERS.iter().position(|(f, ..)| *f == field).unwrap()];
+        assert_eq!(
+            (get("SyncookiesSent"), get("SyncookiesRecv"), get("SyncookiesFailed")),
+            (Some(7), Some(6), Some(1))
+        );
+        assert_eq!((get("ListenOverflows"), get("ListenDrops")), (Some(3), Some(5)), "TcpExt only");
+        assert_eq!(get("TCPReqQFullDrop"), None, "absent fields stay unknown");
+    }
+
+    #[test]
+    fn counters_only_grow_when_namespaces_come_and_go() {
+        let collector = NetState::new(None, 0).unwrap();
+        let mut inner = collector.inner.lock().unwrap();
+        let state = |overflows| {
+            let mut state = NamespaceState::default();
+            state.counters[0] = Some(overflows);
+            state
+        };
+        inner.publish(&[(1, state(10)), (2, state(5))]);
+        assert_eq!(inner.counters[0].with_label_values(&[] as &[&str]).get(), 15);
+        // Namespace 2 is gone, namespace 1 grew by 3, namespace 3 is new with 4.
+        inner.publish(&[(1, state(13)), (3, state(4))]);
+        assert_eq!(inner.counters[0].with_label_values(&[] as &[&str]).get(), 22);
+    }
+
+    #[test]
+    fn this_namespace_reads_with_our_own_listener_in_it() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = read_namespace().unwrap();
+        let ours = state.listeners.iter().find(|q| q.port == port).expect("our listener");
+        // std listens with a backlog of 128.
+        assert_eq!((ours.length, ours.limit), (0, 128));
+        assert!(state.counters.iter().all(Option::is_some), "{:?}", state.counters);
+    }
+}
