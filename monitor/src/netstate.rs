@@ -3,10 +3,15 @@
 //!
 //! - TIME_WAIT sockets: `tcp_time_wait()` hands a closing socket to a timewait mini-socket
 //!   without a state change of the full one, so the count comes from `/proc/net/sockstat`
-//!   (`tw`: the namespace's `tcp_death_row.tw_refcount`, both families);
+//!   (`tw`: the namespace's `tcp_death_row.tw_refcount`, both families), less the timewait
+//!   sockets still in FIN_WAIT2 (below);
+//! - FIN_WAIT2: an orphaned socket whose FIN was acknowledged becomes a timewait socket in
+//!   substate FIN_WAIT2 at once (`tcp_rcv_state_process()`), which `ss` lists as FIN-WAIT-2
+//!   and the tracker has seen close; `sock_diag` reports timewait sockets by substate, so a
+//!   dump of FIN_WAIT2 counts both kinds;
 //! - request sockets (SYN received, SYN-ACK sent: `ss` shows them as SYN-RECV) and every
-//!   listener's accept queue, depth and limit (`ss -lnt`'s Recv-Q and Send-Q), from a
-//!   `sock_diag` dump of LISTEN and SYN_RECV sockets;
+//!   listener's accept queue, depth and limit (`ss -lnt`'s Recv-Q and Send-Q), from the same
+//!   `sock_diag` dump (LISTEN, SYN_RECV and FIN_WAIT2 sockets: few, whatever the load);
 //! - the kernel's queue and TIME_WAIT counters of `/proc/net/netstat` (`TcpExt`).
 //!
 //! One read serves every scrape within [`MIN_INTERVAL`]: Prometheus servers scraping the same
@@ -91,8 +96,12 @@ pub struct ListenQueue {
 /// What one network namespace says.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NamespaceState {
-    /// TIME_WAIT sockets (both families).
-    pub time_wait: u64,
+    /// Timewait sockets, both families and substates (`sockstat`'s `tw`).
+    pub timewait_sockets: u64,
+    /// Sockets in FIN_WAIT2: full ones and timewait ones in that substate.
+    pub fin_wait2: u64,
+    /// Of those, timewait sockets (no inode).
+    pub fin_wait2_timewait: u64,
     /// Request sockets (and full sockets in SYN_RECV, which live for microseconds).
     pub syn_recv: u64,
     /// Every listener.
@@ -135,11 +144,11 @@ pub fn read_namespace() -> io::Result<NamespaceState> {
     let sockstat = std::fs::read_to_string("/proc/thread-self/net/sockstat")?;
     let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat")?;
     let mut state = NamespaceState {
-        time_wait: parse_sockstat_time_wait(&sockstat).unwrap_or(0),
+        timewait_sockets: parse_sockstat_time_wait(&sockstat).unwrap_or(0),
         counters: parse_netstat(&netstat),
         ..NamespaceState::default()
     };
-    let wanted = StateFlags::LISTEN | StateFlags::SYN_RECV;
+    let wanted = StateFlags::LISTEN | StateFlags::SYN_RECV | StateFlags::FIN_WAIT2;
     for socket in sockdiag::dump_both(wanted)? {
         match socket.state {
             TcpState::Listen => state.listeners.push(ListenQueue {
@@ -148,6 +157,10 @@ pub fn read_namespace() -> io::Result<NamespaceState> {
                 limit: socket.send_queue,
             }),
             TcpState::SynRecv => state.syn_recv += 1,
+            TcpState::FinWait2 => {
+                state.fin_wait2 += 1;
+                state.fin_wait2_timewait += u64::from(socket.inode == 0);
+            }
             _ => {}
         }
     }
@@ -180,6 +193,7 @@ struct Inner {
     last: HashMap<u32, [u64; COUNTERS]>,
     time_wait: IntGauge,
     syn_recv: IntGauge,
+    fin_wait2: IntGauge,
     queue_length: IntGaugeVec,
     queue_limit: IntGaugeVec,
     ephemeral_ports: IntGauge,
@@ -215,6 +229,7 @@ impl NetState {
             last: HashMap::new(),
             time_wait: state_gauge("TIME_WAIT")?,
             syn_recv: state_gauge("SYN_RECV")?,
+            fin_wait2: state_gauge("FIN_WAIT2")?,
             queue_length: IntGaugeVec::new(
                 Opts::new(
                     "tcpmon_listen_queue_length",
@@ -257,6 +272,7 @@ impl Inner {
         let mut all: Vec<&dyn Collector> = vec![
             &self.time_wait,
             &self.syn_recv,
+            &self.fin_wait2,
             &self.queue_length,
             &self.queue_limit,
             &self.ephemeral_ports,
@@ -287,8 +303,12 @@ impl Inner {
 
     /// Sets the gauges and advances the counters from one read.
     fn publish(&mut self, states: &[(u32, NamespaceState)]) {
-        self.time_wait.set(states.iter().map(|(_, s)| s.time_wait as i64).sum());
-        self.syn_recv.set(states.iter().map(|(_, s)| s.syn_recv as i64).sum());
+        let sum = |count: fn(&NamespaceState) -> u64| {
+            states.iter().map(|(_, state)| count(state) as i64).sum::<i64>()
+        };
+        self.time_wait.set(sum(|s| s.timewait_sockets.saturating_sub(s.fin_wait2_timewait)));
+        self.syn_recv.set(sum(|s| s.syn_recv));
+        self.fin_wait2.set(sum(|s| s.fin_wait2));
         self.queue_length.reset();
         self.queue_limit.reset();
         let ports =

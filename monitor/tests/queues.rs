@@ -285,3 +285,108 @@ fn time_wait_is_the_kernels_population_and_every_entry_is_counted() {
     let kernel = mib(&pair.client)["TW"] - mib_before["TW"];
     assert_eq!((entered(&after) - entered(&before), kernel as f64), (N as f64, N as f64));
 }
+
+/// `ss -Htan`'s count of each state, summed over every network namespace tcpmon reads, by
+/// the kernel's name for the state.
+fn ss_states_everywhere() -> HashMap<String, usize> {
+    let namespaces = monitor::sockdiag::namespaces(monitor::sockdiag::own_namespace());
+    let mut counts = HashMap::new();
+    for (_, path) in namespaces {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={path}"))
+            .args(["ss", "-Htan"])
+            .output()
+            .unwrap();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let state = match line.split_whitespace().next().unwrap_or_default() {
+                "ESTAB" => "ESTABLISHED",
+                "SYN-SENT" => "SYN_SENT",
+                "SYN-RECV" => "SYN_RECV",
+                "FIN-WAIT-1" => "FIN_WAIT1",
+                "FIN-WAIT-2" => "FIN_WAIT2",
+                "TIME-WAIT" => "TIME_WAIT",
+                "CLOSE-WAIT" => "CLOSE_WAIT",
+                "LAST-ACK" => "LAST_ACK",
+                "LISTEN" => "LISTEN",
+                "CLOSING" => "CLOSING",
+                other => panic!("ss state {other}"),
+            };
+            *counts.entry(state.to_owned()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+fn every_exported_state_matches_ss_at_a_quiet_moment() {
+    let _host = common::exclusive();
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let pair = NetnsPair::new("st");
+    let (port, waiting_port) = (server_port(), server_port());
+    let bind = |port| in_netns(&pair.server, || TcpListener::bind((pair.server_ip, port))).unwrap();
+    let (listener, waiting) = (bind(port), bind(waiting_port));
+    let mut daemon = Daemon::start(&[]);
+    let server = pair.server_ip;
+    let connect = |port, count| -> Vec<TcpStream> {
+        in_netns(&pair.client, || {
+            (0..count).map(|_| TcpStream::connect((server, port)).unwrap()).collect()
+        })
+    };
+    // Five connections both ends hold: ESTABLISHED twice over.
+    let held_clients = connect(port, 5);
+    let held: Vec<TcpStream> = (0..5).map(|_| listener.accept().unwrap().0).collect();
+    // Three the server closes: the client in CLOSE_WAIT, the server's socket, orphaned with
+    // its FIN acknowledged, a timewait socket in FIN_WAIT2.
+    let half_closed = connect(port, 3);
+    for _ in 0..3 {
+        drop(listener.accept().unwrap().0);
+    }
+    // Two the server shuts down for writing but keeps: a full socket in FIN_WAIT2.
+    let shut_clients = connect(port, 2);
+    let shut: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let (connection, _) = listener.accept().unwrap();
+            connection.shutdown(std::net::Shutdown::Write).unwrap();
+            connection
+        })
+        .collect();
+    // Two waiting in an accept queue, and ten orderly closes the client starts (TIME_WAIT).
+    let queued = connect(waiting_port, 2);
+    for client in connect(port, 10) {
+        drop(client);
+        let (mut connection, _) = listener.accept().unwrap();
+        let mut rest = Vec::new();
+        connection.read_to_end(&mut rest).unwrap();
+    }
+    thread::sleep(Duration::from_millis(300));
+
+    let ss_before = ss_states_everywhere();
+    let ours = fresh_scrape(&mut daemon);
+    let ss_after = ss_states_everywhere();
+    let states = [
+        "ESTABLISHED",
+        "SYN_SENT",
+        "SYN_RECV",
+        "FIN_WAIT1",
+        "FIN_WAIT2",
+        "TIME_WAIT",
+        "CLOSE_WAIT",
+        "LAST_ACK",
+        "LISTEN",
+        "CLOSING",
+    ];
+    for state in states {
+        let gauge = value(&ours, &format!("tcpmon_connections{{state=\"{state}\"}}"));
+        let ss = |counts: &HashMap<String, usize>| counts.get(state).copied().unwrap_or(0) as f64;
+        let (low, high) = (ss(&ss_before).min(ss(&ss_after)), ss(&ss_before).max(ss(&ss_after)));
+        assert!(
+            gauge >= (low * 0.99).floor() && gauge <= (high * 1.01).ceil(),
+            "{state}: tcpmon {gauge}, ss {low}..{high}"
+        );
+    }
+    assert!(value(&ours, "tcpmon_connections{state=\"FIN_WAIT2\"}") >= 5.0, "ours: 3 + 2");
+    assert!(value(&ours, "tcpmon_connections{state=\"CLOSE_WAIT\"}") >= 5.0);
+    drop((held_clients, held, half_closed, shut_clients, shut, queued, waiting));
+}

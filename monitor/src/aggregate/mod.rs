@@ -64,15 +64,15 @@ pub const SERIES_PER_PAIR: usize = {
     histograms + counters
 };
 
-/// The states of full sockets, which the tracker counts. The state tracepoint never reports
-/// TIME_WAIT (a timewait mini-socket takes over) nor request sockets (NEW_SYN_RECV; `ss`
-/// shows them as SYN-RECV), and a full socket in SYN_RECV lives for microseconds:
-/// [`crate::netstate`] reads those two from the kernel. CLOSE is the end, not a population.
-pub const TRACKED_STATES: [TcpState; 8] = [
+/// The states the tracker counts. The state tracepoint never reports TIME_WAIT (a timewait
+/// mini-socket takes over) nor request sockets (NEW_SYN_RECV; `ss` shows them as SYN-RECV),
+/// a full socket in SYN_RECV lives for microseconds, and an orphaned FIN_WAIT2 socket
+/// becomes a timewait one that `ss` still lists as FIN-WAIT-2: [`crate::netstate`] reads
+/// those three from the kernel. CLOSE is the end, not a population.
+pub const TRACKED_STATES: [TcpState; 7] = [
     TcpState::Established,
     TcpState::SynSent,
     TcpState::FinWait1,
-    TcpState::FinWait2,
     TcpState::CloseWait,
     TcpState::LastAck,
     TcpState::Closing,
@@ -81,9 +81,9 @@ pub const TRACKED_STATES: [TcpState; 8] = [
 
 /// The help of `tcpmon_connections`, which the aggregator (tracked states) and this collector
 /// (TIME_WAIT, SYN_RECV) share.
-pub const CONNECTIONS_HELP: &str = "TCP sockets per state: the tracker's for the states of full \
-     sockets; TIME_WAIT from /proc/net/sockstat and SYN_RECV (request sockets, as ss shows \
-     them) from sock_diag, summed over every network namespace.";
+pub const CONNECTIONS_HELP: &str = "TCP sockets per state, as ss -tan counts them in every \
+     network namespace: the tracker's count for full sockets; TIME_WAIT from /proc/net/sockstat, \
+     SYN_RECV (request sockets) and FIN_WAIT2 (full and timewait sockets) from sock_diag.";
 
 /// `[port, workload, pair]`: the labels whose values are capped.
 const CAPPED: [&str; 3] = ["port", "workload", "pair"];
