@@ -198,7 +198,8 @@ pub struct SynAckRetransmit {
 /// [`SynAckRetransmit::flags`]: the client's final ACK had arrived (`inet_rsk(req)->acked`),
 /// but the listener's accept queue was full, so the kernel dropped it and resends the SYN-ACK
 /// until there is room (`tcp_check_req()`, `listen_overflow`; with `tcp_abort_on_overflow`
-/// off, the default).
+/// off, the default). Not set for a `TCP_DEFER_ACCEPT` listener, whose `tcp_check_req()`
+/// also drops a bare ACK and marks the request acked while it waits for data.
 pub const SYNACK_CLIENT_ACKED: u16 = 1;
 
 /// Size in bytes of [`SynAckRetransmit`].
@@ -314,6 +315,12 @@ kernel_offsets! {
     cgroup_kn: cgroup.kn,
     /// `struct kernfs_node.id`: the cgroup id, `u64` since Linux 5.5.
     kernfs_id: kernfs_node.id,
+    /// `struct request_sock.__req_common.skc_listener` (`rsk_listener`): the listener a
+    /// request socket belongs to.
+    req_listener: request_sock.__req_common.skc_listener,
+    /// `struct inet_connection_sock.icsk_accept_queue.rskq_defer_accept`: the listener's
+    /// `TCP_DEFER_ACCEPT` retries (0: off).
+    defer_accept: inet_connection_sock.icsk_accept_queue.rskq_defer_accept,
 }
 
 /// "This offset could not be found": the program skips the read.
@@ -513,7 +520,7 @@ mod tests {
         assert_eq!(size_of::<TcpStats>(), 56);
         assert_eq!(size_of::<StateEventWithStats>(), 160);
         assert_eq!(size_of::<SocketNote>(), 32);
-        assert_eq!(size_of::<KernelOffsets>(), 116);
+        assert_eq!(size_of::<KernelOffsets>(), 124);
         assert_eq!(size_of::<SynAckRetransmit>(), 56);
     }
 
@@ -527,7 +534,7 @@ mod tests {
             (offsets.sk_err, offsets.skc_net, offsets.inet_sport, offsets.task_comm, offsets._pad),
             (0, 1, 21, 24, 0)
         );
-        assert_eq!(KernelOffsets::FIELDS.len(), 28);
+        assert_eq!(KernelOffsets::FIELDS.len(), 30);
         assert_eq!(
             KernelOffsets::FIELDS[1],
             KernelField { name: "skc_net", structure: "sock", path: &["__sk_common", "skc_net"] }

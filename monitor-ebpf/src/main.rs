@@ -694,12 +694,17 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
         (*record).sport = field(&ctx, synack::SPORT);
         (*record).dport = field(&ctx, synack::DPORT);
         (*record).family = field(&ctx, synack::FAMILY);
-        let acked_bit = REQ_ACKED_BIT.load();
-        let acked = match acked_bit {
+        // Little-endian bitfield (bpfel): bit `bit` is bit `bit % 8` of byte `bit / 8`.
+        let acked = match REQ_ACKED_BIT.load() {
             OFFSET_UNKNOWN => 0,
             bit => Probe(req).read::<u8>(bit / 8).map_or(0, |byte| byte >> (bit % 8) & 1),
         };
-        (*record).flags = if acked != 0 { SYNACK_CLIENT_ACKED } else { 0 };
+        // A TCP_DEFER_ACCEPT listener marks requests acked too; only without it (read as
+        // such) does an acked request mean a full accept queue.
+        let o = offsets();
+        let defer: Option<u8> =
+            if acked != 0 { Probe(req).follow(o.req_listener).read(o.defer_accept) } else { None };
+        (*record).flags = if defer == Some(0) { SYNACK_CLIENT_ACKED } else { 0 };
         copy_addr_2aligned(&ctx, synack::SADDR_V6, &mut (*record).saddr);
         copy_addr_2aligned(&ctx, synack::DADDR_V6, &mut (*record).daddr);
         output(&*record, counter::NOTE_RESERVE_FAILED);

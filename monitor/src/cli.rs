@@ -129,7 +129,8 @@ pub struct RunArgs {
     /// at listen() and at start-up) and N remote ports of connects (in the order first seen);
     /// later ones share port="other". 0 with no --ports: no `port` label (the series of
     /// tcpmon 0.1).
-    #[arg(long, env = "TCPMON_PORT_LABELS", value_name = "N", default_value_t = LabelLimits::DEFAULT.ports)]
+    #[arg(long, env = "TCPMON_PORT_LABELS", value_name = "N", default_value_t = LabelLimits::DEFAULT.ports,
+          value_parser = label_cap)]
     pub port_labels: usize,
 
     /// Ports that always get a `port` value of their own, beyond --port-labels
@@ -140,14 +141,15 @@ pub struct RunArgs {
     /// Give up to N workloads (systemd units, containers, pods, cgroups) a `workload` label
     /// of their own, in the order first seen; later ones share workload="other". 0: no
     /// `workload` label.
-    #[arg(long, env = "TCPMON_WORKLOAD_LABELS", value_name = "N", default_value_t = LabelLimits::DEFAULT.workloads)]
+    #[arg(long, env = "TCPMON_WORKLOAD_LABELS", value_name = "N", default_value_t = LabelLimits::DEFAULT.workloads,
+          value_parser = label_cap)]
     pub workload_labels: usize,
 
     /// Most (port, workload) pairs with series of their own; later pairs share
     /// port="other",workload="other". With --port-labels and --workload-labels this is the
     /// series budget (README).
     #[arg(long, env = "TCPMON_LABEL_PAIRS", value_name = "N", default_value_t = LabelLimits::DEFAULT.pairs as u64,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub label_pairs: u64,
 
     /// The cgroup2 tree workloads are named from; by default the cgroup2 mount in
@@ -321,6 +323,16 @@ impl TailArgs {
         };
         request.validate()?;
         Ok(request)
+    }
+}
+
+/// Parses a label cap: at most 10,000 values (already far past any sane series budget; the
+/// values are numbered in 16 bits).
+fn label_cap(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n <= 10_000 => Ok(n),
+        Ok(n) => Err(format!("{n} is more than 10000 label values")),
+        Err(e) => Err(format!("`{text}`: {e}")),
     }
 }
 

@@ -151,7 +151,11 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     }
     let kernel_state = NetState::new(aggregator.port_labels(), args.netns_labels)
         .context("creating the kernel state metrics")?;
-    registry.register(Box::new(kernel_state)).context("registering the kernel state metrics")?;
+    // Read outside the scrape gate (see `metrics::encode`).
+    let kernel_registry = Registry::new();
+    kernel_registry
+        .register(Box::new(kernel_state))
+        .context("registering the kernel state metrics")?;
     let hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "daemon");
 
     let options = args.pipeline_options();
@@ -194,7 +198,8 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
             Ok(())
         }
     });
-    let server = tokio::spawn(metrics::serve(listener, registry.clone(), gate, health));
+    let server =
+        tokio::spawn(metrics::serve(listener, registry.clone(), kernel_registry, gate, health));
     let (subscribe, subscribers) = mpsc::channel(16);
     let live_clients = hub::LiveClients::default();
     let tails = tokio::spawn(hub::serve(tail_listener, subscribe, live_clients.clone()));

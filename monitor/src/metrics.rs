@@ -190,13 +190,17 @@ impl ScrapeGate {
     }
 }
 
-/// Encodes every metric of `registry` in the Prometheus text format, read between two
-/// batches (see [`ScrapeGate`]).
-pub fn encode(registry: &Registry, gate: &ScrapeGate) -> Vec<u8> {
-    let families = {
+/// Encodes every metric of `registry`, read between two batches (see [`ScrapeGate`]), and
+/// of `unguarded`, read before (the kernel's state: its reads take milliseconds, during which
+/// the pipeline keeps draining), in the Prometheus text format. Families of the same name
+/// in both are one family.
+pub fn encode(registry: &Registry, unguarded: &Registry, gate: &ScrapeGate) -> Vec<u8> {
+    let outside = unguarded.gather();
+    let mut families = {
         let _between_batches = gate.hold();
         registry.gather()
     };
+    merge(&mut families, outside);
     let mut out = Vec::with_capacity(16 * 1024);
     if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
         warn!("encoding metrics failed: {e}");
@@ -204,11 +208,30 @@ pub fn encode(registry: &Registry, gate: &ScrapeGate) -> Vec<u8> {
     out
 }
 
+/// Adds `more` to `families`: metrics of a family already there join it, in label order.
+fn merge(families: &mut Vec<MetricFamily>, more: Vec<MetricFamily>) {
+    for mut family in more {
+        match families.iter_mut().find(|f| f.name() == family.name()) {
+            Some(existing) => {
+                existing.mut_metric().extend(family.take_metric());
+                let labels = |m: &prometheus::proto::Metric| -> Vec<(String, String)> {
+                    let pairs = m.get_label().iter();
+                    pairs.map(|p| (p.name().to_owned(), p.value().to_owned())).collect()
+                };
+                existing.mut_metric().sort_by_key(labels);
+            }
+            None => families.push(family),
+        }
+    }
+    families.sort_by(|a, b| a.name().cmp(b.name()));
+}
+
 /// Serves `/metrics` and `/healthz` until the task is dropped. Each connection is its own
 /// task with a header-read timeout, so a slow or broken client delays nobody else.
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
+    unguarded: Registry,
     gate: ScrapeGate,
     health: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
 ) {
@@ -222,12 +245,13 @@ pub async fn serve(
                 continue;
             }
         };
-        let registry = registry.clone();
+        let (registry, unguarded) = (registry.clone(), unguarded.clone());
         let gate = gate.clone();
         let health = health.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let response = respond(&request, &registry, &gate, health.as_ref());
+                let registries = (&registry, &unguarded);
+                let response = respond(&request, registries, &gate, health.as_ref());
                 async move { Ok::<_, Infallible>(response) }
             });
             let result = hyper::server::conn::http1::Builder::new()
@@ -247,7 +271,7 @@ pub async fn serve(
 
 fn respond(
     request: &Request<Incoming>,
-    registry: &Registry,
+    (registry, unguarded): (&Registry, &Registry),
     gate: &ScrapeGate,
     health: &(dyn Fn() -> Result<(), String> + Send + Sync),
 ) -> Response<Full<Bytes>> {
@@ -262,7 +286,9 @@ fn respond(
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"use GET\n".to_vec());
     }
     match request.uri().path() {
-        "/metrics" => reply(StatusCode::OK, prometheus::TEXT_FORMAT, encode(registry, gate)),
+        "/metrics" => {
+            reply(StatusCode::OK, prometheus::TEXT_FORMAT, encode(registry, unguarded, gate))
+        }
         "/healthz" => match health() {
             Ok(()) => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             Err(why) => reply(
@@ -310,7 +336,8 @@ mod tests {
         }));
         let registry = Registry::new();
         registry.register(Box::new(KernelCollector::new(Fake(counts.clone())).unwrap())).unwrap();
-        let text = String::from_utf8(encode(&registry, &ScrapeGate::default())).unwrap();
+        let text =
+            String::from_utf8(encode(&registry, &Registry::new(), &ScrapeGate::default())).unwrap();
         assert!(
             text.contains("tcpmon_state_transitions_total{from=\"CLOSE\",to=\"SYN_SENT\"} 5"),
             "{text}"
@@ -328,7 +355,8 @@ mod tests {
             run_time_ns: 1_500_000_000,
             run_count: 13,
         };
-        let text = String::from_utf8(encode(&registry, &ScrapeGate::default())).unwrap();
+        let text =
+            String::from_utf8(encode(&registry, &Registry::new(), &ScrapeGate::default())).unwrap();
         assert!(
             text.contains("tcpmon_state_transitions_total{from=\"CLOSE\",to=\"SYN_SENT\"} 9"),
             "{text}"
@@ -338,5 +366,22 @@ mod tests {
         assert!(text.contains("tcpmon_bpf_recursion_misses_total 2"));
         assert!(text.contains("tcpmon_bpf_run_seconds_total 1.5"));
         assert!(text.contains("tcpmon_bpf_runs_total 13"));
+    }
+    #[test]
+    fn a_family_read_outside_the_gate_joins_the_same_family_inside() {
+        let (inside, outside) = (Registry::new(), Registry::new());
+        for (registry, state, value) in [(&inside, "LISTEN", 3), (&outside, "TIME_WAIT", 7)] {
+            let gauge = prometheus::IntGauge::with_opts(
+                Opts::new("tcpmon_connections", "per state").const_label("state", state),
+            )
+            .unwrap();
+            gauge.set(value);
+            registry.register(Box::new(gauge)).unwrap();
+        }
+        let text = String::from_utf8(encode(&inside, &outside, &ScrapeGate::default())).unwrap();
+        assert_eq!(text.matches("# TYPE tcpmon_connections").count(), 1, "{text}");
+        assert!(text.contains(
+            "tcpmon_connections{state=\"LISTEN\"} 3\ntcpmon_connections{state=\"TIME_WAIT\"} 7"
+        ));
     }
 }

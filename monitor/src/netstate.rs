@@ -11,7 +11,8 @@
 //!   dump of FIN_WAIT2 counts both kinds;
 //! - request sockets (SYN received, SYN-ACK sent: `ss` shows them as SYN-RECV) and every
 //!   listener's accept queue, depth and limit (`ss -lnt`'s Recv-Q and Send-Q), from the same
-//!   `sock_diag` dump (LISTEN, SYN_RECV and FIN_WAIT2 sockets: few, whatever the load);
+//!   `sock_diag` dump (LISTEN, SYN_RECV and FIN_WAIT2 sockets: not the TIME_WAIT or
+//!   established crowds; the SYN queues bound the request sockets even in a SYN flood);
 //! - the kernel's queue and TIME_WAIT counters of `/proc/net/netstat` (`TcpExt`).
 //!
 //! One read serves every scrape within [`MIN_INTERVAL`]: Prometheus servers scraping the same
@@ -290,19 +291,25 @@ impl Inner {
         self.read_at = Some(Instant::now());
         let namespaces = sockdiag::namespaces(sockdiag::own_namespace());
         let mut states = Vec::new();
+        let mut unread = Vec::new();
         for (netns, read) in sockdiag::in_each(&namespaces, read_namespace) {
             match read {
                 Ok(state) => states.push((netns, state)),
                 // A namespace can vanish between the listing and the read.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(_) => self.read_errors.inc(),
+                Err(_) => {
+                    self.read_errors.inc();
+                    unread.push(netns);
+                }
             }
         }
-        self.publish(&states);
+        self.publish(&states, &unread);
     }
 
-    /// Sets the gauges and advances the counters from one read.
-    fn publish(&mut self, states: &[(u32, NamespaceState)]) {
+    /// Sets the gauges and advances the counters from one read; namespaces in `unread` still
+    /// exist but could not be read this time (their last values are kept, so the next read
+    /// adds only what they counted since).
+    fn publish(&mut self, states: &[(u32, NamespaceState)], unread: &[u32]) {
         let sum = |count: fn(&NamespaceState) -> u64| {
             states.iter().map(|(_, state)| count(state) as i64).sum::<i64>()
         };
@@ -336,6 +343,11 @@ impl Inner {
                 now[index] = value;
             }
             seen.insert(*netns, now);
+        }
+        for netns in unread {
+            if let Some(last) = self.last.get(netns) {
+                seen.insert(*netns, *last);
+            }
         }
         self.last = seen;
         for ((index, label), total) in &self.totals {
@@ -404,11 +416,16 @@ mod tests {
             state.counters[0] = Some(overflows);
             state
         };
-        inner.publish(&[(1, state(10)), (2, state(5))]);
-        assert_eq!(inner.counters[0].with_label_values(&[] as &[&str]).get(), 15);
+        let total = |inner: &Inner| inner.counters[0].with_label_values(&[] as &[&str]).get();
+        inner.publish(&[(1, state(10)), (2, state(5))], &[]);
+        assert_eq!(total(&inner), 15);
         // Namespace 2 is gone, namespace 1 grew by 3, namespace 3 is new with 4.
-        inner.publish(&[(1, state(13)), (3, state(4))]);
-        assert_eq!(inner.counters[0].with_label_values(&[] as &[&str]).get(), 22);
+        inner.publish(&[(1, state(13)), (3, state(4))], &[]);
+        assert_eq!(total(&inner), 22);
+        // Namespace 3 could not be read once: when it can again, only its growth counts.
+        inner.publish(&[(1, state(13))], &[3]);
+        inner.publish(&[(1, state(13)), (3, state(6))], &[]);
+        assert_eq!(total(&inner), 24);
     }
 
     #[test]

@@ -85,11 +85,10 @@ fn dump(family: u8, states: StateFlags) -> io::Result<Vec<DiagSocket>> {
                         12 => Ok(TcpState::SynRecv),
                         state => TcpState::try_from(state),
                     };
-                    let Ok(state) = state else { continue };
                     let id = &h.socket_id;
                     let local = SocketAddr::new(id.source_address, id.source_port);
                     let remote = SocketAddr::new(id.destination_address, id.destination_port);
-                    if local.is_ipv4() == remote.is_ipv4() {
+                    if let (Ok(state), true) = (state, local.is_ipv4() == remote.is_ipv4()) {
                         sockets.push(DiagSocket {
                             state,
                             endpoints: Endpoints::new(local, remote),
@@ -167,6 +166,10 @@ pub fn in_each<T: Send>(
                     .collect()
             })
             .join()
-            .unwrap_or_default()
+            // The thread panicked: every namespace counts as unread.
+            .unwrap_or_else(|_| {
+                let failed = || Err(io::Error::other("the namespace reader panicked"));
+                namespaces.iter().map(|(netns, _)| (*netns, failed())).collect()
+            })
     })
 }

@@ -186,7 +186,9 @@ impl Workloads {
             if !recently_missing {
                 self.walk();
             }
-            if !self.names.contains_key(&id) {
+            // Only a walk that did not find it starts its wait; asking again meanwhile
+            // must not push the next walk further away.
+            if !recently_missing && !self.names.contains_key(&id) {
                 if self.missing.len() >= MAX_NAMES {
                     self.missing.clear();
                 }

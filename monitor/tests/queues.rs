@@ -80,7 +80,7 @@ fn an_overflowing_accept_queue_is_seen_in_the_gauges_the_counters_and_the_tail()
     // (the kernel admits one more than the backlog to each).
     assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 3) }, 0);
     let netns = NetnsPair::inode(&pair.server);
-    let mut daemon = Daemon::start(&["--netns-labels", "64", "--ports", &port.to_string()]);
+    let mut daemon = Daemon::start(&["--netns-labels", "100000", "--ports", &port.to_string()]);
     let tail = Tail::start(
         &daemon.tail_socket,
         &["--json", "--count", "12", "--port", &port.to_string()],
@@ -192,7 +192,7 @@ fn syn_cookies_are_counted_as_the_kernel_counts_them() {
     let bind = |port| in_netns(&pair.server, || TcpListener::bind((pair.server_ip, port))).unwrap();
     let (listener, _flooded_listener) = (bind(port), bind(flooded));
     let netns = NetnsPair::inode(&pair.server);
-    let mut daemon = Daemon::start(&["--netns-labels", "64"]);
+    let mut daemon = Daemon::start(&["--netns-labels", "100000"]);
     let before = fresh_scrape(&mut daemon);
     let mib_before = mib(&pair.server);
     // N connections a cookie completes, and a flood of F SYNs whose handshakes never do
@@ -259,7 +259,7 @@ fn time_wait_is_the_kernels_population_and_every_entry_is_counted() {
     let pair = NetnsPair::new("tw");
     let port = server_port();
     let listener = in_netns(&pair.server, || TcpListener::bind((pair.server_ip, port))).unwrap();
-    let mut daemon = Daemon::start(&["--netns-labels", "64", "--ports", &port.to_string()]);
+    let mut daemon = Daemon::start(&["--netns-labels", "100000", "--ports", &port.to_string()]);
     let before = fresh_scrape(&mut daemon);
     let mib_before = mib(&pair.client);
 

@@ -85,7 +85,7 @@ fn replay() -> Seen {
     pipeline.drain_now();
     let summary = pipeline.finish();
     assert_eq!((summary.received, summary.undecodable, summary.tracked), (58, 0, 0));
-    let text = String::from_utf8(encode(&registry, &gate)).unwrap();
+    let text = String::from_utf8(encode(&registry, &prometheus::Registry::new(), &gate)).unwrap();
     let metrics = text
         .lines()
         .filter(|l| !l.starts_with('#'))

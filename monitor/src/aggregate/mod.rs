@@ -160,7 +160,7 @@ impl Attributed {
     }
 
     /// Gives the origin's port and workload their values (or `other`), and its pair a
-    /// series set; remembers the answer unless the cgroup could not be named yet.
+    /// series set, and remembers the answer.
     fn resolve(&mut self, origin: (u16, bool, u64)) -> Resolved {
         let (service_port, listening, cgroup_id) = origin;
         let port = match self.limits.port_label() {
@@ -189,8 +189,10 @@ impl Attributed {
             set,
             other: [port == OTHER_INDEX, workload == OTHER_INDEX, pair != requested],
         };
-        let named = workload != UNKNOWN_INDEX || cgroup_id == 0 || !self.limits.workload_label();
-        if let (true, Some(key)) = (named, packed(origin)) {
+        // Remembered even when the cgroup had no name (it was gone, or there is no cgroup2
+        // mount): an origin's observations must all land in one series, or a gauge raised
+        // in one would be lowered in another.
+        if let Some(key) = packed(origin) {
             if self.origins.len() >= MAX_ORIGINS {
                 self.origins.clear();
             }
@@ -218,7 +220,9 @@ impl Attributed {
     fn publish(&self) {
         let Some((values, overflows)) = &self.counts else { return };
         let ports = lock(&self.ports).values().given();
-        let given = [ports, self.workloads.values().given(), self.sets.len()];
+        let overflow_pair = self.pairs.contains_key(&(OTHER_INDEX, OTHER_INDEX));
+        let pairs = self.sets.len() - usize::from(overflow_pair);
+        let given = [ports, self.workloads.values().given(), pairs];
         for index in 0..CAPPED.len() {
             values[index].set(given[index] as i64);
             catch_up(&overflows[index], self.overflow[index]);
@@ -683,7 +687,7 @@ mod tests {
         let label = |name: &str, label: &str| value(&text, &format!("{name}{{label=\"{label}\"}}"));
         assert_eq!(label("tcpmon_label_values", "port"), Some(3.0), "6379, 80, 5432");
         assert_eq!(label("tcpmon_label_values", "workload"), Some(2.0));
-        assert_eq!(label("tcpmon_label_values", "pair"), Some(6.0));
+        assert_eq!(label("tcpmon_label_values", "pair"), Some(5.0));
         assert_eq!(label("tcpmon_label_overflow_total", "port"), Some(2.0));
         assert_eq!(label("tcpmon_label_overflow_total", "workload"), Some(1.0));
         assert_eq!(label("tcpmon_label_overflow_total", "pair"), Some(3.0));

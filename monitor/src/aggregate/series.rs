@@ -126,8 +126,9 @@ impl Families {
                 "SYN-ACKs a listening port resent (tcp:tcp_retransmit_synack), whether or not \
                  the connection was ever accepted. reason=accept_queue_full: the client had \
                  already sent its final ACK, which the kernel dropped because the accept \
-                 queue was full; reason=unacknowledged: no ACK came (a lost SYN-ACK or ACK, \
-                 or a SYN flood).",
+                 queue was full; reason=unacknowledged: no ACK the listener would take came \
+                 (a lost SYN-ACK or ACK, a SYN flood, or a TCP_DEFER_ACCEPT listener still \
+                 waiting for data).",
                 &["reason"],
             )?,
             time_wait_entered: counter(

@@ -59,6 +59,9 @@ pub(super) struct SocketEntry {
     /// Handshake duration, once established.
     pub(super) handshake_ns: Stamp,
     pub(super) established_ns: Stamp,
+    /// For a socket first seen mid-life (no `open_side`): whether its local port had a
+    /// listener then. Decided once, so its observations stay in one series.
+    pub(super) local_listening: Option<bool>,
     /// Network namespace inode; 0 until a record carried it.
     pub(super) netns: u32,
     /// The socket's cgroup v2 id; 0 until a record carried it.
@@ -87,6 +90,7 @@ impl SocketEntry {
             accept_queue_full: false,
             handshake_ns: Stamp::NONE,
             established_ns: Stamp::NONE,
+            local_listening: None,
             netns: event.netns,
             cgroup_id: event.cgroup_id,
             resets: Resets::default(),

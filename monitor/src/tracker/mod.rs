@@ -127,9 +127,11 @@ pub struct Tracker {
     /// First SYN-ACK time of request sockets that retransmitted it, by the 4-tuple their
     /// child will have; taken when the child is established.
     synack_retransmits: FxHashMap<Endpoints, PendingSynAck>,
-    /// The cgroup of the listener on each port (any namespace: SYN-ACK records carry none),
-    /// for the SYN-ACK retransmissions' workload.
-    listener_cgroups: FxHashMap<u16, u64>,
+    /// Listeners per port in any namespace, and the cgroup of the latest: records without a
+    /// namespace (SYN-ACKs, sockets first seen mid-life) are matched by port alone.
+    listener_ports: FxHashMap<u16, (u32, u64)>,
+    /// Entries in CLOSE_WAIT dropped without a transition, to report at the next store.
+    gone_close_waits: Vec<SocketEntry>,
     /// When `synack_retransmits` was last pruned.
     synack_pruned_ns: u64,
     stats: TrackerStats,
@@ -186,7 +188,8 @@ impl Tracker {
             listeners: FxHashMap::default(),
             touched: None,
             synack_retransmits: FxHashMap::default(),
-            listener_cgroups: FxHashMap::default(),
+            listener_ports: FxHashMap::default(),
+            gone_close_waits: Vec::new(),
             synack_pruned_ns: 0,
             stats: TrackerStats::default(),
         }
@@ -231,8 +234,11 @@ impl Tracker {
             if socket.state == TcpState::Listen {
                 let listener =
                     Listener { skaddr: 0, owner: socket.owner, cgroup_id: socket.cgroup_id };
-                self.listeners.entry((socket.netns, socket.endpoints.sport)).or_insert(listener);
-                self.listener_cgroups.entry(socket.endpoints.sport).or_insert(socket.cgroup_id);
+                let key = (socket.netns, socket.endpoints.sport);
+                if let std::collections::hash_map::Entry::Vacant(slot) = self.listeners.entry(key) {
+                    slot.insert(listener);
+                    self.count_listener(socket.endpoints.sport, socket.cgroup_id);
+                }
             }
             added += usize::from(self.table.add_existing(*socket));
         }
@@ -268,7 +274,7 @@ impl Tracker {
         let port = synack.endpoints.sport;
         let whose = Attribution {
             netns: 0,
-            cgroup_id: self.listener_cgroups.get(&port).copied().unwrap_or(0),
+            cgroup_id: self.listener_ports.get(&port).map_or(0, |(_, cgroup)| *cgroup),
             service_port: Some(port),
             listening: true,
         };
@@ -320,7 +326,7 @@ impl Tracker {
                         ResetDirection::Sent => entry.resets.sent = true,
                         ResetDirection::Received => entry.resets.received = true,
                     }
-                    self.table.put(note.skaddr, entry);
+                    self.put(note.skaddr, entry, sink);
                 }
             }
         }
@@ -339,6 +345,14 @@ impl Tracker {
         }
         let now = event.timestamp_ns;
         let (mut entry, consistent) = self.entry_for(event);
+        // Leaving CLOSE_WAIT for LAST_ACK is reported as its duration (below); any other way
+        // out (a reset, lost events) on its own, with the attribution it entered with (before
+        // this record's cgroup or namespace, if it carries one, is taken).
+        let left_otherwise = (event.old, event.new) != (CloseWait, LastAck);
+        let was_entered = entry.state == CloseWait && !entry.close_wait_ns.is_none();
+        if was_entered && event.new != CloseWait && left_otherwise {
+            sink.observe_in(&Observation::CloseWaitLeft, &self.attribution(&entry));
+        }
         entry.last_seen_ns = now;
         entry.endpoints = event.endpoints;
         entry.learn_origin(event);
@@ -355,13 +369,6 @@ impl Tracker {
             sink.observe(&Observation::Transition(entry.transition_record(event, in_old)));
         }
 
-        // Leaving CLOSE_WAIT for LAST_ACK is reported as its duration (below); any other way
-        // out (a reset, lost events) on its own.
-        let left_otherwise = (event.old, event.new) != (CloseWait, LastAck);
-        let was_entered = entry.state == CloseWait && !entry.close_wait_ns.is_none();
-        if was_entered && event.new != CloseWait && left_otherwise {
-            sink.observe_in(&Observation::CloseWaitLeft, &self.attribution(&entry));
-        }
         match (event.old, event.new) {
             (_, Established) => self.on_established(&mut entry, event, sink),
             // TCP Fast Open: an accepted child exists from the SYN on and may see a FIN, or
@@ -391,7 +398,7 @@ impl Tracker {
         }
         entry.state = event.new;
         entry.state_since_ns = Stamp::at(now);
-        self.table.put(event.skaddr, entry);
+        self.put(event.skaddr, entry, sink);
     }
 
     /// A socket is born: a fresh entry replaces whatever was tracked at its address or its
@@ -437,7 +444,7 @@ impl Tracker {
         if sink.wants_records() {
             sink.observe(&Observation::Transition(entry.transition_record(event, None)));
         }
-        self.table.put(event.skaddr, entry);
+        self.put(event.skaddr, entry, sink);
     }
 
     /// The entry an event continues, and whether the event follows its tracked state.
@@ -458,7 +465,10 @@ impl Tracker {
             tracked => {
                 // Unknown socket, or a new socket at a reused address whose birth was lost:
                 // start from what this event shows, with no anchors.
-                if let Some(tracked) = tracked {
+                if let Some(tracked) = tracked.copied() {
+                    if tracked.state == CloseWait && !tracked.close_wait_ns.is_none() {
+                        self.gone_close_waits.push(tracked);
+                    }
                     let tracked = tracked.state;
                     self.stats.inconsistent += 1;
                     log_out_of_sequence(self.stats.inconsistent, event, tracked);
@@ -480,6 +490,9 @@ impl Tracker {
                     if entry.cgroup_id == 0 {
                         entry.cgroup_id = existing.cgroup_id;
                     }
+                }
+                if side.is_none() {
+                    entry.local_listening = Some(self.local_port_listens(&entry));
                 }
                 (entry, false)
             }
@@ -568,8 +581,9 @@ impl Tracker {
             (TcpState::Close, TcpState::Listen) => {
                 let owner = Owner::current(event);
                 let listener = Listener { skaddr: event.skaddr, owner, cgroup_id: event.cgroup_id };
-                self.listeners.insert(key, listener);
-                self.listener_cgroups.insert(event.endpoints.sport, event.cgroup_id);
+                if self.listeners.insert(key, listener).is_none() {
+                    self.count_listener(event.endpoints.sport, event.cgroup_id);
+                }
             }
             // The listener itself closes (0: one from the snapshot, whose address is unknown).
             (TcpState::Listen, TcpState::Close)
@@ -579,8 +593,42 @@ impl Tracker {
                     .is_some_and(|listener| [0, event.skaddr].contains(&listener.skaddr)) =>
             {
                 self.listeners.remove(&key);
+                let port = event.endpoints.sport;
+                if let Some((count, _)) = self.listener_ports.get_mut(&port) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.listener_ports.remove(&port);
+                    }
+                }
             }
             _ => {}
+        }
+    }
+
+    /// One more listener on `port`, in cgroup `cgroup_id`.
+    fn count_listener(&mut self, port: u16, cgroup_id: u64) {
+        let (count, cgroup) = self.listener_ports.entry(port).or_insert((0, 0));
+        *count += 1;
+        *cgroup = cgroup_id;
+    }
+
+    /// Whether the socket's local port has a listener: in its namespace when known, in any
+    /// otherwise (records carry the namespace only at birth and CLOSE).
+    fn local_port_listens(&self, entry: &SocketEntry) -> bool {
+        let port = entry.endpoints.sport;
+        match entry.netns {
+            0 => self.listener_ports.contains_key(&port),
+            netns => self.listeners.contains_key(&(netns, port)),
+        }
+    }
+
+    /// Stores an entry; reports the CLOSE_WAIT sockets dropped without a transition (evicted
+    /// to make room, or replaced after lost events).
+    fn put(&mut self, skaddr: u64, entry: SocketEntry, sink: &mut impl ObservationSink) {
+        self.table.put(skaddr, entry);
+        self.gone_close_waits.extend(self.table.take_evicted_close_waits());
+        for gone in std::mem::take(&mut self.gone_close_waits) {
+            sink.observe_in(&Observation::CloseWaitLeft, &self.attribution(&gone));
         }
     }
 
@@ -598,12 +646,13 @@ impl Tracker {
     }
 
     /// Whose a tracked connection is. The service port of a socket first seen mid-life is
-    /// the local one when this host listens on it, else the remote one.
+    /// the local one when this host listened on it then, else the remote one.
     fn attribution(&self, entry: &SocketEntry) -> Attribution {
         let endpoints = &entry.endpoints;
-        let listening = match entry.open_side {
-            Some(side) => side == Side::Passive,
-            None => self.listeners.contains_key(&(entry.netns, endpoints.sport)),
+        let listening = match (entry.open_side, entry.local_listening) {
+            (Some(side), _) => side == Side::Passive,
+            (None, Some(listening)) => listening,
+            (None, None) => self.local_port_listens(entry),
         };
         let port = if listening { endpoints.sport } else { endpoints.dport };
         Attribution {

@@ -18,6 +18,7 @@ pub(super) struct SocketTable {
     per_state: [u64; TcpState::ALL.len()],
     max_sockets: usize,
     evicted: u64,
+    evicted_close_waits: Vec<SocketEntry>,
 }
 
 impl SocketTable {
@@ -29,6 +30,7 @@ impl SocketTable {
             per_state: [0; TcpState::ALL.len()],
             max_sockets: max_sockets.max(1),
             evicted: 0,
+            evicted_close_waits: Vec::new(),
         }
     }
 
@@ -146,9 +148,19 @@ impl SocketTable {
             self.entries.iter().map(|(key, entry)| (entry.last_seen_ns, *key)).collect();
         ages.select_nth_unstable(count - 1);
         for &(_, key) in &ages[..count] {
-            self.remove(key);
+            if let Some(entry) = self.remove(key) {
+                if entry.state == TcpState::CloseWait && !entry.close_wait_ns.is_none() {
+                    self.evicted_close_waits.push(entry);
+                }
+            }
         }
         self.evicted += count as u64;
+    }
+
+    /// Evicted entries that were in CLOSE_WAIT since the last call (the tracker reports them
+    /// as gone from CLOSE_WAIT, or its per-port gauge would keep them forever).
+    pub(super) fn take_evicted_close_waits(&mut self) -> Vec<SocketEntry> {
+        std::mem::take(&mut self.evicted_close_waits)
     }
 }
 
