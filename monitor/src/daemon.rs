@@ -168,7 +168,7 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     let ring_count = rings.len();
     let gate = aggregator.scrape_gate();
     let mut pipeline = Pipeline::attach(rings, ring_bytes, &options, aggregator, hub)?;
-    pipeline.load_snapshot().await;
+    pipeline.load_snapshot(args.cgroup_root.clone()).await;
     info!(
         "attached to sock:inet_sock_set_state ({} build; {} rings of {} KiB, {}; close reasons from sk_err: {}; \
          SYN-ACK times: {}; reset direction: {}); metrics on http://{}/metrics, tails on {}",

@@ -327,12 +327,13 @@ impl Pipeline<RingSource> {
 
     /// Reads the sockets that existed before the program was attached (see [`snapshot`])
     /// and hands them to the tracker, after the events that already describe some of them.
-    pub async fn load_snapshot(&mut self) {
+    /// Their owners' cgroups are found under `cgroup_root` (`--cgroup-root`), if given.
+    pub async fn load_snapshot(&mut self, cgroup_root: Option<PathBuf>) {
         let started = Instant::now();
         self.stages.tracker.expect_snapshot();
         // Walking /proc can take a while on a big host: keep draining meanwhile, so the ring
         // does not overflow (events seen now also tell the tracker which sockets it knows).
-        let mut task = tokio::task::spawn_blocking(snapshot::take);
+        let mut task = tokio::task::spawn_blocking(move || snapshot::take(cgroup_root));
         let snapshot = loop {
             tokio::select! {
                 done = &mut task => break done.unwrap_or_default(),
@@ -409,7 +410,7 @@ pub async fn standalone(options: PipelineOptions, client: NewSubscriber) -> anyh
     let mut loaded = options.load()?;
     let rings = std::mem::take(&mut loaded.rings);
     let mut pipeline = Pipeline::attach(rings, loaded.ring_bytes, &options, aggregator, hub)?;
-    pipeline.load_snapshot().await;
+    pipeline.load_snapshot(None).await;
     pipeline.add_subscriber(client);
     let mut controls = Controls {
         stop: std::future::pending(),

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::path::PathBuf;
 
 use netlink_packet_sock_diag::inet::StateFlags;
 
@@ -37,9 +38,11 @@ fn wanted_states() -> StateFlags {
 
 /// Reads every TCP socket of every network namespace in use. Never fails as a whole: what
 /// cannot be read is listed in [`Snapshot::problems`].
-pub fn take() -> Snapshot {
+/// Owners' cgroups are found under `cgroup_root` (`--cgroup-root`), else under the cgroup2
+/// mount of `/proc/self/mountinfo`.
+pub fn take(cgroup_root: Option<PathBuf>) -> Snapshot {
     let mut snapshot = Snapshot::default();
-    let (owners, unreadable) = socket_owners();
+    let (owners, unreadable) = socket_owners(cgroup_root);
     if unreadable > 0 {
         snapshot.problems.push(format!(
             "the sockets of {unreadable} processes could not be read (/proc/PID/fd needs \
@@ -66,9 +69,11 @@ pub fn take() -> Snapshot {
 /// Socket inode → the first process found holding it (`/proc/PID/fd/N` → `socket:[INODE]`)
 /// and that process's cgroup id. Also returns how many processes' fd tables could not be
 /// read.
-fn socket_owners() -> (HashMap<u32, (Owner, u64)>, usize) {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let cgroup2 = workload::cgroup2_mount(&mountinfo);
+fn socket_owners(cgroup_root: Option<PathBuf>) -> (HashMap<u32, (Owner, u64)>, usize) {
+    let cgroup2 = cgroup_root.or_else(|| {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        workload::cgroup2_mount(&mountinfo)
+    });
     let mut owners = HashMap::new();
     let mut unreadable = 0;
     for pid in sockdiag::pids() {
@@ -136,7 +141,7 @@ mod tests {
         // sock_diag and /proc/PID/fd work unprivileged for our own sockets.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let snapshot = take();
+        let snapshot = take(None);
         let ours = snapshot
             .sockets
             .iter()

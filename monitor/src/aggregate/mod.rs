@@ -754,7 +754,8 @@ mod tests {
             for first_fin in [Side::Active, Side::Passive] {
                 let teardown = Some((first_fin, 1));
                 let lifetime_ns = Some(1);
-                all.push(Observation::Closed { side: Some(side), reason, lifetime_ns, teardown });
+                let (side, time_wait) = (Some(side), first_fin == Side::Active);
+                all.push(Observation::Closed { side, reason, lifetime_ns, teardown, time_wait });
             }
             if side == Side::Active {
                 all.push(Observation::ConnectFailed {
@@ -767,7 +768,6 @@ mod tests {
         for direction in [ResetDirection::Sent, ResetDirection::Received] {
             all.push(Observation::Reset { direction });
         }
-        all.push(Observation::TimeWaitEntered);
         if side == Side::Passive {
             for client_acked in [false, true] {
                 all.push(Observation::SynAckRetransmitted { client_acked });
@@ -781,7 +781,14 @@ mod tests {
         let mut all = observations_of(Side::Active);
         all.extend(observations_of(Side::Passive));
         for reason in crate::tracker::CloseReason::ALL {
-            all.push(Observation::Closed { side: None, reason, lifetime_ns: None, teardown: None });
+            let closed = Observation::Closed {
+                side: None,
+                reason,
+                lifetime_ns: None,
+                teardown: None,
+                time_wait: false,
+            };
+            all.push(closed);
         }
         all
     }

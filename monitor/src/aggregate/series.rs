@@ -288,7 +288,10 @@ impl SeriesSet {
                     child!(self.close_wait_sockets, family, extra, []).dec();
                 }
             }
-            Observation::Closed { side, reason, lifetime_ns, teardown } => {
+            Observation::Closed { side, reason, lifetime_ns, teardown, time_wait } => {
+                if time_wait {
+                    child!(self.time_wait_entered, f.time_wait_entered, extra, []).inc();
+                }
                 let row = side.map_or(2, side_index);
                 let r = reason_index(reason);
                 child!(self.closed[row][r], f.closed, extra, [CLOSED_SIDES[row], reason.as_str()])
@@ -306,9 +309,6 @@ impl SeriesSet {
                 let i = usize::from(client_acked);
                 let reason = SYNACK_REASONS[i];
                 child!(self.synack_retransmits[i], f.synack_retransmits, extra, [reason]).inc()
-            }
-            Observation::TimeWaitEntered => {
-                child!(self.time_wait_entered, f.time_wait_entered, extra, []).inc()
             }
             Observation::CloseWaitEntered | Observation::CloseWaitLeft => {
                 let Some(family) = &f.close_wait_sockets else { return };

@@ -699,16 +699,14 @@ impl Tracker {
             _ => None,
         };
         let lifetime_ns = entry.established_ns.get().map(|since| elapsed(since, now));
-        let closed = Observation::Closed { side: entry.open_side, reason, lifetime_ns, teardown };
-        let whose = self.attribution(entry);
-        sink.observe_in(&closed, &whose);
         // tcp_time_wait() ends an orderly active close in FIN_WAIT2 (our FIN acknowledged, the
         // peer's received) or CLOSING (simultaneous close); a FIN_WAIT2 that times out or is
         // reset ends with a RST instead, so its reason is not `fin`.
-        if reason == CloseReason::Fin && matches!(event.old, TcpState::FinWait2 | TcpState::Closing)
-        {
-            sink.observe_in(&Observation::TimeWaitEntered, &whose);
-        }
+        let time_wait = reason == CloseReason::Fin
+            && matches!(event.old, TcpState::FinWait2 | TcpState::Closing);
+        let side = entry.open_side;
+        let closed = Observation::Closed { side, reason, lifetime_ns, teardown, time_wait };
+        sink.observe_in(&closed, &self.attribution(entry));
         if records {
             let mut record = entry.connection_record(ConnectionPhase::Closed, now, Some(reason));
             record.lifetime_ns = lifetime_ns;

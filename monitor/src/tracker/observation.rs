@@ -70,6 +70,9 @@ pub enum Observation {
         /// For orderly closes whose first FIN was seen: who sent it, and the nanoseconds from
         /// that FIN (ESTABLISHED → FIN_WAIT1 or → CLOSE_WAIT) to CLOSE.
         teardown: Option<(Side, u64)>,
+        /// An active close handed the connection to a TIME_WAIT socket: FIN_WAIT2 or CLOSING
+        /// → CLOSE after an orderly FIN exchange (`tcp_time_wait()`).
+        time_wait: bool,
     },
     /// A request socket resent its SYN-ACK (`tcp:tcp_retransmit_synack`).
     SynAckRetransmitted {
@@ -78,9 +81,6 @@ pub enum Observation {
         /// is silent (a SYN flood).
         client_acked: bool,
     },
-    /// An active close handed the connection to a TIME_WAIT socket: FIN_WAIT2 or CLOSING →
-    /// CLOSE after an orderly FIN exchange (`tcp_time_wait()`).
-    TimeWaitEntered,
     /// A socket started listening (`listen()`): its port is a service of this host.
     Listening {
         /// The local port.

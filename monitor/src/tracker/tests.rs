@@ -285,9 +285,8 @@ fn active_open_and_active_close() {
                 reason: CloseReason::Fin,
                 lifetime_ns: Some(1040 * MS),
                 teardown: Some((Side::Active, 40 * MS)),
+                time_wait: true,
             },
-            // FIN_WAIT2 → CLOSE after an orderly close: handed to TIME_WAIT.
-            Observation::TimeWaitEntered,
         ]
     );
     assert!(tracker.is_empty());
@@ -317,6 +316,7 @@ fn passive_open_and_passive_close_with_close_wait() {
                 reason: CloseReason::Fin,
                 lifetime_ns: Some(791 * MS),
                 teardown: Some((Side::Passive, 301 * MS)),
+                time_wait: false,
             },
         ]
     );
@@ -332,16 +332,14 @@ fn simultaneous_close_is_an_active_teardown() {
         (12, 1, Closing, Close, 0),
     ]);
     assert_eq!(
-        &out[out.len() - 2..],
-        [
-            Observation::Closed {
-                side: Some(Side::Active),
-                reason: CloseReason::Fin,
-                lifetime_ns: Some(11 * MS),
-                teardown: Some((Side::Active, 2 * MS)),
-            },
-            Observation::TimeWaitEntered,
-        ]
+        &out[out.len() - 1..],
+        [Observation::Closed {
+            side: Some(Side::Active),
+            reason: CloseReason::Fin,
+            lifetime_ns: Some(11 * MS),
+            teardown: Some((Side::Active, 2 * MS)),
+            time_wait: true,
+        },]
     );
 }
 
@@ -434,13 +432,14 @@ fn sockets_first_seen_mid_life_report_only_what_was_seen() {
                 reason: CloseReason::Fin,
                 lifetime_ns: None,
                 teardown: Some((Side::Active, 40 * MS)),
+                time_wait: true,
             },
-            Observation::TimeWaitEntered,
             Observation::Closed {
                 side: None,
                 reason: CloseReason::Fin,
                 lifetime_ns: None,
-                teardown: None
+                teardown: None,
+                time_wait: false,
             },
         ]
     );
@@ -493,8 +492,8 @@ fn lost_events_never_produce_wrong_latencies() {
                 reason: CloseReason::Fin,
                 lifetime_ns: Some(60 * MS),
                 teardown: Some((Side::Active, 10 * MS)),
+                time_wait: true,
             },
-            Observation::TimeWaitEntered,
         ]
     );
     assert_eq!(tracker.stats().inconsistent, 1);
@@ -507,12 +506,13 @@ fn lost_events_never_produce_wrong_latencies() {
         (50, 1, FinWait2, Close, 0),
     ]);
     assert_eq!(
-        out.iter().rev().nth(1),
+        out.last(),
         Some(&Observation::Closed {
             side: Some(Side::Active),
             reason: CloseReason::Fin,
             lifetime_ns: Some(49 * MS),
             teardown: None,
+            time_wait: true,
         })
     );
     assert_eq!(tracker.stats().inconsistent, 1);
@@ -573,6 +573,7 @@ fn fast_open_children_are_established_by_a_fin_before_the_ack() {
                 reason: CloseReason::Fin,
                 lifetime_ns: Some(3 * MS),
                 teardown: Some((Side::Passive, 3 * MS)),
+                time_wait: false,
             },
         ]
     );
