@@ -157,6 +157,12 @@ impl SocketTable {
         self.evicted += count as u64;
     }
 
+    /// Whether evictions left entries in CLOSE_WAIT to report.
+    #[inline]
+    pub(super) fn has_evicted_close_waits(&self) -> bool {
+        !self.evicted_close_waits.is_empty()
+    }
+
     /// Evicted entries that were in CLOSE_WAIT since the last call (the tracker reports them
     /// as gone from CLOSE_WAIT, or its per-port gauge would keep them forever).
     pub(super) fn take_evicted_close_waits(&mut self) -> Vec<SocketEntry> {
