@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod churn;
+mod package;
 mod setup;
 mod soak;
 
@@ -67,6 +68,12 @@ enum Task {
         /// Client threads.
         #[arg(long, default_value_t = 2)]
         clients: usize,
+    },
+    /// Build the Debian package (`tcpmon_<version>_amd64.deb`) into DIR.
+    Package {
+        /// Where to put it.
+        #[arg(long, default_value = "target/package")]
+        out: PathBuf,
     },
     /// Set up, then check formatting, lint, and run every test (kernel tests need root).
     Test {
@@ -133,6 +140,11 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Task::Package { out } => {
+            setup::ensure()?;
+            let out = if out.is_absolute() { out } else { workspace_root().join(out) };
+            package::build(&out).map(|_| ())
+        }
         Task::Test { no_lint } => {
             setup::ensure()?;
             if !no_lint {
@@ -140,6 +152,8 @@ fn run(cli: Cli) -> Result<()> {
                 // Default members only: the eBPF crate cannot be built for the host.
                 cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             }
+            // The package tests install what this builds (monitor/tests/package.rs).
+            package::build(&workspace_root().join(PACKAGE_DIR))?;
             let (passed, failed) = cargo_test()?;
             // The benchmark's timings are not assertions (these machines are noisy); this only
             // checks that `cargo xtask bench` still runs end to end.
@@ -155,6 +169,9 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
 }
+
+/// Where `cargo xtask test` puts the package its tests install.
+const PACKAGE_DIR: &str = "target/package";
 
 /// The workspace root (the parent of this crate).
 pub fn workspace_root() -> PathBuf {

@@ -33,6 +33,10 @@ const PACKAGES: &[&str] = &[
     // per-namespace sysctls (procps: sysctl).
     "nftables",
     "procps",
+    // The package: dpkg-shlibdeps for its Depends, lintian to check it, man to read its page.
+    "dpkg-dev",
+    "lintian",
+    "man-db",
 ];
 const LIBLLVM: &str = "/usr/lib/x86_64-linux-gnu/libLLVM.so.22.1";
 const BPF_LINKER_VERSION: &str = "0.10.4";
