@@ -8,7 +8,10 @@ use std::fmt;
 use std::path::Path;
 
 use crate::loader::tracefs::{self, FormatError, STATE_TRACEPOINT, TRACEFS};
-use crate::loader::{self, btf, kernel_version, LoadOptions, MIN_KERNEL, VMLINUX_BTF};
+use crate::loader::{
+    self, btf, effective_capabilities, has, kernel_version, LoadOptions, CAP_BPF, CAP_PERFMON,
+    CAP_SYS_ADMIN, MIN_KERNEL, VMLINUX_BTF,
+};
 
 /// How a check came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,23 +47,6 @@ pub struct Finding {
 
 fn finding(what: &'static str, status: Status, detail: impl Into<String>) -> Finding {
     Finding { what, status, detail: detail.into() }
-}
-
-/// Capability numbers (linux/capability.h).
-pub const CAP_SYS_ADMIN: u32 = 21;
-/// See [`CAP_SYS_ADMIN`].
-pub const CAP_PERFMON: u32 = 38;
-/// See [`CAP_SYS_ADMIN`].
-pub const CAP_BPF: u32 = 39;
-
-/// The effective capability set from `/proc/self/status` (`CapEff:` in hex).
-pub fn effective_capabilities(status: &str) -> Option<u64> {
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
-    u64::from_str_radix(hex, 16).ok()
-}
-
-fn has(caps: u64, cap: u32) -> bool {
-    caps & (1 << cap) != 0
 }
 
 /// Runs every check.
@@ -129,7 +115,7 @@ pub fn run_checks() -> Vec<Finding> {
         .as_deref()
         .and_then(effective_capabilities)
         .unwrap_or(0);
-    let can_load = has(caps, CAP_SYS_ADMIN) || (has(caps, CAP_BPF) && has(caps, CAP_PERFMON));
+    let can_load = loader::can_load(caps);
     if can_load {
         let mut held = Vec::new();
         for (cap, name) in
@@ -157,10 +143,15 @@ pub fn run_checks() -> Vec<Finding> {
             Status::Warn,
             format!("not mounted: `tcpmon run` will mount it at {TRACEFS} (to do it at boot: `tracefs {TRACEFS} tracefs defaults 0 0` in /etc/fstab)"),
         )),
+        // The BTF build needs no tracefs (the trial load below tells whether it loads).
         None => findings.push(finding(
             "tracefs",
-            Status::Fail,
-            format!("not mounted, and mounting needs CAP_SYS_ADMIN: `mount -t tracefs tracefs {TRACEFS}`"),
+            Status::Warn,
+            format!(
+                "not mounted, and mounting it needs CAP_SYS_ADMIN: `tcpmon run` does without the \
+                 classic tracepoint build and SYN-ACK times; mount it for both: `mount -t \
+                 tracefs tracefs {TRACEFS}`"
+            ),
         )),
     }
 
@@ -178,20 +169,28 @@ pub fn run_checks() -> Vec<Finding> {
         }
     }
 
-    // The real thing, when it changes nothing on the host (no tracefs mount).
-    if kernel_ok && can_load && tracefs.is_some() {
+    // The real thing, as `tcpmon run` would do it, but changing nothing on the host: no
+    // tracefs is mounted, and what needs it is left out, as `run` would without it.
+    if kernel_ok && can_load {
         match loader::load(LoadOptions {
             ring_bytes: 64 * 1024,
             wakeup_bytes: 0,
+            mount_tracefs: false,
             hook: Default::default(),
         }) {
             Ok(loaded) => {
-                let hook = loaded.hook.name();
+                let (hook, synack) = (loaded.hook.name(), loaded.enrichments.synack);
                 drop(loaded);
+                let (status, synack) = match synack {
+                    true => (Status::Ok, "SYN-ACK times: yes"),
+                    false => {
+                        (Status::Warn, "SYN-ACK times: no (needs tracefs and the kernel's format)")
+                    }
+                };
                 findings.push(finding(
                     "trial load",
-                    Status::Ok,
-                    format!("program loaded and attached ({hook} build), then detached"),
+                    status,
+                    format!("program loaded and attached ({hook} build; {synack}), then detached"),
                 ));
             }
             Err(e) => findings.push(finding("trial load", Status::Fail, format!("{e}"))),

@@ -80,7 +80,7 @@ pub fn code(error: &anyhow::Error) -> u8 {
     for cause in error.chain() {
         if let Some(load) = cause.downcast_ref::<LoadError>() {
             return match load {
-                LoadError::Permission { .. } => PERMISSION,
+                LoadError::Permission { .. } | LoadError::Seccomp { .. } => PERMISSION,
                 LoadError::Tracefs(_) => TRACEFS,
                 LoadError::Format(_)
                 | LoadError::KernelTooOld { .. }

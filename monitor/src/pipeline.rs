@@ -51,6 +51,7 @@ impl PipelineOptions {
         let options = LoadOptions {
             ring_bytes: self.ring_bytes,
             wakeup_bytes: self.wakeup_bytes,
+            mount_tracefs: true,
             hook: self.hook,
         };
         loader::load(options).context("loading the eBPF program")

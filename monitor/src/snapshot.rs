@@ -66,6 +66,9 @@ pub fn take(cgroup_root: Option<PathBuf>) -> Snapshot {
     snapshot
 }
 
+/// The inode of the initial PID namespace (`PROC_PID_INIT_INO`, include/linux/proc_ns.h).
+const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+
 /// Socket inode → the first process found holding it (`/proc/PID/fd/N` → `socket:[INODE]`)
 /// and that process's cgroup id. Also returns how many processes' fd tables could not be
 /// read.
@@ -75,6 +78,8 @@ fn socket_owners(cgroup_root: Option<PathBuf>) -> (HashMap<u32, (Owner, u64)>, u
         workload::cgroup2_mount(&mountinfo)
     });
     let mut owners = HashMap::new();
+    let in_host_pid_namespace = fs::metadata("/proc/self/ns/pid")
+        .is_ok_and(|meta| std::os::unix::fs::MetadataExt::ino(&meta) == INITIAL_PID_NAMESPACE);
     let mut unreadable = 0;
     for pid in sockdiag::pids() {
         let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
@@ -100,7 +105,11 @@ fn socket_owners(cgroup_root: Option<PathBuf>) -> (HashMap<u32, (Owner, u64)>, u
             let owner = *owner.get_or_insert_with(|| {
                 let cgroup_id =
                     cgroup2.as_deref().map_or(0, |mount| workload::cgroup_id_of(mount, pid));
-                (Owner { pid: Some(pid), comm: task_name(pid) }, cgroup_id)
+                // The kernel program reports pids as the initial PID namespace numbers them;
+                // /proc here numbers them as ours does. In a PID namespace of our own (a
+                // container) they differ, and the host's number cannot be read: say none.
+                let host_pid = in_host_pid_namespace.then_some(pid);
+                (Owner { pid: host_pid, comm: task_name(pid) }, cgroup_id)
             });
             owners.entry(inode).or_insert(owner);
         }

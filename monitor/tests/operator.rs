@@ -19,20 +19,8 @@ fn check_says_this_host_can_run_tcpmon_after_a_trial_load() {
     if !kernel_tests_enabled() {
         return;
     }
-    // Without tracefs, check warns and skips the trial load (it never mounts anything itself);
-    // mount it the way `check` tells the user to, so every line can be checked.
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     if !mounts.lines().any(|l| l.contains(" tracefs ")) {
-        let before = tcpmon().arg("check").output().unwrap();
-        let text = String::from_utf8_lossy(&before.stdout);
-        assert!(before.status.success(), "{text}");
-        assert!(
-            text.lines().any(|l| l.starts_with("warn")
-                && l.contains("tracefs")
-                && l.contains("will mount it")),
-            "{text}"
-        );
-        assert!(!text.contains("trial load"), "{text}");
         let mounted = Command::new("mount")
             .args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
             .status()
@@ -49,6 +37,113 @@ fn check_says_this_host_can_run_tcpmon_after_a_trial_load() {
         );
     }
     assert!(text.contains("tcpmon can run here."), "{text}");
+}
+
+/// `tcpmon check` in a mount namespace of its own without tracefs, as `capabilities` grants
+/// (`setpriv` keeps root but bounds its capabilities, as `--cap-drop ALL --cap-add ...` does
+/// in a container). Returns its exit status, its report, and whether tracefs got mounted.
+fn check_without_tracefs(capabilities: &str) -> (Option<i32>, String, bool) {
+    let script = format!(
+        "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; \
+         setpriv --bounding-set=-all{capabilities} --inh-caps=-all {} check; status=$?; \
+         grep -q ' tracefs ' /proc/self/mounts && echo MOUNTED; exit $status",
+        env!("CARGO_BIN_EXE_tcpmon")
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("unshare (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mounted = text.lines().any(|l| l == "MOUNTED");
+    (out.status.code(), text, mounted)
+}
+
+#[test]
+fn without_tracefs_check_still_loads_the_program_and_agrees_with_run() {
+    let _host = common::exclusive();
+    if !kernel_tests_enabled() {
+        return;
+    }
+    // Root: `run` would mount tracefs; check says so, and loads the program without it.
+    let (code, text, mounted) = check_without_tracefs(",+all");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("warn") && l.contains("will mount it")), "{text}");
+    assert!(
+        text.lines().any(|l| l.contains("trial load")
+            && l.contains("btf build")
+            && l.contains("SYN-ACK times: no")),
+        "{text}"
+    );
+    assert!(!mounted, "check mounted tracefs: {text}");
+    // CAP_BPF and CAP_PERFMON only: tracefs cannot be mounted, `run` works without it (the BTF
+    // build, no SYN-ACK times), so check warns and passes.
+    let (code, text, mounted) = check_without_tracefs(",+bpf,+perfmon");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("warn") && l.contains("tracefs") && l.contains("CAP_SYS_ADMIN")),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.contains("trial load") && l.contains("btf build")), "{text}");
+    assert!(text.contains("tcpmon can run here."), "{text}");
+    assert!(!mounted);
+}
+
+/// A seccomp filter that fails `bpf(2)` with EPERM, as a container runtime's default profile
+/// does for a process without CAP_SYS_ADMIN; installed in the child before it runs tcpmon.
+fn refuse_bpf(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const NR_BPF: u32 = 321; // x86_64
+    let statement = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    let (ld_abs, jeq, ret) = (0x20, 0x15, 0x06); // BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+    let filter = [
+        statement(ld_abs, 0, 0, 4),              // arch
+        statement(jeq, 0, 3, AUDIT_ARCH_X86_64), // other arches: allow
+        statement(ld_abs, 0, 0, 0),              // syscall number
+        statement(jeq, 0, 1, NR_BPF),
+        statement(ret, 0, 0, 0x0005_0000 | libc::EPERM as u32), // SECCOMP_RET_ERRNO
+        statement(ret, 0, 0, 0x7fff_0000),                      // SECCOMP_RET_ALLOW
+    ];
+    // SAFETY: prctl only, between fork and exec; the filter outlives the call (moved in).
+    unsafe {
+        command.pre_exec(move || {
+            let program =
+                libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, 2, &program as *const libc::sock_fprog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn a_seccomp_filter_that_refuses_bpf_is_named_as_such() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut check = tcpmon();
+    check.arg("check");
+    refuse_bpf(&mut check);
+    let out = check.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("trial load") && l.contains("seccomp")),
+        "{text}"
+    );
+    let mut run = tcpmon();
+    run.args(["run", "--listen", "127.0.0.1:0", "--tail-socket"]).arg(common::unique_socket_path());
+    refuse_bpf(&mut run);
+    let out = run.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(monitor::exit::PERMISSION as i32), "{stderr}");
+    assert!(stderr.contains("seccomp filter refuses bpf()"), "{stderr}");
+    assert!(!stderr.contains("needs root"), "{stderr}");
 }
 
 #[test]
@@ -191,4 +286,53 @@ fn sighup_reloads_the_config_file_without_losing_counts() {
     );
     assert!(stderr.contains("keeping the running configuration"), "{stderr}");
     assert!(stderr.contains("`max-sockets`"), "the broken key is named: {stderr}");
+}
+
+#[test]
+fn in_a_pid_namespace_of_its_own_the_tail_shows_no_pids_from_that_namespace() {
+    use std::io::{BufRead, BufReader};
+    let _host = common::exclusive();
+    if !kernel_tests_enabled() {
+        return;
+    }
+    // The daemon as in a container with its own PID namespace: it is pid 1 there. unshare
+    // ignores SIGTERM while it waits: the daemon gets it through their process group.
+    use std::os::unix::process::CommandExt;
+    let socket = common::unique_socket_path();
+    let mut daemon = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGTERM"])
+        .process_group(0)
+        .arg(env!("CARGO_BIN_EXE_tcpmon"))
+        .args(["run", "--listen", "127.0.0.1:0", "--drain-interval", "10ms", "--tail-socket"])
+        .arg(&socket)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(daemon.stderr.take().unwrap()).lines().map_while(Result::ok);
+    let mut address = None;
+    let mut lines = lines.into_iter();
+    for line in lines.by_ref() {
+        if let Some(rest) = line.split("metrics on http://").nth(1) {
+            address = Some(rest.split('/').next().unwrap().to_owned());
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    let address = address.expect("the daemon's start-up line");
+    let port = address.rsplit(':').next().unwrap().to_owned();
+    // Its metrics listener is older than its program: its owner comes from the snapshot,
+    // which reads /proc in the daemon's PID namespace. A connection accepted on it then.
+    let tail = common::Tail::start(
+        &socket,
+        &["--json", "--established", "--count", "1", "--lport", &port],
+        "following the daemon",
+    );
+    drop(std::net::TcpStream::connect(&address).unwrap());
+    let record: serde_json::Value = serde_json::from_str(&tail.finish()[0]).unwrap();
+    // SAFETY: plain kill(2) on our own child's process group.
+    unsafe { libc::kill(-(daemon.id() as i32), libc::SIGTERM) };
+    let _ = daemon.wait();
+    assert_eq!(record["side"], "passive", "{record}");
+    // Never the daemon's pid 1 of its own namespace beside the kernel's host pids.
+    assert_eq!(record["pid"], serde_json::Value::Null, "{record}");
 }

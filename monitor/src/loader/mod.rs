@@ -32,6 +32,46 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((numbers.next()?.parse().ok()?, numbers.next()?.parse().ok()?))
 }
 
+/// Capability numbers (linux/capability.h).
+pub const CAP_SYS_ADMIN: u32 = 21;
+/// See [`CAP_SYS_ADMIN`].
+pub const CAP_PERFMON: u32 = 38;
+/// See [`CAP_SYS_ADMIN`].
+pub const CAP_BPF: u32 = 39;
+
+/// The effective capability set from `/proc/self/status` (`CapEff:` in hex).
+pub fn effective_capabilities(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// Whether `caps` holds capability `cap`.
+pub fn has(caps: u64, cap: u32) -> bool {
+    caps & (1 << cap) != 0
+}
+
+/// Whether a seccomp filter applies to this process (`Seccomp: 2` in `/proc/self/status`).
+pub fn seccomp_filtered(status: &str) -> bool {
+    status.lines().find_map(|l| l.strip_prefix("Seccomp:")).is_some_and(|mode| mode.trim() == "2")
+}
+
+/// Whether `caps` suffice to load and attach the programs.
+pub fn can_load(caps: u64) -> bool {
+    has(caps, CAP_SYS_ADMIN) || (has(caps, CAP_BPF) && has(caps, CAP_PERFMON))
+}
+
+/// The error for an EPERM while `what`: missing capabilities, or, when this process has
+/// them, a seccomp filter (a container runtime's default profile allows `bpf()` only with
+/// CAP_SYS_ADMIN).
+fn permission(what: impl Into<String>) -> LoadError {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let what = what.into();
+    match effective_capabilities(&status) {
+        Some(caps) if can_load(caps) && seccomp_filtered(&status) => LoadError::Seccomp { what },
+        _ => LoadError::Permission { what },
+    }
+}
+
 /// What can go wrong while loading; each variant says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -41,6 +81,17 @@ pub enum LoadError {
          (+ CAP_SYS_ADMIN to mount tracefs)"
     )]
     Permission {
+        /// What was being done.
+        what: String,
+    },
+    /// The capabilities are there, but a seccomp filter refuses the system call.
+    #[error(
+        "permission denied while {what}, although this process has CAP_BPF and CAP_PERFMON (or \
+         CAP_SYS_ADMIN): a seccomp filter refuses bpf() or perf_event_open() (Seccomp: 2 in \
+         /proc/self/status; container runtimes' default profiles allow bpf() only with \
+         CAP_SYS_ADMIN): run with a seccomp profile that allows both"
+    )]
+    Seccomp {
         /// What was being done.
         what: String,
     },
@@ -96,7 +147,7 @@ pub enum LoadError {
 impl From<MountError> for LoadError {
     fn from(error: MountError) -> Self {
         match error {
-            MountError::Permission => LoadError::Permission { what: "mounting tracefs".into() },
+            MountError::Permission => permission("mounting tracefs"),
             other => LoadError::Tracefs(other),
         }
     }
@@ -122,7 +173,7 @@ fn aya_error(
     while let Some(error) = cause {
         if let Some(io) = error.downcast_ref::<std::io::Error>() {
             if io.raw_os_error() == Some(libc::EPERM) {
-                return LoadError::Permission { what: what.into() };
+                return permission(what);
             }
         }
         cause = error.source();
@@ -190,6 +241,9 @@ pub struct LoadOptions {
     /// Wake userspace once this many bytes wait in a ring (at most a quarter of each ring is
     /// used); 0 wakes it for every event.
     pub wakeup_bytes: u64,
+    /// Mount tracefs if it is not (the daemon); a check leaves the host as it is, and does
+    /// without what needs tracefs.
+    pub mount_tracefs: bool,
     /// Which build of the state program to attach.
     pub hook: HookChoice,
 }
@@ -337,7 +391,8 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     }
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| aya_error("loading the eBPF object", e))?;
 
-    let hook = attach_state_program(&mut ebpf, btf.as_ref(), &offsets, options.hook)?;
+    let mount = options.mount_tracefs;
+    let hook = attach_state_program(&mut ebpf, btf.as_ref(), &offsets, options.hook, mount)?;
     let program = ebpf
         .program(hook.program())
         .ok_or(LoadError::NotInObject { kind: "program", name: hook.program() })?
@@ -345,7 +400,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         .and_then(|fd| fd.try_clone().map_err(Into::into))
         .map_err(|e| aya_error("duplicating the program fd", e))?;
 
-    let enrichments = attach_enrichments(&mut ebpf, btf.as_ref(), &offsets);
+    let enrichments = attach_enrichments(&mut ebpf, btf.as_ref(), &offsets, mount);
 
     let mut take = |name: &'static str| {
         ebpf.take_map(name).ok_or(LoadError::NotInObject { kind: "map", name })
@@ -383,6 +438,7 @@ fn attach_state_program(
     btf: Option<&Btf>,
     offsets: &KernelOffsets,
     choice: HookChoice,
+    mount: bool,
 ) -> Result<Hook, LoadError> {
     if choice != HookChoice::Tracepoint {
         match attach_btf_state_program(ebpf, btf, offsets) {
@@ -391,7 +447,7 @@ fn attach_state_program(
             Err(e) => info!("BTF tracepoint not usable ({e}); using the classic tracepoint"),
         }
     }
-    attach_classic(ebpf, names::STATE_PROGRAM, &STATE_TRACEPOINT)?;
+    attach_classic(ebpf, names::STATE_PROGRAM, &STATE_TRACEPOINT, mount)?;
     Ok(Hook::Tracepoint)
 }
 
@@ -425,8 +481,9 @@ fn attach_classic(
     ebpf: &mut Ebpf,
     name: &'static str,
     tracepoint: &Tracepoint,
+    mount: bool,
 ) -> Result<(), LoadError> {
-    let root = tracefs::ensure_tracefs()?;
+    let root = tracefs::ensure_tracefs(mount)?;
     tracepoint.check_format(Path::new(root))?;
     let program: &mut TracePoint = ebpf
         .program_mut(name)
@@ -451,12 +508,17 @@ pub struct Enrichments {
 
 /// Loads and attaches the enrichment programs. Each is optional: without it the daemon still
 /// runs and the numbers it would give are not reported (a warning says which).
-fn attach_enrichments(ebpf: &mut Ebpf, btf: Option<&Btf>, offsets: &KernelOffsets) -> Enrichments {
+fn attach_enrichments(
+    ebpf: &mut Ebpf,
+    btf: Option<&Btf>,
+    offsets: &KernelOffsets,
+    mount: bool,
+) -> Enrichments {
     // The request socket's first SYN-ACK time is what the program adds.
     let synack = if offsets.snt_synack == OFFSET_UNKNOWN {
         false
     } else {
-        match attach_classic(ebpf, names::SYNACK_PROGRAM, &SYNACK_TRACEPOINT) {
+        match attach_classic(ebpf, names::SYNACK_PROGRAM, &SYNACK_TRACEPOINT, mount) {
             Ok(()) => true,
             Err(e) => {
                 warn!("{e}; SYN-ACK retransmissions are not seen");

@@ -20,6 +20,9 @@ pub enum MountError {
     /// Mounting needs CAP_SYS_ADMIN.
     #[error("mounting tracefs at {TRACEFS} needs CAP_SYS_ADMIN")]
     Permission,
+    /// Not mounted, and the caller asked not to mount it (a check changes nothing).
+    #[error("tracefs is not mounted (`mount -t tracefs tracefs {TRACEFS}`)")]
+    NotMounted,
     /// The mount failed for another reason.
     #[error(
         "tracefs is not mounted and mounting it at {TRACEFS} failed ({0}); mount it with \
@@ -29,11 +32,15 @@ pub enum MountError {
 }
 
 /// Mounts tracefs at [`TRACEFS`] unless it is already mounted where aya looks for it (and
-/// says so when it mounts it). Returns where it is mounted.
-pub fn ensure_tracefs() -> Result<&'static str, MountError> {
+/// says so when it mounts it), or only finds it when `mount` is false. Returns where it is
+/// mounted.
+pub fn ensure_tracefs(mount: bool) -> Result<&'static str, MountError> {
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     if let Some(root) = tracefs_mount(&mounts) {
         return Ok(root);
+    }
+    if !mount {
+        return Err(MountError::NotMounted);
     }
     nix::mount::mount(
         Some("tracefs"),
