@@ -537,8 +537,14 @@ fn under_churn_concurrent_scrapes_and_two_tails_keep_working_and_nothing_goes_un
     }
     let queued = delta(&before, &after, "tcpmon_tail_records_sent_total");
     let dropped = delta(&before, &after, "tcpmon_tail_records_dropped_total");
+    // A socket whose CLOSE the tracker sees only after a new socket's birth at the same
+    // kernel address is replaced, and counted as such: its connection record, one per tail,
+    // is what it costs. Rare (a few runs in fifty under back-to-back load: 126 sockets of
+    // 40,000 once); why the CLOSE comes second is open (the rings are merged by timestamp).
+    let replaced = delta(&before, &after, "tcpmon_tracker_sockets_replaced_total");
     assert!(
-        queued + dropped <= expected && queued + dropped >= expected - 4.0 * misses,
+        queued + dropped <= expected
+            && queued + dropped >= expected - 4.0 * misses - 2.0 * replaced,
         "{queued} queued + {dropped} dropped, {misses} recursion misses; tracker: {} first \
          seen mid-life, {} replaced, {} evicted",
         delta(&before, &after, "tcpmon_tracker_sockets_first_seen_midlife_total"),
