@@ -234,20 +234,9 @@ fn syn_cookies_are_counted_as_the_kernel_counts_them() {
     }
 }
 
-/// `ss -Htan state time-wait` summed over every network namespace tcpmon reads.
+/// `ss`'s TIME-WAIT count, summed over every network namespace tcpmon reads.
 fn time_wait_everywhere() -> usize {
-    let namespaces = monitor::sockdiag::namespaces(monitor::sockdiag::own_namespace());
-    namespaces
-        .iter()
-        .map(|(_, path)| {
-            let out = Command::new("nsenter")
-                .arg(format!("--net={path}"))
-                .args(["ss", "-Htan", "state", "time-wait"])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).lines().count()
-        })
-        .sum()
+    ss_states_everywhere().get("TIME_WAIT").copied().unwrap_or(0)
 }
 
 #[test]
