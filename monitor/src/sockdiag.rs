@@ -145,7 +145,10 @@ pub fn pids() -> impl Iterator<Item = u32> {
 
 /// Runs `read` in each of `namespaces` (from [`namespaces`]) on one thread of its own, which
 /// enters them one after the other (`setns()` changes only the calling thread's namespace;
-/// the thread ends with its work, so the daemon's other threads never move).
+/// the thread ends with its work, so the daemon's other threads never move). The thread
+/// starts in the daemon's own namespace and reads it without `setns()`, which needs
+/// CAP_SYS_ADMIN: a daemon with only CAP_BPF and CAP_PERFMON (the DaemonSet's) still reads
+/// its own, the node's under hostNetwork.
 pub fn in_each<T: Send>(
     namespaces: &[(u32, String)],
     read: impl Fn() -> io::Result<T> + Sync,
@@ -153,15 +156,20 @@ pub fn in_each<T: Send>(
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
+                let mut current = own_namespace();
                 namespaces
                     .iter()
                     .map(|(netns, path)| {
-                        let result = File::open(path).and_then(|handle| {
-                            nix::sched::setns(handle, nix::sched::CloneFlags::CLONE_NEWNET)
-                                .map_err(io::Error::from)?;
-                            read()
-                        });
-                        (*netns, result)
+                        let mut enter = || -> io::Result<()> {
+                            if *netns != current {
+                                let handle = File::open(path)?;
+                                nix::sched::setns(handle, nix::sched::CloneFlags::CLONE_NEWNET)
+                                    .map_err(io::Error::from)?;
+                                current = *netns;
+                            }
+                            Ok(())
+                        };
+                        (*netns, enter().and_then(|()| read()))
                     })
                     .collect()
             })

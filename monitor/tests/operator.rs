@@ -39,12 +39,13 @@ fn check_says_this_host_can_run_tcpmon_after_a_trial_load() {
     assert!(text.contains("tcpmon can run here."), "{text}");
 }
 
-/// `tcpmon check` in a mount namespace of its own without tracefs, as `capabilities` grants
+/// `tcpmon check` in a mount namespace of its own without tracefs (wherever the host has it
+/// mounted), as `capabilities` grants
 /// (`setpriv` keeps root but bounds its capabilities, as `--cap-drop ALL --cap-add ...` does
 /// in a container). Returns its exit status, its report, and whether tracefs got mounted.
 fn check_without_tracefs(capabilities: &str) -> (Option<i32>, String, bool) {
     let script = format!(
-        "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; \
+        "for m in $(awk '$3 == \"tracefs\" {{ print $2 }}' /proc/self/mounts); do umount $m; done; \
          setpriv --bounding-set=-all{capabilities} --inh-caps=-all {} check; status=$?; \
          grep -q ' tracefs ' /proc/self/mounts && echo MOUNTED; exit $status",
         env!("CARGO_BIN_EXE_tcpmon")

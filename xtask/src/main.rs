@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod churn;
+mod image;
 mod package;
 mod setup;
 mod soak;
@@ -69,7 +70,8 @@ enum Task {
         #[arg(long, default_value_t = 2)]
         clients: usize,
     },
-    /// Build the Debian package (`tcpmon_<version>_amd64.deb`) into DIR.
+    /// Build the Debian package (`tcpmon_<version>_amd64.deb`) and the container image
+    /// (`tcpmon_<version>_oci.tar`, loads as `localhost/tcpmon:<version>`) into DIR.
     Package {
         /// Where to put it.
         #[arg(long, default_value = "target/package")]
@@ -143,7 +145,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::Package { out } => {
             setup::ensure()?;
             let out = if out.is_absolute() { out } else { workspace_root().join(out) };
-            package::build(&out).map(|_| ())
+            build_artefacts(&out)
         }
         Task::Test { no_lint } => {
             setup::ensure()?;
@@ -152,8 +154,9 @@ fn run(cli: Cli) -> Result<()> {
                 // Default members only: the eBPF crate cannot be built for the host.
                 cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             }
-            // The package tests install what this builds (monitor/tests/package.rs).
-            package::build(&workspace_root().join(PACKAGE_DIR))?;
+            // The package and image tests install and run what this builds
+            // (monitor/tests/package.rs, monitor/tests/image.rs).
+            build_artefacts(&workspace_root().join(PACKAGE_DIR))?;
             let (passed, failed) = cargo_test()?;
             // The benchmark's timings are not assertions (these machines are noisy); this only
             // checks that `cargo xtask bench` still runs end to end.
@@ -170,7 +173,15 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Where `cargo xtask test` puts the package its tests install.
+/// Builds the Debian package and the image from one release binary.
+fn build_artefacts(out: &Path) -> Result<()> {
+    let (binary, version) = package::release_binary()?;
+    package::build(out, &binary, &version)?;
+    image::build(out, &binary, &version)?;
+    Ok(())
+}
+
+/// Where `cargo xtask test` puts the package and the image its tests install.
 const PACKAGE_DIR: &str = "target/package";
 
 /// The workspace root (the parent of this crate).

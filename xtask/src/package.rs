@@ -73,7 +73,7 @@ if [ "$1" = "purge" ] && [ -x "/usr/bin/deb-systemd-helper" ]; then
 fi
 "#;
 
-fn run(command: &mut Command, what: &str) -> Result<Vec<u8>> {
+pub fn run(command: &mut Command, what: &str) -> Result<Vec<u8>> {
     let out = command.output().with_context(|| format!("starting {what}"))?;
     if !out.status.success() {
         bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -105,29 +105,40 @@ fn gzip(data: &[u8]) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// Builds `tcpmon_<version>_amd64.deb` into `out`; returns its path.
-pub fn build(out: &Path) -> Result<PathBuf> {
-    let root = crate::workspace_root();
+/// The release binary, built now, and its version (`tcpmon --version`).
+pub fn release_binary() -> Result<(PathBuf, String)> {
     crate::cargo(&["build", "--release", "--package", "monitor", "--bin", "tcpmon"])?;
-    let binary = root.join("target/release/tcpmon");
+    let binary = crate::workspace_root().join("target/release/tcpmon");
     let version =
         String::from_utf8(run(Command::new(&binary).arg("--version"), "tcpmon --version")?)?;
     let version = version.split_whitespace().nth(1).context("a version")?.to_owned();
+    Ok((binary, version))
+}
+
+/// Copies `binary` to `dest`, stripped (lintian: unstripped-binary-or-object; the image is
+/// smaller for it too).
+pub fn install_stripped(binary: &Path, dest: &Path) -> Result<()> {
+    fs::create_dir_all(dest.parent().context("a path with a parent")?)?;
+    fs::copy(binary, dest)?;
+    run(
+        Command::new("strip")
+            .args(["--strip-unneeded", "--remove-section=.comment", "--remove-section=.note"])
+            .arg(dest),
+        "strip",
+    )?;
+    Ok(())
+}
+
+/// Builds `tcpmon_<version>_amd64.deb` into `out` from the release `binary`; returns its path.
+pub fn build(out: &Path, binary: &Path, version: &str) -> Result<PathBuf> {
+    let root = crate::workspace_root();
     let name = format!("tcpmon_{version}_amd64");
     let tree = out.join(&name);
     let _ = fs::remove_dir_all(&tree);
     fs::create_dir_all(&tree)?;
 
-    // The binary, stripped (lintian: unstripped-binary-or-object).
     let bin = tree.join("usr/bin/tcpmon");
-    fs::create_dir_all(bin.parent().unwrap())?;
-    fs::copy(&binary, &bin)?;
-    run(
-        Command::new("strip")
-            .args(["--strip-unneeded", "--remove-section=.comment", "--remove-section=.note"])
-            .arg(&bin),
-        "strip",
-    )?;
+    install_stripped(binary, &bin)?;
     let tcpmon = |args: &[&str]| run(Command::new(&bin).args(args), "tcpmon");
     write(&tree.join("usr/share/man/man1/tcpmon.1.gz"), &gzip(&tcpmon(&["man"])?)?, 0o644)?;
     for (shell, path) in [

@@ -37,6 +37,10 @@ const PACKAGES: &[&str] = &[
     "dpkg-dev",
     "lintian",
     "man-db",
+    // The image: podman builds it (FROM scratch, no RUN, so buildah's runtime is never used)
+    // and the tests run it. runc, because Debian 12's crun refuses hybrid cgroups.
+    "podman",
+    "runc",
 ];
 const LIBLLVM: &str = "/usr/lib/x86_64-linux-gnu/libLLVM.so.22.1";
 const BPF_LINKER_VERSION: &str = "0.10.4";
