@@ -9,8 +9,8 @@ use std::path::Path;
 
 use crate::loader::tracefs::{self, FormatError, STATE_TRACEPOINT, TRACEFS};
 use crate::loader::{
-    self, btf, effective_capabilities, has, kernel_version, LoadOptions, CAP_BPF, CAP_PERFMON,
-    CAP_SYS_ADMIN, MIN_KERNEL, VMLINUX_BTF,
+    self, btf, effective_capabilities, has, kernel_version, HookChoice, LoadOptions, CAP_BPF,
+    CAP_PERFMON, CAP_SYS_ADMIN, MIN_KERNEL, VMLINUX_BTF,
 };
 
 /// How a check came out.
@@ -169,34 +169,93 @@ pub fn run_checks() -> Vec<Finding> {
         }
     }
 
-    // The real thing, as `tcpmon run` would do it, but changing nothing on the host: no
-    // tracefs is mounted, and what needs it is left out, as `run` would without it.
+    // The real thing, as `tcpmon run` would do it, for each build `--hook auto` may pick, but
+    // changing nothing on the host: where `run` would mount tracefs, it is mounted in a mount
+    // namespace of check's own; otherwise what needs tracefs is left out, as `run` would.
     if kernel_ok && can_load {
-        match loader::load(LoadOptions {
+        let mount_tracefs = tracefs.is_none() && has(caps, CAP_SYS_ADMIN) && private_mounts();
+        let trial = |hook| match loader::load(LoadOptions {
             ring_bytes: 64 * 1024,
             wakeup_bytes: 0,
-            mount_tracefs: false,
-            hook: Default::default(),
+            mount_tracefs,
+            hook,
         }) {
-            Ok(loaded) => {
-                let (hook, synack) = (loaded.hook.name(), loaded.enrichments.synack);
-                drop(loaded);
-                let (status, synack) = match synack {
-                    true => (Status::Ok, "SYN-ACK times: yes"),
-                    false => {
-                        (Status::Warn, "SYN-ACK times: no (needs tracefs and the kernel's format)")
-                    }
-                };
-                findings.push(finding(
-                    "trial load",
-                    status,
-                    format!("program loaded and attached ({hook} build; {synack}), then detached"),
-                ));
-            }
-            Err(e) => findings.push(finding("trial load", Status::Fail, format!("{e}"))),
-        }
+            Ok(loaded) => Trial::Loaded { synack: loaded.enrichments.synack },
+            Err(e) => Trial::Failed(e.to_string()),
+        };
+        let btf = trial(HookChoice::Btf);
+        let classic = trial(HookChoice::Tracepoint);
+        findings.extend(trial_findings(&btf, &classic));
     }
     findings
+}
+
+/// Moves check into a mount namespace of its own whose mounts do not propagate to the host's,
+/// so it can mount tracefs as `run` would without leaving it mounted. False if it cannot
+/// (then nothing is mounted). Needs CAP_SYS_ADMIN, and a single-threaded process.
+fn private_mounts() -> bool {
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).is_ok()
+        && mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .is_ok()
+}
+
+/// What a trial load of one build of the state program found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Trial {
+    /// Loaded and attached (then detached); whether SYN-ACK times came with it.
+    Loaded {
+        /// Whether the SYN-ACK retransmit program attached too.
+        synack: bool,
+    },
+    /// Did not load or attach: why.
+    Failed(String),
+}
+
+/// The report's lines for the trial loads of the BTF build and the classic one, judged as
+/// `--hook auto` uses them: the BTF build if it loads, else the classic one. A build `auto`
+/// would not use is a warning when it fails (`--hook` could still ask for it); the run fails
+/// only if neither loads.
+pub fn trial_findings(btf: &Trial, classic: &Trial) -> Vec<Finding> {
+    let loaded = |build: &str, synack: bool| {
+        let (status, synack) = match synack {
+            true => (Status::Ok, "SYN-ACK times: yes"),
+            false => (Status::Warn, "SYN-ACK times: no (needs tracefs and the kernel's format)"),
+        };
+        let detail = format!("{build} build: loaded and attached ({synack}), then detached");
+        finding("trial load", status, detail)
+    };
+    match (btf, classic) {
+        (Trial::Loaded { synack }, Trial::Loaded { .. }) => {
+            vec![loaded("btf", *synack), finding("trial load", Status::Ok, "tracepoint build: loaded and attached, then detached (`--hook auto` uses the btf build)")]
+        }
+        (Trial::Loaded { synack }, Trial::Failed(e)) => vec![
+            loaded("btf", *synack),
+            finding(
+                "trial load",
+                Status::Warn,
+                format!("tracepoint build: {e} (`--hook auto` uses the btf build; `--hook tracepoint` would fail)"),
+            ),
+        ],
+        (Trial::Failed(e), Trial::Loaded { synack }) => vec![
+            finding(
+                "trial load",
+                Status::Warn,
+                format!("btf build: {e} (`--hook auto` falls back to the tracepoint build; `--hook btf` would fail)"),
+            ),
+            loaded("tracepoint", *synack),
+        ],
+        (Trial::Failed(btf), Trial::Failed(classic)) => vec![
+            finding("trial load", Status::Fail, format!("btf build: {btf}")),
+            finding("trial load", Status::Fail, format!("tracepoint build: {classic}")),
+        ],
+    }
 }
 
 /// Prints the report; returns whether tcpmon can run.
@@ -225,5 +284,31 @@ mod tests {
         let none = effective_capabilities("CapEff:\t0000000000000000\n").unwrap();
         assert!(!has(none, CAP_BPF));
         assert_eq!(effective_capabilities("no caps here"), None);
+    }
+
+    fn statuses(btf: &Trial, classic: &Trial) -> Vec<Status> {
+        trial_findings(btf, classic).iter().map(|f| f.status).collect()
+    }
+
+    #[test]
+    fn the_verdict_is_what_hook_auto_does() {
+        let with_synack = Trial::Loaded { synack: true };
+        let without = Trial::Loaded { synack: false };
+        let failed = Trial::Failed("BPF program is too large".into());
+        assert_eq!(statuses(&with_synack, &with_synack), [Status::Ok, Status::Ok]);
+        // The classic build failing where the BTF one loads (Linux 5.10 and 6.1 before the
+        // fix): auto runs, `--hook tracepoint` would not.
+        let lines = trial_findings(&with_synack, &failed);
+        assert_eq!(lines[1].status, Status::Warn);
+        assert!(
+            lines[1].detail.contains("too large") && lines[1].detail.contains("--hook tracepoint")
+        );
+        // Auto falls back: runs.
+        assert_eq!(statuses(&failed, &with_synack), [Status::Warn, Status::Ok]);
+        // Nothing loads: cannot run, and both say why.
+        let lines = trial_findings(&failed, &failed);
+        assert!(lines.iter().all(|l| l.status == Status::Fail && l.detail.contains("too large")));
+        // No SYN-ACK times with the build auto uses: a warning.
+        assert_eq!(statuses(&without, &with_synack), [Status::Warn, Status::Ok]);
     }
 }

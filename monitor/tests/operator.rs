@@ -65,14 +65,20 @@ fn without_tracefs_check_still_loads_the_program_and_agrees_with_run() {
     if !kernel_tests_enabled() {
         return;
     }
-    // Root: `run` would mount tracefs; check says so, and loads the program without it.
+    // Root: `run` would mount tracefs; check says so, and tries both builds as run would,
+    // with tracefs mounted in a mount namespace of check's own: nothing stays mounted.
     let (code, text, mounted) = check_without_tracefs(",+all");
     assert_eq!(code, Some(0), "{text}");
     assert!(text.lines().any(|l| l.starts_with("warn") && l.contains("will mount it")), "{text}");
     assert!(
-        text.lines().any(|l| l.contains("trial load")
+        text.lines().any(|l| l.starts_with("ok")
+            && l.contains("trial load")
             && l.contains("btf build")
-            && l.contains("SYN-ACK times: no")),
+            && l.contains("SYN-ACK times: yes")),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("ok") && l.contains("tracepoint build: loaded")),
         "{text}"
     );
     assert!(!mounted, "check mounted tracefs: {text}");
@@ -86,6 +92,11 @@ fn without_tracefs_check_still_loads_the_program_and_agrees_with_run() {
         "{text}"
     );
     assert!(text.lines().any(|l| l.contains("trial load") && l.contains("btf build")), "{text}");
+    // The classic build cannot attach without tracefs: a warning, since auto uses the other.
+    assert!(
+        text.lines().any(|l| l.starts_with("warn") && l.contains("tracepoint build")),
+        "{text}"
+    );
     assert!(text.contains("tcpmon can run here."), "{text}");
     assert!(!mounted);
 }
