@@ -411,8 +411,10 @@ pub mod names {
     pub const STATE_BTF_PROGRAM: &str = "inet_sock_set_state_btf";
     /// Global: the [`super::KernelOffsets`] of the running kernel.
     pub const OFFSETS_GLOBAL: &str = "OFFSETS";
-    /// Tracepoint program on `tcp:tcp_retransmit_synack`.
+    /// Tracepoint program on `tcp:tcp_retransmit_synack` (the classic build).
     pub const SYNACK_PROGRAM: &str = "tcp_retransmit_synack";
+    /// BTF tracepoint program on `tcp_retransmit_synack` (the BTF build).
+    pub const SYNACK_BTF_PROGRAM: &str = "tcp_retransmit_synack_btf";
     /// BTF tracepoint program on `tcp:tcp_send_reset`.
     pub const RESET_SENT_PROGRAM: &str = "tcp_send_reset";
     /// BTF tracepoint program on `tcp:tcp_receive_reset`.

@@ -681,7 +681,10 @@ unsafe fn copy_addr_2aligned(ctx: &TracePointContext, offset: usize, dst: &mut [
 /// `tcp:tcp_retransmit_synack(listener, req)`: a request socket resent its SYN-ACK (timer,
 /// or a retransmitted SYN). The request socket knows when its *first* SYN-ACK left
 /// (`tcp_rsk(req)->snt_synack`); its child will carry the same 4-tuple. Rare, so its cost
-/// does not matter.
+/// does not matter. Two builds, as for the state program: [`tcp_retransmit_synack_btf`] reads
+/// the request socket itself; this classic one reads the trace record, whose layout the
+/// loader checked (Linux 5.10's record has no `family` and other offsets: there only the BTF
+/// build runs).
 #[tracepoint]
 pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
     let mut record = core::mem::MaybeUninit::<SynAckRetransmit>::uninit();
@@ -689,11 +692,61 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
     // SAFETY: the loader verified the offsets against the event's `format` file.
     unsafe {
         let req: u64 = field(&ctx, synack::REQ);
-        (*record).timestamp_ns = bpf_ktime_get_ns();
-        (*record).first_synack_us = Probe(req).read(offsets().snt_synack).unwrap_or(0);
+        write_synack_request(record, req);
         (*record).sport = field(&ctx, synack::SPORT);
         (*record).dport = field(&ctx, synack::DPORT);
         (*record).family = field(&ctx, synack::FAMILY);
+        copy_addr_2aligned(&ctx, synack::SADDR_V6, &mut (*record).saddr);
+        copy_addr_2aligned(&ctx, synack::DADDR_V6, &mut (*record).daddr);
+        output(&*record, counter::NOTE_RESERVE_FAILED);
+    }
+    0
+}
+
+/// `tp_btf/tcp_retransmit_synack(listener, req)`: the same record as
+/// [`tcp_retransmit_synack`], from the request socket's own `sock_common` (`struct
+/// request_sock` starts with one, so a socket's field offsets serve), needing neither tracefs
+/// nor a record layout. What the child socket's records will show: the listener's family
+/// (a child of an IPv6 listener stays `AF_INET6` for an IPv4 peer), the addresses of the
+/// request's own family, IPv4-mapped when that is `AF_INET`.
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn tcp_retransmit_synack_btf(ctx: BtfTracePointContext) -> u32 {
+    let listener: u64 = ctx.arg(0);
+    let req: u64 = ctx.arg(1);
+    let mut record = core::mem::MaybeUninit::<SynAckRetransmit>::uninit();
+    let record = record.as_mut_ptr();
+    let o = offsets();
+    // SAFETY: reads go through bpf_probe_read_kernel, which fails safely.
+    unsafe {
+        write_synack_request(record, req);
+        let req = Probe(req);
+        let dport: u16 = req.read(o.skc_dport).unwrap_or(0);
+        (*record).sport = req.read(o.skc_num).unwrap_or(0);
+        (*record).dport = u16::from_be(dport);
+        (*record).family = Probe(listener).read(o.skc_family).unwrap_or(0);
+        if req.read::<u16>(o.skc_family) == Some(AF_INET) {
+            let mapped = |v4: u32| 0xffff_0000u64 | (u64::from(v4) << 32);
+            store16(&mut (*record).saddr, 0, mapped(req.read(o.skc_rcv_saddr).unwrap_or(0)));
+            store16(&mut (*record).daddr, 0, mapped(req.read(o.skc_daddr).unwrap_or(0)));
+        } else {
+            let (s, d) = (o.skc_v6_rcv_saddr, o.skc_v6_daddr);
+            let half = |offset: u32| req.read(offset).unwrap_or(0u64);
+            store16(&mut (*record).saddr, half(s), half(s.wrapping_add(8)));
+            store16(&mut (*record).daddr, half(d), half(d.wrapping_add(8)));
+        }
+        output(&*record, counter::NOTE_RESERVE_FAILED);
+    }
+    0
+}
+
+/// What both SYN-ACK builds read from the request socket: the time, the first SYN-ACK's time,
+/// and whether the client's ACK was dropped for a full accept queue.
+#[inline(always)]
+unsafe fn write_synack_request(record: *mut SynAckRetransmit, req: u64) {
+    let o = offsets();
+    unsafe {
+        (*record).timestamp_ns = bpf_ktime_get_ns();
+        (*record).first_synack_us = Probe(req).read(o.snt_synack).unwrap_or(0);
         // Little-endian bitfield (bpfel): bit `bit` is bit `bit % 8` of byte `bit / 8`.
         let acked = match REQ_ACKED_BIT.load() {
             OFFSET_UNKNOWN => 0,
@@ -701,15 +754,10 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
         };
         // A TCP_DEFER_ACCEPT listener marks requests acked too; only without it (read as
         // such) does an acked request mean a full accept queue.
-        let o = offsets();
         let defer: Option<u8> =
             if acked != 0 { Probe(req).follow(o.req_listener).read(o.defer_accept) } else { None };
         (*record).flags = if defer == Some(0) { SYNACK_CLIENT_ACKED } else { 0 };
-        copy_addr_2aligned(&ctx, synack::SADDR_V6, &mut (*record).saddr);
-        copy_addr_2aligned(&ctx, synack::DADDR_V6, &mut (*record).daddr);
-        output(&*record, counter::NOTE_RESERVE_FAILED);
     }
-    0
 }
 
 /// `tcp:tcp_send_reset(sk, skb[, reason])`: `sk` is NULL when no socket owns the segment

@@ -149,8 +149,8 @@ pub fn run_checks() -> Vec<Finding> {
             Status::Warn,
             format!(
                 "not mounted, and mounting it needs CAP_SYS_ADMIN: `tcpmon run` does without the \
-                 classic tracepoint build and SYN-ACK times; mount it for both: `mount -t \
-                 tracefs tracefs {TRACEFS}`"
+                 classic tracepoint builds (the fallbacks where the BTF builds do not load); \
+                 mount it for them: `mount -t tracefs tracefs {TRACEFS}`"
             ),
         )),
     }
@@ -226,7 +226,10 @@ pub fn trial_findings(btf: &Trial, classic: &Trial) -> Vec<Finding> {
     let loaded = |build: &str, synack: bool| {
         let (status, synack) = match synack {
             true => (Status::Ok, "SYN-ACK times: yes"),
-            false => (Status::Warn, "SYN-ACK times: no (needs tracefs and the kernel's format)"),
+            false => (
+                Status::Warn,
+                "SYN-ACK times: no (neither build of the SYN-ACK program attached: see the log)",
+            ),
         };
         let detail = format!("{build} build: loaded and attached ({synack}), then detached");
         finding("trial load", status, detail)

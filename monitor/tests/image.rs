@@ -362,6 +362,7 @@ fn the_image_runs_with_the_daemonsets_settings_counts_exactly_and_detaches_on_st
         names::STATE_PROGRAM,
         names::STATE_BTF_PROGRAM,
         names::SYNACK_PROGRAM,
+        names::SYNACK_BTF_PROGRAM,
         names::RESET_SENT_PROGRAM,
         names::RESET_RECEIVED_PROGRAM,
     ];

@@ -514,15 +514,29 @@ fn attach_enrichments(
     offsets: &KernelOffsets,
     mount: bool,
 ) -> Enrichments {
-    // The request socket's first SYN-ACK time is what the program adds.
+    // The request socket's first SYN-ACK time is what the program adds. The BTF build reads
+    // the request socket itself (no tracefs, and no record layout: Linux 5.10's differs);
+    // the classic build reads the trace record.
     let synack = if offsets.snt_synack == OFFSET_UNKNOWN {
         false
     } else {
-        match attach_classic(ebpf, names::SYNACK_PROGRAM, &SYNACK_TRACEPOINT, mount) {
+        let btf_build = match btf {
+            Some(btf) if offsets.socket_fields_known() => {
+                let name = names::SYNACK_BTF_PROGRAM;
+                attach_btf_tracepoint(ebpf, name, "tcp_retransmit_synack", btf)
+            }
+            _ => Err(LoadError::SocketFieldsUnknown),
+        };
+        match btf_build {
             Ok(()) => true,
-            Err(e) => {
-                warn!("{e}; SYN-ACK retransmissions are not seen");
-                false
+            Err(btf_error) => {
+                match attach_classic(ebpf, names::SYNACK_PROGRAM, &SYNACK_TRACEPOINT, mount) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!("{btf_error}; {e}; SYN-ACK retransmissions are not seen");
+                        false
+                    }
+                }
             }
         }
     };
