@@ -274,6 +274,18 @@ trait Reader: Sized {
 
     /// A reader of the struct whose address is the pointer at `offset`.
     unsafe fn follow(&self, offset: u32) -> Self;
+
+    /// The `T` at `offset`, or zero with `failed` made non-zero.
+    #[inline(always)]
+    unsafe fn read_or_zero<T: Copy + Default>(&self, offset: u32, failed: &mut i64) -> T {
+        match unsafe { self.read(offset) } {
+            Some(value) => value,
+            None => {
+                *failed |= 1;
+                T::default()
+            }
+        }
+    }
 }
 
 /// Reads through `bpf_probe_read_kernel` from an untyped address (the classic build: the
@@ -293,6 +305,31 @@ impl Reader for Probe {
     #[inline(always)]
     unsafe fn follow(&self, offset: u32) -> Self {
         Probe(unsafe { self.read(offset) }.unwrap_or(0))
+    }
+
+    /// Without a branch: the helper zero-fills `value` when it fails (a NULL base included),
+    /// and its return code (0 or a negative errno) is OR-ed into `failed`. Branching on each
+    /// of the nine counters' reads made 2^9+ paths with different values, which the
+    /// verifiers of Linux 5.10 and 6.1 could not prune: "BPF program is too large.
+    /// Processed 1000001 insn" for the classic build. The unknown-offset test stays: the
+    /// offsets are constants to the verifier (a frozen map), so it prunes that branch.
+    #[inline(always)]
+    unsafe fn read_or_zero<T: Copy + Default>(&self, offset: u32, failed: &mut i64) -> T {
+        if offset == OFFSET_UNKNOWN {
+            *failed |= 1;
+            return T::default();
+        }
+        let mut value = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: the helper writes size_of::<T>() bytes into `value` whatever happens.
+        unsafe {
+            let code = generated::bpf_probe_read_kernel(
+                value.as_mut_ptr().cast(),
+                core::mem::size_of::<T>() as u32,
+                (self.0.wrapping_add(offset as u64)) as *const _,
+            );
+            *failed |= code;
+            value.assume_init()
+        }
     }
 }
 
@@ -487,45 +524,31 @@ unsafe fn netns_inum<R: Reader>(sock: &R, offsets: &KernelOffsets) -> u32 {
 #[inline(always)]
 unsafe fn tcp_stats<R: Reader>(tcp: &R, offsets: &KernelOffsets, closing: bool) -> TcpStats {
     // `complete` tells userspace every read succeeded; otherwise it reports no counters
-    // rather than zeros that would look real.
-    let mut complete = 1;
-    let total_retrans = unsafe { read_or_flag(tcp, offsets.total_retrans, &mut complete) };
-    let srtt_us_x8 = unsafe { read_or_flag(tcp, offsets.srtt_us, &mut complete) };
+    // rather than zeros that would look real. Failures are OR-ed together and looked at
+    // once, so the reads add no branches (see [`Reader::read_or_zero`]).
+    let mut failed = 0;
+    let f = &mut failed;
+    let total_retrans = unsafe { tcp.read_or_zero(offsets.total_retrans, f) };
+    let srtt_us_x8 = unsafe { tcp.read_or_zero(offsets.srtt_us, f) };
     if !closing {
+        let complete = (failed == 0) as u32;
         return TcpStats { total_retrans, srtt_us_x8, complete, ..TcpStats::default() };
     }
-    let c = &mut complete;
     let stats = unsafe {
         TcpStats {
-            bytes_acked: read_or_flag(tcp, offsets.bytes_acked, c),
-            bytes_received: read_or_flag(tcp, offsets.bytes_received, c),
-            bytes_sent: read_or_flag(tcp, offsets.bytes_sent, c),
-            bytes_retrans: read_or_flag(tcp, offsets.bytes_retrans, c),
-            segs_out: read_or_flag(tcp, offsets.segs_out, c),
-            segs_in: read_or_flag(tcp, offsets.segs_in, c),
-            sk_flags: read_or_flag(tcp, offsets.sk_flags, c),
+            bytes_acked: tcp.read_or_zero(offsets.bytes_acked, f),
+            bytes_received: tcp.read_or_zero(offsets.bytes_received, f),
+            bytes_sent: tcp.read_or_zero(offsets.bytes_sent, f),
+            bytes_retrans: tcp.read_or_zero(offsets.bytes_retrans, f),
+            segs_out: tcp.read_or_zero(offsets.segs_out, f),
+            segs_in: tcp.read_or_zero(offsets.segs_in, f),
+            sk_flags: tcp.read_or_zero(offsets.sk_flags, f),
             total_retrans,
             srtt_us_x8,
             complete: 0,
         }
     };
-    TcpStats { complete, ..stats }
-}
-
-/// [`Reader::read`], or 0 with `complete` cleared.
-#[inline(always)]
-unsafe fn read_or_flag<R: Reader, T: Copy + Default>(
-    tcp: &R,
-    offset: u32,
-    complete: &mut u32,
-) -> T {
-    match unsafe { tcp.read(offset) } {
-        Some(value) => value,
-        None => {
-            *complete = 0;
-            T::default()
-        }
-    }
+    TcpStats { complete: (failed == 0) as u32, ..stats }
 }
 
 /// The flags implementing the wake-up policy (see [`WAKEUP_BYTES`]) for a record of `size`

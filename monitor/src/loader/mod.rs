@@ -11,7 +11,7 @@ pub mod tracefs;
 use std::path::Path;
 
 use aya::maps::{Map, MapData, PerCpuArray};
-use aya::programs::{BtfTracePoint, TracePoint};
+use aya::programs::{BtfTracePoint, ProgramType, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 use log::{info, warn};
 use monitor_common::{names, KernelOffsets, MAX_RINGS, OFFSET_UNKNOWN};
@@ -359,6 +359,12 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         warn!("not read from the kernel (the numbers that need it are not reported): {problem}");
     }
     let mut offsets = report.offsets;
+    if !reads_current_task() {
+        // The BTF build then names a transition's owner through the two older helpers (its
+        // program checks these offsets); without this, Linux 5.10's verifier rejects it
+        // ("invalid func unknown#158").
+        offsets.task_pid = OFFSET_UNKNOWN;
+    }
     if std::env::var_os(WITHOUT_CGROUP_ENV).is_some() {
         // The verifier prunes the loads of an unknown offset: the program as it was before
         // it read cgroups, for the benchmark's comparison.
@@ -429,6 +435,15 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         enrichments,
         hook,
     })
+}
+
+/// Whether the kernel has `bpf_get_current_task_btf` (Linux 5.11, commit 3ca1032ab7ab), with
+/// which the BTF build reads the current task's ids and name in one call. Probed as libbpf
+/// does: a two-instruction tracepoint program calling it.
+fn reads_current_task() -> bool {
+    use aya::sys::{is_helper_supported, BpfHelper};
+    is_helper_supported(ProgramType::TracePoint, BpfHelper::BPF_FUNC_get_current_task_btf)
+        .unwrap_or(false)
 }
 
 /// Attaches the state program as `choice` asks: the BTF build when the kernel's verifier
