@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | run | test | bench | soak`.
+//! Project tasks: `cargo xtask setup | run | test | bench | soak | package | kernels`.
 //!
 //! `setup` makes a fresh Debian machine able to build the eBPF program: Debian's Rust with
 //! its prebuilt `core` for the BPF target, bpf-linker, a rustup toolchain entry tying them
@@ -13,7 +13,9 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod churn;
+mod guest;
 mod image;
+mod kernels;
 mod package;
 mod setup;
 mod soak;
@@ -76,6 +78,20 @@ enum Task {
         /// Where to put it.
         #[arg(long, default_value = "target/package")]
         out: PathBuf,
+    },
+    /// Boot the Debian kernels of the matrix (5.10, 6.1, 6.12, newest) in qemu and check both
+    /// builds of the program in each; writes the README's "Supported kernels" table (root).
+    Kernels {
+        /// Only these series (5.10, 6.1, 6.12, newest); the README is then left alone.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+    /// (Run inside the matrix's VMs) the guest's scenario for each hook.
+    #[command(hide = true)]
+    Guest {
+        /// The builds to run, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        hooks: Vec<String>,
     },
     /// Set up, then check formatting, lint, and run every test (kernel tests need root).
     Test {
@@ -147,6 +163,11 @@ fn run(cli: Cli) -> Result<()> {
             let out = if out.is_absolute() { out } else { workspace_root().join(out) };
             build_artefacts(&out)
         }
+        Task::Kernels { only } => {
+            setup::ensure()?;
+            kernels::run_matrix(&only)
+        }
+        Task::Guest { hooks } => guest::run(&hooks),
         Task::Test { no_lint } => {
             setup::ensure()?;
             if !no_lint {
@@ -158,6 +179,8 @@ fn run(cli: Cli) -> Result<()> {
             // (monitor/tests/package.rs, monitor/tests/image.rs).
             build_artefacts(&workspace_root().join(PACKAGE_DIR))?;
             let (passed, failed) = cargo_test()?;
+            // Both builds of the program on every kernel of the matrix, in VMs.
+            kernels::run_matrix(&[])?;
             // The benchmark's timings are not assertions (these machines are noisy); this only
             // checks that `cargo xtask bench` still runs end to end.
             bench::run(bench::Options {

@@ -41,6 +41,11 @@ const PACKAGES: &[&str] = &[
     // and the tests run it. runc, because Debian 12's crun refuses hybrid cgroups.
     "podman",
     "runc",
+    // The kernel matrix (cargo xtask kernels; qemu itself comes from bookworm-backports
+    // there): the guest's shell and tools, and the modules' compressors.
+    "busybox-static",
+    "xz-utils",
+    "zstd",
 ];
 const LIBLLVM: &str = "/usr/lib/x86_64-linux-gnu/libLLVM.so.22.1";
 const BPF_LINKER_VERSION: &str = "0.10.4";
