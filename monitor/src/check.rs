@@ -180,7 +180,7 @@ pub fn run_checks() -> Vec<Finding> {
             mount_tracefs,
             hook,
         }) {
-            Ok(loaded) => Trial::Loaded { synack: loaded.enrichments.synack },
+            Ok(loaded) => Trial::Loaded { synack: loaded.enrichments.synack.is_some() },
             Err(e) => Trial::Failed(e.to_string()),
         };
         let btf = trial(HookChoice::Btf);
@@ -190,9 +190,11 @@ pub fn run_checks() -> Vec<Finding> {
     findings
 }
 
-/// Moves check into a mount namespace of its own whose mounts do not propagate to the host's,
-/// so it can mount tracefs as `run` would without leaving it mounted. False if it cannot
-/// (then nothing is mounted). Needs CAP_SYS_ADMIN, and a single-threaded process.
+/// Moves the calling thread into a mount namespace of its own whose mounts do not propagate
+/// to the host's, so it can mount tracefs as `run` would without leaving it mounted. False if
+/// it cannot (then nothing is mounted). Needs CAP_SYS_ADMIN. Only this thread moves (the
+/// namespace is per thread, with CLONE_FS): the trial loads run on it, and the mounts they
+/// read (`/proc/self/mounts`) are this thread's.
 fn private_mounts() -> bool {
     use nix::mount::{mount, MsFlags};
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).is_ok()

@@ -86,6 +86,19 @@ impl clap::ValueEnum for HookChoice {
     }
 }
 
+/// `--listen`: a socket address, or a bare IPv6 address followed by `:PORT` (what
+/// substituting an address into `ADDRESS:PORT` gives, as the DaemonSet does with the node's).
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = text.parse() {
+        return Ok(address);
+    }
+    let bad = || format!("`{text}` is not ADDRESS:PORT (e.g. 127.0.0.1:9979, [::1]:9979)");
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let host: std::net::Ipv6Addr = host.parse().map_err(|_| bad())?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    Ok(SocketAddr::new(host.into(), port))
+}
+
 /// `--ring-bytes` default, also used by the stand-alone tail.
 const DEFAULT_RING_BYTES: &str = "8MiB";
 /// `--drain-interval` default, also used by the stand-alone tail.
@@ -94,8 +107,10 @@ const DEFAULT_DRAIN_INTERVAL: &str = "100ms";
 /// Options of `tcpmon run`.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Address to serve /metrics and /healthz on.
-    #[arg(long, env = "TCPMON_LISTEN", default_value = "127.0.0.1:9979")]
+    /// Address to serve /metrics and /healthz on: ADDRESS:PORT, an IPv6 address in brackets
+    /// or bare (`[fd00::5]:9979` or `fd00::5:9979`: a bare one's last `:N` is the port, so
+    /// `$(NODE_IP):9979` works on IPv4 and IPv6 nodes alike).
+    #[arg(long, env = "TCPMON_LISTEN", default_value = "127.0.0.1:9979", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
     /// Ring buffer bytes between kernel and daemon, shared evenly by one ring per CPU (up to
@@ -441,6 +456,18 @@ mod tests {
         assert!(parse_interval("0s").is_err());
         assert!(parse_interval("1h").is_err());
         assert!(parse_interval("soon").is_err());
+    }
+
+    #[test]
+    fn listen_takes_bare_ipv6_addresses_with_a_port() {
+        assert_eq!(parse_listen("10.0.0.7:9979"), Ok("10.0.0.7:9979".parse().unwrap()));
+        assert_eq!(parse_listen("[fd00::5]:9979"), Ok("[fd00::5]:9979".parse().unwrap()));
+        // `$(NODE_IP):9979` on an IPv6 node.
+        assert_eq!(parse_listen("fd00::5:9979"), Ok("[fd00::5]:9979".parse().unwrap()));
+        assert_eq!(parse_listen("::1:0"), Ok("[::1]:0".parse().unwrap()));
+        for bad in ["nowhere", "10.0.0.7", "fd00::5", "10.0.0.7:99999", "fd00::5:port", ""] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

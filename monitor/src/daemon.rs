@@ -181,7 +181,10 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
             format!("drain every {:?}", args.drain_interval)
         },
         if reads_sock_err { "yes" } else { "no" },
-        if enrichments.synack { "yes" } else { "no" },
+        match enrichments.synack {
+            Some(build) => format!("yes ({} build)", build.name()),
+            None => "no".to_owned(),
+        },
         if enrichments.resets { "yes" } else { "no" },
         listener.local_addr().unwrap_or(args.listen),
         args.tail_socket.display(),

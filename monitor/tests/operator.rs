@@ -40,12 +40,14 @@ fn check_says_this_host_can_run_tcpmon_after_a_trial_load() {
 }
 
 /// `tcpmon check` in a mount namespace of its own without tracefs (wherever the host has it
-/// mounted), as `capabilities` grants
+/// mounted), whose mounts are shared (among its own: it is private to the host), so a mount
+/// check made without a private namespace of its own would show here; as `capabilities` grants
 /// (`setpriv` keeps root but bounds its capabilities, as `--cap-drop ALL --cap-add ...` does
 /// in a container). Returns its exit status, its report, and whether tracefs got mounted.
 fn check_without_tracefs(capabilities: &str) -> (Option<i32>, String, bool) {
     let script = format!(
         "for m in $(awk '$3 == \"tracefs\" {{ print $2 }}' /proc/self/mounts); do umount $m; done; \
+         mount --make-rshared /; \
          setpriv --bounding-set=-all{capabilities} --inh-caps=-all {} check; status=$?; \
          grep -q ' tracefs ' /proc/self/mounts && echo MOUNTED; exit $status",
         env!("CARGO_BIN_EXE_tcpmon")

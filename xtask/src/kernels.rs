@@ -93,8 +93,10 @@ poweroff -f
 "#;
 
 /// Runs the matrix (all of it, or the series named in `only`); fails if any check failed.
-/// Returns how many (kernel, build) pairs passed.
-pub fn run_matrix(only: &[String]) -> Result<u64> {
+/// The table goes to `target/kernels/TABLE.md`, and with `write_readme` (a full run of
+/// `cargo xtask kernels`, not the test suite's) into the README too. Returns how many
+/// (kernel, build) pairs passed.
+pub fn run_matrix(only: &[String], write_readme: bool) -> Result<u64> {
     let started = Instant::now();
     let root = crate::workspace_root();
     let cache = root.join("target/kernels");
@@ -112,21 +114,25 @@ pub fn run_matrix(only: &[String]) -> Result<u64> {
     let mut rows = Vec::new();
     for kernel in &kernels {
         let booted = Instant::now();
+        // A kernel that hangs or panics is a failed row; the others still run.
         let log = boot(kernel, &initrd)?;
-        fs::write(cache.join(format!("{}.log", kernel.series)), &log)?;
+        let log_file = cache.join(format!("{}.log", kernel.series));
+        fs::write(&log_file, &log)?;
         let row = Row::parse(kernel, &log);
         println!(
-            "xtask: kernel {} ({}): {} in {:.0}s",
+            "xtask: kernel {} ({}): {} in {:.0}s (serial console: {})",
             kernel.series,
             kernel.release,
             if row.passed() { "passed" } else { "FAILED" },
-            booted.elapsed().as_secs_f64()
+            booted.elapsed().as_secs_f64(),
+            log_file.display()
         );
         rows.push(row);
     }
     let table = table(&rows);
     println!("{table}");
-    if only.is_empty() {
+    fs::write(cache.join("TABLE.md"), &table)?;
+    if write_readme && only.is_empty() {
         write_readme_table(&root.join("README.md"), &table)?;
     }
     let failed: Vec<String> = rows.iter().flat_map(Row::failures).collect();
@@ -161,15 +167,17 @@ fn apt(dir: &Path, sources: &str) -> Result<Vec<String>> {
     Ok(args)
 }
 
-/// `apt-get update` with `args`, at most every six hours (the indexes are cached).
-fn apt_update(dir: &Path, args: &[String]) -> Result<()> {
+/// `apt-get update` with `args`, at most every six hours for the same sources (the indexes
+/// are cached; the stamp holds the sources they came from).
+fn apt_update(dir: &Path, args: &[String], sources: &str) -> Result<()> {
     let stamp = dir.join("updated");
-    let fresh = fs::metadata(&stamp)
+    let same_sources = fs::read_to_string(&stamp).is_ok_and(|s| s == sources);
+    let recent = fs::metadata(&stamp)
         .and_then(|m| m.modified())
         .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(6 * 3600));
-    if !fresh {
+    if !(same_sources && recent) {
         run(Command::new("apt-get").args(args).args(["-q", "update"]), "apt-get update")?;
-        fs::write(&stamp, b"")?;
+        fs::write(&stamp, sources)?;
     }
     Ok(())
 }
@@ -183,7 +191,7 @@ fn ensure_qemu(cache: &Path) -> Result<()> {
     println!("xtask: installing qemu-system-x86 from bookworm-backports");
     let dir = cache.join("apt-qemu");
     let args = apt(&dir, QEMU_SOURCES)?;
-    apt_update(&dir, &args)?;
+    apt_update(&dir, &args, QEMU_SOURCES)?;
     run(
         Command::new("apt-get")
             .args(&args)
@@ -211,14 +219,15 @@ fn version_key(text: &str) -> Vec<u64> {
     text.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect()
 }
 
-/// Whether `name` matches `pattern`, where `#` stands for one or more digits and dots.
+/// Whether `name` matches `pattern`, where `#` stands for one or more digits and dots,
+/// taken greedily (no backtracking: the text after a `#` must not start with a digit or a dot).
 fn matches(pattern: &str, name: &str) -> bool {
     let mut rest = name;
-    let mut parts = pattern.split('#').peekable();
+    let mut parts = pattern.split('#');
     let first = parts.next().unwrap_or_default();
     let Some(after) = rest.strip_prefix(first) else { return false };
     rest = after;
-    while let Some(literal) = parts.next() {
+    for literal in parts {
         let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         if digits == 0 {
             return false;
@@ -226,9 +235,6 @@ fn matches(pattern: &str, name: &str) -> bool {
         rest = &rest[digits..];
         let Some(after) = rest.strip_prefix(literal) else { return false };
         rest = after;
-        if parts.peek().is_none() {
-            return rest.is_empty();
-        }
     }
     rest.is_empty()
 }
@@ -237,7 +243,7 @@ fn matches(pattern: &str, name: &str) -> bool {
 fn fetch(cache: &Path, series: &[&Series]) -> Result<Vec<Kernel>> {
     let dir = cache.join("apt");
     let args = apt(&dir, KERNEL_SOURCES)?;
-    apt_update(&dir, &args)?;
+    apt_update(&dir, &args, KERNEL_SOURCES)?;
     let names = String::from_utf8(run(
         Command::new("apt-cache").args(&args).arg("pkgnames"),
         "apt-cache pkgnames",
@@ -294,14 +300,20 @@ fn unpacked(
     let work = cache.join(format!("{series}.download"));
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(work.join("tree"))?;
+    let mut unpack_messages = String::new();
     let mut debs = vec![package.to_owned()];
     // 7.2 on: the modules are in a package of their own.
     if let Some(rest) = package.strip_prefix("linux-binary-unsigned-") {
         debs.push(format!("linux-modules-{rest}"));
     }
-    for deb in &debs {
+    for (index, deb) in debs.iter().enumerate() {
+        // The image package at the version chosen; its modules package as apt picks it.
+        let wanted = if index == 0 { format!("{deb}={version}") } else { deb.clone() };
         run(
-            Command::new("apt-get").args(apt_args).args(["-q", "download", deb]).current_dir(&work),
+            Command::new("apt-get")
+                .args(apt_args)
+                .args(["-q", "download", &wanted])
+                .current_dir(&work),
             "apt-get download",
         )?;
         let file = fs::read_dir(&work)?
@@ -313,27 +325,27 @@ fn unpacked(
                     .is_some_and(|n| n.starts_with(&format!("{deb}_")) && n.ends_with(".deb"))
             })
             .context("the downloaded package")?;
-        // Only the image and the two modules: not the hundreds of MB of the rest.
-        let status = Command::new("sh")
+        // Only the image and the two modules, not the hundreds of MB of the rest. tar fails
+        // when a pattern is absent (a linux-binary package has no modules): what is missing
+        // is looked for below, with tar's words kept for the message.
+        let unpack = Command::new("sh")
             .arg("-c")
             .arg(
                 "dpkg-deb --fsys-tarfile \"$1\" | tar -x -C \"$2\" --wildcards \
-                 '*vmlinuz*' '*/inet_diag.ko*' '*/tcp_diag.ko*' 2>/dev/null; exit 0",
+                 '*vmlinuz*' '*/inet_diag.ko*' '*/tcp_diag.ko*'",
             )
             .args(["sh"])
             .arg(&file)
             .arg(work.join("tree"))
-            .status()?;
-        if !status.success() {
-            bail!("unpacking {}", file.display());
-        }
+            .output()?;
+        unpack_messages.push_str(&String::from_utf8_lossy(&unpack.stderr));
         fs::remove_file(&file)?;
     }
     let files = walk(&work.join("tree"))?;
     let image = files
         .iter()
         .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz")))
-        .context("no vmlinuz in the package")?;
+        .with_context(|| format!("no vmlinuz in {package}: {}", unpack_messages.trim()))?;
     // /boot/vmlinuz-<release>, or usr/lib/modules/<release>/vmlinuz.
     let name = image.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     let release = match name.strip_prefix("vmlinuz-") {
@@ -356,7 +368,9 @@ fn unpacked(
                     .and_then(|n| n.to_str())
                     .is_some_and(|n| n.starts_with(&format!("{module}.ko")))
             })
-            .with_context(|| format!("no {module} module in {package}"))?;
+            .with_context(|| {
+                format!("no {module} module in {package}: {}", unpack_messages.trim())
+            })?;
         let plain = decompressed(found)?;
         fs::write(dir.join("modules").join(format!("{module}.ko")), plain)?;
     }
@@ -460,17 +474,11 @@ fn boot(kernel: &Kernel, initrd: &Path) -> Result<String> {
         .spawn()
         .context("starting qemu-system-x86_64")?;
     let out = child.wait_with_output()?;
-    let log = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let mut log = String::from_utf8_lossy(&out.stdout).replace('\r', "");
     if !log.contains("@@done") {
-        let tail: Vec<&str> = log.lines().rev().take(30).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bail!(
-            "kernel {} did not finish ({}): {}\n{}",
-            kernel.series,
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            tail.join("\n")
-        );
+        // Hung (timeout's 124) or crashed: the row says so, with qemu's own words.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        log.push_str(&format!("\n@@unfinished {} {}\n", out.status, stderr.trim()));
     }
     Ok(log)
 }
@@ -484,6 +492,8 @@ struct Row {
     check_rc: Option<i32>,
     check: Vec<String>,
     results: Vec<Value>,
+    /// Why the guest did not finish (qemu's status and words), if it did not.
+    unfinished: Option<String>,
 }
 
 impl Row {
@@ -496,12 +506,15 @@ impl Row {
             check_rc: None,
             check: Vec::new(),
             results: Vec::new(),
+            unfinished: None,
         };
         for line in log.lines() {
             if let Some(rest) = line.strip_prefix("@@check rc=") {
                 row.check_rc = rest.trim().parse().ok();
             } else if let Some(rest) = line.strip_prefix("@@check-line ") {
                 row.check.push(rest.to_owned());
+            } else if let Some(rest) = line.strip_prefix("@@unfinished ") {
+                row.unfinished = Some(rest.to_owned());
             } else if let Some(rest) = line.strip_prefix("@@result ") {
                 if let Ok(value) = serde_json::from_str(rest) {
                     row.results.push(value);
@@ -519,6 +532,9 @@ impl Row {
     fn failures(&self) -> Vec<String> {
         let mut failed = Vec::new();
         let at = |what: &str| format!("{} ({}): {what}", self.series, self.release);
+        if let Some(why) = &self.unfinished {
+            failed.push(at(&format!("the guest did not finish: {why}")));
+        }
         if self.check_rc != Some(0) {
             failed.push(at(&format!(
                 "check exited {:?}: {}",
@@ -566,15 +582,18 @@ fn table(rows: &[Row]) -> String {
     let date = Command::new("date").args(["-u", "+%Y-%m-%d"]).output();
     let date =
         date.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
+    let host = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut out = format!(
         "Last run {date}, {GUEST_CPUS} guest CPUs (one ring buffer each: the verifier's hardest \
-         case). The whole test suite also runs on our machines' own kernel (6.18).\n\n"
+         case). The whole test suite also runs on the machine's own kernel ({}).\n\n",
+        host.trim()
     );
     out.push_str(
-        "| kernel (Debian package) | build | loads | close reasons | SYN-ACK times | reset direction | IPv4, IPv6, CLOSE_WAIT, refused, reset, resent SYN-ACK, SIGTERM |\n\
+        "| kernel (Debian package) | build | loads | close reasons | SYN-ACK times | reset direction | checks |\n\
          |---|---|---|---|---|---|---|\n",
     );
     let mark = |b: bool| if b { "yes" } else { "**no**" };
+    let mut check_names: Vec<String> = Vec::new();
     for row in rows {
         for hook in HOOKS {
             let kernel = format!("{} (`{}` {})", row.release, row.package, row.version);
@@ -583,35 +602,38 @@ fn table(rows: &[Row]) -> String {
                 continue;
             };
             if result["loaded"] != true {
-                let error = result["error"].as_str().unwrap_or_default();
+                let error = result["error"].as_str().unwrap_or_default().replace('|', "\\|");
                 let error: String = error.chars().take(120).collect();
                 let _ = writeln!(out, "| {kernel} | {hook} | **no**: {error} | | | | |");
                 continue;
             }
             let features = &result["features"];
-            let checks: Vec<String> = result["findings"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|f| {
-                    let name = f["name"].as_str().unwrap_or_default();
-                    if f["ok"] == true {
-                        "ok".to_owned()
-                    } else {
-                        format!("**{name} failed**")
-                    }
-                })
-                .collect();
+            let findings = result["findings"].as_array().cloned().unwrap_or_default();
+            let name = |f: &Value| f["name"].as_str().unwrap_or_default().to_owned();
+            for f in &findings {
+                if !check_names.contains(&name(f)) {
+                    check_names.push(name(f));
+                }
+            }
+            let failed: Vec<String> =
+                findings.iter().filter(|f| f["ok"] != true).map(name).collect();
+            let checks = match failed.is_empty() {
+                true => format!("all {} passed", findings.len()),
+                false => format!("**failed: {}**", failed.join(", ")),
+            };
+            let synack = match features["synack_build"].as_str() {
+                Some(build) if features["synack_times"] == true => format!("yes ({build})"),
+                _ => mark(features["synack_times"] == true).to_owned(),
+            };
             let _ = writeln!(
                 out,
-                "| {kernel} | {hook} | yes | {} | {} | {} | {} |",
+                "| {kernel} | {hook} | yes | {} | {synack} | {} | {checks} |",
                 mark(features["close_reasons"] == true),
-                mark(features["synack_times"] == true),
                 mark(features["reset_direction"] == true),
-                checks.join(", ")
             );
         }
     }
+    let _ = writeln!(out, "\nThe checks, per kernel and build: {}.", check_names.join(", "));
     out
 }
 
@@ -621,12 +643,16 @@ const TABLE_END: &str = "<!-- kernels:end -->";
 /// Replaces the table between the README's markers.
 fn write_readme_table(readme: &Path, table: &str) -> Result<()> {
     let text = fs::read_to_string(readme)?;
-    let (Some(begin), Some(end)) = (text.find(TABLE_BEGIN), text.find(TABLE_END)) else {
+    let begin = text.find(TABLE_BEGIN);
+    let end = begin.and_then(|b| text[b..].find(TABLE_END).map(|e| b + e));
+    let (Some(begin), Some(end)) = (begin, end) else {
         bail!("README.md has no {TABLE_BEGIN} … {TABLE_END} markers");
     };
     let updated = format!("{}{TABLE_BEGIN}\n{table}{}", &text[..begin], &text[end..]);
-    let mut file = fs::File::create(readme)?;
-    file.write_all(updated.as_bytes())?;
+    // Written beside it, then renamed: an error never leaves half a README.
+    let partial = readme.with_extension("md.partial");
+    fs::File::create(&partial)?.write_all(updated.as_bytes())?;
+    fs::rename(&partial, readme)?;
     Ok(())
 }
 

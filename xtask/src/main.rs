@@ -165,7 +165,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Task::Kernels { only } => {
             setup::ensure()?;
-            kernels::run_matrix(&only).map(|_| ())
+            kernels::run_matrix(&only, true).map(|_| ())
         }
         Task::Guest { hooks } => guest::run(&hooks),
         Task::Test { no_lint } => {
@@ -181,7 +181,7 @@ fn run(cli: Cli) -> Result<()> {
             let (passed, failed) = cargo_test()?;
             // Both builds of the program on every kernel of the matrix, in VMs: one test per
             // (kernel, build), each of several checks.
-            let matrix = kernels::run_matrix(&[])?;
+            let matrix = kernels::run_matrix(&[], false)?;
             // The benchmark's timings are not assertions (these machines are noisy); this only
             // checks that `cargo xtask bench` still runs end to end.
             bench::run(bench::Options {

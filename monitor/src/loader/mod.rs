@@ -406,7 +406,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         .and_then(|fd| fd.try_clone().map_err(Into::into))
         .map_err(|e| aya_error("duplicating the program fd", e))?;
 
-    let enrichments = attach_enrichments(&mut ebpf, btf.as_ref(), &offsets, mount);
+    let enrichments = attach_enrichments(&mut ebpf, btf.as_ref(), &offsets, hook, mount);
 
     let mut take = |name: &'static str| {
         ebpf.take_map(name).ok_or(LoadError::NotInObject { kind: "map", name })
@@ -515,8 +515,9 @@ fn attach_classic(
 /// Which of the programs beside the state tracepoint are attached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Enrichments {
-    /// `tcp:tcp_retransmit_synack`: passive handshakes whose SYN-ACK was resent.
-    pub synack: bool,
+    /// `tcp:tcp_retransmit_synack`: passive handshakes whose SYN-ACK was resent; which build
+    /// of the program is attached, if one is.
+    pub synack: Option<Hook>,
     /// `tcp:tcp_send_reset` and `tcp:tcp_receive_reset`: who reset a connection.
     pub resets: bool,
 }
@@ -527,34 +528,10 @@ fn attach_enrichments(
     ebpf: &mut Ebpf,
     btf: Option<&Btf>,
     offsets: &KernelOffsets,
+    state_hook: Hook,
     mount: bool,
 ) -> Enrichments {
-    // The request socket's first SYN-ACK time is what the program adds. The BTF build reads
-    // the request socket itself (no tracefs, and no record layout: Linux 5.10's differs);
-    // the classic build reads the trace record.
-    let synack = if offsets.snt_synack == OFFSET_UNKNOWN {
-        false
-    } else {
-        let btf_build = match btf {
-            Some(btf) if offsets.socket_fields_known() => {
-                let name = names::SYNACK_BTF_PROGRAM;
-                attach_btf_tracepoint(ebpf, name, "tcp_retransmit_synack", btf)
-            }
-            _ => Err(LoadError::SocketFieldsUnknown),
-        };
-        match btf_build {
-            Ok(()) => true,
-            Err(btf_error) => {
-                match attach_classic(ebpf, names::SYNACK_PROGRAM, &SYNACK_TRACEPOINT, mount) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        warn!("{btf_error}; {e}; SYN-ACK retransmissions are not seen");
-                        false
-                    }
-                }
-            }
-        }
-    };
+    let synack = attach_synack(ebpf, btf, offsets, state_hook, mount);
     let Some(btf) = btf else {
         warn!("no kernel BTF: reset direction is not reported");
         return Enrichments { synack, resets: false };
@@ -572,6 +549,56 @@ fn attach_enrichments(
         }
     });
     Enrichments { synack, resets: resets == [true, true] }
+}
+
+/// Attaches a build of the SYN-ACK program: the request socket's first SYN-ACK time is what
+/// it adds. The BTF build reads the request socket itself (no tracefs, and no record layout:
+/// Linux 5.10's differs); the classic build reads the trace record. The build of the state
+/// program comes first, the other is the fallback, so `--hook tracepoint` runs (and the
+/// kernel matrix tests) the classic builds of both where they load.
+fn attach_synack(
+    ebpf: &mut Ebpf,
+    btf: Option<&Btf>,
+    offsets: &KernelOffsets,
+    state_hook: Hook,
+    mount: bool,
+) -> Option<Hook> {
+    if offsets.snt_synack == OFFSET_UNKNOWN {
+        return None;
+    }
+    let mut attach = |hook: Hook| match hook {
+        Hook::Btf => match btf {
+            Some(btf) if offsets.socket_fields_known() => {
+                let name = names::SYNACK_BTF_PROGRAM;
+                attach_btf_tracepoint(ebpf, name, "tcp_retransmit_synack", btf)
+            }
+            Some(_) => Err(LoadError::SocketFieldsUnknown),
+            None => Err(LoadError::NoBtf),
+        },
+        Hook::Tracepoint => attach_classic(ebpf, names::SYNACK_PROGRAM, &SYNACK_TRACEPOINT, mount),
+    };
+    let other = match state_hook {
+        Hook::Btf => Hook::Tracepoint,
+        Hook::Tracepoint => Hook::Btf,
+    };
+    let first_error = match attach(state_hook) {
+        Ok(()) => return Some(state_hook),
+        Err(e) => e,
+    };
+    match attach(other) {
+        Ok(()) => {
+            info!(
+                "SYN-ACK program: {} build ({} build: {first_error})",
+                other.name(),
+                state_hook.name()
+            );
+            Some(other)
+        }
+        Err(e) => {
+            warn!("{first_error}; {e}; SYN-ACK retransmissions are not seen");
+            None
+        }
+    }
 }
 
 /// Loads program `name` and attaches it to the BTF tracepoint `tracepoint`.
