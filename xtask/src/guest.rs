@@ -71,6 +71,11 @@ fn finding(name: &str, ok: bool, seen: String) -> Value {
     json!({ "name": name, "ok": ok, "seen": seen })
 }
 
+/// A finding about the connections on `port` (their tail records are kept if it fails).
+fn port_finding(name: &str, port: u16, ok: bool, seen: String) -> Value {
+    json!({ "name": name, "port": port, "ok": ok, "seen": seen })
+}
+
 fn scenario(hook: &str) -> Value {
     let log_path = format!("/tmp/run-{hook}.log");
     let log = std::fs::File::create(&log_path).expect("creating the daemon's log");
@@ -102,9 +107,34 @@ fn scenario(hook: &str) -> Value {
     let tail = Tail::start();
     let before = scrape();
     traffic();
-    let records = tail.wait_for(records_complete, Duration::from_secs(15));
+    let records = tail.wait_for(records_complete, Duration::from_secs(30));
     let after = scrape();
     let mut findings = judge(&before, &after, &records, &features);
+    // What explains a failed check: the tracker's anomalies, and the tail's records of our ports.
+    let anomalies: serde_json::Map<String, Value> = [
+        "tcpmon_events_lost_total",
+        "tcpmon_notes_lost_total",
+        "tcpmon_tracker_inconsistent_transitions_total",
+        "tcpmon_tracker_sockets_first_seen_midlife_total",
+        "tcpmon_tracker_sockets_replaced_total",
+        "tcpmon_tracker_synack_untracked_total",
+    ]
+    .iter()
+    .map(|name| (name.to_string(), json!(delta(&before, &after, name, &[]))))
+    .collect();
+    let failed_ports: Vec<u16> = findings
+        .iter()
+        .filter(|f| f["ok"] != true)
+        .filter_map(|f| f["port"].as_u64())
+        .map(|p| p as u16)
+        .collect();
+    let records_seen: Vec<Value> = failed_ports
+        .iter()
+        .flat_map(|&port| {
+            records.iter().filter(move |r| r["local_port"] == port || r["remote_port"] == port)
+        })
+        .cloned()
+        .collect();
 
     // SIGTERM: a clean exit that detaches everything.
     // SAFETY: kill(2) on our own child.
@@ -122,6 +152,8 @@ fn scenario(hook: &str) -> Value {
         "load_seconds": load_seconds,
         "features": features,
         "findings": findings,
+        "anomalies": anomalies,
+        "records_of_failed_checks": records_seen,
         "warnings": warnings,
     })
 }
@@ -274,8 +306,9 @@ fn judge(before: &Metrics, after: &Metrics, records: &[Value], features: &Value)
         let tail: Vec<&Value> =
             on_port(records, port).into_iter().filter(|r| r["family"] == family).collect();
         let fin = tail.iter().filter(|r| r["outcome"] == "fin").count();
-        findings.push(finding(
+        findings.push(port_finding(
             name,
+            port,
             active == 2.0 && passive == 2.0 && tail.len() == 4 && fin == 4,
             format!(
                 "opened active {active} passive {passive}; tail: {} closed, {fin} by FIN",
@@ -293,8 +326,9 @@ fn judge(before: &Metrics, after: &Metrics, records: &[Value], features: &Value)
     let tail_close_wait = passive(&on_port(records, CLOSE_WAIT_PORT))
         .and_then(|r| r["close_wait_us"].as_u64())
         .unwrap_or(0);
-    findings.push(finding(
+    findings.push(port_finding(
         "close_wait",
+        CLOSE_WAIT_PORT,
         close_wait == 1.0 && (250_000..500_000).contains(&tail_close_wait),
         format!("(0.25 s, 0.5 s]: {close_wait}; tail close_wait_us {tail_close_wait}"),
     ));
@@ -302,8 +336,9 @@ fn judge(before: &Metrics, after: &Metrics, records: &[Value], features: &Value)
     let refused = delta(before, after, "tcpmon_connect_failures_total", &["reason=\"refused\""]);
     let tail_refused =
         on_port(records, REFUSED_PORT).iter().filter(|r| r["outcome"] == "refused").count();
-    findings.push(finding(
+    findings.push(port_finding(
         "refused",
+        REFUSED_PORT,
         refused == 1.0 && tail_refused == 1,
         format!("tcpmon_connect_failures_total{{reason=refused}} +{refused}; tail {tail_refused}"),
     ));
@@ -311,8 +346,9 @@ fn judge(before: &Metrics, after: &Metrics, records: &[Value], features: &Value)
     // Which end reset it is told only with the reset programs attached.
     let reset = passive(&on_port(records, RESET_PORT)).map(|r| r["outcome"].clone());
     let expected = if features["reset_direction"] == true { "reset_received" } else { "unknown" };
-    findings.push(finding(
+    findings.push(port_finding(
         "reset",
+        RESET_PORT,
         reset.as_ref().is_some_and(|o| o == expected),
         format!("passive end's outcome {reset:?} (expected {expected})"),
     ));
@@ -330,8 +366,9 @@ fn judge(before: &Metrics, after: &Metrics, records: &[Value], features: &Value)
         } else {
             handshake_us.is_none()
         };
-        findings.push(finding(
+        findings.push(port_finding(
             &format!("synack [{listen}]:{port}"),
+            port,
             ok,
             format!(
                 "SYN-ACKs resent +{resent} (all listeners); passive handshake_us \

@@ -558,10 +558,18 @@ impl Row {
                 failed.push(at(&format!("{hook}: did not load: {}", result["error"])));
                 continue;
             }
+            let mut any = false;
             for f in result["findings"].as_array().into_iter().flatten() {
                 if f["ok"] != true {
+                    any = true;
                     failed.push(at(&format!("{hook}: {}: {}", f["name"], f["seen"])));
                 }
+            }
+            if any {
+                failed.push(at(&format!(
+                    "{hook}: tracker anomalies {}; tail records of the failed checks' ports: {}",
+                    result["anomalies"], result["records_of_failed_checks"]
+                )));
             }
             for feature in ["close_reasons", "synack_times", "reset_direction"] {
                 if result["features"][feature] != true {

@@ -685,16 +685,22 @@ impl Tracker {
         let pre_established = matches!(event.old, TcpState::SynSent | TcpState::SynRecv)
             && entry.established_ns.is_none();
         if pre_established {
+            if entry.open_side == Some(Side::Passive) {
+                // A child the kernel discarded before anyone could accept it: no connection
+                // failed, so it gets no `failed` record (the `--events` view still shows its
+                // transitions). Mostly the loser when two CPUs complete the same handshake at
+                // once (the client's ACK and its first data): `inet_ehash_nolisten()` finds
+                // the winner already hashed and closes this one, which the kernel matrix sees
+                // on 16 CPUs; else a listener closed while the child was being queued
+                // (`inet_child_forget()`).
+                self.stats.passive_open_aborted += 1;
+                return;
+            }
             // SYN retransmissions of a connect that never completed.
             let retransmits = event.stats.map(|stats| stats.total_retrans);
-            match entry.open_side {
-                Some(Side::Passive) => self.stats.passive_open_aborted += 1,
-                _ => {
-                    let duration_ns = entry.syn_sent_ns.get().map(|sent| elapsed(sent, now));
-                    let failed = Observation::ConnectFailed { reason, duration_ns, retransmits };
-                    sink.observe_in(&failed, &self.attribution(entry));
-                }
-            }
+            let duration_ns = entry.syn_sent_ns.get().map(|sent| elapsed(sent, now));
+            let failed = Observation::ConnectFailed { reason, duration_ns, retransmits };
+            sink.observe_in(&failed, &self.attribution(entry));
             if records {
                 let mut record =
                     entry.connection_record(ConnectionPhase::Failed, now, Some(reason));
