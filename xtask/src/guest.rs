@@ -426,16 +426,7 @@ fn traffic() {
     let client = TcpStream::connect(("127.0.0.1", RESET_PORT)).unwrap();
     let (mut server, _) = listener.accept().unwrap();
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: setsockopt with a valid linger struct on an open socket.
-    unsafe {
-        libc::setsockopt(
-            client.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as u32,
-        );
-    }
+    set_option(client.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, &linger);
     drop(client);
     let _ = server.read(&mut [0u8; 1]); // ECONNRESET
     drop(server);
@@ -451,16 +442,7 @@ fn resent_synack(listen: &str, connect: &str, port: u16) {
     let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
     let listener = TcpListener::bind((ip(listen), port)).unwrap();
     let seconds: libc::c_int = 1;
-    // SAFETY: setsockopt with an int on an open socket.
-    unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&seconds as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        );
-    }
+    set_option(listener.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, &seconds);
     let server = thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
         let mut byte = [0u8];
@@ -471,4 +453,20 @@ fn resent_synack(listen: &str, connect: &str, port: u16) {
     client.write_all(b"x").unwrap();
     server.join().unwrap();
     drop(client);
+}
+
+/// `setsockopt(fd, level, name, value)`; panics if the kernel refuses (the traffic would not
+/// be what the checks expect).
+fn set_option<T>(fd: std::os::fd::RawFd, level: libc::c_int, name: libc::c_int, value: &T) {
+    // SAFETY: `value` is a valid T for the call's duration, and its size is passed with it.
+    let result = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(result, 0, "setsockopt({level}, {name}): {}", std::io::Error::last_os_error());
 }

@@ -32,12 +32,7 @@ pub fn build(out: &Path, binary: &Path, version: &str) -> Result<PathBuf> {
     let rootfs = work.join("context/rootfs");
     let tcpmon = rootfs.join("usr/bin/tcpmon");
     install_stripped(binary, &tcpmon)?;
-    for library in linked_libraries(&tcpmon)? {
-        let dest = rootfs.join(library.strip_prefix("/")?);
-        fs::create_dir_all(dest.parent().context("a library path with a parent")?)?;
-        // Through symlinks: the file the dynamic linker would open, at the path it asks for.
-        fs::copy(&library, &dest).with_context(|| format!("copying {}", library.display()))?;
-    }
+    copy_linked_libraries(&tcpmon, &rootfs)?;
     fs::copy(
         crate::workspace_root().join("deploy/container/Containerfile"),
         work.join("context/Containerfile"),
@@ -98,6 +93,17 @@ pub fn build(out: &Path, binary: &Path, version: &str) -> Result<PathBuf> {
     fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
     println!("xtask: built {} ({name})", archive.display());
     Ok(archive)
+}
+
+/// Copies the shared libraries `binary` loads, as `ldd` resolves them (the dynamic linker
+/// included), under `root` at the paths the dynamic linker looks for them, through symlinks.
+pub fn copy_linked_libraries(binary: &Path, root: &Path) -> Result<()> {
+    for library in linked_libraries(binary)? {
+        let dest = root.join(library.strip_prefix("/")?);
+        fs::create_dir_all(dest.parent().context("a library path with a parent")?)?;
+        fs::copy(&library, &dest).with_context(|| format!("copying {}", library.display()))?;
+    }
+    Ok(())
 }
 
 /// The shared libraries `binary` loads, as `ldd` resolves them, the dynamic linker included.

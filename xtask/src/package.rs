@@ -237,7 +237,7 @@ pub fn build(out: &Path, binary: &Path, version: &str) -> Result<PathBuf> {
 }
 
 /// Every file under `dir`.
-fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(dir) = pending.pop() {
