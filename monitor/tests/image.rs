@@ -398,7 +398,6 @@ fn the_image_runs_with_the_daemonsets_settings_counts_exactly_and_detaches_on_st
     assert!(report.contains("trial load") && !report.contains("FAIL"), "{report}");
 
     let name = format!("tcpmon-image-test-{}", std::process::id());
-    let _ = output(&mut podman(&["rm", "--force", &name])); // a run that failed half-way
     let before_start: Vec<u64> = programs().into_iter().map(|(id, _)| id).collect();
     let (ok, log) = output(
         podman(&["run", "--detach", "--name", &name, "--label", TEST_LABEL])
