@@ -129,7 +129,8 @@ pub struct RunArgs {
     pub low_latency: bool,
 
     /// Most sockets tracked at once; beyond it the least recently active are evicted
-    /// (counted in tcpmon_tracker_evictions_total). About 220 bytes each (BENCHMARKS.md).
+    /// (counted in tcpmon_tracker_evictions_total). Peak memory grows ~540 bytes per socket
+    /// of the cap (README, "Memory").
     #[arg(long, env = "TCPMON_MAX_SOCKETS", default_value_t = crate::tracker::DEFAULT_MAX_SOCKETS,
           value_parser = clap::value_parser!(usize))]
     pub max_sockets: usize,

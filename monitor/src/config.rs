@@ -8,7 +8,7 @@
 //! ring-bytes = "8MiB"
 //! drain-interval = "100ms"
 //! low-latency = false
-//! max-sockets = 1048576
+//! max-sockets = 524288
 //! netns-labels = 0      # split the main metrics by network namespace, for up to N of them
 //! port-labels = 32      # service ports with a `port` value of their own, per side (0: no label)
 //! ports = "443,5432"    # ports that always get one

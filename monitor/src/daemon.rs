@@ -16,11 +16,13 @@ use crate::aggregate::Aggregator;
 use crate::cli::{Command, RunArgs};
 use crate::clock::WallClock;
 use crate::config::{self, Values};
+use crate::loader::KernelCounters;
 use crate::loader::Loaded;
 use crate::logging;
-use crate::metrics::{self, CounterSource, KernelCollector};
+use crate::metrics::{self, CounterSource, CountersOnThread, KernelCollector};
 use crate::netstate::NetState;
 use crate::pipeline::{Controls, Pipeline, Wake};
+use crate::privilege::{self, Capability, PrivilegedThread};
 use crate::source::RingSource;
 use crate::tail::hub::{self, TailHub, TailMetrics};
 use crate::workload::Workloads;
@@ -133,6 +135,9 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     // is loaded into the kernel.
     let listener = metrics::bind(args.listen).await?;
     let tail_listener = hub::bind_socket(&args.tail_socket)?;
+    // Started now, so it has the capabilities this thread has; it keeps only what the
+    // kernel reads at scrape time need once start-up is done (see `drop_privileges`).
+    let reader = PrivilegedThread::start().context("starting the kernel-reader thread")?;
     let registry = Registry::new();
     let names = match &args.cgroup_root {
         Some(root) => Workloads::new(Some(root.clone()), args.pod_logs.clone()),
@@ -149,7 +154,7 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
             .enable_netns_labels(&registry, args.netns_labels)
             .context("creating the per-namespace metrics")?;
     }
-    let kernel_state = NetState::new(aggregator.port_labels(), args.netns_labels)
+    let kernel_state = NetState::new(reader.clone(), aggregator.port_labels(), args.netns_labels)
         .context("creating the kernel state metrics")?;
     // Read outside the scrape gate (see `metrics::encode`).
     let kernel_registry = Registry::new();
@@ -161,14 +166,17 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     let options = args.pipeline_options();
     let Loaded { ebpf, rings, ring_bytes, counters, reads_sock_err, enrichments, hook } =
         options.load()?;
-    let collector = Arc::new(KernelCollector::new(counters).context("creating kernel metrics")?);
+    let counters = Arc::new(counters);
+    let on_thread = CountersOnThread { counters: counters.clone(), reader: reader.clone() };
+    let collector = Arc::new(KernelCollector::new(on_thread).context("creating kernel metrics")?);
     registry
         .register(Box::new(SharedCollector(collector.clone())))
         .context("registering kernel metrics")?;
     let ring_count = rings.len();
     let gate = aggregator.scrape_gate();
     let mut pipeline = Pipeline::attach(rings, ring_bytes, &options, aggregator, hub)?;
-    pipeline.load_snapshot(args.cgroup_root.clone()).await;
+    pipeline.load_snapshot(args.cgroup_root.clone(), &reader).await;
+    drop_privileges(&reader, &counters);
     info!(
         "attached to sock:inet_sock_set_state ({} build; {} rings of {} KiB, {}; close reasons from sk_err: {}; \
          SYN-ACK times: {}; reset direction: {}); metrics on http://{}/metrics, tails on {}",
@@ -189,6 +197,10 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
         listener.local_addr().unwrap_or(args.listen),
         args.tail_socket.display(),
     );
+
+    // systemd (Type=notify): started. Outside systemd there is no NOTIFY_SOCKET and this
+    // does nothing.
+    notify(sd_notify::NotifyState::Ready);
 
     // Healthy while the drain loop keeps turning.
     let heartbeat = pipeline.heartbeat();
@@ -215,12 +227,17 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     };
     let stop = loop {
         match pipeline.run(&mut controls).await? {
-            Wake::Hangup => reloader.reload(&mut pipeline),
+            Wake::Hangup => {
+                notify(sd_notify::NotifyState::Reloading);
+                reloader.reload(&mut pipeline);
+                notify(sd_notify::NotifyState::Ready);
+            }
             Wake::Stop(reason) => break reason,
             Wake::NoClients => {}
         }
     };
 
+    notify(sd_notify::NotifyState::Stopping);
     // Detach first so nothing new arrives, then take what is already in the ring.
     debug!("{stop}: detaching");
     drop(ebpf);
@@ -240,6 +257,50 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
         summary.tracked,
     );
     Ok(())
+}
+
+/// Start-up is done: drops every capability of this thread (the drain loop's; the runtime's
+/// threads dropped theirs as they started) and, on the kernel-reader thread, all but what
+/// scrapes still need ([`privilege::kept_after_startup`]). A failure is logged: the daemon
+/// works on, with more privilege than it needs.
+fn drop_privileges(reader: &PrivilegedThread, counters: &Arc<KernelCounters>) {
+    let held = match privilege::effective() {
+        Ok(held) => held,
+        Err(e) => {
+            warn!("{e}: keeping every capability");
+            return;
+        }
+    };
+    if let Err(e) = privilege::restrict_thread(&[]) {
+        warn!("{e}: the drain thread keeps its capabilities");
+    }
+    // A thread started now has none (it copies this one's): can it still read the maps?
+    let probe = counters.clone();
+    let maps_need_cap_bpf =
+        std::thread::spawn(move || probe.read().is_err()).join().unwrap_or(true);
+    let kept = privilege::kept_after_startup(&held, maps_need_cap_bpf);
+    let why = match kept.first() {
+        Some(Capability::CAP_SYS_ADMIN) => " (to enter network namespaces at scrape time)",
+        Some(_) => " (this kernel wants it for every bpf() call: reading the counter maps)",
+        None => "",
+    };
+    match reader.restrict(kept) {
+        Ok(now) => info!(
+            "start-up done: of the {} capabilities held, the kernel-reader thread keeps \
+             {}{why}; every other thread holds none",
+            held.len(),
+            privilege::names(&now),
+        ),
+        Err(e) => warn!("{e}: the kernel-reader thread keeps its capabilities"),
+    }
+}
+
+/// Tells systemd (under `Type=notify`) where the daemon is; a failure only costs the notice.
+fn notify(state: sd_notify::NotifyState<'_>) {
+    let what = format!("{state:?}");
+    if let Err(e) = sd_notify::notify(false, &[state]) {
+        debug!("telling systemd {what}: {e}");
+    }
 }
 
 /// Lets the registry and the daemon share one collector.

@@ -21,6 +21,7 @@ pub mod logging;
 pub mod metrics;
 pub mod netstate;
 pub mod pipeline;
+pub mod privilege;
 pub mod reorder;
 pub mod snapshot;
 pub mod sockdiag;

@@ -38,10 +38,42 @@ pub fn init(cli: &Cli) {
             });
             writeln!(out, "{line}")
         });
+    } else if stderr_is_journal() {
+        // journald stamps every line itself and reads its priority from a `<N>` prefix
+        // (sd-daemon(3)), so `journalctl -p warning` finds warnings.
+        builder.format(|out, record| {
+            writeln!(out, "<{}>{}: {}", priority(record.level()), record.target(), record.args())
+        });
     }
     builder.init();
     if let Some(level) = plain {
         log::set_max_level(level);
+    }
+}
+
+/// Whether stderr is connected to the journal: systemd sets `JOURNAL_STREAM` to its
+/// `device:inode` (systemd.exec(5)); a process that inherited the variable but writes
+/// elsewhere (a pipe, a terminal) keeps the plain format.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else { return false };
+    let Ok(stderr) = std::fs::metadata("/proc/self/fd/2") else { return false };
+    journal_stream_is(&stream, stderr.dev(), stderr.ino())
+}
+
+/// Whether `JOURNAL_STREAM`'s value names the file with `dev` and `ino`.
+fn journal_stream_is(stream: &str, dev: u64, ino: u64) -> bool {
+    stream.split_once(':').and_then(|(d, i)| Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?)))
+        == Some((dev, ino))
+}
+
+/// The syslog priority of a level, as sd-daemon(3) prefixes want it.
+fn priority(level: log::Level) -> u8 {
+    match level {
+        log::Level::Error => 3,
+        log::Level::Warn => 4,
+        log::Level::Info => 6,
+        log::Level::Debug | log::Level::Trace => 7,
     }
 }
 
@@ -60,4 +92,19 @@ pub fn set_level(spec: &str) -> Result<Option<(LevelFilter, LevelFilter)>, Fixed
     }
     log::set_max_level(level);
     Ok(Some((previous, level)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_lines_carry_syslog_priorities_only_when_stderr_is_the_journal() {
+        assert!(journal_stream_is("8:4242", 8, 4242));
+        assert!(!journal_stream_is("8:4242", 8, 4243), "another stream: a pipe, a terminal");
+        assert!(!journal_stream_is("garbage", 8, 4242));
+        assert_eq!(priority(log::Level::Warn), 4);
+        assert_eq!(priority(log::Level::Error), 3);
+        assert_eq!(priority(log::Level::Info), 6);
+    }
 }

@@ -10,6 +10,9 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         // The drain loop runs on the main thread; one worker serves HTTP and tail clients.
         .worker_threads(1)
+        // HTTP and tail clients are served by threads without capabilities; only the main
+        // thread (until start-up is done) and one kernel-reader thread hold any.
+        .on_thread_start(monitor::privilege::drop_all)
         .enable_all()
         .build()
     {

@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 
 use crate::decode::TcpState;
 use crate::loader::{CounterReadError, KernelCounters, KernelCounts};
+use crate::privilege::PrivilegedThread;
 
 /// Something that can read the in-kernel counters (the real maps, or a fake in tests).
 pub trait CounterSource: Send + 'static {
@@ -32,6 +33,23 @@ pub trait CounterSource: Send + 'static {
 impl CounterSource for KernelCounters {
     fn read(&self) -> Result<KernelCounts, CounterReadError> {
         KernelCounters::read(self)
+    }
+}
+
+/// The kernel counters, read on the [`PrivilegedThread`]: where the kernel wants CAP_BPF for
+/// every `bpf()` call (before 6.5, with `kernel.unprivileged_bpf_disabled` set), that is
+/// the one thread that keeps it (see [`crate::privilege`]).
+pub struct CountersOnThread {
+    /// The maps.
+    pub counters: Arc<KernelCounters>,
+    /// Where they are read.
+    pub reader: PrivilegedThread,
+}
+
+impl CounterSource for CountersOnThread {
+    fn read(&self) -> Result<KernelCounts, CounterReadError> {
+        let counters = self.counters.clone();
+        self.reader.run(move || counters.read())?
     }
 }
 

@@ -33,6 +33,7 @@ use crate::aggregate::labels::PortLabels;
 use crate::aggregate::CONNECTIONS_HELP;
 use crate::decode::TcpState;
 use crate::metrics::catch_up;
+use crate::privilege::PrivilegedThread;
 use crate::sockdiag;
 
 /// Scrapes closer together than this share one read.
@@ -183,6 +184,8 @@ pub struct NetState {
 }
 
 struct Inner {
+    /// Where namespaces are entered: the one thread that keeps CAP_SYS_ADMIN.
+    reader: PrivilegedThread,
     read_at: Option<Instant>,
     /// The port values the metrics use; `None`: no `port` label.
     ports: Option<Arc<Mutex<PortLabels>>>,
@@ -206,8 +209,10 @@ struct Inner {
 
 impl NetState {
     /// A collector labelling listen queues with `ports` (when the `port` label is on) and
-    /// the kernel counters with up to `netns_limit` namespaces (`--netns-labels`).
+    /// the kernel counters with up to `netns_limit` namespaces (`--netns-labels`), reading
+    /// the namespaces on `reader`.
     pub fn new(
+        reader: PrivilegedThread,
         ports: Option<Arc<Mutex<PortLabels>>>,
         netns_limit: usize,
     ) -> prometheus::Result<Self> {
@@ -223,6 +228,7 @@ impl NetState {
             .map(|(_, name, help)| IntCounterVec::new(Opts::new(*name, *help), netns_labels))
             .collect::<prometheus::Result<Vec<_>>>()?;
         let inner = Inner {
+            reader,
             read_at: None,
             ports,
             netns_limit,
@@ -289,10 +295,18 @@ impl Inner {
             return;
         }
         self.read_at = Some(Instant::now());
-        let namespaces = sockdiag::namespaces(sockdiag::own_namespace());
+        let reads = self.reader.run(|| {
+            let namespaces = sockdiag::namespaces(sockdiag::own_namespace());
+            sockdiag::in_each(&namespaces, read_namespace)
+        });
+        let Ok(reads) = reads else {
+            // The reader failed as a whole: nothing read, every total kept as it was.
+            self.read_errors.inc();
+            return;
+        };
         let mut states = Vec::new();
         let mut unread = Vec::new();
-        for (netns, read) in sockdiag::in_each(&namespaces, read_namespace) {
+        for (netns, read) in reads {
             match read {
                 Ok(state) => states.push((netns, state)),
                 // A namespace can vanish between the listing and the read.
@@ -409,7 +423,7 @@ mod tests {
 
     #[test]
     fn counters_only_grow_when_namespaces_come_and_go() {
-        let collector = NetState::new(None, 0).unwrap();
+        let collector = NetState::new(PrivilegedThread::start().unwrap(), None, 0).unwrap();
         let mut inner = collector.inner.lock().unwrap();
         let state = |overflows| {
             let mut state = NamespaceState::default();

@@ -22,6 +22,7 @@ use crate::clock::{unix_seconds, WallClock};
 use crate::decode::{decode, is_transition, TcpState};
 use crate::loader::{self, HookChoice, LoadOptions, Loaded};
 use crate::metrics::ScrapeGate;
+use crate::privilege::PrivilegedThread;
 use crate::snapshot;
 use crate::source::{Drained, Recorder, RingSource, Source, BATCH_RECORDS};
 use crate::tail::hub::{NewSubscriber, TailHub, TailMetrics};
@@ -329,15 +330,20 @@ impl Pipeline<RingSource> {
     /// Reads the sockets that existed before the program was attached (see [`snapshot`])
     /// and hands them to the tracker, after the events that already describe some of them.
     /// Their owners' cgroups are found under `cgroup_root` (`--cgroup-root`), if given.
-    pub async fn load_snapshot(&mut self, cgroup_root: Option<PathBuf>) {
+    pub async fn load_snapshot(&mut self, cgroup_root: Option<PathBuf>, reader: &PrivilegedThread) {
         let started = Instant::now();
         self.stages.tracker.expect_snapshot();
         // Walking /proc can take a while on a big host: keep draining meanwhile, so the ring
         // does not overflow (events seen now also tell the tracker which sockets it knows).
-        let mut task = tokio::task::spawn_blocking(move || snapshot::take(cgroup_root));
+        // It runs on the thread that keeps the capabilities for it (other processes' fds,
+        // other namespaces).
+        let mut task = std::pin::pin!(reader.spawn(move || snapshot::take(cgroup_root)));
         let snapshot = loop {
             tokio::select! {
-                done = &mut task => break done.unwrap_or_default(),
+                done = &mut task => break done.unwrap_or_else(|e| snapshot::Snapshot {
+                    problems: vec![e.to_string()],
+                    ..Default::default()
+                }),
                 ready = self.source.ready() => {
                     if ready.is_ok() {
                         while self.drain_batch().more {}
@@ -411,7 +417,8 @@ pub async fn standalone(options: PipelineOptions, client: NewSubscriber) -> anyh
     let mut loaded = options.load()?;
     let rings = std::mem::take(&mut loaded.rings);
     let mut pipeline = Pipeline::attach(rings, loaded.ring_bytes, &options, aggregator, hub)?;
-    pipeline.load_snapshot(None).await;
+    let reader = PrivilegedThread::start().context("starting the snapshot thread")?;
+    pipeline.load_snapshot(None, &reader).await;
     pipeline.add_subscriber(client);
     let mut controls = Controls {
         stop: std::future::pending(),

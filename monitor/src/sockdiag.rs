@@ -132,7 +132,7 @@ pub fn namespaces(own: u32) -> Vec<(u32, String)> {
 
 /// The daemon's own network namespace inode (0 if unreadable).
 pub fn own_namespace() -> u32 {
-    fs::metadata("/proc/self/ns/net").map(|m| m.ino() as u32).unwrap_or(0)
+    namespace_of("/proc/self/ns/net")
 }
 
 /// Every process id in /proc.
@@ -143,41 +143,40 @@ pub fn pids() -> impl Iterator<Item = u32> {
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
 }
 
-/// Runs `read` in each of `namespaces` (from [`namespaces`]) on one thread of its own, which
-/// enters them one after the other (`setns()` changes only the calling thread's namespace;
-/// the thread ends with its work, so the daemon's other threads never move). The thread
-/// starts in the daemon's own namespace and reads it without `setns()`, which needs
-/// CAP_SYS_ADMIN: a daemon with only CAP_BPF and CAP_PERFMON (the DaemonSet's) still reads
-/// its own, the node's under hostNetwork.
-pub fn in_each<T: Send>(
+/// Runs `read` in each of `namespaces` (from [`namespaces`]) on the calling thread, entering
+/// them one after the other, and returns the thread to the daemon's own namespace at the
+/// end (`setns()` changes only the calling thread's namespace). The daemon calls it on its
+/// [`crate::privilege::PrivilegedThread`], the one thread that keeps CAP_SYS_ADMIN for
+/// `setns()`. The daemon's own namespace is read without `setns()`: a daemon with only
+/// CAP_BPF and CAP_PERFMON (the DaemonSet's) still reads its own, the node's under
+/// hostNetwork.
+pub fn in_each<T>(
     namespaces: &[(u32, String)],
-    read: impl Fn() -> io::Result<T> + Sync,
+    read: impl Fn() -> io::Result<T>,
 ) -> Vec<(u32, io::Result<T>)> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let mut current = own_namespace();
-                namespaces
-                    .iter()
-                    .map(|(netns, path)| {
-                        let mut enter = || -> io::Result<()> {
-                            if *netns != current {
-                                let handle = File::open(path)?;
-                                nix::sched::setns(handle, nix::sched::CloneFlags::CLONE_NEWNET)
-                                    .map_err(io::Error::from)?;
-                                current = *netns;
-                            }
-                            Ok(())
-                        };
-                        (*netns, enter().and_then(|()| read()))
-                    })
-                    .collect()
-            })
-            .join()
-            // The thread panicked: every namespace counts as unread.
-            .unwrap_or_else(|_| {
-                let failed = || Err(io::Error::other("the namespace reader panicked"));
-                namespaces.iter().map(|(netns, _)| (*netns, failed())).collect()
-            })
-    })
+    // /proc/self is the thread-group leader, which never leaves the daemon's namespace.
+    let home = own_namespace();
+    let mut current = namespace_of("/proc/thread-self/ns/net");
+    let mut enter = |netns: u32, path: &str| -> io::Result<()> {
+        if netns != current {
+            let handle = File::open(path)?;
+            nix::sched::setns(handle, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(io::Error::from)?;
+            current = netns;
+        }
+        Ok(())
+    };
+    let results = namespaces
+        .iter()
+        .map(|(netns, path)| (*netns, enter(*netns, path).and_then(|()| read())))
+        .collect();
+    if let Err(e) = enter(home, "/proc/self/ns/net") {
+        log::warn!("returning to the daemon's network namespace after a read: {e}");
+    }
+    results
+}
+
+/// The inode of the network namespace at `path` (0 if unreadable).
+fn namespace_of(path: &str) -> u32 {
+    fs::metadata(path).map(|m| m.ino() as u32).unwrap_or(0)
 }

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{kernel_tests_enabled, parse_metrics, server_port, Metrics};
+use common::{http_get, kernel_tests_enabled, parse_metrics, server_port, Metrics};
 use yaml_rust2::{Yaml, YamlLoader};
 
 fn workspace(path: &str) -> PathBuf {
@@ -185,7 +185,8 @@ fn strings(yaml: &Yaml) -> Vec<String> {
 /// The pod and container settings the translation reproduces, and those it leaves out because
 /// they concern Kubernetes only (scheduling, probes, port declarations). Any other key fails
 /// the test, so a new setting cannot go untested by accident.
-const POD_KEYS: &[&str] = &["hostNetwork", "hostPID", "containers", "volumes"];
+const POD_KEYS: &[&str] =
+    &["hostNetwork", "hostPID", "automountServiceAccountToken", "containers", "volumes"];
 const POD_KEYS_NOT_REPRODUCED: &[&str] = &["terminationGracePeriodSeconds", "tolerations"];
 const CONTAINER_KEYS: &[&str] =
     &["name", "image", "args", "env", "securityContext", "volumeMounts", "resources"];
@@ -232,6 +233,13 @@ fn daemonset_container(node: &Node) -> Container {
     if pod["hostPID"].as_bool() == Some(true) {
         push(&mut flags, "--pid", "host".into());
     }
+    // podman mounts no service-account token, as the manifest asks: with the key absent or
+    // true, Kubernetes would mount one that this test could not reproduce.
+    assert_eq!(
+        pod["automountServiceAccountToken"].as_bool(),
+        Some(false),
+        "the pod never talks to the API server: it must not carry a token"
+    );
     let security = &container["securityContext"];
     assert_eq!(security["privileged"].as_bool(), Some(false), "the pod must not be privileged");
     if security["readOnlyRootFilesystem"].as_bool() == Some(true) {
@@ -308,17 +316,6 @@ fn daemonset_container(node: &Node) -> Container {
 }
 
 /// One GET over a fresh connection; None while nothing listens.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1);
-    (status == Some("200")).then(|| body.to_owned())
-}
-
 fn scrape(port: u16) -> Metrics {
     parse_metrics(&http_get(port, "/metrics").expect("GET /metrics"))
 }
@@ -333,14 +330,6 @@ fn sum(m: &Metrics, family: &str, labels: &[String]) -> f64 {
 }
 
 /// The loaded BPF programs: id and name.
-fn programs() -> Vec<(u64, String)> {
-    let out = Command::new("bpftool").args(["--json", "prog", "show"]).output().unwrap();
-    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
-    let programs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let list = programs.as_array().unwrap().iter();
-    list.map(|p| (p["id"].as_u64().unwrap(), p["name"].as_str().unwrap_or("").to_owned())).collect()
-}
-
 /// A container removed (forcibly, if still running) on drop: a failed test leaves no daemon.
 struct Running(String);
 
@@ -398,7 +387,7 @@ fn the_image_runs_with_the_daemonsets_settings_counts_exactly_and_detaches_on_st
     assert!(report.contains("trial load") && !report.contains("FAIL"), "{report}");
 
     let name = format!("tcpmon-image-test-{}", std::process::id());
-    let before_start: Vec<u64> = programs().into_iter().map(|(id, _)| id).collect();
+    let before_start = common::bpf_program_ids();
     let (ok, log) = output(
         podman(&["run", "--detach", "--name", &name, "--label", TEST_LABEL])
             .args(&container.flags)
@@ -419,24 +408,7 @@ fn the_image_runs_with_the_daemonsets_settings_counts_exactly_and_detaches_on_st
     }
     // The programs it attached: those loaded since, under our programs' names (bpftool here
     // cannot show which process holds a program).
-    use monitor_common::names;
-    let our_names = [
-        names::STATE_PROGRAM,
-        names::STATE_BTF_PROGRAM,
-        names::SYNACK_PROGRAM,
-        names::SYNACK_BTF_PROGRAM,
-        names::RESET_SENT_PROGRAM,
-        names::RESET_RECEIVED_PROGRAM,
-    ];
-    let ours: Vec<(u64, String)> = programs()
-        .into_iter()
-        .filter(|(id, name)| !before_start.contains(id) && our_names.contains(&name.as_str()))
-        .collect();
-    assert!(
-        ours.iter().any(|(_, name)| name.starts_with(names::STATE_PROGRAM)),
-        "no state program was loaded by the container: {ours:?}"
-    );
-    let ours: Vec<u64> = ours.into_iter().map(|(id, _)| id).collect();
+    let ours = common::our_programs_since(&before_start);
 
     // Loopback connections of our own, IPv4 and IPv6, to a port the daemon saw start listening
     // (so it has a `port` value of its own), counted exactly on both sides.
@@ -473,6 +445,14 @@ fn the_image_runs_with_the_daemonsets_settings_counts_exactly_and_detaches_on_st
     assert_eq!(after.get("tcpmon_kernel_state_read_errors_total"), Some(&0.0));
     let queue = format!("tcpmon_listen_queue_limit{{{on_port}}}");
     assert!(after.get(&queue).is_some_and(|&limit| limit > 0.0), "no {queue}");
+    // Least privilege under the pod's capabilities: after start-up CAP_PERFMON is gone from
+    // every thread, and CAP_BPF from all but the kernel reader, which keeps it only on kernels
+    // that want it for every bpf() call (before 6.5).
+    let (ok, pid) = output(&mut podman(&["inspect", "--format", "{{.State.Pid}}", &name]));
+    assert!(ok, "podman inspect: {pid}");
+    let pid: u32 = pid.trim().parse().unwrap();
+    let threads = common::thread_capabilities_in(Path::new("/proc"), pid);
+    common::assert_least_privilege(&threads, &[0, common::CAP_BPF]);
 
     // SIGTERM (podman stop): a clean exit, and every program the daemon held is gone.
     let (ok, log) = stop(&name);
@@ -481,7 +461,7 @@ fn the_image_runs_with_the_daemonsets_settings_counts_exactly_and_detaches_on_st
     let (_, logs) = output(&mut podman(&["logs", &name]));
     assert_eq!(code.trim(), "0", "the daemon's exit code after SIGTERM; its log:\n{logs}");
     assert!(!logs.contains("snapshot incomplete"), "the start-up snapshot failed:\n{logs}");
-    let remaining: Vec<u64> = programs().into_iter().map(|(id, _)| id).collect();
+    let remaining = common::bpf_program_ids();
     let left: Vec<_> = ours.iter().filter(|id| remaining.contains(id)).collect();
     assert!(left.is_empty(), "programs {left:?} still loaded after the container stopped");
 }

@@ -25,7 +25,7 @@ const CONFIG: &str = r#"# tcpmon run's settings; keys are the flag names (`tcpmo
 # listen = "127.0.0.1:9979"
 # ring-bytes = "8MiB"
 # drain-interval = "100ms"
-# max-sockets = 1048576
+# max-sockets = 524288
 # netns-labels = 0
 # port-labels = 32
 # ports = "443,5432"
@@ -72,6 +72,35 @@ if [ "$1" = "purge" ] && [ -x "/usr/bin/deb-systemd-helper" ]; then
 	deb-systemd-helper unmask 'tcpmon.service' >/dev/null || true
 fi
 "#;
+
+/// The one source of the unit, for hand installs and for the package.
+const UNIT: &str = "deploy/systemd/tcpmon.service";
+/// What the package changes in it: the paths (its binary, its config file) and the install
+/// note. Each must be found exactly once, so an edit of the unit cannot silently leave the
+/// package's copy different.
+const UNIT_CHANGES: [(&str, &str); 2] = [
+    (
+        "ExecStart=/usr/local/bin/tcpmon run\n",
+        "ExecStart=/usr/bin/tcpmon run --config /etc/tcpmon/tcpmon.toml\n",
+    ),
+    (
+        "# tcpmon as a hardened systemd service. Install the binary as /usr/local/bin/tcpmon, then:\n\
+         #   install -m 0644 tcpmon.service /etc/systemd/system/ && systemctl enable --now tcpmon\n",
+        "# tcpmon as a hardened systemd service, installed by the tcpmon package.\n",
+    ),
+];
+
+/// The package's unit: [`UNIT`] with [`UNIT_CHANGES`].
+fn packaged_unit(source: &str) -> Result<String> {
+    let mut unit = source.to_owned();
+    for (from, to) in UNIT_CHANGES {
+        if unit.matches(from).count() != 1 {
+            bail!("{UNIT} no longer has exactly one {from:?}: update UNIT_CHANGES in package.rs");
+        }
+        unit = unit.replace(from, to);
+    }
+    Ok(unit)
+}
 
 pub fn run(command: &mut Command, what: &str) -> Result<Vec<u8>> {
     let out = command.output().with_context(|| format!("starting {what}"))?;
@@ -148,12 +177,7 @@ pub fn build(out: &Path, binary: &Path, version: &str) -> Result<PathBuf> {
     ] {
         write(&tree.join(path), &tcpmon(&["completions", shell])?, 0o644)?;
     }
-    let unit = fs::read_to_string(root.join("deploy/systemd/tcpmon.service"))?
-        .replace("/usr/local/bin/tcpmon run", "/usr/bin/tcpmon run --config /etc/tcpmon/tcpmon.toml")
-        .replace(
-            "# tcpmon as a hardened systemd service. Install the binary as /usr/local/bin/tcpmon, then:\n#   install -m 0644 tcpmon.service /etc/systemd/system/ && systemctl enable --now tcpmon\n",
-            "# tcpmon as a hardened systemd service (installed by the tcpmon package).\n",
-        );
+    let unit = packaged_unit(&fs::read_to_string(root.join(UNIT))?)?;
     write(&tree.join("usr/lib/systemd/system/tcpmon.service"), unit.as_bytes(), 0o644)?;
     write(&tree.join("etc/tcpmon/tcpmon.toml"), CONFIG.as_bytes(), 0o644)?;
     let doc = tree.join("usr/share/doc/tcpmon");
@@ -184,11 +208,12 @@ pub fn build(out: &Path, binary: &Path, version: &str) -> Result<PathBuf> {
         "dpkg-shlibdeps",
     )?;
     let shlibs = String::from_utf8(shlibs)?;
-    let depends = shlibs
+    let shlibs_depends = shlibs
         .lines()
         .find_map(|line| line.strip_prefix("shlibs:Depends="))
-        .context("dpkg-shlibdeps gave no Depends")?
-        .to_owned();
+        .context("dpkg-shlibdeps gave no Depends")?;
+    // procps: the unit's ExecReload= runs its kill.
+    let depends = format!("{shlibs_depends}, procps");
     let _ = fs::remove_dir_all(&shlib_dir);
     let installed_kib: u64 =
         walk(&tree)?.iter().map(|f| f.metadata().map_or(0, |m| m.len())).sum::<u64>() / 1024;
@@ -251,4 +276,25 @@ pub fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_unit_differs_from_the_shipped_one_only_in_its_paths() {
+        let source = fs::read_to_string(crate::workspace_root().join(UNIT)).unwrap();
+        let packaged = packaged_unit(&source).unwrap();
+        assert!(
+            packaged.contains("ExecStart=/usr/bin/tcpmon run --config /etc/tcpmon/tcpmon.toml\n")
+        );
+        assert!(!packaged.contains("/usr/local/bin"), "{packaged}");
+        // Undoing the changes gives the source back: nothing else differs.
+        let undone = UNIT_CHANGES.iter().fold(packaged, |unit, (from, to)| unit.replace(to, from));
+        assert_eq!(undone, source);
+        // A unit edited so that a change no longer applies fails the build.
+        let edited = source.replace("ExecStart=/usr/local/bin/tcpmon run\n", "ExecStart=/opt/x\n");
+        assert!(packaged_unit(&edited).is_err());
+    }
 }

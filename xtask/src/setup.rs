@@ -26,9 +26,12 @@ const PACKAGES: &[&str] = &[
     // an empty program and a hash-map counter, written in bpftrace.
     "libbpf-tools",
     "bpftrace",
-    // The end-to-end tests: a real Prometheus and promtool; systemd-analyze for the unit.
+    // The end-to-end tests: a real Prometheus and promtool; the unit under a real systemd in
+    // a container (a Debian root from mmdebstrap, booted with systemd-nspawn).
     "prometheus",
     "systemd",
+    "mmdebstrap",
+    "systemd-container",
     // Namespace tests drop the first SYN or SYN-ACK with a firewall rule, and set
     // per-namespace sysctls (procps: sysctl).
     "nftables",

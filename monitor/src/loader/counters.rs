@@ -40,14 +40,20 @@ impl KernelCounts {
     }
 }
 
-/// A counter map could not be read.
+/// The counters could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("reading the {map} map: {source}")]
-pub struct CounterReadError {
-    /// Which map.
-    pub map: &'static str,
-    /// aya's error.
-    pub source: MapError,
+pub enum CounterReadError {
+    /// A counter map could not be read.
+    #[error("reading the {map} map: {source}")]
+    Map {
+        /// Which map.
+        map: &'static str,
+        /// aya's error.
+        source: MapError,
+    },
+    /// The thread that reads them gave no answer.
+    #[error("reading the counters: {0}")]
+    NoAnswer(#[from] crate::privilege::NoAnswer),
 }
 
 impl KernelCounters {
@@ -56,7 +62,7 @@ impl KernelCounters {
         let sum = |map: &PerCpuArray<MapData, u64>, name, index| {
             map.get(&index, 0)
                 .map(|per_cpu| per_cpu.iter().sum::<u64>())
-                .map_err(|source| CounterReadError { map: name, source })
+                .map_err(|source| CounterReadError::Map { map: name, source })
         };
         let mut counts = KernelCounts::default();
         for index in 0..TRANSITION_SLOTS {

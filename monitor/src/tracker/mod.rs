@@ -109,9 +109,10 @@ pub const MAX_PENDING_SYNACKS: usize = 65_536;
 /// default 5 retries take ~63 s; allow for `tcp_synack_retries` up to 6.
 const SYNACK_HORIZON_NS: u64 = 130 * 1_000_000_000;
 
-/// Default table capacity: ~4× the sockets of a very busy host, ~220 bytes each (~230 MiB if
-/// ever full).
-pub const DEFAULT_MAX_SOCKETS: usize = 1 << 20;
+/// Default table capacity: ~2× the sockets of a very busy host. Full, the daemon's pipeline
+/// peaks at ~280 MiB (the table doubles as it grows), which the systemd unit's
+/// `MemoryMax=512M` holds with margin; `monitor/tests/memory.rs` measures it.
+pub const DEFAULT_MAX_SOCKETS: usize = 1 << 19;
 
 /// The per-socket state machine.
 #[derive(Debug)]

@@ -202,6 +202,11 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The daemon's resident memory, KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -611,4 +616,112 @@ impl NetnsTest {
 /// labels as Prometheus sorts them after `netns` (e.g. `side="active"`).
 pub fn in_namespace(family: &str, netns: u64, labels: &str) -> String {
     format!("{family}{{netns=\"{netns}\",{labels}}}")
+}
+
+/// CAP_SYS_ADMIN, CAP_PERFMON and CAP_BPF as bits of `/proc/PID/status`'s capability sets.
+pub const CAP_SYS_ADMIN: u64 = 1 << 21;
+/// See [`CAP_SYS_ADMIN`].
+pub const CAP_PERFMON: u64 = 1 << 38;
+/// See [`CAP_SYS_ADMIN`].
+pub const CAP_BPF: u64 = 1 << 39;
+
+/// One thread's name and capability sets.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ThreadCaps {
+    /// Its name (`comm`).
+    pub name: String,
+    /// `CapEff`.
+    pub effective: u64,
+    /// `CapPrm`.
+    pub permitted: u64,
+}
+
+/// Every thread of `pid` with its capabilities, read from `status` texts under `proc` (the
+/// host's `/proc`, or a container's through its root).
+pub fn thread_capabilities_in(proc: &Path, pid: u32) -> Vec<ThreadCaps> {
+    let tasks = proc.join(pid.to_string()).join("task");
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(&tasks).unwrap_or_else(|e| panic!("{}: {e}", tasks.display())) {
+        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        threads.push(parse_thread_caps(&status));
+    }
+    threads
+}
+
+/// The name and capability sets of one `/proc/PID/task/TID/status`.
+pub fn parse_thread_caps(status: &str) -> ThreadCaps {
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("").to_owned()
+    };
+    let hex = |name: &str| u64::from_str_radix(&field(name), 16).unwrap();
+    ThreadCaps { name: field("Name:"), effective: hex("CapEff:"), permitted: hex("CapPrm:") }
+}
+
+/// Checks that after start-up only the daemon's kernel-reader thread holds capabilities, one
+/// of the sets `kept` (in both its effective and permitted sets); every other thread none.
+pub fn assert_least_privilege(threads: &[ThreadCaps], kept: &[u64]) {
+    let readers: Vec<&ThreadCaps> = threads.iter().filter(|t| t.name == "tcpmon-kernel").collect();
+    assert_eq!(readers.len(), 1, "one kernel-reader thread: {threads:?}");
+    let reader = readers[0];
+    assert!(
+        reader.effective == reader.permitted && kept.contains(&reader.permitted),
+        "the kernel-reader thread holds {:#x}/{:#x}, not one of {kept:#x?}: {threads:?}",
+        reader.effective,
+        reader.permitted
+    );
+    for thread in threads.iter().filter(|t| t.name != "tcpmon-kernel") {
+        assert_eq!((thread.effective, thread.permitted), (0, 0), "{thread:?} in {threads:?}");
+    }
+}
+
+/// `GET path` on loopback port `port` (HTTP/1.0): the body of a 200 answer.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1);
+    (status == Some("200")).then(|| body.to_owned())
+}
+
+/// Every BPF program loaded on the host: `(id, name)` (bpftool).
+pub fn bpf_programs() -> Vec<(u64, String)> {
+    let out = Command::new("bpftool").args(["--json", "prog", "show"]).output().unwrap();
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    let programs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = programs.as_array().unwrap().iter();
+    list.map(|p| (p["id"].as_u64().unwrap(), p["name"].as_str().unwrap_or("").to_owned())).collect()
+}
+
+/// The ids of every BPF program loaded on the host.
+pub fn bpf_program_ids() -> Vec<u64> {
+    bpf_programs().into_iter().map(|(id, _)| id).collect()
+}
+
+/// tcpmon's programs loaded since `before` (ids from [`bpf_program_ids`]); at least its state
+/// program. bpftool here cannot show which process holds a program, so a test that uses this
+/// must be the only one starting daemons meanwhile.
+pub fn our_programs_since(before: &[u64]) -> Vec<u64> {
+    use monitor_common::names;
+    let our_names = [
+        names::STATE_PROGRAM,
+        names::STATE_BTF_PROGRAM,
+        names::SYNACK_PROGRAM,
+        names::SYNACK_BTF_PROGRAM,
+        names::RESET_SENT_PROGRAM,
+        names::RESET_RECEIVED_PROGRAM,
+    ];
+    let ours: Vec<(u64, String)> = bpf_programs()
+        .into_iter()
+        .filter(|(id, name)| !before.contains(id) && our_names.contains(&name.as_str()))
+        .collect();
+    assert!(
+        ours.iter().any(|(_, name)| name.starts_with(names::STATE_PROGRAM)),
+        "no state program was loaded: {ours:?}"
+    );
+    ours.into_iter().map(|(id, _)| id).collect()
 }
