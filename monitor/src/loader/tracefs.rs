@@ -17,8 +17,14 @@ const TRACEFS_DEBUGFS: &str = "/sys/kernel/debug/tracing";
 /// tracefs is not mounted and could not be mounted.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    /// Mounting needs CAP_SYS_ADMIN.
-    #[error("mounting tracefs at {TRACEFS} needs CAP_SYS_ADMIN")]
+    /// Mounting was refused: no CAP_SYS_ADMIN, or a seccomp filter (the systemd unit's)
+    /// that refuses mount().
+    #[error(
+        "tracefs is not mounted, and mounting it at {TRACEFS} was refused (it needs \
+         CAP_SYS_ADMIN and a mount() no seccomp filter refuses; the systemd unit allows \
+         neither, as systemd's sys-kernel-tracing.mount mounts it at boot): mount it with \
+         `mount -t tracefs tracefs {TRACEFS}`"
+    )]
     Permission,
     /// Not mounted, and the caller asked not to mount it (a check changes nothing).
     #[error("tracefs is not mounted (`mount -t tracefs tracefs {TRACEFS}`)")]
