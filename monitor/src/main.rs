@@ -7,15 +7,17 @@ fn main() -> ExitCode {
     let settings = monitor::config::parse(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let cli = settings.cli;
     monitor::logging::init(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        // The drain loop runs on the main thread; one worker serves HTTP and tail clients.
-        .worker_threads(1)
-        // HTTP and tail clients are served by threads without capabilities; only the main
-        // thread (until start-up is done) and one kernel-reader thread hold any.
-        .on_thread_start(monitor::privilege::drop_all)
-        .enable_all()
-        .build()
-    {
+    // The daemon serves HTTP and tail clients from threads without capabilities: only its
+    // main thread (until start-up is done) and one kernel-reader thread hold any. The
+    // stand-alone tail loads the program on a runtime thread, so its threads keep theirs.
+    let daemon = matches!(cli.command, Command::Run(_));
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // The drain loop runs on the main thread; one worker serves HTTP and tail clients.
+    builder.worker_threads(1).enable_all();
+    if daemon {
+        builder.on_thread_start(monitor::privilege::drop_all);
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("tcpmon: error: starting the async runtime: {e}");
