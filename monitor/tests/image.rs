@@ -461,9 +461,7 @@ fn the_image_runs_with_the_daemonsets_settings_counts_exactly_and_detaches_on_st
     let (_, logs) = output(&mut podman(&["logs", &name]));
     assert_eq!(code.trim(), "0", "the daemon's exit code after SIGTERM; its log:\n{logs}");
     assert!(!logs.contains("snapshot incomplete"), "the start-up snapshot failed:\n{logs}");
-    let remaining = common::bpf_program_ids();
-    let left: Vec<_> = ours.iter().filter(|id| remaining.contains(id)).collect();
-    assert!(left.is_empty(), "programs {left:?} still loaded after the container stopped");
+    common::assert_unloaded(&ours, "after the container stopped");
 }
 
 #[test]

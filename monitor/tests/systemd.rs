@@ -348,9 +348,7 @@ fn the_packaged_unit_runs_under_systemd_hardened_and_leaves_nothing_behind() {
     let (_, result) =
         container.run(&["systemctl", "show", "-p", "Result,ExecMainStatus", "tcpmon"]);
     assert!(result.contains("Result=success") && result.contains("ExecMainStatus=0"), "{result}");
-    let remaining = common::bpf_program_ids();
-    let left: Vec<_> = ours.iter().filter(|id| remaining.contains(id)).collect();
-    assert!(left.is_empty(), "programs {left:?} still loaded after systemctl stop");
+    common::assert_unloaded(&ours, "after systemctl stop");
     let warnings = container.journal(Some("warning"));
     assert!(warnings.trim().is_empty(), "warnings in the journal:\n{warnings}");
 

@@ -725,3 +725,18 @@ pub fn our_programs_since(before: &[u64]) -> Vec<u64> {
     );
     ours.into_iter().map(|(id, _)| id).collect()
 }
+
+/// Fails unless every program of `ours` is gone within 5 s (the kernel frees a released
+/// program from a work queue, a moment after its last holder exits).
+pub fn assert_unloaded(ours: &[u64], when: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let remaining = bpf_program_ids();
+        let left: Vec<_> = ours.iter().filter(|id| remaining.contains(id)).collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "programs {left:?} still loaded {when}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
