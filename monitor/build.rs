@@ -2,7 +2,7 @@
 //!
 //! The BPF target needs a compiler that ships `core` for `bpfel-unknown-none`: Debian's
 //! `rustc-web` with `libstd-rust-web-dev-bpf`. `cargo xtask setup` installs it and links it
-//! as the rustup toolchain named below (see shared/DESIGN.md, "Toolchain facts").
+//! as the rustup toolchain named below (docs/TESTING.md, "The machines").
 use std::process::Command;
 
 /// The rustup toolchain `cargo xtask setup` links; override with `TCPMON_BPF_TOOLCHAIN`.

@@ -36,7 +36,8 @@ pub struct StateEvent {
     pub skaddr: u64,
     /// `bpf_get_current_pid_tgid()`: tgid in the upper 32 bits, thread id in the lower. Only
     /// read for transitions that run in the owner's system call (connect, listen, close,
-    /// shutdown); 0 for the others, which may run in softirq context (see DESIGN.md).
+    /// shutdown); 0 for the others, which may run in softirq context
+    /// (docs/ARCHITECTURE.md, "Who owns a transition").
     pub pid_tgid: u64,
     /// The kernel's `TCP_*` state number before the transition.
     pub oldstate: i32,

@@ -158,7 +158,7 @@ static OFFSETS: KernelOffsets = KernelOffsets::UNKNOWN;
 
 /// The loader's offsets, each field loaded where it is used. The address goes through a
 /// volatile read, so the compiler cannot fold in the placeholder values the static starts
-/// with (the loader replaces them); `Global::load` would copy all 23 fields on every run.
+/// with (the loader replaces them); `Global::load` would copy every field on every run.
 /// The verifier still sees a pointer into the frozen read-only map, and knows each loaded
 /// offset as a constant.
 #[inline(always)]

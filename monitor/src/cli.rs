@@ -115,7 +115,8 @@ pub struct RunArgs {
 
     /// Ring buffer bytes between kernel and daemon, shared evenly by one ring per CPU (up to
     /// 16): a power of two of at least 4KiB (suffixes KiB, MiB accepted). Each transition
-    /// takes 104 bytes.
+    /// takes 112 bytes (168 for handshake completions and closes), its record and the ring's
+    /// 8-byte header.
     #[arg(long, env = "TCPMON_RING_BYTES", default_value = DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     pub ring_bytes: u32,
 

@@ -1,8 +1,9 @@
 //! Ring-buffer bytes → typed [`Record`]s.
 //!
-//! The kernel side writes three record types, told apart by their length:
-//! [`monitor_common::StateEvent`], [`monitor_common::StateEventWithStats`] and
-//! [`monitor_common::SocketNote`]. Nothing here trusts them.
+//! The kernel side writes four record types, told apart by their length:
+//! [`monitor_common::StateEvent`], [`monitor_common::StateEventWithStats`],
+//! [`monitor_common::SocketNote`] and [`monitor_common::SynAckRetransmit`]. Nothing here
+//! trusts them.
 //! Every malformed record becomes a [`DecodeError`] value (the daemon counts them), never a
 //! panic. Decoding allocates nothing: an [`Event`] is `Copy` and keeps addresses and the
 //! task name as raw bytes until something wants to print them.
@@ -34,7 +35,8 @@ pub enum TcpState {
     FinWait1 = 4,
     /// `TCP_FIN_WAIT2`
     FinWait2 = 5,
-    /// `TCP_TIME_WAIT` (never the new state of a full socket; see DESIGN.md)
+    /// `TCP_TIME_WAIT` (never the new state of a full socket: docs/ARCHITECTURE.md, "TIME_WAIT
+    /// is not a state of the full socket")
     TimeWait = 6,
     /// `TCP_CLOSE`
     Close = 7,

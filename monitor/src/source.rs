@@ -37,7 +37,7 @@ const HELD_RETRY: Duration = Duration::from_millis(1);
 
 /// A ring record's header (`struct bpf_ringbuf_hdr`): a `u32` length with these flags, then
 /// a `u32` the kernel keeps for itself (include/uapi/linux/bpf.h).
-const HEADER_BYTES: usize = 8;
+pub const HEADER_BYTES: usize = 8;
 /// Set while the producer is still writing the record.
 const BUSY: u32 = 1 << 31;
 /// Set when the producer gave the record up.

@@ -24,20 +24,7 @@ fn workspace(path: &str) -> PathBuf {
 
 /// The image archive `cargo xtask test` built, and the name it loads under.
 fn archive() -> Option<(PathBuf, String)> {
-    let dir = workspace("target/package");
-    let found =
-        std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()).find(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            name.starts_with("tcpmon_") && name.ends_with("_oci.tar")
-        });
-    if found.is_none() && std::env::var_os("TCPMON_SKIP_PACKAGE_TESTS").is_none() {
-        panic!(
-            "no tcpmon_*_oci.tar in {}: run `cargo xtask package` (cargo xtask test does), or \
-             set TCPMON_SKIP_PACKAGE_TESTS=1",
-            dir.display()
-        );
-    }
-    let archive = found?;
+    let archive = common::artefact("_oci.tar")?;
     let file = archive.file_name().unwrap().to_str().unwrap();
     let version = file.strip_prefix("tcpmon_").unwrap().strip_suffix("_oci.tar").unwrap();
     Some((archive.clone(), format!("localhost/tcpmon:{version}")))

@@ -81,6 +81,17 @@ fn shipped_limits() -> Vec<(&'static str, u64, usize)> {
     vec![("systemd unit", unit_limit, unit_cap), ("DaemonSet", pod_limit, pod_cap)]
 }
 
+/// The "pipeline peak" the README's memory table gives for deployment `what`, in MiB.
+fn readme_peak_mib(what: &str) -> f64 {
+    let readme = std::fs::read_to_string(workspace("README.md")).unwrap();
+    let row = readme
+        .lines()
+        .find(|line| line.starts_with(&format!("| {what} |")))
+        .unwrap_or_else(|| panic!("no row for {what} in the README's memory table"));
+    let cell = row.split('|').nth(4).unwrap().trim();
+    cell.trim_end_matches(" MiB").parse().unwrap_or_else(|_| panic!("peak {cell:?} in {row}"))
+}
+
 #[test]
 fn each_shipped_socket_cap_fits_its_memory_limit_with_margin() {
     for (what, limit_kib, cap) in shipped_limits() {
@@ -94,6 +105,13 @@ fn each_shipped_socket_cap_fits_its_memory_limit_with_margin() {
             peak_kib / 1024,
             total / 1024,
             limit_kib / 1024
+        );
+        // The README's table gives this peak: it must still be what the code measures.
+        let documented = readme_peak_mib(what);
+        let measured = peak_kib as f64 / 1024.0;
+        assert!(
+            (documented - measured).abs() <= measured * 0.15,
+            "README, \"Memory\": {what} peaks at {documented} MiB, measured {measured:.0} MiB"
         );
         assert!(
             total as f64 <= limit_kib as f64 * MARGIN,

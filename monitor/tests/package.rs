@@ -11,20 +11,7 @@ use common::kernel_tests_enabled;
 
 /// The package `cargo xtask test` built.
 fn package() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/package");
-    let found =
-        std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()).find(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            name.starts_with("tcpmon_") && name.ends_with("_amd64.deb")
-        });
-    if found.is_none() && std::env::var_os("TCPMON_SKIP_PACKAGE_TESTS").is_none() {
-        panic!(
-            "no tcpmon_*_amd64.deb in {}: run `cargo xtask package` (cargo xtask test does), or \
-             set TCPMON_SKIP_PACKAGE_TESTS=1",
-            dir.display()
-        );
-    }
-    found
+    common::artefact("_amd64.deb")
 }
 
 fn output(command: &mut Command) -> (bool, String) {

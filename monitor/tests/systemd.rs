@@ -28,19 +28,9 @@ fn workspace(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
-/// The package `cargo xtask test` built, if any (else the test is skipped where allowed, as
-/// in package.rs).
+/// The package `cargo xtask test` built.
 fn package() -> Option<PathBuf> {
-    let dir = workspace("target/package");
-    let found =
-        std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()).find(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            name.starts_with("tcpmon_") && name.ends_with("_amd64.deb")
-        });
-    if found.is_none() && std::env::var_os("TCPMON_SKIP_PACKAGE_TESTS").is_none() {
-        panic!("no tcpmon_*_amd64.deb in {}: run `cargo xtask package`", dir.display());
-    }
-    found
+    common::artefact("_amd64.deb")
 }
 
 fn output(command: &mut Command) -> (bool, String) {

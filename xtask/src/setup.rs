@@ -1,6 +1,6 @@
 //! `cargo xtask setup`: installs or verifies the eBPF toolchain and the test tools.
 //!
-//! The recipe (shared/DESIGN.md, "Toolchain facts"): Debian's `rustc-web` (Rust 1.96, LLVM 22)
+//! The recipe (docs/TESTING.md, "The machines"): Debian's `rustc-web` (Rust 1.96, LLVM 22)
 //! ships a prebuilt `core` for `bpfel-unknown-none` in `libstd-rust-web-dev-bpf`; bpf-linker
 //! 0.10.4 (≥ 0.10.2: older ones emit BTF the kernel rejects) loads LLVM 22 at run time from a
 //! `lib/` folder that rustup puts on LD_LIBRARY_PATH for a linked toolchain. So we link a

@@ -2,7 +2,8 @@
 //!
 //! Pure logic, no kernel access: the daemon feeds it decoded events, tests feed it recorded
 //! sequences. Sockets are keyed by their kernel address (`skaddr`), never by the 4-tuple,
-//! because an active open first reports source port 0 (see DESIGN.md).
+//! because an active open first reports source port 0 (docs/ARCHITECTURE.md, "Sockets are
+//! keyed by address, never by 4-tuple").
 //!
 //! What the kernel's `sock:inet_sock_set_state` tracepoint shows, and what we derive:
 //!

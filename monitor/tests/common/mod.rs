@@ -740,3 +740,27 @@ pub fn assert_unloaded(ours: &[u64], when: &str) {
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The artefact `cargo xtask test` (or `cargo xtask package`) built into `target/package`
+/// whose name ends with `suffix` (`_amd64.deb`, `_oci.tar`). `None` when
+/// `TCPMON_SKIP_PACKAGE_TESTS` is set (`cargo xtask test --quick`: the tests that need it are
+/// skipped, even where an older one lies there); missing otherwise is a failure.
+pub fn artefact(suffix: &str) -> Option<PathBuf> {
+    if std::env::var_os("TCPMON_SKIP_PACKAGE_TESTS").is_some() {
+        eprintln!("SKIPPED: TCPMON_SKIP_PACKAGE_TESTS is set");
+        return None;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/package");
+    let found =
+        std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()).find(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            name.starts_with("tcpmon_") && name.ends_with(suffix)
+        });
+    Some(found.unwrap_or_else(|| {
+        panic!(
+            "no tcpmon_*{suffix} in {}: run `cargo xtask package` (cargo xtask test does), or \
+             set TCPMON_SKIP_PACKAGE_TESTS=1",
+            dir.display()
+        )
+    }))
+}

@@ -2,11 +2,10 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::Write as _;
 use std::path::Path;
 use std::process::Command;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde_json::Value;
 
 use super::fetch::Kernel;
@@ -179,16 +178,5 @@ const TABLE_END: &str = "<!-- kernels:end -->";
 
 /// Replaces the table between the README's markers.
 pub(super) fn write_readme_table(readme: &Path, table: &str) -> Result<()> {
-    let text = fs::read_to_string(readme)?;
-    let begin = text.find(TABLE_BEGIN);
-    let end = begin.and_then(|b| text[b..].find(TABLE_END).map(|e| b + e));
-    let (Some(begin), Some(end)) = (begin, end) else {
-        bail!("README.md has no {TABLE_BEGIN} … {TABLE_END} markers");
-    };
-    let updated = format!("{}{TABLE_BEGIN}\n{table}{}", &text[..begin], &text[end..]);
-    // Written beside it, then renamed: an error never leaves half a README.
-    let partial = readme.with_extension("md.partial");
-    fs::File::create(&partial)?.write_all(updated.as_bytes())?;
-    fs::rename(&partial, readme)?;
-    Ok(())
+    crate::write_between_markers(readme, TABLE_BEGIN, TABLE_END, table)
 }
