@@ -42,5 +42,80 @@ fn main() -> anyhow::Result<()> {
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../monitor-ebpf"),
         ..Default::default()
     };
-    aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&toolchain))
+    let out_dir =
+        std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let log = out_dir.join("ebpf-build.log");
+    let (built, captured) = capture_stdout(|| {
+        aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&toolchain))
+    })?;
+    // aya-build echoes every line of the inner cargo as a `cargo:warning`, which cargo shows
+    // as `warning: monitor@…: Compiling …` on every build. Keep them in a log; pass on the
+    // other directives, and the lines that are diagnostics of the eBPF crate.
+    std::fs::write(&log, &captured)?;
+    for line in captured.lines() {
+        match line.strip_prefix("cargo:warning=") {
+            Some(text) if !is_progress(text) && built.is_ok() => println!("{line}"),
+            Some(_) => {}
+            None => println!("{line}"),
+        }
+    }
+    built.map_err(|e| {
+        anyhow::anyhow!("{e:#}\n\nthe eBPF build's output ({}):\n{captured}", log.display())
+    })
+}
+
+/// Whether `line` is cargo's progress, not a diagnostic.
+fn is_progress(line: &str) -> bool {
+    let words = [
+        "Compiling",
+        "Finished",
+        "Building",
+        "Running",
+        "Fresh",
+        "Blocking",
+        "Updating",
+        "Locking",
+        "Adding",
+        "Downloading",
+        "Downloaded",
+        "Checking",
+    ];
+    let line = line.trim_start();
+    line.is_empty() || words.iter().any(|word| line.starts_with(word))
+}
+
+/// Runs `f` with this process's stdout (fd 1, where build-script directives go) sent to a
+/// file, and returns its result and what it printed.
+fn capture_stdout<T>(f: impl FnOnce() -> T) -> anyhow::Result<(T, String)> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let mut file = tempfile_in_out_dir()?;
+    std::io::stdout().flush()?;
+    // SAFETY: dup/dup2 on valid descriptors; fd 1 is restored below before anything else
+    // prints.
+    let saved = unsafe { libc::dup(1) };
+    anyhow::ensure!(saved >= 0, "dup(1): {}", std::io::Error::last_os_error());
+    anyhow::ensure!(unsafe { libc::dup2(file.as_raw_fd(), 1) } >= 0, "dup2 onto stdout failed");
+    let result = f();
+    std::io::stdout().flush()?;
+    // SAFETY: as above.
+    unsafe {
+        libc::dup2(saved, 1);
+        libc::close(saved);
+    }
+    let mut captured = String::new();
+    file.rewind()?;
+    file.read_to_string(&mut captured)?;
+    Ok((result, captured))
+}
+
+/// A new, empty file in OUT_DIR for the capture.
+fn tempfile_in_out_dir() -> std::io::Result<std::fs::File> {
+    let dir = std::path::PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default());
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join("ebpf-build.stdout"))
 }
