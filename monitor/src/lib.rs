@@ -4,7 +4,7 @@
 //! into time order by [`reorder`]) → [`decode`] (bytes → events) → [`tracker`] (per-socket
 //! state machine → observations) → [`aggregate`] (Prometheus metrics, served by
 //! [`metrics`]) and the tail hub ([`tail`]); [`pipeline`] is that path, which
-//! [`daemon`] runs. Only `loader`, `source` and [`snapshot`] (the sockets that exist at
+//! [`daemon`] and [`standalone`] (the tail without a daemon) drive. Only `loader`, `source` and [`snapshot`] (the sockets that exist at
 //! start-up) touch the kernel; everything else is plain Rust driven by unit tests with
 //! recorded events.
 
@@ -26,6 +26,7 @@ pub mod reorder;
 pub mod snapshot;
 pub mod sockdiag;
 pub mod source;
+pub mod standalone;
 pub mod tail;
 pub mod tracker;
 pub mod workload;

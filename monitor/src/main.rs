@@ -35,7 +35,7 @@ fn main() -> ExitCode {
                 }
             };
             let pipeline = args.standalone_pipeline();
-            let standalone = |client| monitor::pipeline::standalone(pipeline, client);
+            let standalone = |client| monitor::standalone::standalone(pipeline, client);
             return runtime.block_on(monitor::tail::client::run(options, standalone));
         }
         Command::Check => {

@@ -1,0 +1,36 @@
+//! `tcpmon tail` without a daemon: the tail loads the program itself and runs the pipeline
+//! for its one client, until that client goes away.
+
+use anyhow::Context as _;
+use prometheus::Registry;
+
+use crate::aggregate::{labels::LabelLimits, Aggregator};
+use crate::clock::WallClock;
+use crate::pipeline::{Controls, Pipeline, PipelineOptions};
+use crate::privilege::PrivilegedThread;
+use crate::tail::hub::{NewSubscriber, TailHub, TailMetrics};
+use crate::workload::Workloads;
+
+/// Runs the pipeline for one in-process tail client (`tcpmon tail` without a daemon) until
+/// that client goes away.
+pub async fn standalone(options: PipelineOptions, client: NewSubscriber) -> anyhow::Result<()> {
+    let registry = Registry::new(); // never served; the aggregator needs one
+    let names = Workloads::discover(crate::workload::DEFAULT_POD_LOGS.into());
+    let aggregator = Aggregator::with_labels(&registry, LabelLimits::NONE, names)?;
+    let hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "standalone");
+    let mut loaded = options.load()?;
+    let rings = std::mem::take(&mut loaded.rings);
+    let mut pipeline = Pipeline::attach(rings, loaded.ring_bytes, &options, aggregator, hub)?;
+    let reader = PrivilegedThread::start().context("starting the snapshot thread")?;
+    pipeline.load_snapshot(None, &reader).await;
+    pipeline.add_subscriber(client);
+    let mut controls = Controls {
+        stop: std::future::pending(),
+        hangup: None,
+        subscribers: None,
+        until_no_clients: true,
+    };
+    pipeline.run(&mut controls).await?;
+    drop(loaded);
+    Ok(())
+}
