@@ -50,7 +50,10 @@
 //! socket), `table` (the socket table with its per-state counts and eviction) and this file,
 //! the state machine.
 
+mod closing;
 mod entry;
+mod listeners;
+
 pub mod observation;
 pub mod outcome;
 mod table;
@@ -58,8 +61,10 @@ mod table;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 pub use crate::decode::Endpoints;
-use crate::decode::{Event, Note, NoteKind, Record, SynAckRetransmitted, TcpState, TcpStats};
+use crate::decode::{Event, Record, TcpState};
+use closing::log_out_of_sequence;
 use entry::{elapsed, SocketEntry, Stamp};
+use listeners::{Listener, PendingSynAck};
 pub use observation::{
     Attribution, ConnectionPhase, ConnectionRecord, Observation, ObservationSink, Owner,
     RecordingSink, TransitionRecord,
@@ -143,25 +148,6 @@ impl Default for Tracker {
     fn default() -> Self {
         Tracker::new(DEFAULT_MAX_SOCKETS)
     }
-}
-
-/// A request socket that resent its SYN-ACK, until its child is established.
-#[derive(Clone, Copy, Debug)]
-struct PendingSynAck {
-    /// CLOCK_MONOTONIC ns of its first SYN-ACK.
-    first_ns: u64,
-    /// Some retransmission was sent after the client's ACK: the accept queue was full.
-    client_acked: bool,
-}
-
-/// A listening socket, as accepted children need it.
-#[derive(Clone, Copy, Debug)]
-struct Listener {
-    /// The kernel address; 0 for listeners from the snapshot.
-    skaddr: u64,
-    owner: Owner,
-    /// Its cgroup: the children's unless their records carry their own.
-    cgroup_id: u64,
 }
 
 /// Where a state sits in a connection's life; a transition that starts from an earlier phase
@@ -263,74 +249,6 @@ impl Tracker {
             Record::State(event) => self.on_event(event, sink),
             Record::Note(note) => self.on_note(note, sink),
             Record::SynAckRetransmit(synack) => self.on_synack_retransmit(synack, sink),
-        }
-    }
-
-    /// Counts a SYN-ACK retransmission for its listening port, and remembers when the
-    /// request socket sent its first one and whether the client had already answered.
-    pub fn on_synack_retransmit(
-        &mut self,
-        synack: &SynAckRetransmitted,
-        sink: &mut impl ObservationSink,
-    ) {
-        let port = synack.endpoints.sport;
-        let whose = Attribution {
-            netns: 0,
-            cgroup_id: self.listener_ports.get(&port).map_or(0, |(_, cgroup)| *cgroup),
-            service_port: Some(port),
-            listening: true,
-        };
-        let client_acked = synack.client_acked;
-        sink.observe_in(&Observation::SynAckRetransmitted { client_acked }, &whose);
-        let Some(first) = synack.first_synack_ns else { return };
-        let cap = MAX_PENDING_SYNACKS.min(self.table.max_sockets());
-        if self.synack_retransmits.len() >= cap
-            && !self.synack_retransmits.contains_key(&synack.endpoints)
-        {
-            // Requests give up after net.ipv4.tcp_synack_retries (5: ~63 s): older ones
-            // never become connections. Scan at most once a second, so a sustained flood
-            // costs a lookup per record, not a scan.
-            if synack.timestamp_ns >= self.synack_pruned_ns.saturating_add(1_000_000_000) {
-                self.synack_pruned_ns = synack.timestamp_ns;
-                let horizon = synack.timestamp_ns.saturating_sub(SYNACK_HORIZON_NS);
-                self.synack_retransmits.retain(|_, pending| pending.first_ns >= horizon);
-            }
-            if self.synack_retransmits.len() >= cap {
-                self.stats.synack_untracked += 1;
-                return;
-            }
-        }
-        let pending = self
-            .synack_retransmits
-            .entry(synack.endpoints)
-            .or_insert(PendingSynAck { first_ns: first, client_acked: false });
-        pending.client_acked |= client_acked;
-    }
-
-    /// Applies a socket note: facts the state transitions do not carry.
-    pub fn on_note(&mut self, note: &Note, sink: &mut impl ObservationSink) {
-        match note.kind {
-            NoteKind::ResetSent | NoteKind::ResetReceived => {
-                let direction = if note.kind == NoteKind::ResetReceived {
-                    ResetDirection::Received
-                } else {
-                    ResetDirection::Sent
-                };
-                let reset = Observation::Reset { direction };
-                let Some(mut entry) = self.table.get(note.skaddr).copied() else {
-                    sink.observe(&reset);
-                    return;
-                };
-                sink.observe_in(&reset, &self.attribution(&entry));
-                // A listener answering a bad segment is not closing: only flag connections.
-                if entry.state != TcpState::Listen {
-                    match direction {
-                        ResetDirection::Sent => entry.resets.sent = true,
-                        ResetDirection::Received => entry.resets.received = true,
-                    }
-                    self.put(note.skaddr, entry, sink);
-                }
-            }
         }
     }
 
@@ -550,80 +468,6 @@ impl Tracker {
         }
     }
 
-    /// First SYN-ACK → final ACK of an accepted child at SYN_RECV → ESTABLISHED (see the
-    /// module docs), and whether a SYN-ACK was resent after the client's ACK (the accept
-    /// queue was full).
-    fn passive_handshake(
-        &mut self,
-        endpoints: &Endpoints,
-        stats: Option<&TcpStats>,
-        now: u64,
-    ) -> (Option<u64>, bool) {
-        // An entry older than any request can live is another connection's.
-        let resent = self
-            .synack_retransmits
-            .remove(endpoints)
-            .filter(|pending| now.saturating_sub(pending.first_ns) <= SYNACK_HORIZON_NS);
-        let queue_full = resent.is_some_and(|pending| pending.client_acked);
-        let duration = match stats {
-            Some(stats) if stats.total_retrans == 0 && stats.srtt_us_x8 != 0 => {
-                Some(u64::from(stats.srtt_us_x8 >> 3) * 1_000)
-            }
-            Some(stats) if stats.total_retrans > 0 => {
-                resent.map(|pending| elapsed(pending.first_ns, now))
-            }
-            _ => None,
-        };
-        (duration, queue_full)
-    }
-
-    fn track_listener(&mut self, event: &Event) {
-        let key = (event.netns, event.endpoints.sport);
-        match (event.old, event.new) {
-            (TcpState::Close, TcpState::Listen) => {
-                let owner = Owner::current(event);
-                let listener = Listener { skaddr: event.skaddr, owner, cgroup_id: event.cgroup_id };
-                if self.listeners.insert(key, listener).is_none() {
-                    self.count_listener(event.endpoints.sport, event.cgroup_id);
-                }
-            }
-            // The listener itself closes (0: one from the snapshot, whose address is unknown).
-            (TcpState::Listen, TcpState::Close)
-                if self
-                    .listeners
-                    .get(&key)
-                    .is_some_and(|listener| [0, event.skaddr].contains(&listener.skaddr)) =>
-            {
-                self.listeners.remove(&key);
-                let port = event.endpoints.sport;
-                if let Some((count, _)) = self.listener_ports.get_mut(&port) {
-                    *count -= 1;
-                    if *count == 0 {
-                        self.listener_ports.remove(&port);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// One more listener on `port`, in cgroup `cgroup_id`.
-    fn count_listener(&mut self, port: u16, cgroup_id: u64) {
-        let (count, cgroup) = self.listener_ports.entry(port).or_insert((0, 0));
-        *count += 1;
-        *cgroup = cgroup_id;
-    }
-
-    /// Whether the socket's local port has a listener: in its namespace when known, in any
-    /// otherwise (records carry the namespace only at birth and CLOSE).
-    fn local_port_listens(&self, entry: &SocketEntry) -> bool {
-        let port = entry.endpoints.sport;
-        match entry.netns {
-            0 => self.listener_ports.contains_key(&port),
-            netns => self.listeners.contains_key(&(netns, port)),
-        }
-    }
-
     /// Stores an entry; reports the CLOSE_WAIT sockets dropped without a transition (evicted
     /// to make room, or replaced after lost events). Inlined: an entry is 168 bytes, and a
     /// call that takes it by value copies it.
@@ -632,28 +476,6 @@ impl Tracker {
         self.table.put(skaddr, entry);
         if self.table.has_evicted_close_waits() || !self.gone_close_waits.is_empty() {
             self.report_gone_close_waits(sink);
-        }
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn report_gone_close_waits(&mut self, sink: &mut impl ObservationSink) {
-        self.gone_close_waits.extend(self.table.take_evicted_close_waits());
-        for gone in std::mem::take(&mut self.gone_close_waits) {
-            sink.observe_in(&Observation::CloseWaitLeft, &self.attribution(&gone));
-        }
-    }
-
-    /// The first FIN of an orderly close: ours (→ FIN_WAIT1) starts an active teardown, the
-    /// peer's (→ CLOSE_WAIT) a passive one and the application's close-wait time.
-    fn first_fin(&self, entry: &mut SocketEntry, event: &Event, sink: &mut impl ObservationSink) {
-        let now = event.timestamp_ns;
-        if event.new == TcpState::FinWait1 {
-            entry.teardown = Some((Side::Active, now));
-        } else {
-            entry.teardown = Some((Side::Passive, now));
-            entry.close_wait_ns = Stamp::at(now);
-            sink.observe_in(&Observation::CloseWaitEntered, &self.attribution(entry));
         }
     }
 
@@ -673,81 +495,6 @@ impl Tracker {
             service_port: (port != 0).then_some(port),
             listening,
         }
-    }
-
-    /// Reports the end of a connection, or of a connection attempt.
-    fn close(&mut self, event: &Event, entry: &SocketEntry, sink: &mut impl ObservationSink) {
-        let now = event.timestamp_ns;
-        let reason =
-            CloseReason::classify(event.old, event.sock_err, event.endpoints.sport, entry.resets);
-        if event.old == TcpState::Listen {
-            return;
-        }
-        let records = sink.wants_records();
-        let pre_established = matches!(event.old, TcpState::SynSent | TcpState::SynRecv)
-            && entry.established_ns.is_none();
-        if pre_established {
-            if entry.open_side == Some(Side::Passive) {
-                // A child the kernel discarded before anyone could accept it: no connection
-                // failed, so it gets no `failed` record (the `--events` view still shows its
-                // transitions). Mostly the loser when two CPUs complete the same handshake at
-                // once (the client's ACK and its first data): `inet_ehash_nolisten()` finds
-                // the winner already hashed and closes this one, which the kernel matrix sees
-                // on 16 CPUs; else a listener closed while the child was being queued
-                // (`inet_child_forget()`).
-                self.stats.passive_open_aborted += 1;
-                return;
-            }
-            // SYN retransmissions of a connect that never completed.
-            let retransmits = event.stats.map(|stats| stats.total_retrans);
-            let duration_ns = entry.syn_sent_ns.get().map(|sent| elapsed(sent, now));
-            let failed = Observation::ConnectFailed { reason, duration_ns, retransmits };
-            sink.observe_in(&failed, &self.attribution(entry));
-            if records {
-                let mut record =
-                    entry.connection_record(ConnectionPhase::Failed, now, Some(reason));
-                record.handshake_retransmits = retransmits.or(entry.handshake_retransmits);
-                record.stats = event.stats;
-                sink.observe(&Observation::Connection(record));
-            }
-            return;
-        }
-        let teardown = match (reason, entry.teardown) {
-            (CloseReason::Fin, Some((side, since))) => Some((side, elapsed(since, now))),
-            _ => None,
-        };
-        let lifetime_ns = entry.established_ns.get().map(|since| elapsed(since, now));
-        // tcp_time_wait() ends an orderly active close in FIN_WAIT2 (our FIN acknowledged, the
-        // peer's received) or CLOSING (simultaneous close); a FIN_WAIT2 that times out or is
-        // reset ends with a RST instead, so its reason is not `fin`.
-        let time_wait = reason == CloseReason::Fin
-            && matches!(event.old, TcpState::FinWait2 | TcpState::Closing);
-        let side = entry.open_side;
-        let closed = Observation::Closed { side, reason, lifetime_ns, teardown, time_wait };
-        sink.observe_in(&closed, &self.attribution(entry));
-        if records {
-            let mut record = entry.connection_record(ConnectionPhase::Closed, now, Some(reason));
-            record.lifetime_ns = lifetime_ns;
-            record.teardown = teardown;
-            record.stats = event.stats;
-            sink.observe(&Observation::Connection(record));
-        }
-    }
-}
-
-/// Logs the first few out-of-sequence transitions in full (they are rare, and each is worth
-/// a look: a lost transition, or a kernel path that changes state without the tracepoint).
-fn log_out_of_sequence(count: u64, event: &Event, tracked: TcpState) {
-    if count <= 8 {
-        log::info!(
-            "out-of-sequence transition {:?} -> {:?} of socket {:#x} ({} -> {}), tracked in \
-             {tracked:?} (#{count}; only the first 8 are logged)",
-            event.old,
-            event.new,
-            event.skaddr,
-            event.endpoints.local(),
-            event.endpoints.remote(),
-        );
     }
 }
 

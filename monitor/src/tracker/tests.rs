@@ -1,7 +1,7 @@
 //! The state machine's tests: recorded transition sequences and what they must yield.
 
 use super::*;
-use crate::decode::{decode_record, fixture::v4};
+use crate::decode::{decode_record, fixture::v4, TcpStats};
 use TcpState::*;
 
 const MS: u64 = 1_000_000;
