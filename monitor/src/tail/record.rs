@@ -12,10 +12,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::clock::WallClock;
-use crate::decode::TcpStats;
-use crate::tracker::{ConnectionRecord, Endpoints, Owner, Side, TransitionRecord};
-
 /// Protocol version of the subscribe request and the records.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -73,37 +69,6 @@ pub struct Identity {
     pub remote_port: u16,
 }
 
-impl Identity {
-    /// The identity of a tracked socket.
-    pub fn of(
-        side: Option<Side>,
-        owner: &Owner,
-        endpoints: &Endpoints,
-        netns: Option<u32>,
-        cgroup_id: Option<u64>,
-        workload: &str,
-    ) -> Self {
-        let (local, remote) = (endpoints.local(), endpoints.remote());
-        let (pid, comm) = match owner.pid {
-            Some(pid) => (Some(pid), Some(owner.comm().into_owned())),
-            None => (None, None),
-        };
-        Identity {
-            side: side.map(|s| s.as_str().to_owned()),
-            pid,
-            comm,
-            netns,
-            cgroup_id,
-            workload: workload.to_owned(),
-            family: if local.is_ipv4() { "ipv4" } else { "ipv6" }.to_owned(),
-            local_addr: local.ip().to_string(),
-            local_port: local.port(),
-            remote_addr: remote.ip().to_string(),
-            remote_port: remote.port(),
-        }
-    }
-}
-
 /// A `connection` record.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionLine {
@@ -158,21 +123,6 @@ pub struct Totals {
     pub srtt_us: Option<u32>,
 }
 
-impl Totals {
-    fn of(stats: Option<&TcpStats>) -> Self {
-        let Some(stats) = stats else { return Totals::default() };
-        Totals {
-            bytes_sent: Some(stats.payload_sent()),
-            bytes_received: Some(stats.payload_received()),
-            bytes_acked: Some(stats.bytes_acked),
-            segments_out: Some(stats.segs_out),
-            segments_in: Some(stats.segs_in),
-            retransmits: Some(stats.total_retrans),
-            srtt_us: (stats.srtt_us_x8 != 0).then_some(stats.srtt_us_x8 >> 3),
-        }
-    }
-}
-
 /// A `transition` record.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TransitionLine {
@@ -194,54 +144,6 @@ pub(super) fn micros(ns: u64) -> u64 {
     ns / 1_000
 }
 
-impl ConnectionLine {
-    /// The JSON form of a tracker record of workload `workload`.
-    pub fn from_record(record: &ConnectionRecord, workload: &str, clock: &WallClock) -> Self {
-        ConnectionLine {
-            event: record.phase.as_str().to_owned(),
-            start_time: record.start_ns.map(|ns| clock.format(ns)),
-            time: clock.format(record.time_ns),
-            who: Identity::of(
-                record.side,
-                &record.owner,
-                &record.endpoints,
-                record.netns,
-                record.cgroup_id,
-                workload,
-            ),
-            handshake_us: record.handshake_ns.map(micros),
-            handshake_retransmits: record.handshake_retransmits,
-            accept_queue_full: record.accept_queue_full,
-            lifetime_us: record.lifetime_ns.map(micros),
-            teardown_us: record.teardown.map(|(_, ns)| micros(ns)),
-            teardown_side: record.teardown.map(|(s, _)| s.as_str().to_owned()),
-            close_wait_us: record.close_wait_ns.map(micros),
-            outcome: record.outcome.map(|o| o.as_str().to_owned()),
-            totals: Totals::of(record.stats.as_ref()),
-        }
-    }
-}
-
-impl TransitionLine {
-    /// The JSON form of a tracker record of workload `workload`.
-    pub fn from_record(record: &TransitionRecord, workload: &str, clock: &WallClock) -> Self {
-        TransitionLine {
-            time: clock.format(record.time_ns),
-            who: Identity::of(
-                record.side,
-                &record.owner,
-                &record.endpoints,
-                record.netns,
-                record.cgroup_id,
-                workload,
-            ),
-            old_state: record.old.name().to_owned(),
-            new_state: record.new.name().to_owned(),
-            in_old_state_us: record.in_old_ns.map(micros),
-        }
-    }
-}
-
 impl TailRecord {
     /// The record as one line of JSON, newline included.
     pub fn to_line(&self) -> Vec<u8> {
@@ -252,11 +154,116 @@ impl TailRecord {
     }
 }
 
+/// The records built the slow, obvious way from the tracker's: the reference that the
+/// daemon's allocation-free writer (`json.rs`) is checked against. Tests only.
+#[cfg(test)]
+mod reference {
+    use super::{micros, ConnectionLine, Identity, Totals, TransitionLine};
+    use crate::clock::WallClock;
+    use crate::decode::TcpStats;
+    use crate::tracker::{ConnectionRecord, Endpoints, Owner, Side, TransitionRecord};
+
+    impl Identity {
+        /// The identity of a tracked socket.
+        pub fn of(
+            side: Option<Side>,
+            owner: &Owner,
+            endpoints: &Endpoints,
+            netns: Option<u32>,
+            cgroup_id: Option<u64>,
+            workload: &str,
+        ) -> Self {
+            let (local, remote) = (endpoints.local(), endpoints.remote());
+            let (pid, comm) = match owner.pid {
+                Some(pid) => (Some(pid), Some(owner.comm().into_owned())),
+                None => (None, None),
+            };
+            Identity {
+                side: side.map(|s| s.as_str().to_owned()),
+                pid,
+                comm,
+                netns,
+                cgroup_id,
+                workload: workload.to_owned(),
+                family: if local.is_ipv4() { "ipv4" } else { "ipv6" }.to_owned(),
+                local_addr: local.ip().to_string(),
+                local_port: local.port(),
+                remote_addr: remote.ip().to_string(),
+                remote_port: remote.port(),
+            }
+        }
+    }
+
+    impl Totals {
+        fn of(stats: Option<&TcpStats>) -> Self {
+            let Some(stats) = stats else { return Totals::default() };
+            Totals {
+                bytes_sent: Some(stats.payload_sent()),
+                bytes_received: Some(stats.payload_received()),
+                bytes_acked: Some(stats.bytes_acked),
+                segments_out: Some(stats.segs_out),
+                segments_in: Some(stats.segs_in),
+                retransmits: Some(stats.total_retrans),
+                srtt_us: (stats.srtt_us_x8 != 0).then_some(stats.srtt_us_x8 >> 3),
+            }
+        }
+    }
+
+    impl ConnectionLine {
+        /// The JSON form of a tracker record of workload `workload`.
+        pub fn from_record(record: &ConnectionRecord, workload: &str, clock: &WallClock) -> Self {
+            ConnectionLine {
+                event: record.phase.as_str().to_owned(),
+                start_time: record.start_ns.map(|ns| clock.format(ns)),
+                time: clock.format(record.time_ns),
+                who: Identity::of(
+                    record.side,
+                    &record.owner,
+                    &record.endpoints,
+                    record.netns,
+                    record.cgroup_id,
+                    workload,
+                ),
+                handshake_us: record.handshake_ns.map(micros),
+                handshake_retransmits: record.handshake_retransmits,
+                accept_queue_full: record.accept_queue_full,
+                lifetime_us: record.lifetime_ns.map(micros),
+                teardown_us: record.teardown.map(|(_, ns)| micros(ns)),
+                teardown_side: record.teardown.map(|(s, _)| s.as_str().to_owned()),
+                close_wait_us: record.close_wait_ns.map(micros),
+                outcome: record.outcome.map(|o| o.as_str().to_owned()),
+                totals: Totals::of(record.stats.as_ref()),
+            }
+        }
+    }
+
+    impl TransitionLine {
+        /// The JSON form of a tracker record of workload `workload`.
+        pub fn from_record(record: &TransitionRecord, workload: &str, clock: &WallClock) -> Self {
+            TransitionLine {
+                time: clock.format(record.time_ns),
+                who: Identity::of(
+                    record.side,
+                    &record.owner,
+                    &record.endpoints,
+                    record.netns,
+                    record.cgroup_id,
+                    workload,
+                ),
+                old_state: record.old.name().to_owned(),
+                new_state: record.new.name().to_owned(),
+                in_old_state_us: record.in_old_ns.map(micros),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::decode::fixture;
-    use crate::tracker::{CloseReason, ConnectionPhase, ConnectionRecord};
+    use crate::clock::WallClock;
+    use crate::tracker::{CloseReason, ConnectionPhase, ConnectionRecord, Endpoints, Owner, Side};
 
     #[test]
     fn json_field_names_and_units_are_stable() {
