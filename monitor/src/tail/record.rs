@@ -261,8 +261,8 @@ mod reference {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::fixture;
     use crate::clock::WallClock;
+    use crate::decode::fixture;
     use crate::tracker::{CloseReason, ConnectionPhase, ConnectionRecord, Endpoints, Owner, Side};
 
     #[test]
