@@ -7,8 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -326,31 +325,6 @@ impl Drop for Running {
     }
 }
 
-/// `count` connections to `listener`, each sending a byte that the server echoes, then closed
-/// by the client.
-fn exchange(listener: &TcpListener, count: usize) {
-    let address = listener.local_addr().unwrap();
-    let server = {
-        let listener = listener.try_clone().unwrap();
-        thread::spawn(move || {
-            for _ in 0..count {
-                let (mut stream, _) = listener.accept().unwrap();
-                let mut byte = [0u8];
-                stream.read_exact(&mut byte).unwrap();
-                stream.write_all(&byte).unwrap();
-                let _ = stream.read(&mut byte); // until the client closes
-            }
-        })
-    };
-    for _ in 0..count {
-        let mut stream = TcpStream::connect(address).unwrap();
-        stream.write_all(b"x").unwrap();
-        let mut byte = [0u8];
-        stream.read_exact(&mut byte).unwrap();
-    }
-    server.join().unwrap();
-}
-
 #[test]
 fn the_image_runs_with_the_daemonsets_settings_counts_exactly_and_detaches_on_stop() {
     // Alone: it counts programs loaded while it runs, and the host's connections on its port.
@@ -404,8 +378,8 @@ fn the_image_runs_with_the_daemonsets_settings_counts_exactly_and_detaches_on_st
     let v6 = TcpListener::bind(("::1", port)).unwrap();
     thread::sleep(Duration::from_millis(300)); // the listens reach the daemon first
     let before = scrape(metrics_port);
-    exchange(&v4, 4);
-    exchange(&v6, 3);
+    common::echo_exchanges(&v4, 4);
+    common::echo_exchanges(&v6, 3);
     let on_port = format!("port=\"{port}\"");
     let count = |m: &Metrics, family: &str, side: &str| {
         sum(m, family, &[on_port.clone(), format!("side=\"{side}\"")])

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -193,22 +193,6 @@ impl Drop for Container {
     }
 }
 
-/// `count` connections to `listener` that the client closes first: `count` TIME_WAIT sockets
-/// on the client's side (for 60 s).
-fn time_waits(listener: &TcpListener, count: usize) {
-    let server = listener.local_addr().unwrap();
-    for _ in 0..count {
-        let mut client = TcpStream::connect(server).unwrap();
-        let (mut accepted, _) = listener.accept().unwrap();
-        client.write_all(b"x").unwrap();
-        let mut byte = [0u8; 1];
-        accepted.read_exact(&mut byte).unwrap();
-        drop(client); // the active close: the client's socket goes to TIME_WAIT
-        let mut rest = Vec::new();
-        accepted.read_to_end(&mut rest).unwrap(); // its FIN arrived
-    }
-}
-
 /// The exposure `systemd-analyze security` gives the unit.
 fn exposure(report: &str) -> f64 {
     let line = report
@@ -266,7 +250,7 @@ fn the_packaged_unit_runs_under_systemd_hardened_and_leaves_nothing_behind() {
 
     // TIME_WAIT, which only the kernel-state read sees (netlink and setns under the unit's
     // filters), equals ss within 1% (the gauge is read at most once a second).
-    container.in_network(|| time_waits(&listener, 300));
+    container.in_network(|| common::echo_exchanges(&listener, 300));
     thread::sleep(Duration::from_millis(1100));
     let metrics = container.scrape();
     let gauge = metrics["tcpmon_connections{state=\"TIME_WAIT\"}"];
@@ -294,7 +278,7 @@ fn the_packaged_unit_runs_under_systemd_hardened_and_leaves_nothing_behind() {
         assert!(read > 0, "the tail ended before it followed the daemon: {said}");
         said.push_str(&line);
     }
-    container.in_network(|| time_waits(&listener, 1));
+    container.in_network(|| common::echo_exchanges(&listener, 1));
     let tail = tail.wait_with_output().unwrap();
     let record = String::from_utf8_lossy(&tail.stdout).into_owned();
     assert!(tail.status.success(), "tail: {record}{said}");

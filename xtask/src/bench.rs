@@ -374,6 +374,7 @@ pub fn hold(connections: usize) -> Result<()> {
 }
 
 /// What the daemon costs while `connections` loopback connections are held open.
+#[derive(Clone, Copy)]
 struct Held {
     /// Sockets it tracked.
     tracked: f64,
@@ -596,7 +597,34 @@ pub fn run(options: Options) -> Result<()> {
     let tcpmon = root.join("target/release/tcpmon");
     let scratch = std::env::temp_dir().join(format!("tcpmon-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
+    let configs = configurations();
+    let stats_before = std::fs::read_to_string(STATS_SYSCTL).unwrap_or_default();
+    bpf_stats(false)?;
+    let samples = interleaved_rounds(&configs, &options, &tcpmon, &scratch);
+    let _ = std::fs::write(STATS_SYSCTL, stats_before.trim());
+    let measured = samples.and_then(|samples| {
+        Ok((samples, rss_with_open_connections(&tcpmon, &scratch, options.held_connections)?))
+    });
+    let _ = std::fs::remove_dir_all(&scratch);
+    let (samples, held) = measured?;
+    println!(
+        "bench: {:.0} tracked sockets, daemon RSS {:.1} MiB, {:.1} ms CPU per scrape",
+        held.tracked, held.rss_mib, held.scrape_ms
+    );
+    let replay = replay(&root)?;
+    let report = report(&options, &configs, &samples, &held, &replay);
+    println!("\n{report}");
+    if let Some(path) = options.report {
+        // The history below the markers is written by hand and kept.
+        crate::write_between_markers(&path, REPORT_BEGIN, REPORT_END, &report)?;
+        println!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}
 
+/// What one run compares: no monitor, tcpmon's configurations, the bpftrace references and
+/// each installed peer.
+fn configurations() -> Vec<Config> {
     let mut configs = vec![
         Config::None,
         Config::Tcpmon,
@@ -613,56 +641,68 @@ pub fn run(options: Options) -> Result<()> {
             println!("bench: /usr/sbin/{peer} not installed (Debian: libbpf-tools); skipping it");
         }
     }
-    let stats_before = std::fs::read_to_string(STATS_SYSCTL).unwrap_or_default();
-    bpf_stats(false)?;
+    configs
+}
 
+/// Every configuration once per round, interleaved so that the machine's drift hits them
+/// all alike: `(configuration index, sample)`.
+fn interleaved_rounds(
+    configs: &[Config],
+    options: &Options,
+    tcpmon: &Path,
+    scratch: &Path,
+) -> Result<Vec<(usize, Sample)>> {
     let mut samples: Vec<(usize, Sample)> = Vec::new();
-    let result = (|| -> Result<()> {
-        for round in 1..=options.rounds {
-            for (index, config) in configs.iter().enumerate() {
-                let sample = match run_one(config, options.seconds, &tcpmon, &scratch) {
-                    Ok(sample) => sample,
-                    // A reference or peer that cannot run here is reported, not fatal.
-                    Err(e) if matches!(config, Config::Peer(_) | Config::Bpftrace(..)) => {
-                        Sample { failed: Some(format!("{e:#}")), ..Sample::default() }
-                    }
-                    Err(e) => return Err(e),
-                };
-                match &sample.failed {
-                    Some(why) => println!("bench: round {round} {:<28} not measured: {why}", config.name()),
-                    None => println!(
-                        "bench: round {round} {:<28} {:>8.0} conn/s  bpf {:>6} ns/event  user {:>6} ns/event",
-                        config.name(),
-                        sample.connections_per_sec,
-                        sample.bpf_ns_per_event.map_or("-".into(), |v| format!("{v:.0}")),
-                        sample.user_cpu_ns_per_event.map_or("-".into(), |v| format!("{v:.0}")),
-                    ),
+    for round in 1..=options.rounds {
+        for (index, config) in configs.iter().enumerate() {
+            let sample = match run_one(config, options.seconds, tcpmon, scratch) {
+                Ok(sample) => sample,
+                // A reference or peer that cannot run here is reported, not fatal.
+                Err(e) if matches!(config, Config::Peer(_) | Config::Bpftrace(..)) => {
+                    Sample { failed: Some(format!("{e:#}")), ..Sample::default() }
                 }
-                samples.push((index, sample));
+                Err(e) => return Err(e),
+            };
+            match &sample.failed {
+                Some(why) => println!("bench: round {round} {:<28} not measured: {why}", config.name()),
+                None => println!(
+                    "bench: round {round} {:<28} {:>8.0} conn/s  bpf {:>6} ns/event  user {:>6} ns/event",
+                    config.name(),
+                    sample.connections_per_sec,
+                    sample.bpf_ns_per_event.map_or("-".into(), |v| format!("{v:.0}")),
+                    sample.user_cpu_ns_per_event.map_or("-".into(), |v| format!("{v:.0}")),
+                ),
             }
+            samples.push((index, sample));
         }
-        Ok(())
-    })();
-    let _ = std::fs::write(STATS_SYSCTL, stats_before.trim());
-    let held = result
-        .and_then(|()| rss_with_open_connections(&tcpmon, &scratch, options.held_connections));
-    let _ = std::fs::remove_dir_all(&scratch);
-    let Held { tracked, rss_mib: held_rss, scrape_ms } = held?;
-    println!(
-        "bench: {tracked:.0} tracked sockets, daemon RSS {held_rss:.1} MiB, {scrape_ms:.1} ms CPU per scrape"
-    );
+    }
+    Ok(samples)
+}
 
+/// The replay microbenchmark's `key=value` line.
+fn replay(root: &Path) -> Result<String> {
     let replay_out = Command::new(root.join("target/release/examples/replay"))
         .output()
         .context("running the replay benchmark")?;
     let replay = String::from_utf8_lossy(&replay_out.stdout).trim().to_owned();
+    Ok(replay)
+}
+
+/// BENCHMARKS.md's generated part: the table, memory, replay and the targets.
+fn report(
+    options: &Options,
+    configs: &[Config],
+    samples: &[(usize, Sample)],
+    held: &Held,
+    replay: &str,
+) -> String {
+    let Held { tracked, rss_mib: held_rss, scrape_ms } = *held;
     let field = |key: &str| -> Option<f64> {
         replay
             .split_whitespace()
             .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
     };
-
-    let rows = summarize(&configs, &samples);
+    let rows = summarize(configs, samples);
     let mut report = String::new();
     report.push_str("Generated by `cargo xtask bench` (root; it enables `kernel.bpf_stats_enabled` for the run).\n\n");
     report.push_str(&format!(
@@ -699,23 +739,53 @@ pub fn run(options: Options) -> Result<()> {
         "\nReplay (the daemon's pipeline: decode → tracker → aggregate, one core, `cargo run --release --example replay`):\n\n```\n{replay}\n```\n\n"
     ));
 
-    // Targets: each against references measured in the same run, never absolute numbers.
-    let row = |config: &Config| rows.iter().find(|r| r.name == config.name());
-    let ratio = |config: &Config| row(config).and_then(|r| r.measured()).map(|r| r.paired.0);
-    let bpf = |config: &Config| row(config).and_then(|r| r.bpf_ns);
-    let user = |config: &Config| row(config).and_then(|r| r.user_ns);
+    let bpf =
+        |config: &Config| rows.iter().find(|r| r.name == config.name()).and_then(|r| r.bpf_ns);
+    let ours_bpf = bpf(&Config::Tcpmon);
     let check = |ok: Option<bool>| match ok {
         Some(true) => "met",
         Some(false) => "NOT met",
         None => "not measured",
     };
+    let targets = targets(&rows, held, &field);
+    if let (Some(with), Some(without)) = (ours_bpf, bpf(&Config::TcpmonWithoutCgroup)) {
+        report.push_str(&format!(
+            "Attribution's kernel cost: reading each socket's cgroup (three loads at births and \
+             closes) takes the program from {without:.0} to {with:.0} ns/event ({:+.0} ns), \
+             medians of the same run.\n\n",
+            with - without
+        ));
+    }
+    report.push_str("| target | measured | verdict |\n|---|---|---|\n");
+    for (target, ok, measured) in targets {
+        report.push_str(&format!(
+            "| {target} | {} | {} |\n",
+            measured.unwrap_or_else(|| "-".into()),
+            check(ok)
+        ));
+    }
+    report
+}
+
+/// Each target `(what, met, measured)`, against references measured in the same run.
+fn targets(
+    rows: &[Row],
+    held: &Held,
+    field: &dyn Fn(&str) -> Option<f64>,
+) -> Vec<(String, Option<bool>, Option<String>)> {
+    let Held { tracked, rss_mib: held_rss, scrape_ms } = *held;
+    // Targets: each against references measured in the same run, never absolute numbers.
+    let row = |config: &Config| rows.iter().find(|r| r.name == config.name());
+    let ratio = |config: &Config| row(config).and_then(|r| r.measured()).map(|r| r.paired.0);
+    let bpf = |config: &Config| row(config).and_then(|r| r.bpf_ns);
+    let user = |config: &Config| row(config).and_then(|r| r.user_ns);
     let tcpstates = Config::Peer("tcpstates");
     let (ours, tailed) = (ratio(&Config::Tcpmon), ratio(&Config::TcpmonTail));
     let ours_bpf = bpf(&Config::Tcpmon);
     let (floor, counter) = (bpf(&BPFTRACE_EMPTY), bpf(&BPFTRACE_COUNTER));
     let lost: Option<u64> =
         [Config::Tcpmon, Config::TcpmonTail].iter().map(|c| row(c).and_then(|r| r.lost)).sum();
-    let targets = [
+    vec![
         (
             "BPF ns/event ≤ the bpftrace hash-map counter's (× the empty program's)".to_owned(),
             ours_bpf.zip(counter).map(|(o, c)| o <= c),
@@ -784,28 +854,5 @@ pub fn run(options: Options) -> Result<()> {
             (tracked >= 100_000.0).then_some(held_rss < 64.0),
             Some(format!("{held_rss:.1} MiB at {tracked:.0} sockets")),
         ),
-    ];
-    if let (Some(with), Some(without)) = (ours_bpf, bpf(&Config::TcpmonWithoutCgroup)) {
-        report.push_str(&format!(
-            "Attribution's kernel cost: reading each socket's cgroup (three loads at births and \
-             closes) takes the program from {without:.0} to {with:.0} ns/event ({:+.0} ns), \
-             medians of the same run.\n\n",
-            with - without
-        ));
-    }
-    report.push_str("| target | measured | verdict |\n|---|---|---|\n");
-    for (target, ok, measured) in targets {
-        report.push_str(&format!(
-            "| {target} | {} | {} |\n",
-            measured.unwrap_or_else(|| "-".into()),
-            check(ok)
-        ));
-    }
-    println!("\n{report}");
-    if let Some(path) = options.report {
-        // The history below the markers is written by hand and kept.
-        crate::write_between_markers(&path, REPORT_BEGIN, REPORT_END, &report)?;
-        println!("bench: wrote {}", path.display());
-    }
-    Ok(())
+    ]
 }

@@ -3,7 +3,7 @@
 //! measurements; it only ever talks to 127.0.0.1 and stops by itself.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -29,6 +29,23 @@ impl ChurnReport {
     }
 }
 
+/// The client's half of one exchange: connect to `address`, send a byte, read its echo. The
+/// caller decides who closes first (dropping the stream, or reading until the server does).
+pub fn exchange(address: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(address)?;
+    let mut byte = [1u8; 1];
+    stream.write_all(&byte)?;
+    stream.read_exact(&mut byte)?;
+    Ok(stream)
+}
+
+/// The server's half: read one byte from `conn` and send it back.
+pub fn echo(conn: &mut TcpStream) -> std::io::Result<()> {
+    let mut byte = [0u8; 1];
+    conn.read_exact(&mut byte)?;
+    conn.write_all(&byte)
+}
+
 /// Runs `clients` client threads against a local echo server for `duration`.
 pub fn run(duration: Duration, clients: usize) -> Result<ChurnReport> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding the churn server")?;
@@ -43,10 +60,7 @@ pub fn run(duration: Duration, clients: usize) -> Result<ChurnReport> {
                     break;
                 }
                 let Ok(mut conn) = conn else { continue };
-                let mut byte = [0u8; 1];
-                if conn.read_exact(&mut byte).is_ok() {
-                    let _ = conn.write_all(&byte);
-                }
+                let _ = echo(&mut conn);
             }
         })
     };
@@ -57,11 +71,9 @@ pub fn run(duration: Duration, clients: usize) -> Result<ChurnReport> {
         .map(|_| {
             let (done, errors) = (done.clone(), errors.clone());
             thread::spawn(move || {
-                let mut byte = [1u8; 1];
                 while started.elapsed() < duration {
-                    let ok = TcpStream::connect(address).and_then(|mut s| {
-                        s.write_all(&byte)?;
-                        s.read_exact(&mut byte)?;
+                    // The server closes first: read until its FIN.
+                    let ok = exchange(address).and_then(|mut s| {
                         let mut rest = Vec::new();
                         s.read_to_end(&mut rest).map(|_| ())
                     });

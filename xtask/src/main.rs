@@ -13,7 +13,6 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod churn;
-mod guest;
 mod image;
 mod kernels;
 mod package;
@@ -171,7 +170,7 @@ fn run(cli: Cli) -> Result<()> {
             setup::ensure()?;
             kernels::run_matrix(&only, true).map(|_| ())
         }
-        Task::Guest { hooks } => guest::run(&hooks),
+        Task::Guest { hooks } => kernels::guest::run(&hooks),
         Task::Test { no_lint, quick } => {
             setup::ensure()?;
             if !no_lint {

@@ -764,3 +764,28 @@ pub fn artefact(suffix: &str) -> Option<PathBuf> {
         )
     }))
 }
+
+/// `count` connections to `listener`, each sending a byte that the server echoes, then closed
+/// by the client (its socket goes to TIME_WAIT).
+pub fn echo_exchanges(listener: &TcpListener, count: usize) {
+    let address = listener.local_addr().unwrap();
+    let server = {
+        let listener = listener.try_clone().unwrap();
+        thread::spawn(move || {
+            for _ in 0..count {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut byte = [0u8];
+                stream.read_exact(&mut byte).unwrap();
+                stream.write_all(&byte).unwrap();
+                let _ = stream.read(&mut byte); // until the client closes
+            }
+        })
+    };
+    for _ in 0..count {
+        let mut stream = TcpStream::connect(address).unwrap();
+        stream.write_all(b"x").unwrap();
+        let mut byte = [0u8];
+        stream.read_exact(&mut byte).unwrap();
+    }
+    server.join().unwrap();
+}

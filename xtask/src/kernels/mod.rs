@@ -16,6 +16,7 @@
 //!   runs the scenario), the libraries `ldd` lists for both, the two modules and `/init`.
 
 mod fetch;
+pub mod guest;
 mod report;
 
 use std::fs;

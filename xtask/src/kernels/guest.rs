@@ -26,6 +26,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+
+use crate::churn;
 use serde_json::{json, Value};
 
 const METRICS: &str = "127.0.0.1:9979";
@@ -381,22 +383,19 @@ fn judge(before: &Metrics, after: &Metrics, records: &[Value], features: &Value)
 
 /// The traffic described at the top of this file.
 fn traffic() {
+    // The client closes first (it drops its stream); the server waits for its FIN.
     let exchange = |address: &str, count: usize| {
         let listener = TcpListener::bind(address).expect("binding a listener");
+        let address = listener.local_addr().unwrap();
         let server = thread::spawn(move || {
             for _ in 0..count {
                 let (mut stream, _) = listener.accept().unwrap();
-                let mut byte = [0u8];
-                let _ = stream.read_exact(&mut byte);
-                let _ = stream.write_all(&byte);
-                let _ = stream.read(&mut byte); // until the client closes
+                let _ = churn::echo(&mut stream);
+                let _ = stream.read(&mut [0u8]); // until the client closes
             }
         });
         for _ in 0..count {
-            let mut stream = TcpStream::connect(address).unwrap();
-            stream.write_all(b"x").unwrap();
-            let mut byte = [0u8];
-            stream.read_exact(&mut byte).unwrap();
+            drop(churn::exchange(address).unwrap());
         }
         server.join().unwrap();
     };
