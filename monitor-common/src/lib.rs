@@ -391,15 +391,70 @@ pub mod counter {
 /// Most ring buffers the programs use: one per CPU up to this many; more CPUs share them.
 pub const MAX_RINGS: usize = 16;
 
+/// The one list of the ring maps: calls `$then!` with `index NAME` for each of the
+/// [`MAX_RINGS`] rings. The eBPF program declares the maps from it, and the loader finds
+/// them by the names it makes ([`names::EVENTS_MAPS`]).
+#[macro_export]
+macro_rules! with_rings {
+    ($then:ident) => {
+        $then! {
+            0 EVENTS0, 1 EVENTS1, 2 EVENTS2, 3 EVENTS3, 4 EVENTS4, 5 EVENTS5, 6 EVENTS6,
+            7 EVENTS7, 8 EVENTS8, 9 EVENTS9, 10 EVENTS10, 11 EVENTS11, 12 EVENTS12, 13 EVENTS13,
+            14 EVENTS14, 15 EVENTS15
+        }
+    };
+}
+
+/// The ring names of a [`with_rings`] list.
+macro_rules! ring_names {
+    ($($index:literal $name:ident),+) => {
+        [$(stringify!($name)),+]
+    };
+}
+
+/// A socket's birth: connect() (CLOSE → SYN_SENT), listen() (CLOSE → LISTEN), or a passive
+/// child cloned from its listener (LISTEN → SYN_RECV); the kernel moves a socket out of CLOSE
+/// only in `tcp_connect()` and `inet_csk_listen_start()`. The program reads the socket's
+/// namespace and cgroup there; the tracker starts a new entry there.
+#[inline(always)]
+pub fn is_birth(old: i32, new: i32) -> bool {
+    use tcp_state::{CLOSE, LISTEN, SYN_RECV, SYN_SENT};
+    matches!((old, new), (CLOSE, SYN_SENT) | (CLOSE, LISTEN) | (LISTEN, SYN_RECV))
+}
+
+/// The kernel's TCP states (include/net/tcp_states.h), as the records carry them.
+pub mod tcp_state {
+    /// `TCP_ESTABLISHED`
+    pub const ESTABLISHED: i32 = 1;
+    /// `TCP_SYN_SENT`
+    pub const SYN_SENT: i32 = 2;
+    /// `TCP_SYN_RECV`
+    pub const SYN_RECV: i32 = 3;
+    /// `TCP_FIN_WAIT1`
+    pub const FIN_WAIT1: i32 = 4;
+    /// `TCP_FIN_WAIT2`
+    pub const FIN_WAIT2: i32 = 5;
+    /// `TCP_TIME_WAIT`
+    pub const TIME_WAIT: i32 = 6;
+    /// `TCP_CLOSE`
+    pub const CLOSE: i32 = 7;
+    /// `TCP_CLOSE_WAIT`
+    pub const CLOSE_WAIT: i32 = 8;
+    /// `TCP_LAST_ACK`
+    pub const LAST_ACK: i32 = 9;
+    /// `TCP_LISTEN`
+    pub const LISTEN: i32 = 10;
+    /// `TCP_CLOSING`
+    pub const CLOSING: i32 = 11;
+    /// `TCP_NEW_SYN_RECV`
+    pub const NEW_SYN_RECV: i32 = 12;
+}
+
 /// Map and program names, so the loader and the eBPF program cannot drift apart.
 pub mod names {
     /// The ring buffers carrying the records, one per CPU: `EVENTS0` ..
     /// `EVENTS{MAX_RINGS - 1}`.
-    pub const EVENTS_MAPS: [&str; super::MAX_RINGS] = [
-        "EVENTS0", "EVENTS1", "EVENTS2", "EVENTS3", "EVENTS4", "EVENTS5", "EVENTS6", "EVENTS7",
-        "EVENTS8", "EVENTS9", "EVENTS10", "EVENTS11", "EVENTS12", "EVENTS13", "EVENTS14",
-        "EVENTS15",
-    ];
+    pub const EVENTS_MAPS: [&str; super::MAX_RINGS] = with_rings!(ring_names);
     /// Global: how many of the rings are in use.
     pub const RINGS_GLOBAL: &str = "RINGS";
     /// Per-CPU `u64` counters, one per `(old, new)` state pair.

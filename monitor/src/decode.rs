@@ -19,37 +19,39 @@ use monitor_common::{
 
 pub use monitor_common::TcpStats;
 
+use monitor_common::tcp_state;
 pub use monitor_common::{AF_INET, AF_INET6};
 
-/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`; the numbers live in
+/// [`monitor_common::tcp_state`], which the eBPF program uses too).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum TcpState {
     /// `TCP_ESTABLISHED`
-    Established = 1,
+    Established = tcp_state::ESTABLISHED as u8,
     /// `TCP_SYN_SENT`
-    SynSent = 2,
+    SynSent = tcp_state::SYN_SENT as u8,
     /// `TCP_SYN_RECV`
-    SynRecv = 3,
+    SynRecv = tcp_state::SYN_RECV as u8,
     /// `TCP_FIN_WAIT1`
-    FinWait1 = 4,
+    FinWait1 = tcp_state::FIN_WAIT1 as u8,
     /// `TCP_FIN_WAIT2`
-    FinWait2 = 5,
+    FinWait2 = tcp_state::FIN_WAIT2 as u8,
     /// `TCP_TIME_WAIT` (never the new state of a full socket: docs/ARCHITECTURE.md, "TIME_WAIT
     /// is not a state of the full socket")
-    TimeWait = 6,
+    TimeWait = tcp_state::TIME_WAIT as u8,
     /// `TCP_CLOSE`
-    Close = 7,
+    Close = tcp_state::CLOSE as u8,
     /// `TCP_CLOSE_WAIT`
-    CloseWait = 8,
+    CloseWait = tcp_state::CLOSE_WAIT as u8,
     /// `TCP_LAST_ACK`
-    LastAck = 9,
+    LastAck = tcp_state::LAST_ACK as u8,
     /// `TCP_LISTEN`
-    Listen = 10,
+    Listen = tcp_state::LISTEN as u8,
     /// `TCP_CLOSING`
-    Closing = 11,
+    Closing = tcp_state::CLOSING as u8,
     /// `TCP_NEW_SYN_RECV` (request sockets; not reported by the tracepoint in practice)
-    NewSynRecv = 12,
+    NewSynRecv = tcp_state::NEW_SYN_RECV as u8,
 }
 
 impl TcpState {

@@ -162,10 +162,9 @@ fn phase(state: TcpState) -> u8 {
     }
 }
 
-/// A socket's birth: connect() (CLOSE → SYN_SENT), listen() (CLOSE → LISTEN), or a passive
-/// child cloned from its listener (LISTEN → SYN_RECV).
+/// A socket's birth ([`monitor_common::is_birth`], the program's own rule).
 fn is_birth(event: &Event) -> bool {
-    event.old == TcpState::Close || (event.old, event.new) == (TcpState::Listen, TcpState::SynRecv)
+    monitor_common::is_birth(event.old as i32, event.new as i32)
 }
 
 impl Tracker {
