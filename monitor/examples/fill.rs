@@ -7,14 +7,16 @@
 //!
 //! `cargo run --release --example fill -- MAX_SOCKETS`
 
-use monitor::aggregate::{labels::LabelLimits, Aggregator};
+use monitor::aggregate::Aggregator;
 use monitor::clock::WallClock;
 use monitor::decode::{fixture, TcpState};
+use monitor::naming::labels::LabelLimits;
+use monitor::naming::workload::Workloads;
+use monitor::naming::{Naming, NamingService};
 use monitor::pipeline::Pipeline;
 use monitor::source::{Drained, Source};
 use monitor::tail::hub::{TailHub, TailMetrics};
 use monitor::tracker::Tracker;
-use monitor::workload::Workloads;
 
 /// Births of `total` sockets at distinct kernel addresses (two transitions each: CLOSE →
 /// SYN_SENT, SYN_SENT → ESTABLISHED), made on demand.
@@ -65,9 +67,12 @@ fn main() {
         std::process::exit(2);
     };
     let registry = prometheus::Registry::new();
-    let names = Workloads::discover(monitor::workload::DEFAULT_POD_LOGS.into());
-    let aggregator =
-        Aggregator::with_labels(&registry, LabelLimits::DEFAULT, names).expect("metrics");
+    let names = Workloads::discover(monitor::naming::workload::DEFAULT_POD_LOGS.into());
+    let aggregator = Aggregator::with_labels(
+        &registry,
+        NamingService::new(Naming::new(LabelLimits::DEFAULT, names, 0)),
+    )
+    .expect("metrics");
     let hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry).expect("metrics"), "fill");
     let total = max_sockets as u64 + max_sockets as u64 / 10;
     let births = Births { total, next_record: 0 };

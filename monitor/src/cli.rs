@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
-use crate::aggregate::labels::LabelLimits;
 pub use crate::loader::HookChoice;
+use crate::naming::labels::LabelLimits;
 use crate::pipeline::PipelineOptions;
 use crate::tail::client::TailOptions;
 use crate::tail::filter::{parse_net, parse_outcome, parse_side, Filter, Subscribe, View};
@@ -177,7 +177,7 @@ pub struct RunArgs {
 
     /// The kubelet's pod log directory (`<namespace>_<pod>_<uid>` entries), which names pods
     /// `namespace/pod`; without it pods are `pod/<uid>`.
-    #[arg(long, env = "TCPMON_POD_LOGS", value_name = "DIR", default_value = crate::workload::DEFAULT_POD_LOGS)]
+    #[arg(long, env = "TCPMON_POD_LOGS", value_name = "DIR", default_value = crate::naming::workload::DEFAULT_POD_LOGS)]
     pub pod_logs: PathBuf,
 
     /// Which build of the kernel program to attach: `btf` reads the socket directly and

@@ -20,12 +20,13 @@ use crate::loader::KernelCounters;
 use crate::loader::Loaded;
 use crate::logging;
 use crate::metrics::{self, CounterSource, CountersOnThread, KernelCollector};
+use crate::naming::workload::Workloads;
+use crate::naming::{Naming, NamingService};
 use crate::netstate::NetState;
 use crate::pipeline::{Controls, Pipeline, Wake};
 use crate::privilege::{self, Capability, PrivilegedThread};
 use crate::source::RingSource;
 use crate::tail::hub::{self, TailHub, TailMetrics};
-use crate::workload::Workloads;
 
 /// Installs the SIGTERM/SIGINT handlers now (so a signal during start-up is not fatal) and
 /// returns a future that resolves, with the signal's name, once one arrives.
@@ -147,15 +148,16 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
         Some(mount) => info!("naming workloads from the cgroup2 tree at {}", mount.display()),
         None => warn!("no cgroup2 mount in /proc/self/mountinfo: every workload is `unknown`"),
     }
-    let mut aggregator = Aggregator::with_labels(&registry, args.label_limits(), names)
-        .context("creating the metrics")?;
+    // The one source of label values, shared by the connection metrics, the kernel state
+    // read at scrape time and the tail.
+    let naming = NamingService::new(Naming::new(args.label_limits(), names, args.netns_labels));
+    let mut aggregator =
+        Aggregator::with_labels(&registry, naming.clone()).context("creating the metrics")?;
     if args.netns_labels > 0 {
-        aggregator
-            .enable_netns_labels(&registry, args.netns_labels)
-            .context("creating the per-namespace metrics")?;
+        aggregator.enable_netns_labels(&registry).context("creating the per-namespace metrics")?;
     }
-    let kernel_state = NetState::new(reader.clone(), aggregator.port_labels(), args.netns_labels)
-        .context("creating the kernel state metrics")?;
+    let kernel_state =
+        NetState::new(reader.clone(), naming).context("creating the kernel state metrics")?;
     // Read outside the scrape gate (see `metrics::encode`).
     let kernel_registry = Registry::new();
     kernel_registry

@@ -53,6 +53,24 @@ impl CounterSource for CountersOnThread {
     }
 }
 
+/// `tcpmon_connections`, the one family two collectors add to: the aggregator (the states
+/// the tracker counts) and the kernel-state collector (TIME_WAIT, SYN_RECV, FIN_WAIT2).
+pub const CONNECTIONS: &str = "tcpmon_connections";
+/// The help of [`CONNECTIONS`].
+pub const CONNECTIONS_HELP: &str = "TCP sockets per state, as ss -tan counts them in every \
+     network namespace: the tracker's count for full sockets; TIME_WAIT from /proc/net/sockstat, \
+     SYN_RECV (request sockets) and FIN_WAIT2 (full and timewait sockets) from sock_diag.";
+
+/// Registers `metric` in `registry` and hands it back: the one way tcpmon's metrics are
+/// registered.
+pub fn registered<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> prometheus::Result<M> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
 /// Raises `counter` to `total`, a count kept elsewhere (in the kernel, in the tracker) that
 /// only grows: Prometheus counters can only be incremented, so publish the growth.
 pub fn catch_up(counter: &IntCounter, total: u64) {

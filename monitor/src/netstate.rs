@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use netlink_packet_sock_diag::inet::StateFlags;
@@ -29,10 +29,9 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
-use crate::aggregate::labels::PortLabels;
-use crate::aggregate::CONNECTIONS_HELP;
 use crate::decode::TcpState;
-use crate::metrics::catch_up;
+use crate::metrics::{catch_up, CONNECTIONS, CONNECTIONS_HELP};
+use crate::naming::NamingService;
 use crate::privilege::PrivilegedThread;
 use crate::sockdiag;
 
@@ -187,11 +186,10 @@ struct Inner {
     /// Where namespaces are entered: the one thread that keeps CAP_SYS_ADMIN.
     reader: PrivilegedThread,
     read_at: Option<Instant>,
-    /// The port values the metrics use; `None`: no `port` label.
-    ports: Option<Arc<Mutex<PortLabels>>>,
-    /// Namespaces with a `netns` value of their own (`--netns-labels`; 0: none).
-    netns_limit: usize,
-    netns_labels: HashMap<u32, String>,
+    /// The `port` and `netns` values, shared with the connection metrics.
+    naming: NamingService,
+    /// Whether the kernel counters have a `netns` label (`--netns-labels`).
+    netns_label: bool,
     /// Each namespace's counters at the last read, so vanished and new namespaces never make
     /// a total go down.
     last: HashMap<u32, [u64; COUNTERS]>,
@@ -208,21 +206,21 @@ struct Inner {
 }
 
 impl NetState {
-    /// A collector labelling listen queues with `ports` (when the `port` label is on) and
-    /// the kernel counters with up to `netns_limit` namespaces (`--netns-labels`), reading
-    /// the namespaces on `reader`.
-    pub fn new(
-        reader: PrivilegedThread,
-        ports: Option<Arc<Mutex<PortLabels>>>,
-        netns_limit: usize,
-    ) -> prometheus::Result<Self> {
+    /// A collector labelling listen queues with `naming`'s `port` values and the kernel
+    /// counters with its `netns` values (each when that label is on), reading the namespaces
+    /// on `reader`.
+    pub fn new(reader: PrivilegedThread, naming: NamingService) -> prometheus::Result<Self> {
+        let (port_label, netns_label) = {
+            let mut naming = naming.lock();
+            (naming.listening_port_value(0).is_some(), naming.netns_value(0).is_some())
+        };
         let state_gauge = |state: &str| {
             IntGauge::with_opts(
-                Opts::new("tcpmon_connections", CONNECTIONS_HELP).const_label("state", state),
+                Opts::new(CONNECTIONS, CONNECTIONS_HELP).const_label("state", state),
             )
         };
-        let port_labels: &[&str] = if ports.is_some() { &["port"] } else { &[] };
-        let netns_labels: &[&str] = if netns_limit > 0 { &["netns"] } else { &[] };
+        let port_labels: &[&str] = if port_label { &["port"] } else { &[] };
+        let netns_labels: &[&str] = if netns_label { &["netns"] } else { &[] };
         let counters = KERNEL_COUNTERS
             .iter()
             .map(|(_, name, help)| IntCounterVec::new(Opts::new(*name, *help), netns_labels))
@@ -230,9 +228,8 @@ impl NetState {
         let inner = Inner {
             reader,
             read_at: None,
-            ports,
-            netns_limit,
-            netns_labels: HashMap::new(),
+            naming,
+            netns_label,
             last: HashMap::new(),
             time_wait: state_gauge("TIME_WAIT")?,
             syn_recv: state_gauge("SYN_RECV")?,
@@ -332,21 +329,18 @@ impl Inner {
         self.fin_wait2.set(sum(|s| s.fin_wait2));
         self.queue_length.reset();
         self.queue_limit.reset();
-        let ports =
-            self.ports.as_ref().map(|ports| ports.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut naming = self.naming.lock();
         for queue in states.iter().flat_map(|(_, s)| &s.listeners) {
-            let port = ports.as_ref().map(|ports| ports.value_of(queue.port));
-            let labels: Vec<&str> = port.iter().copied().collect();
+            let labels: Vec<&str> = naming.listening_port_value(queue.port).into_iter().collect();
             self.queue_length.with_label_values(&labels).add(i64::from(queue.length));
             self.queue_limit.with_label_values(&labels).add(i64::from(queue.limit));
         }
-        drop(ports);
         if let Some(ports) = ephemeral_ports() {
             self.ephemeral_ports.set(ports);
         }
         let mut seen = HashMap::new();
         for (netns, state) in states {
-            let label = self.netns_label(*netns);
+            let label = naming.netns_value(*netns).unwrap_or_default().to_owned();
             let last = self.last.get(netns).copied().unwrap_or([0; COUNTERS]);
             let mut now = last;
             for (index, value) in state.counters.iter().enumerate() {
@@ -363,24 +357,12 @@ impl Inner {
                 seen.insert(*netns, *last);
             }
         }
+        drop(naming);
         self.last = seen;
         for ((index, label), total) in &self.totals {
-            let labels: Vec<&str> =
-                if self.netns_limit > 0 { vec![label.as_str()] } else { vec![] };
+            let labels: Vec<&str> = if self.netns_label { vec![label.as_str()] } else { vec![] };
             catch_up(&self.counters[*index].with_label_values(&labels), *total);
         }
-    }
-
-    /// The `netns` value of a namespace: its inode for the first `netns_limit`, `other`
-    /// after; empty when the label is off.
-    fn netns_label(&mut self, netns: u32) -> String {
-        if self.netns_limit == 0 {
-            return String::new();
-        }
-        if !self.netns_labels.contains_key(&netns) && self.netns_labels.len() < self.netns_limit {
-            self.netns_labels.insert(netns, netns.to_string());
-        }
-        self.netns_labels.get(&netns).cloned().unwrap_or_else(|| "other".to_owned())
     }
 }
 
@@ -423,7 +405,8 @@ mod tests {
 
     #[test]
     fn counters_only_grow_when_namespaces_come_and_go() {
-        let collector = NetState::new(PrivilegedThread::start().unwrap(), None, 0).unwrap();
+        let collector =
+            NetState::new(PrivilegedThread::start().unwrap(), NamingService::unlabelled()).unwrap();
         let mut inner = collector.inner.lock().unwrap();
         let state = |overflows| {
             let mut state = NamespaceState::default();

@@ -15,9 +15,9 @@ use std::path::PathBuf;
 use netlink_packet_sock_diag::inet::StateFlags;
 
 use crate::decode::{Endpoints, TcpState};
+use crate::naming::workload;
 use crate::sockdiag;
 use crate::tracker::{ExistingSocket, Owner};
-use crate::workload;
 
 /// The result of [`take`].
 #[derive(Debug, Default)]

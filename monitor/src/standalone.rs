@@ -4,19 +4,22 @@
 use anyhow::Context as _;
 use prometheus::Registry;
 
-use crate::aggregate::{labels::LabelLimits, Aggregator};
+use crate::aggregate::Aggregator;
 use crate::clock::WallClock;
+use crate::naming::labels::LabelLimits;
+use crate::naming::workload::Workloads;
+use crate::naming::{Naming, NamingService};
 use crate::pipeline::{Controls, Pipeline, PipelineOptions};
 use crate::privilege::PrivilegedThread;
 use crate::tail::hub::{NewSubscriber, TailHub, TailMetrics};
-use crate::workload::Workloads;
 
 /// Runs the pipeline for one in-process tail client (`tcpmon tail` without a daemon) until
 /// that client goes away.
 pub async fn standalone(options: PipelineOptions, client: NewSubscriber) -> anyhow::Result<()> {
     let registry = Registry::new(); // never served; the aggregator needs one
-    let names = Workloads::discover(crate::workload::DEFAULT_POD_LOGS.into());
-    let aggregator = Aggregator::with_labels(&registry, LabelLimits::NONE, names)?;
+    let names = Workloads::discover(crate::naming::workload::DEFAULT_POD_LOGS.into());
+    let naming = NamingService::new(Naming::new(LabelLimits::NONE, names, 0));
+    let aggregator = Aggregator::with_labels(&registry, naming)?;
     let hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "standalone");
     let mut loaded = options.load()?;
     let rings = std::mem::take(&mut loaded.rings);

@@ -112,7 +112,7 @@ struct Cgroups {
 impl Cgroups {
     fn new(tag: &str) -> Cgroups {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let mount = monitor::workload::cgroup2_mount(&mountinfo).expect("a cgroup2 mount");
+        let mount = monitor::naming::workload::cgroup2_mount(&mountinfo).expect("a cgroup2 mount");
         let id = format!("{:08x}", std::process::id());
         let root = mount.join(format!("tcpmon-test-{id}-{tag}.slice"));
         let uid = format!("{id}-7e57-4c9a-8d2e-0123456789ab");
@@ -202,7 +202,10 @@ fn ports_and_workloads_label_real_traffic_in_real_cgroups() {
         let web_server = helper(&cgroups.web, &format!("serve {web_port} 3 300"));
         let pod_server = helper(&cgroups.pod, &format!("serve {pod_port} 2 150"));
         assert_eq!(
-            monitor::workload::cgroup_id_of(cgroups.root.parent().unwrap(), web_server.id()),
+            monitor::naming::workload::cgroup_id_of(
+                cgroups.root.parent().unwrap(),
+                web_server.id()
+            ),
             Cgroups::id(&cgroups.web),
             "the snapshot reads a process's cgroup as the kernel names it"
         );

@@ -1,25 +1,21 @@
 //! Observations → Prometheus histograms and counters.
 //!
 //! Label values come from closed sets: enums ([`Side`], [`CloseReason`], [`TcpState`]) and
-//! the capped `port` and `workload` values of [`labels`], so the number of series has a hard
+//! the capped `port` and `workload` values of [`crate::naming`], so the number of series has a hard
 //! bound (README, "Series budget"): no addresses or pids ever become labels. Every label set
 //! is resolved once, so recording an observation is a lookup of its (port, workload) pair
 //! and a few atomic adds (no hashing of label values, no allocation).
 
-pub mod labels;
 mod namespaces;
 mod series;
-
-use std::sync::{Arc, Mutex};
 
 use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use rustc_hash::FxHashMap;
 
 use crate::decode::TcpState;
-use crate::metrics::{catch_up, ScrapeGate};
+use crate::metrics::{catch_up, registered, ScrapeGate, CONNECTIONS, CONNECTIONS_HELP};
+use crate::naming::{NamingService, Pair};
 use crate::tracker::{Attribution, Observation, ObservationSink, Tracker};
-use crate::workload::Workloads;
-use labels::{LabelLimits, PortLabels, ValueIndex, WorkloadLabels, OTHER_INDEX, UNKNOWN_INDEX};
 use namespaces::NamespaceMetrics;
 use series::{Families, SeriesSet};
 
@@ -79,12 +75,6 @@ pub const TRACKED_STATES: [TcpState; 7] = [
     TcpState::Listen,
 ];
 
-/// The help of `tcpmon_connections`, which the aggregator (tracked states) and this collector
-/// (TIME_WAIT, SYN_RECV) share.
-pub const CONNECTIONS_HELP: &str = "TCP sockets per state, as ss -tan counts them in every \
-     network namespace: the tracker's count for full sockets; TIME_WAIT from /proc/net/sockstat, \
-     SYN_RECV (request sockets) and FIN_WAIT2 (full and timewait sockets) from sock_diag.";
-
 /// `[port, workload, pair]`: the labels whose values are capped.
 const CAPPED: [&str; 3] = ["port", "workload", "pair"];
 
@@ -103,26 +93,19 @@ fn packed((port, listening, cgroup_id): (u16, bool, u64)) -> Option<u64> {
     (cgroup_id < 1 << 47).then(|| cgroup_id << 17 | u64::from(listening) << 16 | u64::from(port))
 }
 
-fn lock(ports: &Mutex<PortLabels>) -> std::sync::MutexGuard<'_, PortLabels> {
-    ports.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Most origins remembered by [`Attributed`]; past it the memo starts over (the values
 /// given out stay).
 const MAX_ORIGINS: usize = 65_536;
 
-/// How the connection series are split: the label values given out, and the series of each
-/// (port, workload) pair.
+/// How the connection series are split: the series set of each (port, workload) pair the
+/// naming service gave out, and which set each origin's observations go to.
 struct Attributed {
-    limits: LabelLimits,
-    /// Shared with the scrape-time listen-queue gauges ([`crate::netstate`]), which label
-    /// listeners with the same values; locked only when an origin is first resolved.
-    ports: Arc<Mutex<PortLabels>>,
-    workloads: WorkloadLabels,
-    /// cgroup id → name, for the workload values and the tail.
-    names: Workloads,
-    /// (port, workload) → index in `sets`.
-    pairs: FxHashMap<(ValueIndex, ValueIndex), usize>,
+    /// Whether the series have `port` or `workload` labels at all.
+    labelled: bool,
+    /// The label values; asked once per new origin.
+    naming: NamingService,
+    /// Pair → index in `sets`.
+    pairs: FxHashMap<Pair, usize>,
     sets: Vec<SeriesSet>,
     /// [`packed`] origins → where they resolved: one lookup per observation instead of three.
     origins: FxHashMap<u64, Resolved>,
@@ -159,36 +142,22 @@ impl Attributed {
         &self.sets[resolved.set]
     }
 
-    /// Gives the origin's port and workload their values (or `other`), and its pair a
-    /// series set, and remembers the answer.
+    /// Asks the naming service for the origin's values, gives its pair a series set, and
+    /// remembers the answer.
     fn resolve(&mut self, origin: (u16, bool, u64)) -> Resolved {
         let (service_port, listening, cgroup_id) = origin;
-        let port = match self.limits.port_label() {
-            true => lock(&self.ports).index((service_port != 0).then_some(service_port), listening),
-            false => UNKNOWN_INDEX,
-        };
-        let workload = match self.limits.workload_label() {
-            true => {
-                let names = &mut self.names;
-                self.workloads.index(cgroup_id, || names.name(cgroup_id).to_string())
-            }
-            false => UNKNOWN_INDEX,
-        };
-        let requested = (port, workload);
-        let overflow = (OTHER_INDEX, OTHER_INDEX);
-        let pair = match self.pairs.get(&requested) {
-            Some(_) => requested,
-            None if self.sets.len() >= self.limits.pairs.max(1) => overflow,
-            None => requested,
-        };
-        let set = match self.pairs.get(&pair) {
+        let mut naming = self.naming.lock();
+        let named = naming.name((service_port != 0).then_some(service_port), listening, cgroup_id);
+        let set = match self.pairs.get(&named.pair) {
             Some(set) => *set,
-            None => self.add_set(pair),
+            None => {
+                self.sets.push(SeriesSet::new(naming.pair_values(named.pair)));
+                self.pairs.insert(named.pair, self.sets.len() - 1);
+                self.sets.len() - 1
+            }
         };
-        let resolved = Resolved {
-            set,
-            other: [port == OTHER_INDEX, workload == OTHER_INDEX, pair != requested],
-        };
+        drop(naming);
+        let resolved = Resolved { set, other: named.other };
         // Remembered even when the cgroup had no name (it was gone, or there is no cgroup2
         // mount): an origin's observations must all land in one series, or a gauge raised
         // in one would be lowered in another.
@@ -202,27 +171,10 @@ impl Attributed {
         resolved
     }
 
-    /// A series set for a new pair.
-    fn add_set(&mut self, (port, workload): (ValueIndex, ValueIndex)) -> usize {
-        let mut extra = Vec::new();
-        if self.limits.port_label() {
-            extra.push(lock(&self.ports).values().name(port).to_owned());
-        }
-        if self.limits.workload_label() {
-            extra.push(self.workloads.values().name(workload).to_owned());
-        }
-        self.sets.push(SeriesSet::new(extra));
-        self.pairs.insert((port, workload), self.sets.len() - 1);
-        self.sets.len() - 1
-    }
-
     /// Publishes how many values each capped label has given out, and its overflow.
     fn publish(&self) {
         let Some((values, overflows)) = &self.counts else { return };
-        let ports = lock(&self.ports).values().given();
-        let overflow_pair = self.pairs.contains_key(&(OTHER_INDEX, OTHER_INDEX));
-        let pairs = self.sets.len() - usize::from(overflow_pair);
-        let given = [ports, self.workloads.values().given(), pairs];
+        let given = self.naming.lock().given();
         for index in 0..CAPPED.len() {
             values[index].set(given[index] as i64);
             catch_up(&overflows[index], self.overflow[index]);
@@ -257,20 +209,13 @@ impl Aggregator {
     /// Creates every metric, without `port` or `workload` labels, and registers it in
     /// `registry`.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
-        Aggregator::with_labels(
-            registry,
-            LabelLimits::NONE,
-            Workloads::new(None, Default::default()),
-        )
+        Aggregator::with_labels(registry, NamingService::unlabelled())
     }
 
-    /// Creates every metric with the `port` and `workload` labels `limits` asks for, naming
-    /// workloads with `names`, and registers it in `registry`.
-    pub fn with_labels(
-        registry: &Registry,
-        limits: LabelLimits,
-        names: Workloads,
-    ) -> prometheus::Result<Self> {
+    /// Creates every metric with the `port` and `workload` labels `naming`'s limits ask for,
+    /// their values from `naming`, and registers it in `registry`.
+    pub fn with_labels(registry: &Registry, naming: NamingService) -> prometheus::Result<Self> {
+        let limits = naming.lock().limits().clone();
         let mut extra = Vec::new();
         if limits.port_label() {
             extra.push("port");
@@ -280,19 +225,12 @@ impl Aggregator {
         }
         let families = Families::new(registry, &extra)?;
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(vec.clone()))?;
-            Ok::<_, prometheus::Error>(vec)
+            registered(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
         };
-        let plain_counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok::<_, prometheus::Error>(c)
-        };
+        let plain_counter =
+            |name: &str, help: &str| registered(registry, IntCounter::new(name, help)?);
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let vec = IntGaugeVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(vec.clone()))?;
-            Ok::<_, prometheus::Error>(vec)
+            registered(registry, IntGaugeVec::new(Opts::new(name, help), labels)?)
         };
         let counts = if extra.is_empty() {
             None
@@ -315,10 +253,8 @@ impl Aggregator {
             ))
         };
         let mut attributed = Attributed {
-            ports: Arc::new(Mutex::new(PortLabels::new(&limits))),
-            workloads: WorkloadLabels::new(&limits),
-            limits,
-            names,
+            labelled: !extra.is_empty(),
+            naming,
             pairs: FxHashMap::default(),
             sets: Vec::new(),
             origins: FxHashMap::default(),
@@ -326,9 +262,9 @@ impl Aggregator {
             overflow: [0; 3],
             counts,
         };
-        if !attributed.limits.port_label() && !attributed.limits.workload_label() {
+        if !attributed.labelled {
             // One set for everything, created at start as tcpmon always did.
-            let index = attributed.add_set((UNKNOWN_INDEX, UNKNOWN_INDEX));
+            let index = attributed.resolve((0, false, 0)).set;
             attributed.sets[index].create_all(&families);
         }
 
@@ -336,15 +272,12 @@ impl Aggregator {
         // other states to the same family, which Prometheus' client merges only when every
         // part declares the same label names the same way.
         let connections = TRACKED_STATES.map(|state| {
-            let opts = Opts::new("tcpmon_connections", CONNECTIONS_HELP)
-                .const_label("state", state.name());
+            let opts = Opts::new(CONNECTIONS, CONNECTIONS_HELP).const_label("state", state.name());
             IntGauge::with_opts(opts)
         });
         let mut gauges = Vec::with_capacity(connections.len());
         for gauge in connections {
-            let gauge = gauge?;
-            registry.register(Box::new(gauge.clone()))?;
-            gauges.push(gauge);
+            gauges.push(registered(registry, gauge?)?);
         }
         let connections: [IntGauge; TRACKED_STATES.len()] =
             gauges.try_into().unwrap_or_else(|_| unreachable!("one gauge per tracked state"));
@@ -356,14 +289,17 @@ impl Aggregator {
         let build_info =
             gauge_vec("tcpmon_build_info", "tcpmon build information; always 1.", &["version"])?;
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let tracked_sockets =
-            IntGauge::new("tcpmon_tracked_sockets", "Sockets in the tracking table.")?;
-        registry.register(Box::new(tracked_sockets.clone()))?;
-        let last_drain = Gauge::new(
-            "tcpmon_last_drain_timestamp_seconds",
-            "Unix time at which the daemon last drained the ring buffer.",
+        let tracked_sockets = registered(
+            registry,
+            IntGauge::new("tcpmon_tracked_sockets", "Sockets in the tracking table.")?,
         )?;
-        registry.register(Box::new(last_drain.clone()))?;
+        let last_drain = registered(
+            registry,
+            Gauge::new(
+                "tcpmon_last_drain_timestamp_seconds",
+                "Unix time at which the daemon last drained the ring buffer.",
+            )?,
+        )?;
 
         Ok(Aggregator {
             families,
@@ -412,13 +348,10 @@ impl Aggregator {
         })
     }
 
-    /// Adds the per-namespace series (`--netns-labels`), for at most `limit` namespaces.
-    pub fn enable_netns_labels(
-        &mut self,
-        registry: &Registry,
-        limit: usize,
-    ) -> prometheus::Result<()> {
-        self.namespaces = Some(NamespaceMetrics::new(registry, limit)?);
+    /// Adds the per-namespace series (`--netns-labels`), their `netns` values from the
+    /// naming service.
+    pub fn enable_netns_labels(&mut self, registry: &Registry) -> prometheus::Result<()> {
+        self.namespaces = Some(NamespaceMetrics::new(registry)?);
         Ok(())
     }
 
@@ -443,20 +376,15 @@ impl Aggregator {
     /// Ports this host listened on before tcpmon started (the start-up snapshot): they get
     /// `port` values like the listeners seen at `listen()`.
     pub fn learn_listeners(&mut self, ports: impl IntoIterator<Item = u16>) {
+        let mut naming = self.attributed.naming.lock();
         for port in ports {
-            lock(&self.attributed.ports).learn_listener(port);
+            naming.learn_listener(port);
         }
     }
 
-    /// The `port` values, for labelling what is read at scrape time the same way; `None`
-    /// without a `port` label.
-    pub fn port_labels(&self) -> Option<Arc<Mutex<PortLabels>>> {
-        self.attributed.limits.port_label().then(|| self.attributed.ports.clone())
-    }
-
-    /// The workload name of cgroup `cgroup_id`, for the tail.
-    pub fn workload_name(&mut self, cgroup_id: Option<u64>) -> &str {
-        self.attributed.names.name(cgroup_id.unwrap_or(0))
+    /// The naming service its label values come from.
+    pub fn naming(&self) -> &NamingService {
+        &self.attributed.naming
     }
 
     /// Publishes the tracker's gauges and the growth of its counters since the last call.
@@ -481,11 +409,13 @@ impl Aggregator {
 impl ObservationSink for Aggregator {
     fn observe_in(&mut self, observation: &Observation, whose: &Attribution) {
         if let Observation::Listening { port } = *observation {
-            lock(&self.attributed.ports).learn_listener(port);
+            self.attributed.naming.lock().learn_listener(port);
             return;
         }
         if let Some(namespaces) = &self.namespaces {
-            namespaces.observe(observation, whose.netns);
+            if let Some(netns) = self.attributed.naming.lock().netns_value(whose.netns) {
+                namespaces.observe(observation, netns);
+            }
         }
         self.attributed.set_for(Some(whose)).record(&self.families, observation);
     }
@@ -503,6 +433,9 @@ mod tests {
         fixture::{self, v4},
         TcpStats,
     };
+    use crate::naming::labels::LabelLimits;
+    use crate::naming::workload::Workloads;
+    use crate::naming::Naming;
     use crate::tracker::{ResetDirection, Side};
     use monitor_common::note;
     use prometheus::Encoder;
@@ -599,8 +532,10 @@ mod tests {
     #[test]
     fn netns_labels_are_bounded() {
         let registry = Registry::new();
-        let mut aggregator = Aggregator::new(&registry).unwrap();
-        aggregator.enable_netns_labels(&registry, 2).unwrap();
+        let names = Workloads::new(None, Default::default());
+        let naming = NamingService::new(Naming::new(LabelLimits::NONE, names, 2));
+        let mut aggregator = Aggregator::with_labels(&registry, naming).unwrap();
+        aggregator.enable_netns_labels(&registry).unwrap();
         for netns in [11, 12, 13, 14, 11, 0] {
             let whose = Attribution { netns, ..Attribution::default() };
             aggregator.observe_in(&Observation::Opened { side: Side::Active }, &whose);
@@ -633,7 +568,9 @@ mod tests {
         let registry = Registry::new();
         let limits = LabelLimits { ports: 1, pinned_ports: vec![6379], workloads: 2, pairs: 5 };
         let names = Workloads::new(Some(root.clone()), root.join("no-pods"));
-        let mut aggregator = Aggregator::with_labels(&registry, limits, names).unwrap();
+        let mut aggregator =
+            Aggregator::with_labels(&registry, NamingService::new(Naming::new(limits, names, 0)))
+                .unwrap();
         let passive = Observation::Opened { side: Side::Passive };
         let active = Observation::Opened { side: Side::Active };
         let whose = |port, listening, cgroup_id| Attribution {
@@ -697,8 +634,10 @@ mod tests {
     fn no_labels_reproduce_the_series_of_before() {
         let registry = Registry::new();
         let limits = LabelLimits { pairs: 64, ..LabelLimits::NONE };
-        let _aggregator =
-            Aggregator::with_labels(&registry, limits, Workloads::new(None, "".into()));
+        let _aggregator = Aggregator::with_labels(
+            &registry,
+            NamingService::new(Naming::new(limits, Workloads::new(None, "".into()), 0)),
+        );
         let before = include_str!("../../tests/fixtures/metrics-unlabelled.txt");
         // Every family of before, as it was; later features may add families of their own.
         // `tcpmon_connections` changed on purpose: CLOSE and NEW_SYN_RECV are gone (always 0),
@@ -815,7 +754,11 @@ mod tests {
         let host = |limits: &LabelLimits, traffic: &dyn Fn(&mut Aggregator)| {
             let registry = Registry::new();
             let names = Workloads::new(Some(root.clone()), root.join("no-pods"));
-            let mut aggregator = Aggregator::with_labels(&registry, limits.clone(), names).unwrap();
+            let mut aggregator = Aggregator::with_labels(
+                &registry,
+                NamingService::new(Naming::new(limits.clone(), names, 0)),
+            )
+            .unwrap();
             traffic(&mut aggregator);
             aggregator.publish_tracker(&Tracker::default(), 1.0);
             attributed_series(&scrape(&registry))

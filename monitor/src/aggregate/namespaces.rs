@@ -3,33 +3,24 @@
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use super::{seconds, LATENCY_BUCKETS};
+use crate::metrics::registered;
 use crate::tracker::{Observation, Side};
 
 /// The main connection metrics split by network namespace (`--netns-labels N`): the first N
 /// namespaces seen get a `netns` label of their own (the inode, as `readlink
 /// /proc/PID/ns/net` shows it), later ones share `netns="other"`, so the series stay bounded
-/// on a host that creates namespaces all day.
+/// on a host that creates namespaces all day. The values are the naming service's, which the
+/// kernel counters' `netns` label shares.
 pub(super) struct NamespaceMetrics {
     opened: IntCounterVec,
     closed: IntCounterVec,
     failures: IntCounterVec,
     handshake: HistogramVec,
-    labels: std::sync::Mutex<std::collections::HashMap<u32, String>>,
-    limit: usize,
 }
 
 impl NamespaceMetrics {
-    /// Records `observation` under its namespace's label. The label strings live in the map,
-    /// so this allocates only the first time a namespace is seen.
-    pub(super) fn observe(&self, observation: &Observation, netns: u32) {
-        let mut labels = self.labels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if netns != 0 && labels.len() < self.limit {
-            labels.entry(netns).or_insert_with(|| netns.to_string());
-        }
-        let ns = match netns {
-            0 => "unknown",
-            _ => labels.get(&netns).map_or("other", String::as_str),
-        };
+    /// Records `observation` under its namespace's value `ns`.
+    pub(super) fn observe(&self, observation: &Observation, ns: &str) {
         match *observation {
             Observation::Opened { side } => {
                 self.opened.with_label_values(&[ns, side.as_str()]).inc()
@@ -50,12 +41,10 @@ impl NamespaceMetrics {
 }
 
 impl NamespaceMetrics {
-    /// Registers the per-namespace families; at most `limit` namespaces get a value.
-    pub(super) fn new(registry: &Registry, limit: usize) -> prometheus::Result<Self> {
+    /// Registers the per-namespace families.
+    pub(super) fn new(registry: &Registry) -> prometheus::Result<Self> {
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(vec.clone()))?;
-            Ok::<_, prometheus::Error>(vec)
+            registered(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
         };
         let handshake = HistogramVec::new(
             HistogramOpts::new(
@@ -65,7 +54,7 @@ impl NamespaceMetrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["netns", "side"],
         )?;
-        registry.register(Box::new(handshake.clone()))?;
+        let handshake = registered(registry, handshake)?;
         Ok(NamespaceMetrics {
             opened: counter(
                 "tcpmon_netns_connections_opened_total",
@@ -83,8 +72,6 @@ impl NamespaceMetrics {
                 &["netns", "reason"],
             )?,
             handshake,
-            labels: Default::default(),
-            limit,
         })
     }
 }

@@ -10,6 +10,7 @@ use prometheus::{
 };
 
 use super::{CLOSE_WAIT_BUCKETS, LATENCY_BUCKETS, LIFETIME_BUCKETS};
+use crate::metrics::registered;
 use crate::tracker::{CloseReason, Observation, ResetDirection, Side};
 
 /// The families whose series are split by port and workload.
@@ -38,14 +39,10 @@ impl Families {
         };
         let histogram = |name: &str, help: &str, buckets: &[f64], own: &[&'static str]| {
             let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
-            let vec = HistogramVec::new(opts, &labels(own))?;
-            registry.register(Box::new(vec.clone()))?;
-            Ok::<_, prometheus::Error>(vec)
+            registered(registry, HistogramVec::new(opts, &labels(own))?)
         };
         let counter = |name: &str, help: &str, own: &[&'static str]| {
-            let vec = IntCounterVec::new(Opts::new(name, help), &labels(own))?;
-            registry.register(Box::new(vec.clone()))?;
-            Ok::<_, prometheus::Error>(vec)
+            registered(registry, IntCounterVec::new(Opts::new(name, help), &labels(own))?)
         };
         let close_wait_sockets = if extra.is_empty() {
             None
@@ -55,9 +52,7 @@ impl Families {
                 "Connections in CLOSE_WAIT now (the peer closed, the application has not yet), \
                  among those tcpmon saw enter it.",
             );
-            let vec = IntGaugeVec::new(opts, extra)?;
-            registry.register(Box::new(vec.clone()))?;
-            Some(vec)
+            Some(registered(registry, IntGaugeVec::new(opts, extra)?)?)
         };
         Ok(Families {
             close_wait_sockets,

@@ -18,6 +18,7 @@ use crate::aggregate::Aggregator;
 use crate::clock::unix_seconds;
 use crate::decode::{decode, is_transition};
 use crate::metrics::ScrapeGate;
+use crate::naming::NamingService;
 use crate::source::{Drained, Recorder, Source, BATCH_RECORDS};
 use crate::tail::hub::{NewSubscriber, TailHub};
 use crate::tracker::{Attribution, Observation, ObservationSink, Tracker};
@@ -63,18 +64,20 @@ impl Heartbeat {
 struct Outputs<'a> {
     aggregator: &'a mut Aggregator,
     hub: &'a mut TailHub,
+    /// Where the tail's workload names come from (the aggregator's naming service).
+    naming: &'a NamingService,
 }
 
 impl ObservationSink for Outputs<'_> {
     fn observe(&mut self, observation: &Observation) {
         match observation {
             Observation::Connection(record) => {
-                let workload = self.aggregator.workload_name(record.cgroup_id);
-                self.hub.publish_connection(record, workload);
+                let mut naming = self.naming.lock();
+                self.hub.publish_connection(record, naming.workload_name(record.cgroup_id));
             }
             Observation::Transition(record) => {
-                let workload = self.aggregator.workload_name(record.cgroup_id);
-                self.hub.publish_transition(record, workload);
+                let mut naming = self.naming.lock();
+                self.hub.publish_transition(record, naming.workload_name(record.cgroup_id));
             }
             other => self.aggregator.observe(other),
         }
@@ -94,6 +97,8 @@ impl ObservationSink for Outputs<'_> {
 struct Stages {
     tracker: Tracker,
     aggregator: Aggregator,
+    /// The aggregator's naming service, which names the tail's workloads.
+    naming: NamingService,
     hub: TailHub,
     recorder: Option<Recorder>,
     summary: Summary,
@@ -114,7 +119,11 @@ impl Stages {
         }
         match decode(bytes) {
             Ok(record) => {
-                let mut sink = Outputs { aggregator: &mut self.aggregator, hub: &mut self.hub };
+                let mut sink = Outputs {
+                    aggregator: &mut self.aggregator,
+                    hub: &mut self.hub,
+                    naming: &self.naming,
+                };
                 self.tracker.on_record(&record, &mut sink);
             }
             Err(e) => {
@@ -159,6 +168,7 @@ impl<S: Source> Pipeline<S> {
         let gate = aggregator.scrape_gate();
         let stages = Stages {
             tracker,
+            naming: aggregator.naming().clone(),
             aggregator,
             hub,
             recorder: None,

@@ -28,6 +28,7 @@ use super::filter::Subscribe;
 use super::json::{write_connection, write_transition, TimeWriter};
 use super::record::{TailRecord, PROTOCOL_VERSION};
 use crate::clock::WallClock;
+use crate::metrics::registered;
 use crate::tracker::{ConnectionRecord, TransitionRecord};
 
 /// Records a client may have queued and not yet written before the daemon starts dropping
@@ -110,16 +111,19 @@ pub struct TailMetrics {
 impl TailMetrics {
     /// Creates and registers the metrics.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let clients = IntGauge::new("tcpmon_tail_clients", "Connected tail clients.")?;
-        let sent =
-            IntCounter::new("tcpmon_tail_records_sent_total", "Records queued to tail clients.")?;
-        let dropped = IntCounter::new(
-            "tcpmon_tail_records_dropped_total",
-            "Records dropped because a tail client read too slowly (each client is told).",
+        let clients =
+            registered(registry, IntGauge::new("tcpmon_tail_clients", "Connected tail clients.")?)?;
+        let sent = registered(
+            registry,
+            IntCounter::new("tcpmon_tail_records_sent_total", "Records queued to tail clients.")?,
         )?;
-        registry.register(Box::new(clients.clone()))?;
-        registry.register(Box::new(sent.clone()))?;
-        registry.register(Box::new(dropped.clone()))?;
+        let dropped = registered(
+            registry,
+            IntCounter::new(
+                "tcpmon_tail_records_dropped_total",
+                "Records dropped because a tail client read too slowly (each client is told).",
+            )?,
+        )?;
         Ok(TailMetrics { clients, sent, dropped })
     }
 }
