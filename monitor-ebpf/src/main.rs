@@ -29,8 +29,8 @@ use monitor_common::{
 
 use emit::{on_state_change, output, submit_note};
 use maps::offsets;
-use read::{copy_addr_2aligned, field, store16, Direct, Probe, Reader};
-use socket::{write_synack_request, TraceRecord};
+use read::{copy_addr_2aligned, field, Direct, Probe, Reader};
+use socket::{write_addresses, write_synack_request, TraceRecord};
 
 /// The classic build: fields come from the trace record the kernel fills for us.
 #[tracepoint]
@@ -115,16 +115,8 @@ pub fn tcp_retransmit_synack_btf(ctx: BtfTracePointContext) -> u32 {
         (*record).sport = req.read(o.skc_num).unwrap_or(0);
         (*record).dport = u16::from_be(dport);
         (*record).family = Probe(listener).read(o.skc_family).unwrap_or(0);
-        if req.read::<u16>(o.skc_family) == Some(AF_INET) {
-            let mapped = |v4: u32| 0xffff_0000u64 | (u64::from(v4) << 32);
-            store16(&mut (*record).saddr, 0, mapped(req.read(o.skc_rcv_saddr).unwrap_or(0)));
-            store16(&mut (*record).daddr, 0, mapped(req.read(o.skc_daddr).unwrap_or(0)));
-        } else {
-            let (s, d) = (o.skc_v6_rcv_saddr, o.skc_v6_daddr);
-            let half = |offset: u32| req.read(offset).unwrap_or(0u64);
-            store16(&mut (*record).saddr, half(s), half(s.wrapping_add(8)));
-            store16(&mut (*record).daddr, half(d), half(d.wrapping_add(8)));
-        }
+        let ipv4 = req.read::<u16>(o.skc_family) == Some(AF_INET);
+        write_addresses(&req, ipv4, o, &mut (*record).saddr, &mut (*record).daddr);
         output(&*record, counter::NOTE_RESERVE_FAILED);
     }
     0

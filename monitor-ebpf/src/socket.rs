@@ -138,19 +138,38 @@ impl Socket for Direct {
             (*event).sport = self.read(o.skc_num).unwrap_or(0);
             (*event).dport = u16::from_be(dport);
             (*event).family = family;
-            if family == AF_INET {
-                // ::ffff:a.b.c.d; little-endian u64 of bytes 8..16 = [0, 0, ff, ff, a, b, c, d].
-                let mapped = |v4: u32| 0xffff_0000u64 | (u64::from(v4) << 32);
-                let saddr = mapped(self.read(o.skc_rcv_saddr).unwrap_or(0));
-                let daddr = mapped(self.read(o.skc_daddr).unwrap_or(0));
-                store16(&mut (*event).saddr, 0, saddr);
-                store16(&mut (*event).daddr, 0, daddr);
-            } else {
-                let (s, d) = (o.skc_v6_rcv_saddr, o.skc_v6_daddr);
-                let half = |offset: u32| self.read(offset).unwrap_or(0u64);
-                store16(&mut (*event).saddr, half(s), half(s.wrapping_add(8)));
-                store16(&mut (*event).daddr, half(d), half(d.wrapping_add(8)));
-            }
+            let ipv4 = family == AF_INET;
+            write_addresses(self, ipv4, o, &mut (*event).saddr, &mut (*event).daddr);
+        }
+    }
+}
+
+/// Stores a socket's local and remote addresses from its `sock_common` as
+/// `TP_STORE_ADDRS` (include/trace/events/sock.h) does: for an `AF_INET` socket (`ipv4`) the
+/// IPv4-mapped IPv6 form. The state program's socket and the SYN-ACK program's request socket
+/// alike.
+#[inline(always)]
+pub(crate) unsafe fn write_addresses<R: Reader>(
+    sock: &R,
+    ipv4: bool,
+    o: &KernelOffsets,
+    saddr: &mut [u8; 16],
+    daddr: &mut [u8; 16],
+) {
+    unsafe {
+        if ipv4 {
+            // ::ffff:a.b.c.d; little-endian u64 of bytes 8..16 = [0, 0, ff, ff, a, b, c, d].
+            let mapped = |v4: u32| 0xffff_0000u64 | (u64::from(v4) << 32);
+            // Both loads before the (volatile) stores, which the compiler may not reorder.
+            let local = mapped(sock.read(o.skc_rcv_saddr).unwrap_or(0));
+            let remote = mapped(sock.read(o.skc_daddr).unwrap_or(0));
+            store16(saddr, 0, local);
+            store16(daddr, 0, remote);
+        } else {
+            let (s, d) = (o.skc_v6_rcv_saddr, o.skc_v6_daddr);
+            let half = |offset: u32| sock.read(offset).unwrap_or(0u64);
+            store16(saddr, half(s), half(s.wrapping_add(8)));
+            store16(daddr, half(d), half(d.wrapping_add(8)));
         }
     }
 }
