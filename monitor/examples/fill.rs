@@ -7,16 +7,9 @@
 //!
 //! `cargo run --release --example fill -- MAX_SOCKETS`
 
-use monitor::aggregate::Aggregator;
-use monitor::clock::WallClock;
 use monitor::decode::{fixture, TcpState};
-use monitor::naming::labels::LabelLimits;
-use monitor::naming::workload::Workloads;
-use monitor::naming::{Naming, NamingService};
 use monitor::pipeline::Pipeline;
 use monitor::source::{Drained, Source};
-use monitor::tail::hub::{TailHub, TailMetrics};
-use monitor::tracker::Tracker;
 
 /// Births of `total` sockets at distinct kernel addresses (two transitions each: CLOSE →
 /// SYN_SENT, SYN_SENT → ESTABLISHED), made on demand.
@@ -66,17 +59,10 @@ fn main() {
         eprintln!("usage: fill MAX_SOCKETS");
         std::process::exit(2);
     };
-    let registry = prometheus::Registry::new();
-    let names = Workloads::discover(monitor::naming::workload::DEFAULT_POD_LOGS.into());
-    let aggregator = Aggregator::with_labels(
-        &registry,
-        NamingService::new(Naming::new(LabelLimits::DEFAULT, names, 0)),
-    )
-    .expect("metrics");
-    let hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry).expect("metrics"), "fill");
     let total = max_sockets as u64 + max_sockets as u64 / 10;
     let births = Births { total, next_record: 0 };
-    let mut pipeline = Pipeline::new(births, Tracker::new(max_sockets), aggregator, hub);
+    let (mut pipeline, registry) =
+        Pipeline::with_default_labels(births, max_sockets).expect("metrics");
     pipeline.drain_now();
     // A scrape at the cap, as Prometheus would take one.
     let scrape = prometheus::TextEncoder::new()

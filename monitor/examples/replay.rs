@@ -10,30 +10,14 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use monitor::aggregate::Aggregator;
-use monitor::clock::WallClock;
 use monitor::decode::{fixture, TcpState};
-use monitor::naming::labels::LabelLimits;
-use monitor::naming::workload::Workloads;
-use monitor::naming::{Naming, NamingService};
 use monitor::pipeline::Pipeline;
 use monitor::source::ReplaySource;
-use monitor::tail::hub::{TailHub, TailMetrics};
-use monitor::tracker::Tracker;
 
 /// The daemon's pipeline over `records`, with its own metrics (the default `port` and
 /// `workload` labels) and no tail client.
 fn pipeline(records: Vec<Vec<u8>>, max_sockets: usize) -> Pipeline<ReplaySource> {
-    let registry = prometheus::Registry::new();
-    let names = Workloads::discover(monitor::naming::workload::DEFAULT_POD_LOGS.into());
-    let aggregator = Aggregator::with_labels(
-        &registry,
-        NamingService::new(Naming::new(LabelLimits::DEFAULT, names, 0)),
-    )
-    .expect("metrics");
-    let hub =
-        TailHub::new(WallClock::now(), TailMetrics::new(&registry).expect("metrics"), "bench");
-    Pipeline::new(ReplaySource::new(records), Tracker::new(max_sockets), aggregator, hub)
+    Pipeline::with_default_labels(ReplaySource::new(records), max_sockets).expect("metrics").0
 }
 
 /// Counts allocations and live bytes.

@@ -122,17 +122,7 @@ impl Container {
 
     /// Runs `f` on a thread in the container's network namespace.
     fn in_network<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/proc/{}/ns/net", self.leader);
-        thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let handle = std::fs::File::open(&path).unwrap();
-                    nix::sched::setns(handle, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                    f()
-                })
-                .join()
-                .unwrap()
-        })
+        common::in_netns_at(Path::new(&format!("/proc/{}/ns/net", self.leader)), f)
     }
 
     /// A path of the container's file system, from the host.

@@ -163,6 +163,24 @@ pub struct Pipeline<S> {
 }
 
 impl<S: Source> Pipeline<S> {
+    /// The daemon's pipeline over `source`, with the default `port` and `workload` labels,
+    /// metrics in a registry of its own and no tail client: what the replay benchmarks and
+    /// the memory measurement run. Also returns the registry, to scrape.
+    pub fn with_default_labels(
+        source: S,
+        max_sockets: usize,
+    ) -> prometheus::Result<(Self, prometheus::Registry)> {
+        use crate::clock::WallClock;
+        use crate::naming::{labels::LabelLimits, workload, Naming, NamingService};
+        use crate::tail::hub::TailMetrics;
+        let registry = prometheus::Registry::new();
+        let names = workload::Workloads::discover(workload::DEFAULT_POD_LOGS.into());
+        let naming = NamingService::new(Naming::new(LabelLimits::DEFAULT, names, 0));
+        let aggregator = Aggregator::with_labels(&registry, naming)?;
+        let hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "replay");
+        Ok((Pipeline::new(source, Tracker::new(max_sockets), aggregator, hub), registry))
+    }
+
     /// A pipeline from `source` to `aggregator` and `hub`.
     pub fn new(source: S, tracker: Tracker, aggregator: Aggregator, hub: TailHub) -> Self {
         let gate = aggregator.scrape_gate();

@@ -564,11 +564,15 @@ impl Drop for NetnsPair {
 /// Runs `f` on a thread that has entered network namespace `name`: sockets it creates live
 /// there and keep working from any thread.
 pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = Path::new("/run/netns").join(name);
+    in_netns_at(&Path::new("/run/netns").join(name), f)
+}
+
+/// [`in_netns`] for the namespace file at `path` (`/proc/PID/ns/net`, `/run/netns/NAME`).
+pub fn in_netns_at<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
     thread::scope(|scope| {
         scope
             .spawn(|| {
-                let handle = std::fs::File::open(&path).unwrap();
+                let handle = std::fs::File::open(path).unwrap();
                 nix::sched::setns(handle, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
                 f()
             })
