@@ -424,9 +424,18 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Creates (or truncates) `path` and writes the header.
+    /// Creates `path`, a new file readable by its owner only, and writes the header. Never
+    /// overwrites: an existing file (or a link, even to nothing) is an error, so `--record`
+    /// pointed at a shared directory cannot be turned against another file.
     pub fn create(path: &Path) -> io::Result<Self> {
-        let mut out = BufWriter::new(File::create(path)?);
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true) // O_CREAT | O_EXCL: fails on anything there, links included
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
+        let mut out = BufWriter::new(file);
         out.write_all(RECORDING_MAGIC)?;
         Ok(Recorder { out })
     }
@@ -521,6 +530,27 @@ impl Source for ReplaySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recording_is_a_new_owner_only_file_and_never_replaces_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tcpmon-record-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.rec");
+        drop(Recorder::create(&path).unwrap());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = Recorder::create(&path).err().expect("an existing file is refused");
+        assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
+        // A link planted at the path, even to a file not there yet, is not followed.
+        let target = dir.join("victim");
+        let link = dir.join("link.rec");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(Recorder::create(&link).is_err());
+        assert!(!target.exists(), "the link's target was created");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn recordings_round_trip_and_reject_damage() {

@@ -333,3 +333,49 @@ fn records_drained_at_shutdown_still_reach_the_tail() {
     assert_eq!(records.len(), 2, "both ends of the connection: {out}");
     assert!(records.iter().all(|r| r["type"] == "connection" && r["event"] == "closed"), "{out}");
 }
+
+#[test]
+fn past_32_tail_clients_the_next_is_told_so_and_the_others_keep_their_records() {
+    let _host = common::shared(); // its own port only
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let daemon = Daemon::start(&[]);
+    let listener = common::listener_with_deep_backlog();
+    let port = listener.local_addr().unwrap().port();
+    let request =
+        format!("{{\"version\":1,\"view\":\"events\",\"filter\":{{\"ports\":[{port}]}}}}\n");
+    let connect = || {
+        let mut client = UnixStream::connect(&daemon.tail_socket).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        client.write_all(request.as_bytes()).unwrap();
+        let mut reader = BufReader::new(client);
+        let mut first = String::new();
+        reader.read_line(&mut first).unwrap();
+        (reader, first)
+    };
+    let mut clients = Vec::new();
+    for _ in 0..32 {
+        let (reader, hello) = connect();
+        assert!(hello.contains("\"hello\""), "{hello}");
+        clients.push(reader);
+    }
+    let (_, refused) = connect();
+    assert!(refused.contains("\"error\"") && refused.contains("32 tail clients"), "{refused}");
+    // The 32 still get their records: one connection's transitions reach the first client.
+    common::churn_on(listener, 1, 1);
+    let mut line = String::new();
+    clients[0].read_line(&mut line).unwrap();
+    assert!(line.contains(&format!(":{port}")) || line.contains(&port.to_string()), "{line}");
+    // One leaves: there is room again.
+    drop(clients.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, answer) = connect();
+        if answer.contains("\"hello\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no room after a client left: {answer}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -90,8 +90,12 @@ impl Pipeline<RingSource> {
         let mut pipeline =
             Pipeline::new(source, Tracker::new(options.max_sockets), aggregator, hub);
         if let Some(path) = &options.record {
-            let recorder =
-                Recorder::create(path).with_context(|| format!("creating {}", path.display()))?;
+            let recorder = Recorder::create(path).with_context(|| {
+                format!(
+                    "creating the recording {} (--record writes a new file, never over one)",
+                    path.display()
+                )
+            })?;
             pipeline.record_to(recorder);
         }
         Ok(pipeline)

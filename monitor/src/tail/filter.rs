@@ -156,6 +156,7 @@ impl Subscribe {
             ));
         }
         let f = &self.filter;
+        f.check_bounds()?;
         for outcome in &f.outcomes {
             parse_outcome(outcome)?;
         }
@@ -175,7 +176,51 @@ impl Subscribe {
     }
 }
 
+/// Most values one filter flag may list: a request is parsed by the daemon, and its filters
+/// run against every record while the client stays.
+pub const MAX_FILTER_VALUES: usize = 256;
+/// Longest name or pattern a filter may hold, in bytes.
+pub const MAX_PATTERN_BYTES: usize = 256;
+
 impl Filter {
+    /// Every list within [`MAX_FILTER_VALUES`], every name and pattern within
+    /// [`MAX_PATTERN_BYTES`].
+    fn check_bounds(&self) -> Result<(), String> {
+        let lengths = [
+            ("--port", self.ports.len()),
+            ("--lport", self.local_ports.len()),
+            ("--rport", self.remote_ports.len()),
+            ("--addr", self.addrs.len()),
+            ("--laddr", self.local_addrs.len()),
+            ("--raddr", self.remote_addrs.len()),
+            ("--pid", self.pids.len()),
+            ("--comm", self.comms.len()),
+            ("--side", self.sides.len()),
+            ("--workload", self.workloads.len()),
+            ("--outcome", self.outcomes.len()),
+        ];
+        for (flag, count) in lengths {
+            if count > MAX_FILTER_VALUES {
+                return Err(format!("{flag}: {count} values; at most {MAX_FILTER_VALUES}"));
+            }
+        }
+        let texts = [
+            ("--comm", &self.comms),
+            ("--side", &self.sides),
+            ("--workload", &self.workloads),
+            ("--outcome", &self.outcomes),
+        ];
+        for (flag, values) in texts {
+            if let Some(long) = values.iter().find(|v| v.len() > MAX_PATTERN_BYTES) {
+                return Err(format!(
+                    "{flag}: a value of {} bytes; at most {MAX_PATTERN_BYTES}",
+                    long.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn matches_identity(
         &self,
         side: Option<Side>,
@@ -384,6 +429,17 @@ mod tests {
         let mut bad = ok.clone();
         bad.filter.outcomes = vec!["boom".into()];
         assert!(bad.validate().is_err());
+        // Bounded: lists of at most 256 values, names and patterns of at most 256 bytes.
+        let mut many = ok.clone();
+        many.filter.ports = (0..MAX_FILTER_VALUES as u16).collect();
+        assert_eq!(many.validate(), Ok(()));
+        many.filter.ports.push(1);
+        assert_eq!(many.validate().unwrap_err(), "--port: 257 values; at most 256");
+        let mut long = ok.clone();
+        long.filter.workloads = vec!["a".repeat(MAX_PATTERN_BYTES)];
+        assert_eq!(long.validate(), Ok(()));
+        long.filter.workloads = vec!["a".repeat(MAX_PATTERN_BYTES + 1)];
+        assert_eq!(long.validate().unwrap_err(), "--workload: a value of 257 bytes; at most 256");
         // Unknown fields are refused, not ignored: a typo must not widen a filter silently.
         let typo = r#"{"version":1,"filter":{"prots":[80]}}"#;
         assert!(serde_json::from_str::<Subscribe>(typo).is_err());

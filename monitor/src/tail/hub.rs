@@ -303,19 +303,39 @@ impl Drop for TailHub {
 /// Binds the tail socket with owner-only permissions. A live socket at `path` means another
 /// daemon is running: that is an error. A dead one (left by a crash) is replaced.
 pub fn bind_socket(path: &Path) -> Result<UnixListener, StartError> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
     let failed = |reason: String| StartError::SocketPath { path: path.to_owned(), reason };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        // A directory of our own is made owner-only; an existing one is left as it is.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
             .map_err(|e| failed(format!("creating {}: {e}", parent.display())))?;
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(StartError::AlreadyRunning { path: path.to_owned() });
+    // Not following a link: whatever lies at the path itself.
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(StartError::AlreadyRunning { path: path.to_owned() });
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| failed(format!("removing the stale socket: {e}")))?;
         }
-        std::fs::remove_file(path)
-            .map_err(|e| failed(format!("removing the stale socket: {e}")))?;
+        Ok(_) => {
+            return Err(failed(
+                "something that is not a socket is there; tcpmon does not remove it (choose \
+                 another --tail-socket, or remove it)"
+                    .into(),
+            ))
+        }
+        Err(_) => {}
     }
-    let listener = UnixListener::bind(path).map_err(|e| failed(e.to_string()))?;
+    // Owner-only from its creation: bind() makes the socket file under the umask.
+    let previous = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(previous);
+    let listener = bound.map_err(|e| failed(e.to_string()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| failed(format!("restricting it to its owner: {e}")))?;
     Ok(listener)
@@ -347,7 +367,10 @@ impl Drop for Live {
     }
 }
 
-/// Accepts tail clients until the task is dropped.
+/// Most tail clients at once; more are told so and closed.
+pub const MAX_CLIENTS: usize = 32;
+
+/// Accepts tail clients until the task is dropped, at most [`MAX_CLIENTS`] at once.
 pub async fn serve(
     listener: UnixListener,
     new_subscribers: mpsc::Sender<NewSubscriber>,
@@ -356,6 +379,14 @@ pub async fn serve(
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                if live.0.load(std::sync::atomic::Ordering::Acquire) >= MAX_CLIENTS {
+                    let message = format!(
+                        "the daemon already serves {MAX_CLIENTS} tail clients, its most; try again \
+                         when one has left"
+                    );
+                    tokio::spawn(refuse(stream, message));
+                    continue;
+                }
                 live.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 let guard = Live(live.clone());
                 let new_subscribers = new_subscribers.clone();
@@ -441,4 +472,29 @@ async fn handle_client(stream: UnixStream, new_subscribers: mpsc::Sender<NewSubs
 /// Default path of the tail socket.
 pub fn default_socket() -> PathBuf {
     PathBuf::from("/run/tcpmon/tail.sock")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_socket_is_owner_only_in_an_owner_only_directory_and_replaces_no_file() {
+        let dir = std::env::temp_dir().join(format!("tcpmon-socket-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("run/tail.sock");
+        let listener = bind_socket(&path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.join("run")), 0o700);
+        drop(listener);
+        // A stale socket is replaced; a file that is not a socket is left alone.
+        drop(bind_socket(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "precious").unwrap();
+        let refused = bind_socket(&path).expect_err("a regular file is refused").to_string();
+        assert!(refused.contains("not a socket"), "{refused}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
