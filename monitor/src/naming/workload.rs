@@ -66,32 +66,99 @@ fn unescape_mount_path(field: &str) -> PathBuf {
     PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
 }
 
-/// The workload of a cgroup, from its path relative to the cgroup2 root (`""` for the root),
-/// most specific first:
-/// - a Kubernetes pod (`…kubepods…pod<uid>…`): `namespace/pod` when `pod_name` knows the
-///   UID, else `pod/<uid>`;
+/// Longest label value: a longer name keeps a readable prefix and a hash of the whole.
+pub const MAX_NAME_BYTES: usize = 128;
+
+/// The workload of a cgroup, from its path relative to the cgroup2 root (`""` for the root).
+///
+/// Only the structure that root and systemd make is believed: the path is read from the root
+/// down through slices (`*.slice`), and the first thing below them names the workload. What
+/// lies deeper is a delegated subtree (a user manager's, a container's), where anyone with
+/// that delegation can create cgroups with any name, so it never decides the name:
+/// - the kubelet's tree (`kubepods…`, reached through slices, or the cgroupfs driver's
+///   `kubepods/<qos>`): its first (outermost) pod, `namespace/pod` when `pod_name` knows
+///   the UID, else `pod/<uid>`; a pod nested in another pod's container is the outer pod;
+/// - a user manager (`user@UID.service`): `user@UID.service`, or `user@UID.service/x.service`
+///   for the first unit it runs (through its own slices); nothing below it is named as a pod,
+///   a container or a system unit;
 /// - a container scope (`docker-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>.scope`,
 ///   `libpod-<id>.scope`): `container/<first 12 hex digits>`;
 /// - a systemd service (`…/nginx.service`): `nginx.service`;
-/// - otherwise the path (`/tcpmon-test/a`), and [`HOST`] for the root.
+/// - otherwise the path (`/user.slice/user-0.slice/session-3.scope`), and [`HOST`] for the
+///   root.
+///
+/// Every name is at most [`MAX_NAME_BYTES`] ([`bounded`]).
 pub fn workload_name(path: &str, pod_name: impl Fn(&str) -> Option<String>) -> String {
+    bounded(unbounded_name(path, pod_name))
+}
+
+fn unbounded_name(path: &str, pod_name: impl Fn(&str) -> Option<String>) -> String {
     let path = path.trim_matches('/');
     if path.is_empty() {
         return HOST.to_owned();
     }
     let segments: Vec<&str> = path.split('/').collect();
-    if path.contains("kubepods") {
-        if let Some(uid) = segments.iter().rev().find_map(|segment| pod_uid(segment)) {
-            return pod_name(&uid).unwrap_or_else(|| format!("pod/{uid}"));
+    let mut in_kubepods = false;
+    for (at, segment) in segments.iter().enumerate() {
+        in_kubepods |= segment.starts_with("kubepods");
+        if in_kubepods {
+            if let Some(uid) = pod_uid(segment) {
+                return pod_name(&uid).unwrap_or_else(|| format!("pod/{uid}"));
+            }
+            // The cgroupfs driver's levels above the pods.
+            if ["kubepods", "besteffort", "burstable", "guaranteed"].contains(segment) {
+                continue;
+            }
         }
-    }
-    if let Some(id) = segments.iter().rev().find_map(|segment| container_id(segment)) {
-        return format!("container/{}", &id[..12]);
-    }
-    if let Some(unit) = segments.iter().rev().find(|segment| segment.ends_with(".service")) {
-        return (*unit).to_owned();
+        if segment.ends_with(".slice") {
+            continue;
+        }
+        if is_user_manager(segment) {
+            return match first_unit(&segments[at + 1..]) {
+                Some(unit) => format!("{segment}/{unit}"),
+                None => (*segment).to_owned(),
+            };
+        }
+        if let Some(id) = container_id(segment) {
+            return format!("container/{}", &id[..12]);
+        }
+        if segment.ends_with(".service") {
+            return (*segment).to_owned();
+        }
+        break;
     }
     format!("/{path}")
+}
+
+/// `user@<uid>.service`: a user's systemd instance, whose subtree is delegated to the user.
+fn is_user_manager(segment: &str) -> bool {
+    segment
+        .strip_prefix("user@")
+        .and_then(|rest| rest.strip_suffix(".service"))
+        .is_some_and(|uid| !uid.is_empty() && uid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The first service below `segments`' slices, if that is what comes first.
+fn first_unit<'a>(segments: &[&'a str]) -> Option<&'a str> {
+    let unit = segments.iter().find(|segment| !segment.ends_with(".slice"))?;
+    unit.ends_with(".service").then_some(*unit)
+}
+
+/// `name` if it is at most [`MAX_NAME_BYTES`] long; else its first bytes (at a character
+/// boundary), `~`, and 16 hex digits of a hash of the whole name, so two long names never
+/// share a value (FNV-1a, 64 bits: no key, the same on every host).
+pub fn bounded(name: String) -> String {
+    if name.len() <= MAX_NAME_BYTES {
+        return name;
+    }
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut cut = MAX_NAME_BYTES - 17;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{hash:016x}", &name[..cut])
 }
 
 /// The pod UID in a kubepods path segment: `pod<uid>` (cgroupfs driver) or
@@ -287,6 +354,63 @@ mod tests {
         assert_eq!(name("libpod-short.scope"), "/libpod-short.scope", "not a container id");
         assert_eq!(name(""), HOST);
         assert_eq!(name("/"), HOST);
+    }
+
+    #[test]
+    fn names_nobody_can_spoof_come_from_the_outermost_structure_root_made() {
+        let uid = POD_UID.replace('-', "_");
+        let scope = format!("cri-containerd-{CONTAINER}.scope");
+        // A user's delegated subtree dressed as a pod: named after the user manager.
+        let in_user = format!(
+            "user.slice/user-4242.slice/user@4242.service/app.slice/kubepods-besteffort-pod{uid}.slice/{scope}"
+        );
+        assert_eq!(name(&in_user), "user@4242.service");
+        assert_eq!(
+            name("user.slice/user-1000.slice/user@1000.service/app.slice/app.service"),
+            "user@1000.service/app.service"
+        );
+        assert_eq!(
+            name("user.slice/user-1000.slice/user@1000.service/x/nginx.service"),
+            "user@1000.service",
+            "a service in a plain directory of the user's is not the user's unit"
+        );
+        assert_eq!(
+            name(&format!("user.slice/user-1000.slice/user@1000.service/docker-{CONTAINER}.scope")),
+            "user@1000.service"
+        );
+        // A pod nested in another pod's container is the outer pod.
+        let nested = format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid}.slice/{scope}/\
+             kubepods/besteffort/pod11111111-2222-3333-4444-555555555555/{CONTAINER}"
+        );
+        assert_eq!(name(&nested), "shop/web-7d9f");
+        // A pod-like name outside the kubelet's tree is no pod.
+        assert_eq!(
+            name("evil/pod11111111-2222-3333-4444-555555555555"),
+            "/evil/pod11111111-2222-3333-4444-555555555555"
+        );
+        // Units only from the slice structure: a service nested in another's subtree is the
+        // outer one; a .service name in a plain directory is a path.
+        assert_eq!(name("system.slice/docker.service/evil/nginx.service"), "docker.service");
+        assert_eq!(name("evil/nginx.service"), "/evil/nginx.service");
+        assert_eq!(
+            name(&format!("system.slice/runner.service/docker-{CONTAINER}.scope")),
+            "runner.service"
+        );
+    }
+
+    #[test]
+    fn long_names_keep_a_prefix_and_a_hash_and_never_collide() {
+        let long = |tail: &str| name(&format!("system.slice/{}{tail}.service", "a".repeat(200)));
+        let (one, two) = (long("1"), long("2"));
+        assert!(one.len() <= MAX_NAME_BYTES && two.len() <= MAX_NAME_BYTES, "{one}");
+        assert_ne!(one, two);
+        assert!(one.starts_with("aaaa") && one.contains('~'), "{one}");
+        assert_eq!(one, long("1"), "the same name every time");
+        // Multi-byte characters are cut at a boundary.
+        let wide = bounded("é".repeat(100));
+        assert!(wide.len() <= MAX_NAME_BYTES && wide.starts_with("éé"), "{wide}");
+        assert_eq!(bounded("short".into()), "short");
     }
 
     #[test]
