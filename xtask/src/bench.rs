@@ -32,6 +32,8 @@ pub struct Options {
     pub report: Option<PathBuf>,
     /// Connections held open for the memory measurement (each is two tracked sockets).
     pub held_connections: usize,
+    /// Judge the targets (not in a smoke run, whose one short round cannot).
+    pub verdicts: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -519,13 +521,93 @@ struct Row {
     paired: (f64, f64, f64),
     bpf_ns: Option<f64>,
     user_ns: Option<f64>,
+    /// The same two, median (min, max) over rounds: verdicts need the spread.
+    bpf_spread: Option<Spread>,
+    user_spread: Option<Spread>,
     rss_mib: Option<f64>,
     lost: Option<u64>,
 }
 
-impl Row {
-    fn measured(&self) -> Option<&Row> {
-        self.failed.is_none().then_some(self)
+/// A figure over the rounds: its median and the lowest and highest round.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Spread {
+    median: f64,
+    low: f64,
+    high: f64,
+}
+
+impl Spread {
+    /// The spread of `values`; `None` for none.
+    fn of(values: &[f64]) -> Option<Spread> {
+        if values.is_empty() {
+            return None;
+        }
+        let mut sorted = values.to_vec();
+        let (low, high) = sorted
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        Some(Spread { median: median(&mut sorted), low, high })
+    }
+}
+
+/// Whether a target was met, judged against the rounds' spread.
+#[derive(Clone, Debug, PartialEq)]
+enum Verdict {
+    Met,
+    NotMet,
+    /// The spread of the rounds covers the target: the run cannot tell.
+    WithinNoise,
+    NotMeasured,
+}
+
+impl Verdict {
+    /// `figure ≤ limit`, every round on the same side of it, or noise.
+    fn at_most(figure: Option<Spread>, limit: Option<Spread>) -> Verdict {
+        match (figure, limit) {
+            (Some(f), Some(l)) if f.high <= l.low => Verdict::Met,
+            (Some(f), Some(l)) if f.low > l.high => Verdict::NotMet,
+            (Some(_), Some(_)) => Verdict::WithinNoise,
+            _ => Verdict::NotMeasured,
+        }
+    }
+
+    /// `figure ≥ limit`, likewise.
+    fn at_least(figure: Option<Spread>, limit: Option<Spread>) -> Verdict {
+        let negate = |s: Spread| Spread { median: -s.median, low: -s.high, high: -s.low };
+        Verdict::at_most(figure.map(negate), limit.map(negate))
+    }
+
+    /// A single measurement (no rounds to spread over).
+    fn single(ok: Option<bool>) -> Verdict {
+        match ok {
+            Some(true) => Verdict::Met,
+            Some(false) => Verdict::NotMet,
+            None => Verdict::NotMeasured,
+        }
+    }
+
+    fn word(&self) -> &'static str {
+        match self {
+            Verdict::Met => "met",
+            Verdict::NotMet => "NOT met",
+            Verdict::WithinNoise => "within noise",
+            Verdict::NotMeasured => "not measured",
+        }
+    }
+}
+
+/// A constant as a spread of one value.
+fn exactly(value: f64) -> Option<Spread> {
+    Some(Spread { median: value, low: value, high: value })
+}
+
+/// `median (low–high)` of a spread.
+fn shown(spread: Spread, digits: usize) -> String {
+    let Spread { median, low, high } = spread;
+    if low == high {
+        format!("{median:.digits$}")
+    } else {
+        format!("{median:.digits$} ({low:.digits$}–{high:.digits$})")
     }
 }
 
@@ -574,6 +656,12 @@ fn summarize(configs: &[Config], samples: &[(usize, Sample)]) -> Vec<Row> {
                 paired: (median(&mut ratios), low, high),
                 bpf_ns: of(&|s| s.bpf_ns_per_event),
                 user_ns: of(&|s| s.user_cpu_ns_per_event),
+                bpf_spread: Spread::of(
+                    &measured.iter().filter_map(|s| s.bpf_ns_per_event).collect::<Vec<_>>(),
+                ),
+                user_spread: Spread::of(
+                    &measured.iter().filter_map(|s| s.user_cpu_ns_per_event).collect::<Vec<_>>(),
+                ),
                 rss_mib: of(&|s| s.peak_rss_mib),
                 lost: measured.iter().filter_map(|s| s.lost).reduce(|a, b| a + b),
             }
@@ -742,12 +830,6 @@ fn report(
     let bpf =
         |config: &Config| rows.iter().find(|r| r.name == config.name()).and_then(|r| r.bpf_ns);
     let ours_bpf = bpf(&Config::Tcpmon);
-    let check = |ok: Option<bool>| match ok {
-        Some(true) => "met",
-        Some(false) => "NOT met",
-        None => "not measured",
-    };
-    let targets = targets(&rows, held, &field);
     if let (Some(with), Some(without)) = (ours_bpf, bpf(&Config::TcpmonWithoutCgroup)) {
         report.push_str(&format!(
             "Attribution's kernel cost: reading each socket's cgroup (three loads at births and \
@@ -756,103 +838,153 @@ fn report(
             with - without
         ));
     }
+    if !options.verdicts {
+        report.push_str("(A smoke run: figures only. `cargo xtask bench` judges the targets.)\n");
+        return report;
+    }
+    report.push_str(
+        "Verdicts over rounds are \"met\" or \"NOT met\" only when every round is on the same \
+         side of the target; \"within noise\" when the rounds' spread (shown as median \
+         (min–max)) covers it.\n\n",
+    );
     report.push_str("| target | measured | verdict |\n|---|---|---|\n");
-    for (target, ok, measured) in targets {
+    for (target, verdict, measured) in targets(&rows, held, &field) {
         report.push_str(&format!(
             "| {target} | {} | {} |\n",
             measured.unwrap_or_else(|| "-".into()),
-            check(ok)
+            verdict.word()
         ));
     }
     report
 }
 
-/// Each target `(what, met, measured)`, against references measured in the same run.
+/// Each target `(what, verdict, measured)`, against references measured in the same run.
+/// A verdict over rounds is "met" or "NOT met" only when every round is on the same side of
+/// the target; when the rounds' spread covers it, the run cannot tell: "within noise".
 fn targets(
     rows: &[Row],
     held: &Held,
     field: &dyn Fn(&str) -> Option<f64>,
-) -> Vec<(String, Option<bool>, Option<String>)> {
+) -> Vec<(String, Verdict, Option<String>)> {
     let Held { tracked, rss_mib: held_rss, scrape_ms } = *held;
-    // Targets: each against references measured in the same run, never absolute numbers.
-    let row = |config: &Config| rows.iter().find(|r| r.name == config.name());
-    let ratio = |config: &Config| row(config).and_then(|r| r.measured()).map(|r| r.paired.0);
-    let bpf = |config: &Config| row(config).and_then(|r| r.bpf_ns);
-    let user = |config: &Config| row(config).and_then(|r| r.user_ns);
+    let row = |config: &Config| rows.iter().find(|r| r.name == config.name() && r.failed.is_none());
+    let ratio = |config: &Config| {
+        row(config).map(|r| Spread { median: r.paired.0, low: r.paired.1, high: r.paired.2 })
+    };
+    let bpf = |config: &Config| row(config).and_then(|r| r.bpf_spread);
+    let user = |config: &Config| row(config).and_then(|r| r.user_spread);
     let tcpstates = Config::Peer("tcpstates");
     let (ours, tailed) = (ratio(&Config::Tcpmon), ratio(&Config::TcpmonTail));
     let ours_bpf = bpf(&Config::Tcpmon);
     let (floor, counter) = (bpf(&BPFTRACE_EMPTY), bpf(&BPFTRACE_COUNTER));
     let lost: Option<u64> =
         [Config::Tcpmon, Config::TcpmonTail].iter().map(|c| row(c).and_then(|r| r.lost)).sum();
+    // The overhead (1 − ratio) at most half of tcpstates': ratio ≥ (1 + tcpstates' ratio) / 2.
+    let half_of_tcpstates = ratio(&tcpstates).map(|t| Spread {
+        median: (1.0 + t.median) / 2.0,
+        low: (1.0 + t.low) / 2.0,
+        high: (1.0 + t.high) / 2.0,
+    });
     vec![
         (
             "BPF ns/event ≤ the bpftrace hash-map counter's (× the empty program's)".to_owned(),
-            ours_bpf.zip(counter).map(|(o, c)| o <= c),
+            Verdict::at_most(ours_bpf, counter),
             ours_bpf.zip(counter).map(|(o, c)| {
-                let times = |v: f64| floor.map_or(String::new(), |f| format!(" ({:.2}×)", v / f));
-                format!("{o:.0}{} vs {c:.0}{} ns", times(o), times(c))
+                let times =
+                    |v: f64| floor.map_or(String::new(), |f| format!(" ({:.2}×)", v / f.median));
+                format!(
+                    "{}{} vs {}{} ns",
+                    shown(o, 0),
+                    times(o.median),
+                    shown(c, 0),
+                    times(c.median)
+                )
             }),
         ),
         (
             "throughput with `tcpmon run` ≥ 0.95 of unmonitored (paired)".to_owned(),
-            ours.map(|r| r >= 0.95),
-            ours.map(|r| format!("{r:.3}")),
+            Verdict::at_least(ours, exactly(0.95)),
+            ours.map(|r| shown(r, 3)),
         ),
         (
             "throughput with a `tail --json` attached ≥ 0.90 (paired)".to_owned(),
-            tailed.map(|r| r >= 0.90),
-            tailed.map(|r| format!("{r:.3}")),
+            Verdict::at_least(tailed, exactly(0.90)),
+            tailed.map(|r| shown(r, 3)),
         ),
         (
             "daemon CPU ≤ 100 ns per transition".to_owned(),
-            user(&Config::Tcpmon).map(|v| v <= 100.0),
-            user(&Config::Tcpmon).map(|v| format!("{v:.0} ns")),
+            Verdict::at_most(user(&Config::Tcpmon), exactly(100.0)),
+            user(&Config::Tcpmon).map(|v| format!("{} ns", shown(v, 0))),
         ),
         (
             "daemon + one `tail --json` CPU ≤ 300 ns per transition".to_owned(),
-            user(&Config::TcpmonTail).map(|v| v <= 300.0),
-            user(&Config::TcpmonTail).map(|v| format!("{v:.0} ns")),
+            Verdict::at_most(user(&Config::TcpmonTail), exactly(300.0)),
+            user(&Config::TcpmonTail).map(|v| format!("{} ns", shown(v, 0))),
         ),
         (
             "nothing lost at the default ring size".to_owned(),
-            lost.map(|l| l == 0),
+            Verdict::single(lost.map(|l| l == 0)),
             lost.map(|l| l.to_string()),
         ),
         (
-            "overhead at most half of tcpstates' (1 − ratio)".to_owned(),
-            ours.zip(ratio(&tcpstates)).map(|(o, t)| (1.0 - o) <= (1.0 - t) / 2.0),
-            ours.zip(ratio(&tcpstates)).map(|(o, t)| format!("{:.3} vs {:.3}", 1.0 - o, 1.0 - t)),
+            "overhead at most half of tcpstates' (paired ratio ≥ (1 + tcpstates') / 2)".to_owned(),
+            Verdict::at_least(ours, half_of_tcpstates),
+            ours.zip(half_of_tcpstates).map(|(o, t)| format!("{} vs {}", shown(o, 3), shown(t, 3))),
         ),
         (
             "BPF below tcpstates'".to_owned(),
-            ours_bpf.zip(bpf(&tcpstates)).map(|(o, t)| o < t),
-            ours_bpf.zip(bpf(&tcpstates)).map(|(o, t)| format!("{o:.0} vs {t:.0} ns")),
+            Verdict::at_most(ours_bpf, bpf(&tcpstates)),
+            ours_bpf
+                .zip(bpf(&tcpstates))
+                .map(|(o, t)| format!("{} vs {} ns", shown(o, 0), shown(t, 0))),
         ),
         (
             "replay ≥ 5 M events/s".to_owned(),
-            field("events_per_sec").map(|v| v >= 5e6),
+            Verdict::single(field("events_per_sec").map(|v| v >= 5e6)),
             field("events_per_sec").map(|v| format!("{:.1} M/s", v / 1e6)),
         ),
         (
             "zero allocations per event".to_owned(),
-            field("allocations_per_event").map(|v| v == 0.0),
+            Verdict::single(field("allocations_per_event").map(|v| v == 0.0)),
             field("allocations_per_event").map(|v| format!("{v}")),
         ),
         (
             "≤ 256 bytes per tracked socket".to_owned(),
-            field("bytes_per_socket").map(|v| v <= 256.0),
+            Verdict::single(field("bytes_per_socket").map(|v| v <= 256.0)),
             field("bytes_per_socket").map(|v| format!("{v:.0} B")),
         ),
         (
             "≤ 20 ms CPU per scrape with 100 k tracked sockets".to_owned(),
-            (tracked >= 100_000.0).then_some(scrape_ms <= 20.0),
+            Verdict::single((tracked >= 100_000.0).then_some(scrape_ms <= 20.0)),
             Some(format!("{scrape_ms:.1} ms at {tracked:.0} sockets")),
         ),
         (
             "RSS < 64 MiB with 100 k tracked sockets".to_owned(),
-            (tracked >= 100_000.0).then_some(held_rss < 64.0),
+            Verdict::single((tracked >= 100_000.0).then_some(held_rss < 64.0)),
             Some(format!("{held_rss:.1} MiB at {tracked:.0} sockets")),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spread(low: f64, high: f64) -> Option<Spread> {
+        Some(Spread { median: (low + high) / 2.0, low, high })
+    }
+
+    #[test]
+    fn a_verdict_is_given_only_when_every_round_is_on_one_side() {
+        // BPF 253 vs 251 with overlapping rounds: the run cannot tell.
+        let counter = spread(246.0, 256.0);
+        assert_eq!(Verdict::at_most(spread(248.0, 258.0), counter), Verdict::WithinNoise);
+        assert_eq!(Verdict::at_most(spread(230.0, 240.0), counter), Verdict::Met);
+        assert_eq!(Verdict::at_most(spread(260.0, 270.0), counter), Verdict::NotMet);
+        assert_eq!(Verdict::at_least(spread(0.94, 0.97), exactly(0.95)), Verdict::WithinNoise);
+        assert_eq!(Verdict::at_least(spread(0.95, 0.97), exactly(0.95)), Verdict::Met);
+        assert_eq!(Verdict::at_least(spread(0.90, 0.94), exactly(0.95)), Verdict::NotMet);
+        assert_eq!(Verdict::at_most(None, exactly(1.0)), Verdict::NotMeasured);
+        assert_eq!(Spread::of(&[3.0, 1.0, 2.0]), Some(Spread { median: 2.0, low: 1.0, high: 3.0 }));
+    }
 }

@@ -134,13 +134,20 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench { seconds, rounds, smoke } => {
             setup::ensure()?;
             let options = if smoke {
-                bench::Options { seconds: 1, rounds: 1, report: None, held_connections: 1_000 }
+                bench::Options {
+                    seconds: 1,
+                    rounds: 1,
+                    report: None,
+                    held_connections: 1_000,
+                    verdicts: false,
+                }
             } else {
                 bench::Options {
                     seconds,
                     rounds,
                     report: Some(workspace_root().join("BENCHMARKS.md")),
                     held_connections: 50_000,
+                    verdicts: true,
                 }
             };
             bench::run(options)
@@ -201,6 +208,7 @@ fn run(cli: Cli) -> Result<()> {
                 rounds: 1,
                 report: None,
                 held_connections: 1_000,
+                verdicts: false,
             })?;
             // One closing line for the whole suite (cargo's last line is the doc-test run).
             println!("tests: {} passed, {failed} failed", passed + matrix);
