@@ -438,3 +438,105 @@ fn ports_and_workloads_beyond_their_caps_share_other_and_are_counted() {
     };
     assert!(overflow(&after) - overflow(&before) >= 1.0, "the overflow is counted");
 }
+
+/// Moves this whole test process into cgroup directory `cgroup`: sockets it creates from now
+/// on belong there. (Every thread moves: only tests that run alone may do it.)
+fn move_into(cgroup: &Path) {
+    std::fs::write(cgroup.join("cgroup.procs"), "0").expect("moving into the cgroup");
+}
+
+#[test]
+fn a_burst_of_new_cgroups_loses_nothing_and_names_every_connection_even_short_lived_ones() {
+    let _host = common::exclusive();
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const BURST: usize = 1000;
+    let cgroups = Cgroups::new("burst");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mount = monitor::naming::workload::cgroup2_mount(&mountinfo).unwrap();
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let own = mount
+        .join(own.lines().find_map(|l| l.strip_prefix("0::")).unwrap().trim_start_matches('/'));
+    // Room for a value per workload and pair: each connection must be named, not lumped.
+    let mut daemon = Daemon::start(&[
+        "--workload-labels",
+        "2000",
+        "--label-pairs",
+        "4000",
+        "--drain-interval",
+        "100ms",
+    ]);
+    let listener = common::listener_with_deep_backlog();
+    let port = listener.local_addr().unwrap().port();
+    let acceptor = std::thread::spawn(move || {
+        for _ in 0..=BURST {
+            drop(listener.accept().unwrap());
+        }
+    });
+    // /healthz answers throughout (its latency is reported, not asserted: a noisy machine).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let metrics = daemon.metrics_address().port();
+    let prober = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut slowest = Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = std::time::Instant::now();
+                assert!(common::http_get(metrics, "/healthz").is_some(), "/healthz failed");
+                slowest = slowest.max(started.elapsed());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            slowest
+        })
+    };
+
+    // A new cgroup for each connection, one after the other, as fast as they come.
+    for index in 0..BURST {
+        move_into(&cgroups.unit(&format!("burst-{index}.service")));
+        drop(TcpStream::connect(("127.0.0.1", port)).unwrap());
+    }
+    // One that lives 200 ms after its connection, then is removed.
+    let short = cgroups.unit("short.service");
+    move_into(&short);
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    move_into(&own);
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::remove_dir(&short).expect("removing the short-lived cgroup");
+    drop(client);
+    acceptor.join().unwrap();
+
+    let on_port = format!("port=\"{port}\"");
+    let opened = |m: &Metrics, workload: &dyn Fn(&str) -> bool| -> f64 {
+        m.iter()
+            .filter(|(k, _)| {
+                k.starts_with("tcpmon_connections_opened_total{")
+                    && k.contains("side=\"active\"")
+                    && k.contains(&on_port)
+            })
+            .filter(|(k, _)| {
+                let value = k.split("workload=\"").nth(1).and_then(|v| v.split('"').next());
+                value.is_some_and(workload)
+            })
+            .map(|(_, v)| v)
+            .sum()
+    };
+    // Every connection counted, then the prober stopped, so that the count can settle.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while opened(&daemon.scrape(), &|_| true) < (BURST + 1) as f64 {
+        assert!(std::time::Instant::now() < deadline, "the connections were never all counted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let slowest = prober.join().unwrap();
+    println!("/healthz answered every probe; the slowest took {slowest:?}");
+    let after = daemon.settled_scrape();
+
+    assert_eq!(after["tcpmon_events_lost_total"], 0.0);
+    let burst = opened(&after, &|w| w.starts_with("burst-") && w.ends_with(".service"));
+    assert_eq!(burst, BURST as f64, "each burst connection under its own unit's name");
+    assert_eq!(opened(&after, &|w| w == "unknown" || w == "other"), 0.0, "none unnamed");
+    assert_eq!(opened(&after, &|w| w == "short.service"), 1.0, "the short-lived cgroup named");
+    let (status, stderr, _) = daemon.stop();
+    assert!(status.success(), "{stderr}");
+}
