@@ -19,7 +19,7 @@ use crate::config::{self, Values};
 use crate::loader::KernelCounters;
 use crate::loader::Loaded;
 use crate::logging;
-use crate::metrics::{self, CounterSource, CountersOnThread, KernelCollector};
+use crate::metrics::{CounterSource, CountersOnThread, KernelCollector};
 use crate::naming::workload::Workloads;
 use crate::naming::{Naming, NamingService};
 use crate::netstate::NetState;
@@ -27,6 +27,7 @@ use crate::pipeline::{Controls, Pipeline, Wake};
 use crate::privilege::{self, Capability, PrivilegedThread};
 use crate::source::RingSource;
 use crate::tail::hub::{self, TailHub, TailMetrics};
+use crate::web;
 
 /// Installs the SIGTERM/SIGINT handlers now (so a signal during start-up is not fatal) and
 /// returns a future that resolves, with the signal's name, once one arrives.
@@ -134,7 +135,7 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     }
     // Claim the sockets first: a taken port or a running daemon should fail before anything
     // is loaded into the kernel.
-    let listener = metrics::bind(args.listen).await?;
+    let listener = web::bind(args.listen).await?;
     let tail_listener = hub::bind_socket(&args.tail_socket)?;
     // Started now, so it has the capabilities this thread has; it keeps only what the
     // kernel reads at scrape time need once start-up is done (see `drop_privileges`).
@@ -216,7 +217,7 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
         }
     });
     let server =
-        tokio::spawn(metrics::serve(listener, registry.clone(), kernel_registry, gate, health));
+        tokio::spawn(web::serve(listener, registry.clone(), kernel_registry, gate, health));
     let (subscribe, subscribers) = mpsc::channel(16);
     let live_clients = hub::LiveClients::default();
     let tails = tokio::spawn(hub::serve(tail_listener, subscribe, live_clients.clone()));

@@ -30,3 +30,4 @@ pub mod source;
 pub mod standalone;
 pub mod tail;
 pub mod tracker;
+pub mod web;

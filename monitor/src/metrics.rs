@@ -1,24 +1,17 @@
-//! The Prometheus registry's kernel-backed metrics and the HTTP endpoint serving them.
+//! The Prometheus registry's kernel-backed metrics, the gate that keeps scrapes between
+//! batches, and the encoding ([`crate::web`] serves it).
 //!
 //! Metrics are encoded only when scraped. The in-kernel counters (per state transition, and
 //! ring-buffer losses) are read at scrape time, so they are exact even when userspace lags.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use log::{debug, warn};
+use log::warn;
 
-use crate::exit::StartError;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Counter, Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
-use tokio::net::TcpListener;
 
 use crate::decode::TcpState;
 use crate::loader::{CounterReadError, KernelCounters, KernelCounts};
@@ -216,13 +209,30 @@ impl<S: CounterSource> Collector for KernelCollector<S> {
 /// The pipeline holds the gate while it applies and publishes a batch (uncontended: one lock
 /// per batch of up to thousands of records), the HTTP handler while it reads the metrics.
 #[derive(Clone, Debug, Default)]
-pub struct ScrapeGate(Arc<Mutex<()>>);
+pub struct ScrapeGate {
+    lock: Arc<Mutex<()>>,
+    /// Batches applied so far: a scrape encoded at one generation is what any scrape would
+    /// read until the next batch.
+    generation: Arc<AtomicU64>,
+}
 
 impl ScrapeGate {
-    /// Keeps scrapes (or batches) out until the guard drops.
+    /// Keeps batches out until the guard drops (a scrape reading the metrics).
     pub fn hold(&self) -> MutexGuard<'_, ()> {
         // The lock guards no data: a panic elsewhere cannot have left anything half-written.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps scrapes out while a batch is applied, and counts the batch.
+    pub fn hold_to_apply(&self) -> MutexGuard<'_, ()> {
+        let guard = self.hold();
+        self.generation.fetch_add(1, Ordering::Release);
+        guard
+    }
+
+    /// Batches applied so far.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 }
 
@@ -260,96 +270,6 @@ fn merge(families: &mut Vec<MetricFamily>, more: Vec<MetricFamily>) {
         }
     }
     families.sort_by(|a, b| a.name().cmp(b.name()));
-}
-
-/// Serves `/metrics` and `/healthz` until the task is dropped. Each connection is its own
-/// task with a header-read timeout, so a slow or broken client delays nobody else.
-pub async fn serve(
-    listener: TcpListener,
-    registry: Registry,
-    unguarded: Registry,
-    gate: ScrapeGate,
-    health: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
-) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!("accepting a metrics connection failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let (registry, unguarded) = (registry.clone(), unguarded.clone());
-        let gate = gate.clone();
-        let health = health.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let registries = (&registry, &unguarded);
-                let response = respond(&request, registries, &gate, health.as_ref());
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let result = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                // Also the idle limit of a kept-alive connection: above Prometheus's default
-                // 15 s scrape interval, so scrapers keep their connection.
-                .header_read_timeout(Duration::from_secs(30))
-                .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = result {
-                debug!("metrics connection from {peer}: {e}");
-            }
-        });
-    }
-}
-
-fn respond(
-    request: &Request<Incoming>,
-    (registry, unguarded): (&Registry, &Registry),
-    gate: &ScrapeGate,
-    health: &(dyn Fn() -> Result<(), String> + Send + Sync),
-) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, content_type: &str, body: Vec<u8>| {
-        Response::builder()
-            .status(status)
-            .header("content-type", content_type)
-            .body(Full::new(Bytes::from(body)))
-            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
-    };
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"use GET\n".to_vec());
-    }
-    match request.uri().path() {
-        "/metrics" => {
-            reply(StatusCode::OK, prometheus::TEXT_FORMAT, encode(registry, unguarded, gate))
-        }
-        "/healthz" => match health() {
-            Ok(()) => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
-            Err(why) => reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                format!("{why}\n").into_bytes(),
-            ),
-        },
-        "/" => reply(
-            StatusCode::OK,
-            "text/html",
-            b"<html><body><h1>tcpmon</h1><p><a href=\"/metrics\">/metrics</a> \
-              <a href=\"/healthz\">/healthz</a></p></body></html>\n"
-                .to_vec(),
-        ),
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", b"not found; try /metrics\n".to_vec()),
-    }
-}
-
-/// Binds the metrics listener, with an error that says what to do when the port is taken.
-pub async fn bind(address: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(address).await.map_err(|source| match source.kind() {
-        std::io::ErrorKind::AddrInUse => StartError::AddressInUse { address },
-        _ => StartError::Listen { address, source },
-    })
 }
 
 #[cfg(test)]

@@ -452,6 +452,66 @@ fn slow_malformed_and_huge_requests_do_not_block_metrics_for_others() {
 }
 
 #[test]
+fn a_flood_of_pipelined_scrapes_that_never_read_keeps_healthz_answering_and_memory_bounded() {
+    let _host = common::exclusive();
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut daemon = Daemon::start(&[]);
+    let address = daemon.metrics_address();
+    let rss_before = daemon.rss_kib();
+    // 200 connections, each pipelining 100 scrapes (gzip ones too) and never reading: the
+    // answers fill their sockets, and each is dropped at its write deadline.
+    let mut request = Vec::new();
+    for index in 0..100 {
+        let gzip = if index % 2 == 0 { "Accept-Encoding: gzip\r\n" } else { "" };
+        request.extend(format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{gzip}\r\n").as_bytes());
+    }
+    let flood: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = TcpStream::connect(address).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+            let _ = s.write_all(&request); // the server may stop reading first
+            s
+        })
+        .collect();
+    // /healthz meanwhile: every probe answered (latency reported, not asserted).
+    let mut latencies = Vec::new();
+    for _ in 0..100 {
+        let started = std::time::Instant::now();
+        let status = get_status(
+            address,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+            Duration::from_secs(10),
+        );
+        assert_eq!(status, Some(200), "/healthz during the flood");
+        latencies.push(started.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    latencies.sort();
+    let rss_during = daemon.rss_kib();
+    println!(
+        "flood of 200 pipelining connections: /healthz p50 {:?}, p99 {:?}, max {:?}; RSS {} -> {} KiB",
+        latencies[49],
+        latencies[98],
+        latencies[99],
+        rss_before,
+        rss_during
+    );
+    assert!(rss_during < rss_before + 128 * 1024, "RSS grew from {rss_before} to {rss_during} KiB");
+    drop(flood);
+    // Afterwards everything serves normally.
+    assert_eq!(
+        get_status(address, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(10)),
+        Some(200)
+    );
+    let m = daemon.settled_scrape();
+    assert_eq!(m["tcpmon_events_lost_total"], 0.0);
+    let (status, stderr, _) = daemon.stop();
+    assert!(status.success(), "{stderr}");
+}
+
+#[test]
 fn under_churn_concurrent_scrapes_and_two_tails_keep_working_and_nothing_goes_unaccounted() {
     let _host = common::exclusive();
     if !kernel_tests_enabled() {

@@ -228,7 +228,7 @@ impl<S: Source> Pipeline<S> {
 
     /// Drains one batch and publishes what it changed.
     pub fn drain_batch(&mut self) -> Drained {
-        let _batch = self.gate.hold();
+        let _batch = self.gate.hold_to_apply();
         let stages = &mut self.stages;
         let drained = self.source.drain(BATCH_RECORDS, |bytes| stages.ingest(bytes));
         stages.publish(drained.handed);
@@ -259,7 +259,7 @@ impl<S: Source> Pipeline<S> {
     /// tail clients' queues end with it (each client writes what it has, then stops).
     pub fn finish(mut self) -> Summary {
         while self.drain_batch().more {}
-        let _batch = self.gate.hold();
+        let _batch = self.gate.hold_to_apply();
         let stages = &mut self.stages;
         let handed = self.source.flush(|bytes| stages.ingest(bytes));
         stages.publish(handed);

@@ -1,0 +1,316 @@
+//! The HTTP endpoint: `/metrics` and `/healthz`, for a port a neighbour can reach.
+//!
+//! - A scrape's cost does not grow with the number of scrapers: the encoded body is shared
+//!   by every scrape until the next batch of records is applied (at most [`MAX_AGE`]), one
+//!   scrape encodes while the others wait for its result, and the encoding runs on the
+//!   blocking pool, so `/healthz` and the tail are never behind it. gzip when asked.
+//! - Each connection has deadlines: its headers within [`HEADER_TIMEOUT`], each write within
+//!   [`WRITE_TIMEOUT`] (a client that never reads is dropped), its whole life within
+//!   [`CONNECTION_LIFETIME`]; a request is at most 64 KiB.
+
+use std::convert::Infallible;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, VARY};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use log::{debug, warn};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio_io_timeout::TimeoutStream;
+
+use crate::exit::StartError;
+use crate::metrics::{encode, ScrapeGate};
+
+/// Longest a body is served again while no batch changed it (the kernel state is read at most
+/// once a second as well).
+pub const MAX_AGE: Duration = Duration::from_secs(1);
+/// A client's request headers must arrive within this, which is also the idle limit of a
+/// kept-alive connection: above Prometheus's default 15 s interval, so scrapers keep theirs.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Each write must complete within this: a client that stops reading is dropped.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a connection lives, however it behaves.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Whether the daemon is healthy (`/healthz`), and why not.
+pub type Health = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// One encoded scrape.
+struct Encoded {
+    /// The batch generation it was read at.
+    generation: u64,
+    at: Instant,
+    plain: Bytes,
+    /// Compressed the first time someone asks.
+    gzip: OnceLock<Bytes>,
+}
+
+/// What the connections share.
+struct Endpoint {
+    registry: Registry,
+    unguarded: Registry,
+    gate: ScrapeGate,
+    health: Health,
+    last: Mutex<Option<Arc<Encoded>>>,
+    /// One encoding at a time; the others wait for its result.
+    encoding: tokio::sync::Mutex<()>,
+}
+
+impl Endpoint {
+    /// The last body, if no batch has been applied since and it is young enough.
+    fn fresh(&self) -> Option<Arc<Encoded>> {
+        let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        last.as_ref()
+            .filter(|e| e.generation == self.gate.generation() && e.at.elapsed() < MAX_AGE)
+            .cloned()
+    }
+
+    /// The body of a scrape: shared while fresh, else encoded once, off this worker.
+    async fn body(self: &Arc<Self>) -> Arc<Encoded> {
+        if let Some(fresh) = self.fresh() {
+            return fresh;
+        }
+        let _only_one = self.encoding.lock().await;
+        if let Some(fresh) = self.fresh() {
+            return fresh; // encoded while this one waited
+        }
+        // Read before encoding: a batch applied meanwhile makes the next scrape encode anew.
+        let generation = self.gate.generation();
+        let endpoint = self.clone();
+        let plain = tokio::task::spawn_blocking(move || {
+            encode(&endpoint.registry, &endpoint.unguarded, &endpoint.gate)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            warn!("encoding the metrics failed: {e}");
+            Vec::new()
+        });
+        let encoded = Arc::new(Encoded {
+            generation,
+            at: Instant::now(),
+            plain: Bytes::from(plain),
+            gzip: OnceLock::new(),
+        });
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(encoded.clone());
+        encoded
+    }
+}
+
+/// `body` gzip-compressed.
+fn gzip(body: &[u8]) -> Bytes {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    // Writing to a Vec cannot fail.
+    let _ = encoder.write_all(body);
+    Bytes::from(encoder.finish().unwrap_or_default())
+}
+
+/// Whether a request accepts a gzip-encoded body.
+fn accepts_gzip(request: &Request<Incoming>) -> bool {
+    request
+        .headers()
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or_default();
+            let refused = parts.any(|p| p.replace(' ', "") == "q=0");
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
+}
+
+/// Serves `/metrics` and `/healthz` until the task is dropped. Each connection is its own
+/// task with its deadlines, so a slow or broken client delays nobody else.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    unguarded: Registry,
+    gate: ScrapeGate,
+    health: Health,
+) {
+    let endpoint = Arc::new(Endpoint {
+        registry,
+        unguarded,
+        gate,
+        health,
+        last: Mutex::new(None),
+        encoding: tokio::sync::Mutex::new(()),
+    });
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!("accepting a metrics connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let endpoint = endpoint.clone();
+                async move { Ok::<_, Infallible>(respond(&request, &endpoint).await) }
+            });
+            let mut stream = TimeoutStream::new(stream);
+            stream.set_write_timeout(Some(WRITE_TIMEOUT));
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(Box::pin(stream)), service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!("metrics connection from {peer}: {e}"),
+                Err(_) => debug!("metrics connection from {peer}: closed after its lifetime"),
+            }
+        });
+    }
+}
+
+async fn respond(request: &Request<Incoming>, endpoint: &Arc<Endpoint>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &'static str, body: Bytes| {
+        let mut response = Response::new(Full::new(body));
+        *response.status_mut() = status;
+        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        response
+    };
+    let head = request.method() == Method::HEAD;
+    if request.method() != Method::GET && !head {
+        let mut response =
+            reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", Bytes::from_static(b"use GET\n"));
+        response.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    match request.uri().path() {
+        // HEAD says the metrics are there without the cost of reading them.
+        "/metrics" if head => reply(StatusCode::OK, prometheus::TEXT_FORMAT, Bytes::new()),
+        "/metrics" => {
+            let encoded = endpoint.body().await;
+            let mut response = if accepts_gzip(request) {
+                let compressed = match encoded.gzip.get() {
+                    Some(done) => done.clone(),
+                    None => {
+                        let shared = encoded.clone();
+                        tokio::task::spawn_blocking(move || {
+                            shared.gzip.get_or_init(|| gzip(&shared.plain)).clone()
+                        })
+                        .await
+                        .unwrap_or_default()
+                    }
+                };
+                let mut response = reply(StatusCode::OK, prometheus::TEXT_FORMAT, compressed);
+                response.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                response
+            } else {
+                reply(StatusCode::OK, prometheus::TEXT_FORMAT, encoded.plain.clone())
+            };
+            response.headers_mut().insert(VARY, HeaderValue::from_static("Accept-Encoding"));
+            response
+        }
+        "/healthz" => match (endpoint.health)() {
+            Ok(()) => reply(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                Bytes::from(format!("{why}\n")),
+            ),
+        },
+        "/" => reply(
+            StatusCode::OK,
+            "text/html",
+            Bytes::from_static(
+                b"<html><body><h1>tcpmon</h1><p><a href=\"/metrics\">/metrics</a> \
+                  <a href=\"/healthz\">/healthz</a></p></body></html>\n",
+            ),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            Bytes::from_static(b"not found; try /metrics\n"),
+        ),
+    }
+}
+
+/// Binds the metrics listener, with an error that says what to do when the port is taken.
+pub async fn bind(address: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(address).await.map_err(|source| match source.kind() {
+        std::io::ErrorKind::AddrInUse => StartError::AddressInUse { address },
+        _ => StartError::Listen { address, source },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server over a registry with one counter; returns its address, the counter and gate.
+    async fn server() -> (SocketAddr, prometheus::IntCounter, ScrapeGate) {
+        let registry = Registry::new();
+        let counter = prometheus::IntCounter::new("tcpmon_test_total", "A test counter.").unwrap();
+        registry.register(Box::new(counter.clone())).unwrap();
+        let gate = ScrapeGate::default();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let health: Health = Arc::new(|| Ok(()));
+        tokio::spawn(serve(listener, registry, Registry::new(), gate.clone(), health));
+        (address, counter, gate)
+    }
+
+    /// One request on a new connection: the response's head and body.
+    async fn request(address: SocketAddr, method: &str, headers: &str) -> (String, Vec<u8>) {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let text =
+            format!("{method} /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{headers}\r\n");
+        stream.write_all(text.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&response[..split]).to_lowercase();
+        (head, response[split + 4..].to_vec())
+    }
+
+    #[tokio::test]
+    async fn scrapes_share_a_body_until_a_batch_is_applied() {
+        let (address, counter, gate) = server().await;
+        counter.inc();
+        let (_, first) = request(address, "GET", "").await;
+        assert!(String::from_utf8_lossy(&first).contains("tcpmon_test_total 1"));
+        // Changed without a batch: the body is shared (no encoding per scraper).
+        counter.inc();
+        let (_, again) = request(address, "GET", "").await;
+        assert_eq!(again, first);
+        // A batch applied: the next scrape reads anew.
+        drop(gate.hold_to_apply());
+        let (_, after) = request(address, "GET", "").await;
+        assert!(String::from_utf8_lossy(&after).contains("tcpmon_test_total 2"));
+    }
+
+    #[tokio::test]
+    async fn gzip_when_asked_head_without_a_body_and_405_with_allow() {
+        let (address, counter, _) = server().await;
+        counter.inc_by(7);
+        let (head, plain) = request(address, "GET", "").await;
+        assert!(!head.contains("content-encoding"), "{head}");
+        let (head, zipped) = request(address, "GET", "accept-encoding: gzip, deflate\r\n").await;
+        assert!(head.contains("content-encoding: gzip"), "{head}");
+        let mut unzipped = Vec::new();
+        flate2::read::GzDecoder::new(&zipped[..]).read_to_end(&mut unzipped).unwrap();
+        assert_eq!(unzipped, plain);
+        let (_, refused) = request(address, "GET", "accept-encoding: gzip;q=0\r\n").await;
+        assert_eq!(refused, plain, "q=0 refuses gzip");
+        let (head, body) = request(address, "HEAD", "").await;
+        assert!(head.starts_with("http/1.1 200") && body.is_empty(), "{head}");
+        let (head, _) = request(address, "POST", "content-length: 0\r\n").await;
+        assert!(head.starts_with("http/1.1 405") && head.contains("allow: get, head"), "{head}");
+    }
+}
