@@ -216,6 +216,22 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
             Ok(())
         }
     });
+    // systemd's watchdog (WatchdogSec=): pinged while the drain loop turns, so a daemon that
+    // hangs is restarted rather than left serving stale numbers.
+    let mut watchdog_usec = 0;
+    if sd_notify::watchdog_enabled(false, &mut watchdog_usec) {
+        let healthy = health.clone();
+        let period = Duration::from_micros(watchdog_usec / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(period);
+            loop {
+                ticks.tick().await;
+                if healthy().is_ok() {
+                    notify(sd_notify::NotifyState::Watchdog);
+                }
+            }
+        });
+    }
     let server =
         tokio::spawn(web::serve(listener, registry.clone(), kernel_registry, gate, health));
     let (subscribe, subscribers) = mpsc::channel(16);

@@ -217,6 +217,15 @@ fn the_packaged_unit_runs_under_systemd_hardened_and_leaves_nothing_behind() {
     let (_, active) = container.run(&["systemctl", "is-active", "tcpmon"]);
     assert_eq!(active.trim(), "active", "journal:\n{}", container.journal(None));
     let ours = common::our_programs_since(&before_start);
+    let (_, watchdog) = container.run(&[
+        "systemctl",
+        "show",
+        "-p",
+        "WatchdogTimestampMonotonic",
+        "--value",
+        "tcpmon",
+    ]);
+    assert_ne!(watchdog.trim(), "0", "the daemon never pinged the watchdog");
     let journal = container.journal(None);
     let warnings = container.journal(Some("warning"));
     assert!(warnings.trim().is_empty(), "warnings in the journal:\n{warnings}\n\nall:\n{journal}");
