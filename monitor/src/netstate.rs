@@ -211,8 +211,8 @@ impl NetState {
     /// on `reader`.
     pub fn new(reader: PrivilegedThread, naming: NamingService) -> prometheus::Result<Self> {
         let (port_label, netns_label) = {
-            let mut naming = naming.lock();
-            (naming.listening_port_value(0).is_some(), naming.netns_value(0).is_some())
+            let naming = naming.lock();
+            (naming.limits().port_label(), naming.netns_label())
         };
         let state_gauge = |state: &str| {
             IntGauge::with_opts(

@@ -157,8 +157,8 @@ impl Container {
         text.lines().filter(|l| !l.trim().is_empty()).count()
     }
 
-    /// The main process of the unit, as the host numbers it: its pid in the container's pid
-    /// namespace, found in the host's /proc through `NSpid`.
+    /// The main process of the unit, as the container numbers it (read it under
+    /// [`Container::path`]`("/proc")`).
     fn main_pid(&self) -> u32 {
         let (ok, pid) = self.run(&["systemctl", "show", "-p", "MainPID", "--value", "tcpmon"]);
         assert!(ok, "{pid}");

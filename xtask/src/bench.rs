@@ -517,13 +517,11 @@ struct Row {
     connections_per_sec: f64,
     min: f64,
     max: f64,
-    /// Median (min, max) of conn/s ÷ the unmonitored run of the same round.
-    paired: (f64, f64, f64),
-    bpf_ns: Option<f64>,
-    user_ns: Option<f64>,
-    /// The same two, median (min, max) over rounds: verdicts need the spread.
-    bpf_spread: Option<Spread>,
-    user_spread: Option<Spread>,
+    /// Conn/s ÷ the unmonitored run of the same round, over rounds.
+    paired: Spread,
+    /// BPF ns/event and the monitor's CPU ns/event, over rounds: verdicts need the spread.
+    bpf: Option<Spread>,
+    user: Option<Spread>,
     rss_mib: Option<f64>,
     lost: Option<u64>,
 }
@@ -637,7 +635,7 @@ fn summarize(configs: &[Config], samples: &[(usize, Sample)]) -> Vec<Row> {
                 (!v.is_empty()).then(|| median(&mut v))
             };
             let all: Vec<f64> = measured.iter().map(|s| s.connections_per_sec).collect();
-            let mut ratios: Vec<f64> = samples
+            let ratios: Vec<f64> = samples
                 .chunks(per_round)
                 .filter_map(|round| {
                     let none = round.iter().find(|(i, _)| *i == 0)?.1.connections_per_sec;
@@ -645,21 +643,21 @@ fn summarize(configs: &[Config], samples: &[(usize, Sample)]) -> Vec<Row> {
                     Some(this.1.connections_per_sec / none)
                 })
                 .collect();
-            let (low, high) =
-                ratios.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
             Row {
                 name: config.name(),
                 failed,
                 connections_per_sec: of(&|s| Some(s.connections_per_sec)).unwrap_or(f64::NAN),
                 min: all.iter().copied().fold(f64::INFINITY, f64::min),
                 max: all.iter().copied().fold(0.0, f64::max),
-                paired: (median(&mut ratios), low, high),
-                bpf_ns: of(&|s| s.bpf_ns_per_event),
-                user_ns: of(&|s| s.user_cpu_ns_per_event),
-                bpf_spread: Spread::of(
+                paired: Spread::of(&ratios).unwrap_or(Spread {
+                    median: f64::NAN,
+                    low: f64::NAN,
+                    high: f64::NAN,
+                }),
+                bpf: Spread::of(
                     &measured.iter().filter_map(|s| s.bpf_ns_per_event).collect::<Vec<_>>(),
                 ),
-                user_spread: Spread::of(
+                user: Spread::of(
                     &measured.iter().filter_map(|s| s.user_cpu_ns_per_event).collect::<Vec<_>>(),
                 ),
                 rss_mib: of(&|s| s.peak_rss_mib),
@@ -805,7 +803,7 @@ fn report(
             report.push_str(&format!("| {} | not measured: {why} | | | | | | | |\n", row.name));
             continue;
         }
-        let (ratio, low, high) = row.paired;
+        let Spread { median: ratio, low, high } = row.paired;
         report.push_str(&format!(
             "| {} | {:.0} | {:.0}–{:.0} | {:.3} | {ratio:.3} ({low:.3}–{high:.3}) | {} | {} | {} | {} |\n",
             row.name,
@@ -813,8 +811,8 @@ fn report(
             row.min,
             row.max,
             row.connections_per_sec / baseline,
-            opt(row.bpf_ns, 0),
-            opt(row.user_ns, 0),
+            opt(row.bpf.map(|s| s.median), 0),
+            opt(row.user.map(|s| s.median), 0),
             opt(row.rss_mib, 1),
             row.lost.map_or("-".into(), |l| l.to_string()),
         ));
@@ -827,8 +825,9 @@ fn report(
         "\nReplay (the daemon's pipeline: decode → tracker → aggregate, one core, `cargo run --release --example replay`):\n\n```\n{replay}\n```\n\n"
     ));
 
-    let bpf =
-        |config: &Config| rows.iter().find(|r| r.name == config.name()).and_then(|r| r.bpf_ns);
+    let bpf = |config: &Config| {
+        rows.iter().find(|r| r.name == config.name()).and_then(|r| r.bpf).map(|s| s.median)
+    };
     let ours_bpf = bpf(&Config::Tcpmon);
     if let (Some(with), Some(without)) = (ours_bpf, bpf(&Config::TcpmonWithoutCgroup)) {
         report.push_str(&format!(
@@ -868,11 +867,9 @@ fn targets(
 ) -> Vec<(String, Verdict, Option<String>)> {
     let Held { tracked, rss_mib: held_rss, scrape_ms } = *held;
     let row = |config: &Config| rows.iter().find(|r| r.name == config.name() && r.failed.is_none());
-    let ratio = |config: &Config| {
-        row(config).map(|r| Spread { median: r.paired.0, low: r.paired.1, high: r.paired.2 })
-    };
-    let bpf = |config: &Config| row(config).and_then(|r| r.bpf_spread);
-    let user = |config: &Config| row(config).and_then(|r| r.user_spread);
+    let ratio = |config: &Config| row(config).map(|r| r.paired);
+    let bpf = |config: &Config| row(config).and_then(|r| r.bpf);
+    let user = |config: &Config| row(config).and_then(|r| r.user);
     let tcpstates = Config::Peer("tcpstates");
     let (ours, tailed) = (ratio(&Config::Tcpmon), ratio(&Config::TcpmonTail));
     let ours_bpf = bpf(&Config::Tcpmon);

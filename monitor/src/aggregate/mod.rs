@@ -14,7 +14,7 @@ use rustc_hash::FxHashMap;
 
 use crate::decode::TcpState;
 use crate::metrics::{catch_up, registered, ScrapeGate, CONNECTIONS, CONNECTIONS_HELP};
-use crate::naming::{NamingService, Pair};
+use crate::naming::NamingService;
 use crate::tracker::{Attribution, Observation, ObservationSink, Tracker};
 use namespaces::NamespaceMetrics;
 use series::{Families, SeriesSet};
@@ -100,12 +100,9 @@ const MAX_ORIGINS: usize = 65_536;
 /// How the connection series are split: the series set of each (port, workload) pair the
 /// naming service gave out, and which set each origin's observations go to.
 struct Attributed {
-    /// Whether the series have `port` or `workload` labels at all.
-    labelled: bool,
     /// The label values; asked once per new origin.
     naming: NamingService,
-    /// Pair → index in `sets`.
-    pairs: FxHashMap<Pair, usize>,
+    /// The series of each pair, by the pair's [`crate::naming::Named::index`].
     sets: Vec<SeriesSet>,
     /// [`packed`] origins → where they resolved: one lookup per observation instead of three.
     origins: FxHashMap<u64, Resolved>,
@@ -148,16 +145,13 @@ impl Attributed {
         let (service_port, listening, cgroup_id) = origin;
         let mut naming = self.naming.lock();
         let named = naming.name((service_port != 0).then_some(service_port), listening, cgroup_id);
-        let set = match self.pairs.get(&named.pair) {
-            Some(set) => *set,
-            None => {
-                self.sets.push(SeriesSet::new(naming.pair_values(named.pair)));
-                self.pairs.insert(named.pair, self.sets.len() - 1);
-                self.sets.len() - 1
-            }
-        };
+        // Pairs are numbered as the naming service gives them out, and this is its only
+        // user: a new pair is always the next set.
+        if named.index == self.sets.len() {
+            self.sets.push(SeriesSet::new(naming.pair_values(named.pair)));
+        }
         drop(naming);
-        let resolved = Resolved { set, other: named.other };
+        let resolved = Resolved { set: named.index, other: named.other };
         // Remembered even when the cgroup had no name (it was gone, or there is no cgroup2
         // mount): an origin's observations must all land in one series, or a gauge raised
         // in one would be lowered in another.
@@ -253,16 +247,14 @@ impl Aggregator {
             ))
         };
         let mut attributed = Attributed {
-            labelled: !extra.is_empty(),
             naming,
-            pairs: FxHashMap::default(),
             sets: Vec::new(),
             origins: FxHashMap::default(),
             last: None,
             overflow: [0; 3],
             counts,
         };
-        if !attributed.labelled {
+        if attributed.counts.is_none() {
             // One set for everything, created at start as tcpmon always did.
             let index = attributed.resolve((0, false, 0)).set;
             attributed.sets[index].create_all(&families);

@@ -14,7 +14,7 @@ pub mod workload;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use rustc_hash::FxHashSet;
+use rustc_hash::FxHashMap;
 
 use labels::{LabelLimits, PortLabels, ValueIndex, WorkloadLabels, OTHER_INDEX, UNKNOWN_INDEX};
 use workload::Workloads;
@@ -30,6 +30,8 @@ pub const OVERFLOW_PAIR: Pair = (OTHER_INDEX, OTHER_INDEX);
 pub struct Named {
     /// Its pair: its own port and workload values, or [`OVERFLOW_PAIR`] beyond the pair cap.
     pub pair: Pair,
+    /// The pair's number, in the order pairs were given out (0, 1, …): where its series go.
+    pub index: usize,
     /// `[port, workload, pair]`: which of them were lumped into `other` by their cap.
     pub other: [bool; 3],
 }
@@ -41,8 +43,9 @@ pub struct Naming {
     workloads: WorkloadLabels,
     /// cgroup id → workload name.
     names: Workloads,
-    /// Pairs with series of their own ([`OVERFLOW_PAIR`] included once it is used).
-    pairs: FxHashSet<Pair>,
+    /// Pairs with series of their own ([`OVERFLOW_PAIR`] included once it is used), by
+    /// their [`Named::index`].
+    pairs: FxHashMap<Pair, usize>,
     /// Namespaces with a `netns` value of their own (`--netns-labels`), by inode.
     netns: HashMap<u32, String>,
     netns_limit: usize,
@@ -57,7 +60,7 @@ impl Naming {
             workloads: WorkloadLabels::new(&limits),
             limits,
             names,
-            pairs: FxHashSet::default(),
+            pairs: FxHashMap::default(),
             netns: HashMap::new(),
             netns_limit,
         }
@@ -83,15 +86,17 @@ impl Naming {
             false => UNKNOWN_INDEX,
         };
         let requested = (port, workload);
-        let pair = if self.pairs.contains(&requested) {
+        let pair = if self.pairs.contains_key(&requested) {
             requested
         } else if self.pairs.len() >= self.limits.pairs.max(1) {
             OVERFLOW_PAIR
         } else {
             requested
         };
-        self.pairs.insert(pair);
-        Named { pair, other: [port == OTHER_INDEX, workload == OTHER_INDEX, pair != requested] }
+        let next = self.pairs.len();
+        let index = *self.pairs.entry(pair).or_insert(next);
+        let other = [port == OTHER_INDEX, workload == OTHER_INDEX, pair != requested];
+        Named { pair, index, other }
     }
 
     /// The label values of `pair`: `port` and `workload`, those of the two labels in use.
@@ -110,6 +115,11 @@ impl Naming {
     /// a `port` value of its own, within the cap.
     pub fn learn_listener(&mut self, port: u16) {
         self.ports.learn_listener(port);
+    }
+
+    /// Whether the kernel counters and the `tcpmon_netns_*` families have a `netns` label.
+    pub fn netns_label(&self) -> bool {
+        self.netns_limit > 0
     }
 
     /// The `port` value of listening port `port`; `None` without a `port` label.
@@ -140,7 +150,7 @@ impl Naming {
     /// `[port, workload, pair]`: values given out by each capped label (`other` and
     /// `unknown` not counted).
     pub fn given(&self) -> [usize; 3] {
-        let pairs = self.pairs.len() - usize::from(self.pairs.contains(&OVERFLOW_PAIR));
+        let pairs = self.pairs.len() - usize::from(self.pairs.contains_key(&OVERFLOW_PAIR));
         [self.ports.values().given(), self.workloads.values().given(), pairs]
     }
 
@@ -195,11 +205,12 @@ mod tests {
         assert_eq!(naming.name(Some(80), true, 0), first, "the same origin, the same pair");
         let second = naming.name(Some(443), true, 0);
         assert_ne!(second.pair, first.pair);
+        assert_eq!((first.index, second.index), (0, 1), "numbered as given out");
         // A third pair is over the cap of 2.
         naming.learn_listener(8080);
         let third = naming.name(Some(8080), true, 0);
         assert_eq!(third.pair, OVERFLOW_PAIR);
-        assert_eq!(third.other, [false, false, true]);
+        assert_eq!((third.index, third.other), (2, [false, false, true]));
         assert_eq!(naming.given(), [3, 0, 2], "3 ports, the root cgroup unnamed, 2 pairs");
     }
 
