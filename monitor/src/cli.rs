@@ -113,6 +113,19 @@ pub struct RunArgs {
     #[arg(long, env = "TCPMON_LISTEN", default_value = "127.0.0.1:9979", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
+    /// Web configuration in the exporter-toolkit format (node_exporter's
+    /// `--web.config.file`): TLS, basic auth, headers, rate limit. Re-read when it or a file
+    /// it names changes. /healthz stays open for probes.
+    #[arg(long, env = "TCPMON_WEB_CONFIG", value_name = "FILE")]
+    pub web_config: Option<PathBuf>,
+
+    /// Connections to the metrics endpoint served at once; up to 256 more only get /healthz
+    /// answered (anything else: 503), and beyond that connections are closed.
+    #[arg(long, env = "TCPMON_WEB_MAX_CONNECTIONS", value_name = "N",
+          default_value_t = crate::web::DEFAULT_MAX_CONNECTIONS,
+          value_parser = connection_cap)]
+    pub web_max_connections: usize,
+
     /// Ring buffer bytes between kernel and daemon, shared evenly by one ring per CPU (up to
     /// 16): a power of two of at least 4KiB (suffixes KiB, MiB accepted). Each transition
     /// takes 112 bytes (168 for handshake completions and closes), its record and the ring's
@@ -340,6 +353,15 @@ impl TailArgs {
         };
         request.validate()?;
         Ok(request)
+    }
+}
+
+/// Parses `--web-max-connections`: 1 to 10,000.
+fn connection_cap(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=10_000).contains(&n) => Ok(n),
+        Ok(n) => Err(format!("{n} is not between 1 and 10000 connections")),
+        Err(e) => Err(format!("`{text}`: {e}")),
     }
 }
 

@@ -5,6 +5,8 @@
 //!
 //! ```toml
 //! listen = "127.0.0.1:9979"
+//! web-config = "/etc/tcpmon/web.yml"   # TLS and basic auth (node_exporter's format)
+//! web-max-connections = 40
 //! ring-bytes = "8MiB"
 //! drain-interval = "100ms"
 //! low-latency = false
@@ -375,6 +377,8 @@ mod tests {
         let keys: Vec<String> = keys().into_iter().map(|key| key.name).collect();
         for key in [
             "listen",
+            "web-config",
+            "web-max-connections",
             "ring-bytes",
             "drain-interval",
             "low-latency",
@@ -394,7 +398,7 @@ mod tests {
         ] {
             assert!(keys.contains(&key.to_owned()), "{key} in {keys:?}");
         }
-        assert_eq!(keys.len(), 17, "{keys:?}");
+        assert_eq!(keys.len(), 19, "{keys:?}");
     }
 
     #[test]

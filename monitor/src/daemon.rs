@@ -16,6 +16,7 @@ use crate::aggregate::Aggregator;
 use crate::cli::{Command, RunArgs};
 use crate::clock::WallClock;
 use crate::config::{self, Values};
+use crate::exit::StartError;
 use crate::loader::KernelCounters;
 use crate::loader::Loaded;
 use crate::logging;
@@ -28,6 +29,7 @@ use crate::privilege::{self, Capability, PrivilegedThread};
 use crate::source::RingSource;
 use crate::tail::hub::{self, TailHub, TailMetrics};
 use crate::web;
+use crate::web::active::ActiveConfig;
 
 /// Installs the SIGTERM/SIGINT handlers now (so a signal during start-up is not fatal) and
 /// returns a future that resolves, with the signal's name, once one arrives.
@@ -133,6 +135,14 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         warn!("not running as root: loading needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)");
     }
+    // A broken web config is a usage error, found before anything else is claimed.
+    let (web_config, web_sources) = match &args.web_config {
+        Some(path) => {
+            let (active, sources) = ActiveConfig::load(path).map_err(StartError::from)?;
+            (active, Some(sources))
+        }
+        None => (ActiveConfig::open(), None),
+    };
     // Claim the sockets first: a taken port or a running daemon should fail before anything
     // is loaded into the kernel.
     let listener = web::bind(args.listen).await?;
@@ -182,7 +192,7 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     drop_privileges(&reader, &counters);
     info!(
         "attached to sock:inet_sock_set_state ({} build; {} rings of {} KiB, {}; close reasons from sk_err: {}; \
-         SYN-ACK times: {}; reset direction: {}); metrics on http://{}/metrics, tails on {}",
+         SYN-ACK times: {}; reset direction: {}); metrics on {}://{}/metrics ({}), tails on {}",
         hook.name(),
         ring_count,
         ring_bytes / 1024,
@@ -197,7 +207,9 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
             None => "no".to_owned(),
         },
         if enrichments.resets { "yes" } else { "no" },
+        if web_config.current().tls.is_some() { "https" } else { "http" },
         listener.local_addr().unwrap_or(args.listen),
+        web_config.describe(),
         args.tail_socket.display(),
     );
 
@@ -232,8 +244,12 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
             }
         });
     }
+    if let Some(sources) = web_sources {
+        tokio::spawn(web_config.clone().watch(sources));
+    }
+    let guard = web::Guard { config: web_config, max_connections: args.web_max_connections };
     let server =
-        tokio::spawn(web::serve(listener, registry.clone(), kernel_registry, gate, health));
+        tokio::spawn(web::serve(listener, registry.clone(), kernel_registry, gate, health, guard));
     let (subscribe, subscribers) = mpsc::channel(16);
     let live_clients = hub::LiveClients::default();
     let tails = tokio::spawn(hub::serve(tail_listener, subscribe, live_clients.clone()));

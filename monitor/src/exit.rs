@@ -5,7 +5,7 @@
 //! |---:|---|
 //! | 0 | stopped cleanly (SIGTERM, SIGINT) |
 //! | 1 | any other failure |
-//! | 2 | bad command line or config file |
+//! | 2 | bad command line, config file or web config file |
 //! | 3 | not enough privilege (root, or CAP_BPF + CAP_PERFMON) |
 //! | 4 | the kernel cannot run tcpmon: too old for BPF ring buffers (< 5.8), no BTF, no or a changed tracepoint |
 //! | 5 | tracefs is not mounted and cannot be mounted |
@@ -65,6 +65,9 @@ pub enum StartError {
         /// The socket.
         path: PathBuf,
     },
+    /// The web configuration file cannot be used.
+    #[error(transparent)]
+    WebConfig(#[from] crate::web::config::WebConfigError),
     /// The tail socket cannot be created.
     #[error("cannot create the tail socket {}: {reason}", path.display())]
     SocketPath {
@@ -96,6 +99,7 @@ pub fn code(error: &anyhow::Error) -> u8 {
                 StartError::AddressInUse { .. } | StartError::Listen { .. } => LISTEN,
                 StartError::AlreadyRunning { .. } => ALREADY_RUNNING,
                 StartError::SocketPath { .. } => SOCKET_PATH,
+                StartError::WebConfig(_) => USAGE,
             };
         }
     }

@@ -12,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{exchange_with_slow_close, kernel_tests_enabled, server_port, Daemon};
+use common::tls::{https_get, Pki, PASSWORD, USER};
+use common::{exchange_with_slow_close, kernel_tests_enabled, server_port, Daemon, Secured};
 use serde_json::Value;
 
 fn deploy(path: &str) -> PathBuf {
@@ -116,7 +117,9 @@ fn encode(query: &str) -> String {
 }
 
 impl Prometheus {
-    fn start(target: &str) -> Prometheus {
+    /// A Prometheus scraping `target` every second; `job` is more of the job's settings
+    /// (indented as its keys).
+    fn start(target: &str, job: &str) -> Prometheus {
         let dir = std::env::temp_dir().join(format!("tcpmon-prom-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(deploy("prometheus/tcpmon-rules.yml"), dir.join("tcpmon-rules.yml")).unwrap();
@@ -124,7 +127,7 @@ impl Prometheus {
             dir.join("prometheus.yml"),
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [tcpmon-rules.yml]\n\
-                 scrape_configs:\n  - job_name: tcpmon\n    static_configs:\n      - targets: ['{target}']\n"
+                 scrape_configs:\n  - job_name: tcpmon\n{job}    static_configs:\n      - targets: ['{target}']\n"
             ),
         )
         .unwrap();
@@ -177,10 +180,21 @@ fn a_real_prometheus_scrapes_tcpmon_and_answers_the_dashboard_queries() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut daemon = Daemon::start(&[]);
+    // As a node exposes it: TLS and basic auth from a web config (monitor/tests/web.rs has
+    // the refusals), which Prometheus speaks with its own tls_config and basic_auth.
+    let dir = std::env::temp_dir().join(format!("tcpmon-deploy-tls-{}", std::process::id()));
+    let pki = Pki::new(&dir);
+    let web_config = pki.web_config("");
+    let mut daemon = Daemon::start_secured(
+        &["--web-config", web_config.to_str().unwrap()],
+        Secured::for_pki(&pki),
+    );
     // promtool's linter on our live exposition: it prints nothing when all is well.
     let address = daemon.metrics_address().to_string();
-    let metrics = http_get(&address, "/metrics").1;
+    let metrics =
+        https_get(daemon.metrics_address(), pki.client(false), "/metrics", Some((USER, PASSWORD)))
+            .unwrap()
+            .body;
     traffic(3); // so histograms have samples to lint too
     let mut lint = Command::new(tool("promtool"))
         .args(["check", "metrics"])
@@ -201,7 +215,12 @@ fn a_real_prometheus_scrapes_tcpmon_and_answers_the_dashboard_queries() {
         "promtool check metrics: {problems}"
     );
 
-    let prometheus = Prometheus::start(&address);
+    let job = format!(
+        "    scheme: https\n    tls_config:\n      ca_file: {}\n    basic_auth:\n      \
+         username: {USER}\n      password: {PASSWORD}\n",
+        pki.dir.join("ca.pem").display()
+    );
+    let prometheus = Prometheus::start(&address, &job);
     let deadline = Instant::now() + Duration::from_secs(30);
     while prometheus.scalar("up{job=\"tcpmon\"}") != Some(1.0) {
         assert!(Instant::now() < deadline, "prometheus never scraped tcpmon");
@@ -272,6 +291,7 @@ fn a_real_prometheus_scrapes_tcpmon_and_answers_the_dashboard_queries() {
     assert!(attributed >= 50.0, "attributed passive opens: {attributed}");
     let (status, stderr, _) = daemon.stop();
     assert!(status.success(), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

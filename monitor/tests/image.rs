@@ -14,7 +14,8 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{http_get, kernel_tests_enabled, parse_metrics, server_port, Metrics};
+use common::tls::{https_get, Pki, PASSWORD, USER};
+use common::{kernel_tests_enabled, parse_metrics, server_port, Metrics};
 use yaml_rust2::{Yaml, YamlLoader};
 
 fn workspace(path: &str) -> PathBuf {
@@ -90,6 +91,11 @@ struct Node {
     host_ip: &'static str,
     /// Environment variables set to another value (the port: 9979 may be taken here).
     env: BTreeMap<&'static str, String>,
+    /// Secret name → a directory with its keys as files, as the kubelet mounts it.
+    secrets: BTreeMap<&'static str, PathBuf>,
+    /// The CA that signed the web certificate in the secret `tcpmon-web`.
+    pki: Pki,
+    _secrets: tempdir::Dir,
     _tracefs: Tracefs,
     _pod_logs: tempdir::Dir,
 }
@@ -130,6 +136,15 @@ impl Node {
         let tracefs = Tracefs(tracefs); // unmounted on drop from here on, even on a panic
         assert!(mounted.unwrap().success(), "mounting tracefs at {}", tracefs.0.display());
         let pod_logs = tempdir::Dir::new(&format!("pod-logs-{tag}"));
+        // The Secret the README tells operators to create: web.yml, tls.crt, tls.key.
+        let secrets = tempdir::Dir::new(&format!("secrets-{tag}"));
+        let pki = Pki::new(&secrets.0.join("pki"));
+        let secret = secrets.0.join("tcpmon-web");
+        std::fs::create_dir_all(&secret).unwrap();
+        std::fs::copy(pki.dir.join("server.pem"), secret.join("tls.crt")).unwrap();
+        std::fs::copy(pki.dir.join("server.key"), secret.join("tls.key")).unwrap();
+        let web = common::tls::web_config_text("tls.crt", "tls.key", "");
+        std::fs::write(secret.join("web.yml"), web).unwrap();
         // The node's cgroup2 tree: /sys/fs/cgroup, or its `unified` mount on a hybrid host
         // like ours (the manifest's comment says to mount that there).
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
@@ -147,6 +162,9 @@ impl Node {
             ]),
             host_ip: "127.0.0.1",
             env: BTreeMap::from([("TCPMON_LISTEN", format!("127.0.0.1:{metrics_port}"))]),
+            secrets: BTreeMap::from([("tcpmon-web", secret)]),
+            pki,
+            _secrets: secrets,
             _tracefs: tracefs,
             _pod_logs: pod_logs,
         }
@@ -272,8 +290,12 @@ fn daemonset_container(node: &Node) -> Container {
             push(&mut flags, "--volume", format!("{}:{target}{options}", here.display()));
         } else if volume["emptyDir"].as_hash().is_some() {
             push(&mut flags, "--mount", format!("type=tmpfs,destination={target}"));
+        } else if let Some(secret) = volume["secret"]["secretName"].as_str() {
+            // The kubelet mounts a Secret read-only whatever the mount says.
+            let here = node.secrets.get(secret).unwrap_or_else(|| panic!("secret {secret}"));
+            push(&mut flags, "--volume", format!("{}:{target}:ro", here.display()));
         } else {
-            panic!("volume {name}: only hostPath and emptyDir are reproduced");
+            panic!("volume {name}: only hostPath, emptyDir and secret are reproduced");
         }
     }
 
@@ -301,9 +323,25 @@ fn daemonset_container(node: &Node) -> Container {
     }
 }
 
-/// One GET over a fresh connection; None while nothing listens.
-fn scrape(port: u16) -> Metrics {
-    parse_metrics(&http_get(port, "/metrics").expect("GET /metrics"))
+/// GET /metrics as Prometheus does with the DaemonSet: over TLS, with basic auth.
+fn scrape(node: &Node, port: u16) -> Metrics {
+    let address = ([127, 0, 0, 1], port).into();
+    let answer = https_get(address, node.pki.client(false), "/metrics", Some((USER, PASSWORD)));
+    let answer = answer.expect("GET /metrics");
+    assert_eq!(answer.status, 200, "{}", answer.head);
+    parse_metrics(&answer.body)
+}
+
+/// The readiness probe as the kubelet sends it (its scheme from the manifest, no
+/// credentials): whether it got 200.
+fn probe(node: &Node, port: u16) -> bool {
+    let text = std::fs::read_to_string(workspace("deploy/kubernetes/daemonset.yaml")).unwrap();
+    let docs = YamlLoader::load_from_str(&text).unwrap();
+    let probe = &docs[0]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"];
+    assert_eq!(probe["scheme"].as_str(), Some("HTTPS"), "the endpoint serves TLS");
+    let path = probe["path"].as_str().unwrap();
+    let address = ([127, 0, 0, 1], port).into();
+    https_get(address, node.pki.client(false), path, None).is_ok_and(|a| a.status == 200)
 }
 
 /// The sum of `family` over the series with every one of `labels`.
@@ -359,7 +397,7 @@ fn the_image_runs_with_the_daemonsets_settings_counts_exactly_and_detaches_on_st
     let _running = Running(name.clone());
     let stop = |name: &str| output(&mut podman(&["stop", "--time", "10", name]));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while http_get(metrics_port, "/healthz").is_none() {
+    while !probe(&node, metrics_port) {
         if Instant::now() > deadline {
             let (_, logs) = output(&mut podman(&["logs", &name]));
             let _ = stop(&name);
@@ -377,7 +415,7 @@ fn the_image_runs_with_the_daemonsets_settings_counts_exactly_and_detaches_on_st
     let v4 = TcpListener::bind(("127.0.0.1", port)).unwrap();
     let v6 = TcpListener::bind(("::1", port)).unwrap();
     thread::sleep(Duration::from_millis(300)); // the listens reach the daemon first
-    let before = scrape(metrics_port);
+    let before = scrape(&node, metrics_port);
     common::echo_exchanges(&v4, 4);
     common::echo_exchanges(&v6, 3);
     let on_port = format!("port=\"{port}\"");
@@ -386,7 +424,7 @@ fn the_image_runs_with_the_daemonsets_settings_counts_exactly_and_detaches_on_st
     };
     let settle = Instant::now() + Duration::from_secs(10);
     let after = loop {
-        let m = scrape(metrics_port);
+        let m = scrape(&node, metrics_port);
         let closed = count(&m, "tcpmon_connections_closed_total", "passive")
             - count(&before, "tcpmon_connections_closed_total", "passive");
         if closed >= 7.0 || Instant::now() > settle {

@@ -1,6 +1,8 @@
 //! Helpers shared by the kernel integration tests: a running daemon, scraping, traffic.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -70,11 +72,52 @@ pub fn server_port() -> u16 {
     }
 }
 
+/// A connection to the metrics endpoint: plain TCP, or TLS.
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// How a test reaches a daemon started with `--web-config`: a TLS client and the
+/// `Authorization` header line.
+#[derive(Clone)]
+pub struct Secured {
+    pub client: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+    pub authorization: String,
+}
+
+impl Secured {
+    /// The client for `pki`'s CA, with its basic-auth user.
+    pub fn for_pki(pki: &tls::Pki) -> Secured {
+        use base64::Engine as _;
+        let credentials = format!("{}:{}", tls::USER, tls::PASSWORD);
+        let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+        Secured {
+            client: pki.client(false),
+            authorization: format!("Authorization: Basic {encoded}\r\n"),
+        }
+    }
+}
+
+/// A new kept-alive connection to the metrics endpoint.
+fn connect(address: SocketAddr, secured: Option<&Secured>) -> BufReader<Box<dyn Stream>> {
+    let stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    BufReader::new(match secured {
+        None => Box::new(stream),
+        Some(secured) => {
+            let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(address.ip().into());
+            let tls =
+                tokio_rustls::rustls::ClientConnection::new(secured.client.clone(), name).unwrap();
+            Box::new(tokio_rustls::rustls::StreamOwned::new(tls, stream))
+        }
+    })
+}
+
 /// A running `tcpmon run`, stopped with SIGTERM on drop.
 pub struct Daemon {
     child: Child,
-    scraper: BufReader<TcpStream>,
+    scraper: BufReader<Box<dyn Stream>>,
     address: SocketAddr,
+    secured: Option<Secured>,
     /// The daemon's tail socket.
     pub tail_socket: PathBuf,
     /// Everything the daemon wrote to stderr so far.
@@ -88,6 +131,16 @@ impl Daemon {
     /// Starts `tcpmon run` on a port the kernel picks (a port chosen beforehand can be taken
     /// by someone else before the daemon binds it) and waits until it serves `/metrics`.
     pub fn start(extra: &[&str]) -> Daemon {
+        Daemon::start_with(extra, None)
+    }
+
+    /// Starts `tcpmon run` with `extra` (which gives a `--web-config`), reached over TLS with
+    /// basic auth.
+    pub fn start_secured(extra: &[&str], secured: Secured) -> Daemon {
+        Daemon::start_with(extra, Some(secured))
+    }
+
+    fn start_with(extra: &[&str], secured: Option<Secured>) -> Daemon {
         let tail_socket = unique_socket_path();
         // Drain often, so tests see their records quickly, unless the test says otherwise.
         let drain: &[&str] =
@@ -120,7 +173,8 @@ impl Daemon {
             let left = deadline.saturating_duration_since(Instant::now());
             match startup.recv_timeout(left) {
                 Ok(line) => {
-                    if let Some(rest) = line.split("metrics on http://").nth(1) {
+                    let url = line.split("metrics on ").nth(1).and_then(|r| r.split_once("://"));
+                    if let Some((_, rest)) = url {
                         break rest.split('/').next().unwrap().parse().unwrap();
                     }
                 }
@@ -131,16 +185,9 @@ impl Daemon {
                 }
             }
         };
-        let stream = TcpStream::connect(address).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut daemon = Daemon {
-            child,
-            scraper: BufReader::new(stream),
-            address,
-            tail_socket,
-            stderr,
-            reader: Some(reader),
-        };
+        let scraper = connect(address, secured.as_ref());
+        let mut daemon =
+            Daemon { child, scraper, address, secured, tail_socket, stderr, reader: Some(reader) };
         daemon.scrape();
         daemon
     }
@@ -154,12 +201,13 @@ impl Daemon {
     /// tests that count connections scrape often enough that it never is).
     pub fn scrape(&mut self) -> Metrics {
         let mut line = String::new();
-        let request = b"GET /metrics HTTP/1.1\r\nHost: tcpmon\r\n\r\n";
+        let authorization = self.secured.as_ref().map(|s| s.authorization.as_str());
+        let request =
+            format!("GET /metrics HTTP/1.1\r\nHost: tcpmon\r\n{}\r\n", authorization.unwrap_or(""));
+        let request = request.as_bytes();
         let sent = self.scraper.get_mut().write_all(request).is_ok();
         if !sent || self.scraper.read_line(&mut line).unwrap_or(0) == 0 {
-            let stream = TcpStream::connect(self.address).unwrap();
-            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            self.scraper = BufReader::new(stream);
+            self.scraper = connect(self.address, self.secured.as_ref());
             self.scraper.get_mut().write_all(request).unwrap();
             line.clear();
             self.scraper.read_line(&mut line).unwrap();

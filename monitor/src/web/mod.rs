@@ -4,9 +4,18 @@
 //!   by every scrape until the next batch of records is applied (at most [`MAX_AGE`]), one
 //!   scrape encodes while the others wait for its result, and the encoding runs on the
 //!   blocking pool, so `/healthz` and the tail are never behind it. gzip when asked.
-//! - Each connection has deadlines: its headers within [`HEADER_TIMEOUT`], each write within
-//!   [`WRITE_TIMEOUT`] (a client that never reads is dropped), its whole life within
-//!   [`CONNECTION_LIFETIME`]; a request is at most 64 KiB.
+//! - Each connection has deadlines: its TLS handshake within [`HANDSHAKE_TIMEOUT`], its
+//!   headers within [`HEADER_TIMEOUT`], each write within [`WRITE_TIMEOUT`] (a client that
+//!   never reads is dropped), its whole life within [`CONNECTION_LIFETIME`]; a request is at
+//!   most 64 KiB.
+//! - At most `--web-max-connections` are served in full; [`OVERFLOW_CONNECTIONS`] more get
+//!   one quick answer (`/healthz`, or 503), and beyond that a connection is closed.
+//! - `--web-config` adds TLS, basic auth, headers and a rate limit ([`config`]), re-read
+//!   when its files change ([`active`]); `/healthz` stays open for probes.
+
+pub mod active;
+mod auth;
+pub mod config;
 
 use std::convert::Infallible;
 use std::io::Write as _;
@@ -16,13 +25,22 @@ use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, VARY};
+use hyper::header::{
+    HeaderValue, ACCEPT_ENCODING, ALLOW, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE,
+    RETRY_AFTER, VARY, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use prometheus::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_io_timeout::TimeoutStream;
+use tokio_rustls::TlsAcceptor;
+
+use self::active::ActiveConfig;
+use self::auth::{Authenticator, RateLimiter};
+use self::config::WebConfig;
 
 use crate::exit::StartError;
 use crate::metrics::{encode, ScrapeGate};
@@ -37,6 +55,14 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest a connection lives, however it behaves.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+/// A TLS client must finish its handshake within this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `--web-max-connections` default: node_exporter's `--web.max-requests`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 40;
+/// Connections beyond the cap that still get one quick answer.
+pub const OVERFLOW_CONNECTIONS: usize = 256;
+/// An overflow connection's whole life.
+pub const OVERFLOW_LIFETIME: Duration = Duration::from_secs(2);
 
 /// Whether the daemon is healthy (`/healthz`), and why not.
 pub type Health = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -60,6 +86,8 @@ struct Endpoint {
     last: Mutex<Option<Arc<Encoded>>>,
     /// One encoding at a time; the others wait for its result.
     encoding: tokio::sync::Mutex<()>,
+    authenticator: Arc<Authenticator>,
+    limiter: RateLimiter,
 }
 
 impl Endpoint {
@@ -126,6 +154,24 @@ fn accepts_gzip(request: &Request<Incoming>) -> bool {
         })
 }
 
+/// How the endpoint guards itself: its web configuration and connection cap.
+#[derive(Clone)]
+pub struct Guard {
+    /// The web configuration in force (TLS, users, headers, rate limit).
+    pub config: Arc<ActiveConfig>,
+    /// Connections served in full at once ([`DEFAULT_MAX_CONNECTIONS`] by default).
+    pub max_connections: usize,
+}
+
+/// Whether a connection has one of the full slots, or an overflow one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Full,
+    /// Beyond `--web-max-connections`: one request within [`OVERFLOW_LIFETIME`], `/healthz`
+    /// answered and anything else 503, so a flood cannot starve the kubelet's probes.
+    Overflow,
+}
+
 /// Serves `/metrics` and `/healthz` until the task is dropped. Each connection is its own
 /// task with its deadlines, so a slow or broken client delays nobody else.
 pub async fn serve(
@@ -134,6 +180,7 @@ pub async fn serve(
     unguarded: Registry,
     gate: ScrapeGate,
     health: Health,
+    guard: Guard,
 ) {
     let endpoint = Arc::new(Endpoint {
         registry,
@@ -142,7 +189,11 @@ pub async fn serve(
         health,
         last: Mutex::new(None),
         encoding: tokio::sync::Mutex::new(()),
+        authenticator: Arc::new(Authenticator::new()),
+        limiter: RateLimiter::default(),
     });
+    let full = Arc::new(Semaphore::new(guard.max_connections));
+    let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -153,35 +204,108 @@ pub async fn serve(
                 continue;
             }
         };
+        let (permit, class) = if let Ok(permit) = full.clone().try_acquire_owned() {
+            (permit, Class::Full)
+        } else if let Ok(permit) = overflow.clone().try_acquire_owned() {
+            (permit, Class::Overflow)
+        } else {
+            debug!("metrics connection from {peer} refused: every slot is taken");
+            continue; // dropped: closed
+        };
         let endpoint = endpoint.clone();
+        let config = guard.config.current();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let endpoint = endpoint.clone();
-                async move { Ok::<_, Infallible>(respond(&request, &endpoint).await) }
-            });
-            let mut stream = TimeoutStream::new(stream);
-            stream.set_write_timeout(Some(WRITE_TIMEOUT));
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(Box::pin(stream)), service);
-            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+            let lifetime = match class {
+                Class::Full => CONNECTION_LIFETIME,
+                Class::Overflow => OVERFLOW_LIFETIME,
+            };
+            match tokio::time::timeout(lifetime, connection(stream, class, config, endpoint)).await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!("metrics connection from {peer}: {e}"),
                 Err(_) => debug!("metrics connection from {peer}: closed after its lifetime"),
             }
+            drop(permit);
         });
     }
 }
 
-async fn respond(request: &Request<Incoming>, endpoint: &Arc<Endpoint>) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, content_type: &'static str, body: Bytes| {
-        let mut response = Response::new(Full::new(body));
-        *response.status_mut() = status;
-        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-        response
+/// One connection: its TLS handshake if configured, then HTTP/1.1 with its deadlines.
+async fn connection(
+    stream: TcpStream,
+    class: Class,
+    config: Arc<WebConfig>,
+    endpoint: Arc<Endpoint>,
+) -> Result<(), String> {
+    let mut stream = TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    stream.set_read_timeout(Some(HEADER_TIMEOUT));
+    let stream = Box::pin(stream);
+    match config.tls.clone() {
+        Some(tls) => {
+            let accepting = TlsAcceptor::from(tls).accept(stream);
+            let tls_stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, accepting)
+                .await
+                .map_err(|_| "no TLS handshake in time".to_owned())?
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            http(tls_stream, class, config, endpoint).await
+        }
+        None => http(stream, class, config, endpoint).await,
+    }
+}
+
+async fn http<IO>(
+    io: IO,
+    class: Class,
+    config: Arc<WebConfig>,
+    endpoint: Arc<Endpoint>,
+) -> Result<(), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let (endpoint, config) = (endpoint.clone(), config.clone());
+        async move {
+            let mut response = guarded(&request, class, &config, &endpoint).await;
+            response.headers_mut().extend(config.headers.iter().cloned());
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let header_timeout = match class {
+        Class::Full => HEADER_TIMEOUT,
+        Class::Overflow => OVERFLOW_LIFETIME,
     };
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(class == Class::Full)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), service)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// The checks before a request is answered: rate limit, method, overflow, credentials.
+/// `/healthz` needs no credentials, so kubelet probes work without them.
+async fn guarded(
+    request: &Request<Incoming>,
+    class: Class,
+    config: &WebConfig,
+    endpoint: &Arc<Endpoint>,
+) -> Response<Full<Bytes>> {
+    if let Some(limit) = &config.rate_limit {
+        if !endpoint.limiter.take(limit) {
+            let text = Bytes::from_static(b"too many requests\n");
+            return reply(StatusCode::TOO_MANY_REQUESTS, "text/plain", text);
+        }
+    }
     let head = request.method() == Method::HEAD;
     if request.method() != Method::GET && !head {
         let mut response =
@@ -189,7 +313,42 @@ async fn respond(request: &Request<Incoming>, endpoint: &Arc<Endpoint>) -> Respo
         response.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return response;
     }
-    match request.uri().path() {
+    let path = request.uri().path();
+    if path == "/healthz" {
+        return match (endpoint.health)() {
+            Ok(()) => reply(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                Bytes::from(format!("{why}\n")),
+            ),
+        };
+    }
+    if class == Class::Overflow {
+        let text = Bytes::from_static(b"too many connections; try again\n");
+        let mut response = reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", text);
+        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    }
+    if !config.users.is_empty()
+        && !endpoint.authenticator.allows(&config.users, request.headers().get(AUTHORIZATION)).await
+    {
+        let text = Bytes::from_static(b"unauthorized\n");
+        let mut response = reply(StatusCode::UNAUTHORIZED, "text/plain", text);
+        let challenge = HeaderValue::from_static("Basic realm=\"tcpmon\", charset=\"UTF-8\"");
+        response.headers_mut().insert(WWW_AUTHENTICATE, challenge);
+        return response;
+    }
+    respond(request, path, head, endpoint).await
+}
+
+async fn respond(
+    request: &Request<Incoming>,
+    path: &str,
+    head: bool,
+    endpoint: &Arc<Endpoint>,
+) -> Response<Full<Bytes>> {
+    match path {
         // HEAD says the metrics are there without the cost of reading them.
         "/metrics" if head => reply(StatusCode::OK, prometheus::TEXT_FORMAT, Bytes::new()),
         "/metrics" => {
@@ -215,14 +374,6 @@ async fn respond(request: &Request<Incoming>, endpoint: &Arc<Endpoint>) -> Respo
             response.headers_mut().insert(VARY, HeaderValue::from_static("Accept-Encoding"));
             response
         }
-        "/healthz" => match (endpoint.health)() {
-            Ok(()) => reply(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
-            Err(why) => reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                Bytes::from(format!("{why}\n")),
-            ),
-        },
         "/" => reply(
             StatusCode::OK,
             "text/html",
@@ -262,7 +413,8 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let address = listener.local_addr().unwrap();
         let health: Health = Arc::new(|| Ok(()));
-        tokio::spawn(serve(listener, registry, Registry::new(), gate.clone(), health));
+        let guard = Guard { config: ActiveConfig::open(), max_connections: 4 };
+        tokio::spawn(serve(listener, registry, Registry::new(), gate.clone(), health, guard));
         (address, counter, gate)
     }
 
