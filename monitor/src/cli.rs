@@ -175,6 +175,20 @@ pub struct RunArgs {
           value_parser = label_cap)]
     pub workload_labels: usize,
 
+    /// Workloads that always get a `workload` value of their own, beyond --workload-labels,
+    /// and keep it: glob patterns of their names (comma-separated, e.g.
+    /// `nginx.service,shop/*`).
+    #[arg(long, env = "TCPMON_WORKLOADS", value_name = "LIST", value_delimiter = ',',
+          value_parser = parse_workload_pattern)]
+    pub workloads: Vec<glob::Pattern>,
+
+    /// A `port`, `workload`, pair or `netns` value is retired (its series removed, its slot
+    /// freed for the next) once no tracked socket uses it, its workload is gone (listener
+    /// closed, cgroup removed, namespace gone) and it has been idle this long (e.g. 10m, 2s).
+    #[arg(long, env = "TCPMON_LABEL_IDLE", value_name = "DUR", default_value = "10m",
+          value_parser = parse_label_idle)]
+    pub label_idle: Duration,
+
     /// Most (port, workload) pairs with series of their own; later pairs share
     /// port="other",workload="other". With --port-labels and --workload-labels this is the
     /// series budget (README).
@@ -356,6 +370,24 @@ impl TailArgs {
     }
 }
 
+/// Parses one `--workloads` pattern: a glob of at most 256 bytes.
+fn parse_workload_pattern(text: &str) -> Result<glob::Pattern, String> {
+    if text.len() > 256 {
+        return Err(format!("a pattern of {} bytes is longer than 256", text.len()));
+    }
+    glob::Pattern::new(text).map_err(|e| format!("`{text}`: {e}"))
+}
+
+/// Parses `--label-idle`: at least 1 s.
+fn parse_label_idle(text: &str) -> Result<Duration, String> {
+    let idle =
+        humantime::parse_duration(text).map_err(|e| format!("`{text}`: {e} (e.g. 10m, 2s)"))?;
+    if idle < Duration::from_secs(1) {
+        return Err(format!("`{text}` is shorter than 1s"));
+    }
+    Ok(idle)
+}
+
 /// Parses `--web-max-connections`: 1 to 10,000.
 fn connection_cap(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
@@ -388,6 +420,8 @@ impl RunArgs {
             pinned_ports: self.ports.clone(),
             workloads: self.workload_labels,
             pairs: usize::try_from(self.label_pairs).unwrap_or(usize::MAX),
+            pinned_workloads: self.workloads.clone(),
+            idle: self.label_idle,
         }
     }
 

@@ -16,6 +16,8 @@
 //! ports = "443,5432"    # ports that always get one
 //! workload-labels = 32  # workloads with a `workload` value of their own (0: no label)
 //! label-pairs = 64      # (port, workload) pairs with series of their own: the series budget
+//! workloads = "nginx.service,shop/*"   # workload name patterns that always get a value
+//! label-idle = "10m"    # a value unused, gone and idle this long is retired
 //! cgroup-root = "/host/sys/fs/cgroup"   # the cgroup2 tree (default: from mountinfo)
 //! pod-logs = "/var/log/pods"   # the kubelet's pod directories, which name pods
 //! hook = "auto"         # or "btf", "tracepoint": which build of the kernel program
@@ -388,6 +390,8 @@ mod tests {
             "ports",
             "workload-labels",
             "label-pairs",
+            "workloads",
+            "label-idle",
             "cgroup-root",
             "pod-logs",
             "hook",
@@ -398,7 +402,7 @@ mod tests {
         ] {
             assert!(keys.contains(&key.to_owned()), "{key} in {keys:?}");
         }
-        assert_eq!(keys.len(), 19, "{keys:?}");
+        assert_eq!(keys.len(), 21, "{keys:?}");
     }
 
     #[test]

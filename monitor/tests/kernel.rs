@@ -392,7 +392,8 @@ fn slow_malformed_and_huge_requests_do_not_block_metrics_for_others() {
     }
     let mut daemon = Daemon::start(&[]);
     let address = daemon.metrics_address();
-    // Slowloris: 200 connections that start a request and never finish its headers.
+    // Slowloris: 200 connections that start a request and never finish its headers. Once
+    // they have waited a second, each newcomer takes one's slot (--web-max-connections).
     let slow: Vec<TcpStream> = (0..200)
         .map(|_| {
             let mut s = TcpStream::connect(address).unwrap();
@@ -400,6 +401,7 @@ fn slow_malformed_and_huge_requests_do_not_block_metrics_for_others() {
             s
         })
         .collect();
+    std::thread::sleep(Duration::from_millis(1200));
     // Garbage and an oversized header get an error status, not a crash.
     let garbage = get_status(
         address,

@@ -171,7 +171,7 @@ fn a_broken_web_config_at_start_exits_2_naming_the_key() {
 }
 
 #[test]
-fn beyond_the_connection_cap_healthz_still_answers_and_metrics_get_503() {
+fn beyond_the_connection_cap_healthz_answers_metrics_get_503_and_idle_slots_are_taken() {
     let address = serve(None, 2);
     // Two connections take the full slots (held open, idle).
     let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(address).unwrap()).collect();
@@ -187,9 +187,17 @@ fn beyond_the_connection_cap_healthz_still_answers_and_metrics_get_503() {
     let mut buffer = [0u8; 16];
     assert_eq!(idle.read(&mut buffer).unwrap_or(0), 0, "closed without an answer");
     assert!(started.elapsed() < Duration::from_secs(4), "held {:?}", started.elapsed());
-    drop(held);
-    std::thread::sleep(Duration::from_millis(200));
+    // The held connections have now waited over a second for a request: a newcomer takes
+    // the longest-waiting one's slot, so idle or slow clients cannot keep a scraper out.
     let (status, text) = plain_get(address, "/metrics");
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("tcpmon_test_total 7"));
+    let closed = held
+        .iter()
+        .filter(|stream| {
+            stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            matches!((&mut &**stream).read(&mut [0u8; 16]), Ok(0))
+        })
+        .count();
+    assert_eq!(closed, 1, "exactly one held connection gave its slot up");
 }

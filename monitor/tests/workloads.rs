@@ -540,3 +540,57 @@ fn a_burst_of_new_cgroups_loses_nothing_and_names_every_connection_even_short_li
     let (status, stderr, _) = daemon.stop();
     assert!(status.success(), "{stderr}");
 }
+
+#[test]
+fn retired_values_come_back_for_new_workloads_and_a_long_lived_one_keeps_its_series() {
+    let _host = common::exclusive();
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let cgroups = Cgroups::new("retire");
+    let mut daemon = Daemon::start(&["--workload-labels", "4", "--label-idle", "2s"]);
+    let opened = |m: &Metrics, port: u16, workload: &str| {
+        let port = port.to_string();
+        let labels = [("side", "passive"), ("port", port.as_str()), ("workload", workload)];
+        m.get(&series("tcpmon_connections_opened_total", &labels)).copied()
+    };
+    // The long-lived workload: a server that listens throughout and holds one connection.
+    let steady = cgroups.unit("steady.service");
+    let steady_port = server_port();
+    let server = helper(&steady, &format!("serve {steady_port} 13 0"));
+    let held = TcpStream::connect(("127.0.0.1", steady_port)).unwrap();
+    for round in 0..12 {
+        // A short-lived unit: it listens, takes one connection, ends, and its cgroup goes.
+        let name = format!("job-{round}.service");
+        let unit = cgroups.unit(&name);
+        let port = server_port();
+        let job = helper(&unit, &format!("serve {port} 1 0"));
+        drop(TcpStream::connect(("127.0.0.1", port)).unwrap());
+        finish(job);
+        // Its cgroup lives on 300 ms after the connection (the bound for naming it).
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::remove_dir(&unit).unwrap();
+        drop(TcpStream::connect(("127.0.0.1", steady_port)).unwrap());
+        let m = daemon.settled_scrape();
+        let ours: Vec<_> =
+            m.keys().filter(|k| k.starts_with("tcpmon_connections_opened")).collect();
+        assert_eq!(opened(&m, port, &name), Some(1.0), "{name} got values of its own: {ours:?}");
+        // The long-lived one: the same series throughout, counting every connection.
+        let expected = f64::from(round) + 2.0; // the held one and one per round
+        assert_eq!(opened(&m, steady_port, "steady.service"), Some(expected), "round {round}");
+        let workloads = value(&m, "tcpmon_label_values", &[("label", "workload")]);
+        assert!(workloads <= 4.0, "{workloads} workload values for a cap of 4");
+        // Idle for --label-idle with its cgroup gone: retired, its series removed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while opened(&daemon.scrape(), port, &name).is_some() {
+            assert!(std::time::Instant::now() < deadline, "{name} was never retired");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    drop(held);
+    finish(server);
+    let m = daemon.settled_scrape();
+    assert_eq!(m["tcpmon_events_lost_total"], 0.0);
+    let (status, stderr, _) = daemon.stop();
+    assert!(status.success(), "{stderr}");
+}

@@ -9,12 +9,14 @@
 mod namespaces;
 mod series;
 
+use std::time::{Duration, Instant};
+
 use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use rustc_hash::FxHashMap;
 
 use crate::decode::TcpState;
 use crate::metrics::{catch_up, registered, ScrapeGate, CONNECTIONS, CONNECTIONS_HELP};
-use crate::naming::NamingService;
+use crate::naming::{InUse, NamingService, Pair, OVERFLOW_PAIR};
 use crate::tracker::{Attribution, Observation, ObservationSink, Tracker};
 use namespaces::NamespaceMetrics;
 use series::{Families, SeriesSet};
@@ -104,6 +106,12 @@ struct Attributed {
     naming: NamingService,
     /// The series of each pair, by the pair's [`crate::naming::Named::index`].
     sets: Vec<SeriesSet>,
+    /// When each set last recorded an observation (the batch's time).
+    active: Vec<Instant>,
+    /// The time of the batch being applied.
+    now: Instant,
+    /// When values were last checked for retirement.
+    swept: Instant,
     /// [`packed`] origins → where they resolved: one lookup per observation instead of three.
     origins: FxHashMap<u64, Resolved>,
     /// The last origin resolved: a connection's observations mostly come in runs.
@@ -136,7 +144,16 @@ impl Attributed {
         for (count, lumped) in self.overflow.iter_mut().zip(resolved.other) {
             *count += u64::from(lumped);
         }
+        self.active[resolved.set] = self.now;
         &self.sets[resolved.set]
+    }
+
+    /// The set an origin's observations go to, without counting anything.
+    fn set_of(&mut self, origin: (u16, bool, u64)) -> usize {
+        match packed(origin).and_then(|key| self.origins.get(&key)) {
+            Some(resolved) => resolved.set,
+            None => self.resolve(origin).set,
+        }
     }
 
     /// Asks the naming service for the origin's values, gives its pair a series set, and
@@ -146,9 +163,16 @@ impl Attributed {
         let mut naming = self.naming.lock();
         let named = naming.name((service_port != 0).then_some(service_port), listening, cgroup_id);
         // Pairs are numbered as the naming service gives them out, and this is its only
-        // user: a new pair is always the next set.
-        if named.index == self.sets.len() {
-            self.sets.push(SeriesSet::new(naming.pair_values(named.pair)));
+        // user: a new pair is the next set, or takes the number of a retired one.
+        if named.fresh {
+            let set = SeriesSet::new(naming.pair_values(named.pair));
+            if named.index == self.sets.len() {
+                self.sets.push(set);
+                self.active.push(self.now);
+            } else {
+                self.sets[named.index] = set;
+                self.active[named.index] = self.now;
+            }
         }
         drop(naming);
         let resolved = Resolved { set: named.index, other: named.other };
@@ -163,6 +187,61 @@ impl Attributed {
             self.last = Some((key, resolved));
         }
         resolved
+    }
+
+    /// Retires the pairs idle for `--label-idle` that no tracked socket uses, and then the
+    /// values nothing uses any more ([`crate::naming::Naming::retire`]): their series are
+    /// removed, so Prometheus marks them stale, and their slots go to the next ones. Every
+    /// origin of a tracked socket keeps the set it resolved to (a CLOSE_WAIT gauge raised in
+    /// one set must be lowered in the same); other origins are resolved afresh. Returns the
+    /// `netns` values retired.
+    fn retire(&mut self, tracker: &Tracker) -> Vec<String> {
+        if self.counts.is_none() {
+            return Vec::new();
+        }
+        let mut in_use = InUse::default();
+        let mut live_origins = Vec::new();
+        tracker.for_each_owner(|whose| {
+            if whose.listening {
+                if let Some(port) = whose.service_port {
+                    in_use.listening_ports.insert(port);
+                }
+            }
+            in_use.netns.insert(whose.netns);
+            live_origins.push((whose.service_port.unwrap_or(0), whose.listening, whose.cgroup_id));
+        });
+        let mut used = vec![false; self.sets.len()];
+        let mut kept = FxHashMap::default();
+        for origin in live_origins {
+            let set = self.set_of(origin);
+            used.resize(self.sets.len(), false);
+            used[set] = true;
+            if let Some(key) = packed(origin) {
+                if let Some(resolved) = self.origins.get(&key) {
+                    kept.insert(key, *resolved);
+                }
+            }
+        }
+        let mut naming = self.naming.lock();
+        let idle = naming.limits().idle;
+        let now = self.now;
+        let pairs: FxHashMap<usize, Pair> =
+            naming.pairs().map(|(pair, index)| (index, pair)).collect();
+        let mut retiring = Vec::new();
+        for (index, set) in self.sets.iter().enumerate() {
+            let Some(&pair) = pairs.get(&index) else { continue };
+            let last = self.active[index];
+            if pair != OVERFLOW_PAIR && !used[index] && now.saturating_duration_since(last) >= idle
+            {
+                set.remove();
+                retiring.push((pair, last));
+            }
+        }
+        let netns = naming.retire(&retiring, &in_use);
+        drop(naming);
+        self.origins = kept;
+        self.last = None;
+        netns
     }
 
     /// Publishes how many values each capped label has given out, and its overflow.
@@ -246,9 +325,13 @@ impl Aggregator {
                 CAPPED.map(|label| label_overflow.with_label_values(&[label])),
             ))
         };
+        let now = Instant::now();
         let mut attributed = Attributed {
             naming,
             sets: Vec::new(),
+            active: Vec::new(),
+            now,
+            swept: now,
             origins: FxHashMap::default(),
             last: None,
             overflow: [0; 3],
@@ -379,8 +462,27 @@ impl Aggregator {
         &self.attributed.naming
     }
 
-    /// Publishes the tracker's gauges and the growth of its counters since the last call.
-    pub fn publish_tracker(&self, tracker: &Tracker, unix_time: f64) {
+    /// Publishes the tracker's gauges and the growth of its counters since the last call,
+    /// after a batch; now and then retires label values ([`Attributed::retire`]).
+    pub fn publish_tracker(&mut self, tracker: &Tracker, unix_time: f64) {
+        let now = Instant::now();
+        self.attributed.now = now;
+        let idle = {
+            let mut naming = self.attributed.naming.lock();
+            naming.set_now(now);
+            naming.limits().idle
+        };
+        // Checked a few times per idle period: a value goes at most a quarter late.
+        let every = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+        if now.saturating_duration_since(self.attributed.swept) >= every {
+            self.attributed.swept = now;
+            let netns = self.attributed.retire(tracker);
+            if let Some(namespaces) = &self.namespaces {
+                for value in netns {
+                    namespaces.remove(&value);
+                }
+            }
+        }
         let per_state = tracker.per_state();
         for (gauge, state) in self.connections.iter().zip(TRACKED_STATES) {
             gauge.set(per_state[state.index()] as i64);
@@ -548,6 +650,71 @@ mod tests {
     }
 
     #[test]
+    fn idle_values_of_gone_workloads_are_retired_and_their_slots_reused_but_pins_stay() {
+        let root = std::env::temp_dir().join(format!("tcpmon-retire-{}", std::process::id()));
+        let cgroup = |name: &str| {
+            let path = root.join(name);
+            std::fs::create_dir_all(&path).unwrap();
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+        };
+        let (job1, job2, keep) =
+            (cgroup("job1.service"), cgroup("job2.service"), cgroup("keep.service"));
+        let registry = Registry::new();
+        let limits = LabelLimits {
+            ports: 1,
+            workloads: 1,
+            pinned_workloads: vec![glob::Pattern::new("keep*").unwrap()],
+            pairs: 8,
+            idle: Duration::from_millis(100),
+            ..LabelLimits::NONE
+        };
+        let names = Workloads::new(Some(root.clone()), root.join("no-pods"));
+        let mut aggregator =
+            Aggregator::with_labels(&registry, NamingService::new(Naming::new(limits, names, 0)))
+                .unwrap();
+        let connect = |aggregator: &mut Aggregator, port, cgroup_id| {
+            let whose =
+                Attribution { netns: 1, cgroup_id, service_port: Some(port), listening: false };
+            aggregator.observe_in(&Observation::Opened { side: Side::Active }, &whose);
+        };
+        let opened = |port: &str, workload: &str| {
+            let series = format!(
+                "tcpmon_connections_opened_total{{port=\"{port}\",side=\"active\",workload=\"{workload}\"}}"
+            );
+            value(&scrape(&registry), &series)
+        };
+        let label_values = |label: &str| {
+            value(&scrape(&registry), &format!("tcpmon_label_values{{label=\"{label}\"}}"))
+        };
+        connect(&mut aggregator, 5432, job1);
+        connect(&mut aggregator, 5433, job2); // both caps are full: other
+        connect(&mut aggregator, 5434, keep); // pinned: a value beyond the cap
+        aggregator.publish_tracker(&Tracker::default(), 1.0);
+        assert_eq!(opened("5432", "job1.service"), Some(1.0));
+        assert_eq!(opened("other", "other"), Some(1.0));
+        assert_eq!(opened("other", "keep.service"), Some(1.0));
+        assert_eq!(label_values("workload"), Some(2.0));
+
+        // The jobs end (their cgroups go), the pinned one too; all idle past --label-idle.
+        std::fs::remove_dir(root.join("job1.service")).unwrap();
+        std::fs::remove_dir(root.join("keep.service")).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        aggregator.publish_tracker(&Tracker::default(), 2.0);
+        assert_eq!(opened("5432", "job1.service"), None, "retired: its series removed");
+        assert_eq!(opened("other", "keep.service"), None, "an idle pair goes, pinned or not");
+        assert_eq!(label_values("workload"), Some(1.0), "the pinned value stays");
+        assert_eq!(label_values("port"), Some(0.0));
+
+        // job2, lumped into `other` before, now gets the freed values.
+        connect(&mut aggregator, 5433, job2);
+        aggregator.publish_tracker(&Tracker::default(), 3.0);
+        assert_eq!(opened("5433", "job2.service"), Some(1.0), "a fresh series from 0");
+        assert_eq!(opened("other", "other"), Some(1.0), "the overflow pair never retires");
+        assert_eq!(label_values("workload"), Some(2.0));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn ports_workloads_and_pairs_are_capped_and_counted() {
         let root = std::env::temp_dir().join(format!("tcpmon-labels-{}", std::process::id()));
         let cgroup = |name: &str| {
@@ -558,7 +725,13 @@ mod tests {
         let (web, db, cache) =
             (cgroup("web.service"), cgroup("db.service"), cgroup("cache.service"));
         let registry = Registry::new();
-        let limits = LabelLimits { ports: 1, pinned_ports: vec![6379], workloads: 2, pairs: 5 };
+        let limits = LabelLimits {
+            ports: 1,
+            pinned_ports: vec![6379],
+            workloads: 2,
+            pairs: 5,
+            ..LabelLimits::NONE
+        };
         let names = Workloads::new(Some(root.clone()), root.join("no-pods"));
         let mut aggregator =
             Aggregator::with_labels(&registry, NamingService::new(Naming::new(limits, names, 0)))
@@ -741,8 +914,13 @@ mod tests {
                 std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
             })
             .collect();
-        let defaults =
-            LabelLimits { ports: 32, pinned_ports: Vec::new(), workloads: 32, pairs: 64 };
+        let defaults = LabelLimits {
+            ports: 32,
+            pinned_ports: Vec::new(),
+            workloads: 32,
+            pairs: 64,
+            ..LabelLimits::NONE
+        };
         let host = |limits: &LabelLimits, traffic: &dyn Fn(&mut Aggregator)| {
             let registry = Registry::new();
             let names = Workloads::new(Some(root.clone()), root.join("no-pods"));

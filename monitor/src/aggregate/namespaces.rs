@@ -4,7 +4,7 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use super::{seconds, LATENCY_BUCKETS};
 use crate::metrics::registered;
-use crate::tracker::{Observation, Side};
+use crate::tracker::{CloseReason, Observation, Side};
 
 /// The main connection metrics split by network namespace (`--netns-labels N`): the first N
 /// namespaces seen get a `netns` label of their own (the inode, as `readlink
@@ -41,6 +41,20 @@ impl NamespaceMetrics {
 }
 
 impl NamespaceMetrics {
+    /// Removes every series of the retired `netns` value `ns`.
+    pub(super) fn remove(&self, ns: &str) {
+        for side in ["active", "passive"] {
+            let _ = self.opened.remove_label_values(&[ns, side]);
+            let _ = self.handshake.remove_label_values(&[ns, side]);
+        }
+        for reason in CloseReason::ALL {
+            let _ = self.failures.remove_label_values(&[ns, reason.as_str()]);
+            for side in ["active", "passive", "unknown"] {
+                let _ = self.closed.remove_label_values(&[ns, side, reason.as_str()]);
+            }
+        }
+    }
+
     /// Registers the per-namespace families.
     pub(super) fn new(registry: &Registry) -> prometheus::Result<Self> {
         let counter = |name: &str, help: &str, labels: &[&str]| {

@@ -2,7 +2,7 @@
 //! created the first time something is recorded in it: a pair that only ever accepts
 //! connections never exports the series of connects.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -178,15 +178,34 @@ pub(super) struct SeriesSet {
     synack_retransmits: [OnceLock<IntCounter>; 2],
     time_wait_entered: OnceLock<IntCounter>,
     close_wait_sockets: OnceLock<IntGauge>,
+    /// How to remove each series created so far from its family (when the pair retires).
+    created: Mutex<Vec<Box<dyn Fn() + Send>>>,
 }
 
-/// The child of `family` for `own` label values followed by `extra`, created on first use.
+/// The child of `family` for `own` label values followed by the set's `extra`, created on
+/// first use (and noted in `created`, so [`SeriesSet::remove`] finds it).
 macro_rules! child {
-    ($cell:expr, $family:expr, $extra:expr, [$($own:expr),*]) => {
+    ($set:expr, $cell:expr, $family:expr, [$($own:expr),*]) => {
         $cell.get_or_init(|| {
-            let values: Vec<&str> =
-                [$($own),*].into_iter().chain($extra.iter().map(String::as_str)).collect();
-            $family.with_label_values(&values)
+            let values: Vec<String> = [$($own),*]
+                .into_iter()
+                .map(str::to_owned)
+                .chain($set.extra.iter().cloned())
+                .collect();
+            let family = $family.clone();
+            let remove = move || {
+                let values: Vec<&str> = values.iter().map(String::as_str).collect();
+                let _ = family.remove_label_values(&values);
+            };
+            let child = {
+                let values: Vec<&str> = [$($own),*]
+                    .into_iter()
+                    .chain($set.extra.iter().map(String::as_str))
+                    .collect();
+                $family.with_label_values(&values)
+            };
+            $set.created.lock().unwrap_or_else(PoisonError::into_inner).push(Box::new(remove));
+            child
         })
     };
 }
@@ -208,106 +227,115 @@ impl SeriesSet {
             synack_retransmits: Default::default(),
             time_wait_entered: Default::default(),
             close_wait_sockets: Default::default(),
+            created: Mutex::default(),
+        }
+    }
+
+    /// Removes every series this set created from its family: Prometheus then marks them
+    /// stale, as for a deleted pod.
+    pub(super) fn remove(&self) {
+        let created =
+            std::mem::take(&mut *self.created.lock().unwrap_or_else(PoisonError::into_inner));
+        for remove in created {
+            remove();
         }
     }
 
     /// Creates every series at 0, as tcpmon without port or workload labels always has
     /// (dashboards and alerts then see the series before the first event).
     pub(super) fn create_all(&self, f: &Families) {
-        let extra = &self.extra;
         for side in SIDES {
             let (i, s) = (side_index(side), side.as_str());
-            child!(self.handshake[i], f.handshake, extra, [s]);
-            child!(self.handshake_retransmits[i], f.handshake_retransmits, extra, [s]);
-            child!(self.teardown[i], f.teardown, extra, [s]);
-            child!(self.lifetime[i], f.lifetime, extra, [s]);
-            child!(self.opened[i], f.opened, extra, [s]);
+            child!(self, self.handshake[i], f.handshake, [s]);
+            child!(self, self.handshake_retransmits[i], f.handshake_retransmits, [s]);
+            child!(self, self.teardown[i], f.teardown, [s]);
+            child!(self, self.lifetime[i], f.lifetime, [s]);
+            child!(self, self.opened[i], f.opened, [s]);
         }
         for (i, direction) in [ResetDirection::Sent, ResetDirection::Received].iter().enumerate() {
-            child!(self.resets[i], f.resets, extra, [direction.as_str()]);
+            child!(self, self.resets[i], f.resets, [direction.as_str()]);
         }
-        child!(self.close_wait, f.close_wait, extra, []);
+        child!(self, self.close_wait, f.close_wait, []);
         for (row, side) in CLOSED_SIDES.iter().enumerate() {
             for reason in CloseReason::ALL {
                 let r = reason_index(reason);
-                child!(self.closed[row][r], f.closed, extra, [*side, reason.as_str()]);
+                child!(self, self.closed[row][r], f.closed, [*side, reason.as_str()]);
             }
         }
         for reason in CloseReason::ALL {
             let r = reason_index(reason);
-            child!(self.connect_failures[r], f.failures, extra, [reason.as_str()]);
+            child!(self, self.connect_failures[r], f.failures, [reason.as_str()]);
         }
         for (i, reason) in SYNACK_REASONS.iter().enumerate() {
-            child!(self.synack_retransmits[i], f.synack_retransmits, extra, [*reason]);
+            child!(self, self.synack_retransmits[i], f.synack_retransmits, [*reason]);
         }
-        child!(self.time_wait_entered, f.time_wait_entered, extra, []);
+        child!(self, self.time_wait_entered, f.time_wait_entered, []);
     }
 
     /// Records one observation.
     pub(super) fn record(&self, f: &Families, observation: &Observation) {
-        let extra = &self.extra;
         match *observation {
             Observation::Opened { side } => {
-                child!(self.opened[side_index(side)], f.opened, extra, [side.as_str()]).inc()
+                child!(self, self.opened[side_index(side)], f.opened, [side.as_str()]).inc()
             }
             Observation::Handshake { side, duration_ns, .. } => {
-                child!(self.handshake[side_index(side)], f.handshake, extra, [side.as_str()])
+                child!(self, self.handshake[side_index(side)], f.handshake, [side.as_str()])
                     .observe(seconds(duration_ns))
             }
             Observation::HandshakeRetransmits { side, count } => {
                 let i = side_index(side);
                 child!(
+                    self,
                     self.handshake_retransmits[i],
                     f.handshake_retransmits,
-                    extra,
                     [side.as_str()]
                 )
                 .inc_by(u64::from(count))
             }
             Observation::ConnectFailed { reason, retransmits, .. } => {
                 let r = reason_index(reason);
-                child!(self.connect_failures[r], f.failures, extra, [reason.as_str()]).inc();
+                child!(self, self.connect_failures[r], f.failures, [reason.as_str()]).inc();
                 if let Some(count) = retransmits.filter(|count| *count > 0) {
                     let active = Side::Active.as_str();
-                    child!(self.handshake_retransmits[0], f.handshake_retransmits, extra, [active])
+                    child!(self, self.handshake_retransmits[0], f.handshake_retransmits, [active])
                         .inc_by(u64::from(count));
                 }
             }
             Observation::Reset { direction } => {
                 let i = matches!(direction, ResetDirection::Received) as usize;
-                child!(self.resets[i], f.resets, extra, [direction.as_str()]).inc()
+                child!(self, self.resets[i], f.resets, [direction.as_str()]).inc()
             }
             Observation::CloseWait { duration_ns } => {
-                child!(self.close_wait, f.close_wait, extra, []).observe(seconds(duration_ns));
+                child!(self, self.close_wait, f.close_wait, []).observe(seconds(duration_ns));
                 if let Some(family) = &f.close_wait_sockets {
-                    child!(self.close_wait_sockets, family, extra, []).dec();
+                    child!(self, self.close_wait_sockets, family, []).dec();
                 }
             }
             Observation::Closed { side, reason, lifetime_ns, teardown, time_wait } => {
                 if time_wait {
-                    child!(self.time_wait_entered, f.time_wait_entered, extra, []).inc();
+                    child!(self, self.time_wait_entered, f.time_wait_entered, []).inc();
                 }
                 let row = side.map_or(2, side_index);
                 let r = reason_index(reason);
-                child!(self.closed[row][r], f.closed, extra, [CLOSED_SIDES[row], reason.as_str()])
+                child!(self, self.closed[row][r], f.closed, [CLOSED_SIDES[row], reason.as_str()])
                     .inc();
                 if let (Some(side), Some(ns)) = (side, lifetime_ns) {
-                    child!(self.lifetime[side_index(side)], f.lifetime, extra, [side.as_str()])
+                    child!(self, self.lifetime[side_index(side)], f.lifetime, [side.as_str()])
                         .observe(seconds(ns));
                 }
                 if let Some((side, ns)) = teardown {
-                    child!(self.teardown[side_index(side)], f.teardown, extra, [side.as_str()])
+                    child!(self, self.teardown[side_index(side)], f.teardown, [side.as_str()])
                         .observe(seconds(ns));
                 }
             }
             Observation::SynAckRetransmitted { client_acked } => {
                 let i = usize::from(client_acked);
                 let reason = SYNACK_REASONS[i];
-                child!(self.synack_retransmits[i], f.synack_retransmits, extra, [reason]).inc()
+                child!(self, self.synack_retransmits[i], f.synack_retransmits, [reason]).inc()
             }
             Observation::CloseWaitEntered | Observation::CloseWaitLeft => {
                 let Some(family) = &f.close_wait_sockets else { return };
-                let gauge = child!(self.close_wait_sockets, family, extra, []);
+                let gauge = child!(self, self.close_wait_sockets, family, []);
                 match observation {
                     Observation::CloseWaitEntered => gauge.inc(),
                     _ => gauge.dec(),

@@ -1,8 +1,12 @@
 //! The `port` and `workload` label values: closed sets by construction. Each label has a
-//! cap; a value, once given, is kept for the life of the process (no series churn); what
-//! comes after the cap shares `other` (the aggregator counts what it lumps there). The (port, workload) pairs that get
-//! series of their own are capped too, which is what bounds the number of series
-//! (README, "Series budget").
+//! cap; what comes after the cap shares `other` (the aggregator counts what it lumps
+//! there). A value is kept while it is in use; once its workload is gone and it has been
+//! idle for `--label-idle`, it is retired and its slot given to the next one
+//! ([`super::Naming::retire`] decides when). Pinned values (`--ports`, `--workloads`) are
+//! never capped and never retired. The (port, workload) pairs that get series of their own
+//! are capped too, which is what bounds the number of series (README, "Series budget").
+
+use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
@@ -30,20 +34,41 @@ pub struct LabelLimits {
     pub pinned_ports: Vec<u16>,
     /// Workloads with a value of their own. 0: no `workload` label.
     pub workloads: usize,
+    /// Workload names (glob patterns) that always get a value of their own, not counted in
+    /// `workloads` and never retired.
+    pub pinned_workloads: Vec<glob::Pattern>,
     /// (port, workload) pairs with series of their own; later pairs share
     /// `port="other",workload="other"`.
     pub pairs: usize,
+    /// How long a value whose workload is gone stays unused before it is retired
+    /// (`--label-idle`).
+    pub idle: Duration,
 }
+
+/// `--label-idle` default.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
 
 impl LabelLimits {
     /// No `port` and no `workload` label: the series of tcpmon before attribution.
-    pub const NONE: LabelLimits =
-        LabelLimits { ports: 0, pinned_ports: Vec::new(), workloads: 0, pairs: 0 };
+    pub const NONE: LabelLimits = LabelLimits {
+        ports: 0,
+        pinned_ports: Vec::new(),
+        workloads: 0,
+        pinned_workloads: Vec::new(),
+        pairs: 0,
+        idle: DEFAULT_IDLE,
+    };
 
     /// `tcpmon run`'s defaults: 32 ports per side, 32 workloads, 64 pairs (README, "Series
     /// budget").
-    pub const DEFAULT: LabelLimits =
-        LabelLimits { ports: 32, pinned_ports: Vec::new(), workloads: 32, pairs: 64 };
+    pub const DEFAULT: LabelLimits = LabelLimits {
+        ports: 32,
+        pinned_ports: Vec::new(),
+        workloads: 32,
+        pinned_workloads: Vec::new(),
+        pairs: 64,
+        idle: DEFAULT_IDLE,
+    };
 
     /// Whether the metrics carry a `port` label.
     pub fn port_label(&self) -> bool {
@@ -57,20 +82,54 @@ impl LabelLimits {
 }
 
 /// The values one label has given out: `other` and `unknown` first, then the rest in the
-/// order they were first seen.
+/// order they were first seen, a retired value's slot reused by the next.
 #[derive(Debug)]
 pub struct LabelValues {
     names: Vec<String>,
+    /// When each value was given or last touched (see [`LabelValues::touch`]).
+    touched: Vec<Instant>,
+    /// Slots of retired values.
+    free: Vec<ValueIndex>,
 }
 
 impl LabelValues {
     fn new() -> Self {
-        LabelValues { names: vec![OTHER.to_owned(), UNKNOWN.to_owned()] }
+        let now = Instant::now();
+        LabelValues {
+            names: vec![OTHER.to_owned(), UNKNOWN.to_owned()],
+            touched: vec![now, now],
+            free: Vec::new(),
+        }
     }
 
     fn add(&mut self, name: String) -> ValueIndex {
+        let now = Instant::now();
+        if let Some(index) = self.free.pop() {
+            self.names[usize::from(index)] = name;
+            self.touched[usize::from(index)] = now;
+            return index;
+        }
         self.names.push(name);
+        self.touched.push(now);
         (self.names.len() - 1) as ValueIndex
+    }
+
+    /// Frees the slot of a value no pair and no workload uses any more.
+    fn retire(&mut self, index: ValueIndex) {
+        debug_assert!(index > UNKNOWN_INDEX);
+        self.names[usize::from(index)].clear();
+        self.free.push(index);
+    }
+
+    /// Notes that `index` was in use at `at` (a retired pair's last activity).
+    pub fn touch(&mut self, index: ValueIndex, at: Instant) {
+        let touched = &mut self.touched[usize::from(index)];
+        *touched = (*touched).max(at);
+    }
+
+    /// Whether `index` has not been touched for `idle` at `now`.
+    fn idle(&self, index: ValueIndex, now: Instant, idle: Duration) -> bool {
+        now.saturating_duration_since(self.touched[usize::from(index)]) >= idle
     }
 
     /// The value at `index`.
@@ -78,9 +137,9 @@ impl LabelValues {
         &self.names[usize::from(index)]
     }
 
-    /// Values given out, `other` and `unknown` not included.
+    /// Values given out and not retired, `other` and `unknown` not included.
     pub fn given(&self) -> usize {
-        self.names.len() - 2
+        self.names.len() - 2 - self.free.len()
     }
 }
 
@@ -162,6 +221,41 @@ impl PortLabels {
         &self.values
     }
 
+    /// Notes that the value `index` was in use at `at`.
+    pub fn touch(&mut self, index: ValueIndex, at: Instant) {
+        self.values.touch(index, at);
+    }
+
+    /// Retires every value `retirable` says may go (given its port and whether it was
+    /// learned as a listener) that has been idle for `idle`; pinned ports never go. Returns
+    /// how many were retired.
+    pub fn retire(
+        &mut self,
+        now: Instant,
+        idle: Duration,
+        mut retirable: impl FnMut(ValueIndex, u16, bool) -> bool,
+    ) -> usize {
+        let values = &mut self.values;
+        let (mut listening, mut remote) = (0, 0);
+        self.by_port.retain(|&port, &mut (index, kind)| {
+            let keep = kind == PortKind::Pinned
+                || !values.idle(index, now, idle)
+                || !retirable(index, port, kind == PortKind::Listening);
+            if !keep {
+                values.retire(index);
+                match kind {
+                    PortKind::Listening => listening += 1,
+                    PortKind::Remote => remote += 1,
+                    PortKind::Pinned => {}
+                }
+            }
+            keep
+        });
+        self.listening -= listening;
+        self.remote -= remote;
+        listening + remote
+    }
+
     /// The value `port` has, without giving it one: [`OTHER`] if it has none.
     pub fn value_of(&self, port: u16) -> &str {
         self.by_port.get(&port).map_or(OTHER, |(index, _)| self.values.name(*index))
@@ -176,6 +270,9 @@ pub struct WorkloadLabels {
     by_name: FxHashMap<String, ValueIndex>,
     /// cgroup id → value: most lookups stop here, without the name.
     by_cgroup: FxHashMap<u64, ValueIndex>,
+    /// Names that always get a value (`--workloads`), and the values they got.
+    pins: Vec<glob::Pattern>,
+    pinned: Vec<ValueIndex>,
 }
 
 /// Most cgroup ids remembered by [`WorkloadLabels`] (names are bounded by the cap; ids of a
@@ -190,6 +287,8 @@ impl WorkloadLabels {
             values: LabelValues::new(),
             by_name: FxHashMap::default(),
             by_cgroup: FxHashMap::default(),
+            pins: limits.pinned_workloads.clone(),
+            pinned: Vec::new(),
         }
     }
 
@@ -206,7 +305,13 @@ impl WorkloadLabels {
         let index = match self.by_name.get(&name) {
             Some(index) => *index,
             None if name == UNKNOWN => UNKNOWN_INDEX,
-            None if self.by_name.len() < self.cap => {
+            None if self.pins.iter().any(|pin| pin.matches(&name)) => {
+                let index = self.values.add(name.clone());
+                self.by_name.insert(name, index);
+                self.pinned.push(index);
+                index
+            }
+            None if self.by_name.len() - self.pinned.len() < self.cap => {
                 let index = self.values.add(name.clone());
                 self.by_name.insert(name, index);
                 index
@@ -227,6 +332,44 @@ impl WorkloadLabels {
     pub fn values(&self) -> &LabelValues {
         &self.values
     }
+
+    /// Notes that the value `index` was in use at `at`.
+    pub fn touch(&mut self, index: ValueIndex, at: Instant) {
+        self.values.touch(index, at);
+    }
+
+    /// The cgroup ids known to have value `index`.
+    pub fn cgroups_of(&self, index: ValueIndex) -> Vec<u64> {
+        self.by_cgroup.iter().filter(|(_, v)| **v == index).map(|(id, _)| *id).collect()
+    }
+
+    /// Retires every value `retirable` says may go (given the value) that has been idle for
+    /// `idle`; pinned ones never go. Returns how many were retired.
+    pub fn retire(
+        &mut self,
+        now: Instant,
+        idle: Duration,
+        mut retirable: impl FnMut(&Self, ValueIndex) -> bool,
+    ) -> usize {
+        let candidates: Vec<ValueIndex> = self
+            .by_name
+            .values()
+            .copied()
+            .filter(|index| !self.pinned.contains(index) && self.values.idle(*index, now, idle))
+            .collect();
+        let gone: Vec<ValueIndex> =
+            candidates.into_iter().filter(|index| retirable(self, *index)).collect();
+        for index in &gone {
+            self.values.retire(*index);
+        }
+        if !gone.is_empty() {
+            self.by_name.retain(|_, index| !gone.contains(index));
+            // Ids lumped into `other` are asked again: there is room now. (An origin with a
+            // live socket keeps its series anyway: the aggregator remembers it.)
+            self.by_cgroup.retain(|_, index| *index != OTHER_INDEX && !gone.contains(index));
+        }
+        gone.len()
+    }
 }
 
 #[cfg(test)]
@@ -234,7 +377,13 @@ mod tests {
     use super::*;
 
     fn limits(ports: usize, pinned: &[u16], workloads: usize) -> LabelLimits {
-        LabelLimits { ports, pinned_ports: pinned.to_vec(), workloads, pairs: 10 }
+        LabelLimits {
+            ports,
+            pinned_ports: pinned.to_vec(),
+            workloads,
+            pairs: 10,
+            ..LabelLimits::NONE
+        }
     }
 
     #[test]

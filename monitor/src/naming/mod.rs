@@ -13,8 +13,9 @@ pub mod workload;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use labels::{LabelLimits, PortLabels, ValueIndex, WorkloadLabels, OTHER_INDEX, UNKNOWN_INDEX};
 use workload::Workloads;
@@ -34,6 +35,17 @@ pub struct Named {
     pub index: usize,
     /// `[port, workload, pair]`: which of them were lumped into `other` by their cap.
     pub other: [bool; 3],
+    /// Whether the pair was given out just now (its number may be a retired pair's).
+    pub fresh: bool,
+}
+
+/// What the tracker still holds, which retirement never takes.
+#[derive(Debug, Default)]
+pub struct InUse {
+    /// Ports a tracked socket listens on.
+    pub listening_ports: FxHashSet<u16>,
+    /// Namespaces of tracked sockets.
+    pub netns: FxHashSet<u32>,
 }
 
 /// Every capped label's values. Reached through a [`NamingService`].
@@ -46,9 +58,14 @@ pub struct Naming {
     /// Pairs with series of their own ([`OVERFLOW_PAIR`] included once it is used), by
     /// their [`Named::index`].
     pairs: FxHashMap<Pair, usize>,
-    /// Namespaces with a `netns` value of their own (`--netns-labels`), by inode.
-    netns: HashMap<u32, String>,
+    /// Numbers of retired pairs, given to the next new ones.
+    free_pairs: Vec<usize>,
+    /// Namespaces with a `netns` value of their own (`--netns-labels`), by inode, and when
+    /// each was last asked for.
+    netns: HashMap<u32, (String, Instant)>,
     netns_limit: usize,
+    /// The time of the batch being applied (one clock read per batch, not per lookup).
+    now: Instant,
 }
 
 impl Naming {
@@ -61,9 +78,16 @@ impl Naming {
             limits,
             names,
             pairs: FxHashMap::default(),
+            free_pairs: Vec::new(),
             netns: HashMap::new(),
             netns_limit,
+            now: Instant::now(),
         }
+    }
+
+    /// Sets the time lookups are stamped with until the next call.
+    pub fn set_now(&mut self, now: Instant) {
+        self.now = now;
     }
 
     /// The caps.
@@ -86,17 +110,65 @@ impl Naming {
             false => UNKNOWN_INDEX,
         };
         let requested = (port, workload);
+        let own_pairs = self.pairs.len() - usize::from(self.pairs.contains_key(&OVERFLOW_PAIR));
         let pair = if self.pairs.contains_key(&requested) {
             requested
-        } else if self.pairs.len() >= self.limits.pairs.max(1) {
+        } else if own_pairs >= self.limits.pairs.max(1) {
             OVERFLOW_PAIR
         } else {
             requested
         };
-        let next = self.pairs.len();
-        let index = *self.pairs.entry(pair).or_insert(next);
         let other = [port == OTHER_INDEX, workload == OTHER_INDEX, pair != requested];
-        Named { pair, index, other }
+        if let Some(&index) = self.pairs.get(&pair) {
+            return Named { pair, index, other, fresh: false };
+        }
+        let index = self.free_pairs.pop().unwrap_or(self.pairs.len());
+        self.pairs.insert(pair, index);
+        Named { pair, index, other, fresh: true }
+    }
+
+    /// Retires `pairs` (each with its last activity: the aggregator found them idle for
+    /// `--label-idle` and used by no tracked socket), then every value that is now unused,
+    /// whose workload is gone (no listener on the port, the cgroup removed, no socket in the
+    /// namespace) and that has been idle as long. Returns the `netns` values retired, whose
+    /// series the caller removes. Pinned values, `other` and `unknown` never go.
+    pub fn retire(&mut self, pairs: &[(Pair, Instant)], in_use: &InUse) -> Vec<String> {
+        for &(pair @ (port, workload), last_active) in pairs {
+            if pair == OVERFLOW_PAIR {
+                continue;
+            }
+            if let Some(index) = self.pairs.remove(&pair) {
+                self.free_pairs.push(index);
+                self.ports.touch(port, last_active);
+                self.workloads.touch(workload, last_active);
+            }
+        }
+        let (now, idle) = (self.now, self.limits.idle);
+        let used_ports: FxHashSet<ValueIndex> = self.pairs.keys().map(|(port, _)| *port).collect();
+        self.ports.retire(now, idle, |index, port, listener| {
+            let still_listening = listener && in_use.listening_ports.contains(&port);
+            !used_ports.contains(&index) && !still_listening
+        });
+        let used: FxHashSet<ValueIndex> =
+            self.pairs.keys().map(|(_, workload)| *workload).collect();
+        let names = &self.names;
+        self.workloads.retire(now, idle, |labels, index| {
+            !used.contains(&index) && !labels.cgroups_of(index).iter().any(|id| names.exists(*id))
+        });
+        let mut netns = Vec::new();
+        self.netns.retain(|inode, (value, last)| {
+            let keep = in_use.netns.contains(inode) || now.saturating_duration_since(*last) < idle;
+            if !keep {
+                netns.push(std::mem::take(value));
+            }
+            keep
+        });
+        netns
+    }
+
+    /// Every pair given out and its number.
+    pub fn pairs(&self) -> impl Iterator<Item = (Pair, usize)> + '_ {
+        self.pairs.iter().map(|(pair, index)| (*pair, *index))
     }
 
     /// The label values of `pair`: `port` and `workload`, those of the two labels in use.
@@ -136,10 +208,17 @@ impl Naming {
         if inode == 0 {
             return Some(labels::UNKNOWN);
         }
+        let now = self.now;
         if !self.netns.contains_key(&inode) && self.netns.len() < self.netns_limit {
-            self.netns.insert(inode, inode.to_string());
+            self.netns.insert(inode, (inode.to_string(), now));
         }
-        Some(self.netns.get(&inode).map_or(labels::OTHER, String::as_str))
+        match self.netns.get_mut(&inode) {
+            Some((value, last)) => {
+                *last = now;
+                Some(value)
+            }
+            None => Some(labels::OTHER),
+        }
     }
 
     /// The workload name of cgroup `cgroup_id` (for the tail: uncapped, `unknown` for none).
@@ -202,7 +281,8 @@ mod tests {
         naming.learn_listener(443);
         let first = naming.name(Some(80), true, 0);
         assert_eq!(first.other, [false, false, false]);
-        assert_eq!(naming.name(Some(80), true, 0), first, "the same origin, the same pair");
+        let again = Named { fresh: false, ..first };
+        assert_eq!(naming.name(Some(80), true, 0), again, "the same origin, the same pair");
         let second = naming.name(Some(443), true, 0);
         assert_ne!(second.pair, first.pair);
         assert_eq!((first.index, second.index), (0, 1), "numbered as given out");
@@ -210,8 +290,50 @@ mod tests {
         naming.learn_listener(8080);
         let third = naming.name(Some(8080), true, 0);
         assert_eq!(third.pair, OVERFLOW_PAIR);
-        assert_eq!((third.index, third.other), (2, [false, false, true]));
+        assert_eq!((third.index, third.other, third.fresh), (2, [false, false, true], true));
         assert_eq!(naming.given(), [3, 0, 2], "3 ports, the root cgroup unnamed, 2 pairs");
+    }
+
+    #[test]
+    fn retired_pairs_and_values_come_back_for_new_ones_and_pins_stay() {
+        let idle = std::time::Duration::from_secs(600);
+        let limits =
+            LabelLimits { ports: 1, pinned_ports: vec![6379], pairs: 3, idle, ..LabelLimits::NONE };
+        let mut naming = naming_of(limits, 2);
+        let start = Instant::now();
+        naming.set_now(start);
+        let a = naming.name(Some(80), false, 0);
+        let pinned = naming.name(Some(6379), false, 0);
+        assert!(a.fresh && pinned.fresh);
+        assert_eq!(naming.name(Some(81), false, 0).other, [true, false, false], "port cap 1");
+        assert_eq!(naming.given(), [2, 0, 3], "80, 6379; their pairs and (other, unknown)");
+        let in_use = InUse {
+            listening_ports: [443].into_iter().collect(),
+            netns: [7].into_iter().collect(),
+        };
+        // Not idle yet: nothing goes (the caller passes only idle pairs; values wait too).
+        naming.netns_value(7);
+        naming.netns_value(8);
+        assert!(naming.retire(&[(a.pair, start), (pinned.pair, start)], &in_use).is_empty());
+        assert_eq!(naming.given(), [2, 0, 1], "the pairs went, the values stay while fresh");
+        // Idle: port 80's value goes, the pinned one stays; namespace 8 (no socket) goes.
+        // (Values are stamped with the clock when given: a second's margin.)
+        naming.set_now(start + idle + std::time::Duration::from_secs(1));
+        assert_eq!(naming.retire(&[], &in_use), ["8"]);
+        assert_eq!(naming.given(), [1, 0, 1]);
+        assert_eq!(naming.netns_value(9), Some("9"), "namespace 8's slot, for 9");
+        // The freed slots go to new ones: port 81 and its pair, numbered as a retired pair.
+        let b = naming.name(Some(81), false, 0);
+        assert_eq!((b.other, b.fresh), ([false, false, false], true));
+        assert!(b.index != 2, "a retired pair's number, not (other, unknown)'s");
+        assert_eq!(naming.pair_values(b.pair), ["81"]);
+        // A listener's port never goes while it listens.
+        naming.learn_listener(443);
+        naming.set_now(start + idle * 3);
+        naming.retire(&[(b.pair, start + idle)], &in_use);
+        assert_eq!(naming.listening_port_value(443), Some("443"), "it still listens");
+        assert_eq!(naming.listening_port_value(81), Some("other"), "idle and gone");
+        assert_eq!(naming.given(), [2, 0, 1], "6379 and 443");
     }
 
     #[test]

@@ -203,10 +203,11 @@ pub fn cgroup_id_of(mount: &Path, pid: u32) -> u64 {
     fs::metadata(directory).map_or(0, |meta| meta.ino())
 }
 
-/// A name and whether the last walk still found its cgroup.
+/// A name, its cgroup's path under the mount, and whether the last walk still found it.
 #[derive(Debug)]
 struct Name {
     name: Box<str>,
+    path: Box<str>,
     present: bool,
 }
 
@@ -265,6 +266,14 @@ impl Workloads {
         self.names.get(&id).map_or(UNKNOWN, |known| &known.name)
     }
 
+    /// Whether cgroup `id` still exists (one `stat`; false for an id never named).
+    pub fn exists(&self, id: u64) -> bool {
+        let (Some(mount), Some(known)) = (&self.mount, self.names.get(&id)) else {
+            return false;
+        };
+        fs::metadata(mount.join(&*known.path)).is_ok_and(|meta| meta.ino() == id)
+    }
+
     /// Walks the cgroup2 tree and names every cgroup in it. Names of cgroups that vanished
     /// are kept for one more walk (their last sockets may still close), then forgotten.
     fn walk(&mut self) {
@@ -283,6 +292,7 @@ impl Workloads {
             }
             let name = self.names.entry(id).or_insert_with(|| Name {
                 name: workload_name(&path, |uid| pods.get(uid).cloned()).into(),
+                path: path.as_str().into(),
                 present: true,
             });
             name.present = true;

@@ -478,6 +478,34 @@ impl Tracker {
         }
     }
 
+    /// Whose each tracked socket is, snapshot sockets and listeners included: the label
+    /// values retirement must not take ([`crate::naming::Naming::retire`]).
+    pub fn for_each_owner(&self, mut owner: impl FnMut(&Attribution)) {
+        for entry in self.table.entries() {
+            owner(&self.attribution(entry));
+        }
+        for socket in self.table.existing() {
+            let endpoints = &socket.endpoints;
+            let listening = self.listener_ports.contains_key(&endpoints.sport);
+            let port = if listening { endpoints.sport } else { endpoints.dport };
+            owner(&Attribution {
+                netns: socket.netns,
+                cgroup_id: socket.cgroup_id,
+                service_port: (port != 0).then_some(port),
+                listening,
+            });
+        }
+        for (&(netns, port), listener) in &self.listeners {
+            let service_port = Some(port);
+            owner(&Attribution {
+                netns,
+                cgroup_id: listener.cgroup_id,
+                service_port,
+                listening: true,
+            });
+        }
+    }
+
     /// Whose a tracked connection is. The service port of a socket first seen mid-life is
     /// the local one when this host listened on it then, else the remote one.
     fn attribution(&self, entry: &SocketEntry) -> Attribution {

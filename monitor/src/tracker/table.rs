@@ -103,6 +103,16 @@ impl SocketTable {
         Some(entry)
     }
 
+    /// Every tracked entry.
+    pub(super) fn entries(&self) -> impl Iterator<Item = &SocketEntry> {
+        self.entries.values()
+    }
+
+    /// Every snapshot socket not yet seen in an event.
+    pub(super) fn existing(&self) -> impl Iterator<Item = &ExistingSocket> {
+        self.existing.values()
+    }
+
     /// Whether snapshot sockets are still waiting for their first event.
     pub(super) fn has_existing(&self) -> bool {
         !self.existing.is_empty()

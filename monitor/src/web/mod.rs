@@ -8,14 +8,17 @@
 //!   headers within [`HEADER_TIMEOUT`], each write within [`WRITE_TIMEOUT`] (a client that
 //!   never reads is dropped), its whole life within [`CONNECTION_LIFETIME`]; a request is at
 //!   most 64 KiB.
-//! - At most `--web-max-connections` are served in full; [`OVERFLOW_CONNECTIONS`] more get
-//!   one quick answer (`/healthz`, or 503), and beyond that a connection is closed.
+//! - At most `--web-max-connections` are served in full; a newcomer takes the slot of one
+//!   that has waited over a second for its next request, else one of
+//!   [`OVERFLOW_CONNECTIONS`] more slots gets one quick answer (`/healthz`, or 503), and
+//!   beyond that a connection is closed ([`slots`]).
 //! - `--web-config` adds TLS, basic auth, headers and a rate limit ([`config`]), re-read
 //!   when its files change ([`active`]); `/healthz` stays open for probes.
 
 pub mod active;
 mod auth;
 pub mod config;
+mod slots;
 
 use std::convert::Infallible;
 use std::io::Write as _;
@@ -34,13 +37,13 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use prometheus::Registry;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_io_timeout::TimeoutStream;
 use tokio_rustls::TlsAcceptor;
 
 use self::active::ActiveConfig;
 use self::auth::{Authenticator, RateLimiter};
 use self::config::WebConfig;
+use self::slots::{Admission, SlotGuard, Slots};
 
 use crate::exit::StartError;
 use crate::metrics::{encode, ScrapeGate};
@@ -59,8 +62,7 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `--web-max-connections` default: node_exporter's `--web.max-requests`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 40;
-/// Connections beyond the cap that still get one quick answer.
-pub const OVERFLOW_CONNECTIONS: usize = 256;
+pub use slots::OVERFLOW_CONNECTIONS;
 /// An overflow connection's whole life.
 pub const OVERFLOW_LIFETIME: Duration = Duration::from_secs(2);
 
@@ -192,8 +194,7 @@ pub async fn serve(
         authenticator: Arc::new(Authenticator::new()),
         limiter: RateLimiter::default(),
     });
-    let full = Arc::new(Semaphore::new(guard.max_connections));
-    let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
+    let slots = Slots::new(guard.max_connections);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -204,28 +205,33 @@ pub async fn serve(
                 continue;
             }
         };
-        let (permit, class) = if let Ok(permit) = full.clone().try_acquire_owned() {
-            (permit, Class::Full)
-        } else if let Ok(permit) = overflow.clone().try_acquire_owned() {
-            (permit, Class::Overflow)
-        } else {
-            debug!("metrics connection from {peer} refused: every slot is taken");
-            continue; // dropped: closed
+        let (slot, overflow) = match slots.admit() {
+            Admission::Full(slot) => (Some(Arc::new(slot)), None),
+            Admission::Overflow(permit) => (None, Some(permit)),
+            Admission::Refused => {
+                debug!("metrics connection from {peer} refused: every slot is taken");
+                continue; // dropped: closed
+            }
         };
         let endpoint = endpoint.clone();
         let config = guard.config.current();
         tokio::spawn(async move {
-            let lifetime = match class {
-                Class::Full => CONNECTION_LIFETIME,
-                Class::Overflow => OVERFLOW_LIFETIME,
+            let lifetime = if slot.is_some() { CONNECTION_LIFETIME } else { OVERFLOW_LIFETIME };
+            let evicted = slot.as_ref().map(|s| s.slot().clone());
+            let served = tokio::time::timeout(lifetime, connection(stream, slot, config, endpoint));
+            let outcome = match evicted {
+                Some(evicted) => tokio::select! {
+                    outcome = served => outcome,
+                    () = evicted.evicted() => Ok(Err("its slot went to a newcomer".to_owned())),
+                },
+                None => served.await,
             };
-            match tokio::time::timeout(lifetime, connection(stream, class, config, endpoint)).await
-            {
+            match outcome {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!("metrics connection from {peer}: {e}"),
                 Err(_) => debug!("metrics connection from {peer}: closed after its lifetime"),
             }
-            drop(permit);
+            drop(overflow);
         });
     }
 }
@@ -233,7 +239,7 @@ pub async fn serve(
 /// One connection: its TLS handshake if configured, then HTTP/1.1 with its deadlines.
 async fn connection(
     stream: TcpStream,
-    class: Class,
+    slot: Option<Arc<SlotGuard>>,
     config: Arc<WebConfig>,
     endpoint: Arc<Endpoint>,
 ) -> Result<(), String> {
@@ -248,26 +254,33 @@ async fn connection(
                 .await
                 .map_err(|_| "no TLS handshake in time".to_owned())?
                 .map_err(|e| format!("TLS handshake: {e}"))?;
-            http(tls_stream, class, config, endpoint).await
+            http(tls_stream, slot, config, endpoint).await
         }
-        None => http(stream, class, config, endpoint).await,
+        None => http(stream, slot, config, endpoint).await,
     }
 }
 
 async fn http<IO>(
     io: IO,
-    class: Class,
+    slot: Option<Arc<SlotGuard>>,
     config: Arc<WebConfig>,
     endpoint: Arc<Endpoint>,
 ) -> Result<(), String>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let class = if slot.is_some() { Class::Full } else { Class::Overflow };
     let service = hyper::service::service_fn(move |request| {
-        let (endpoint, config) = (endpoint.clone(), config.clone());
+        let (endpoint, config, slot) = (endpoint.clone(), config.clone(), slot.clone());
         async move {
+            if let Some(slot) = &slot {
+                slot.slot().begin();
+            }
             let mut response = guarded(&request, class, &config, &endpoint).await;
             response.headers_mut().extend(config.headers.iter().cloned());
+            if let Some(slot) = &slot {
+                slot.answered();
+            }
             Ok::<_, Infallible>(response)
         }
     });
