@@ -429,3 +429,136 @@ fn an_orphan_the_kernel_resets_is_reset_sent() {
     assert_eq!(records[0]["outcome"], "reset_sent", "{}", records[0]);
     assert_eq!(records[0]["bytes_sent"], 1000, "{}", records[0]);
 }
+
+/// Network namespaces named `tcpmon-many-<pid>-<i>`, each with loopback up; removed on drop.
+struct ManyNamespaces(Vec<String>);
+
+impl ManyNamespaces {
+    fn new(count: usize) -> ManyNamespaces {
+        let names: Vec<String> =
+            (0..count).map(|i| format!("tcpmon-many-{}-{i}", std::process::id())).collect();
+        let namespaces = ManyNamespaces(names); // removed on drop from here on
+        for name in &namespaces.0 {
+            for args in [&["netns", "add", name][..], &["-n", name, "link", "set", "lo", "up"]] {
+                let status = std::process::Command::new("ip").args(args).status().unwrap();
+                assert!(status.success(), "ip {args:?}");
+            }
+        }
+        namespaces
+    }
+}
+
+impl Drop for ManyNamespaces {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = std::process::Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+/// `(LISTEN, ESTABLISHED)` sockets as `ss` counts them, summed over the host's namespace
+/// and every namespace of `paths` other than it.
+fn ss_counts(paths: &[(u32, String)]) -> (u64, u64) {
+    let (mut listen, mut established) = (0, 0);
+    for (_, path) in paths {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={path}"))
+            .args(["ss", "-Htan"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ss in {path}");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            match line.split_whitespace().next() {
+                Some("LISTEN") => listen += 1,
+                Some("ESTAB") => established += 1,
+                _ => {}
+            }
+        }
+    }
+    (listen, established)
+}
+
+/// The daemon's `(LISTEN, ESTABLISHED)` gauges equal `ss` summed over every namespace, read
+/// around the scrape until the host's own sockets held still for it.
+fn assert_gauges_equal_ss(daemon: &mut Daemon, when: &str) {
+    let paths = monitor::sockdiag::namespaces(monitor::sockdiag::own_namespace());
+    for attempt in 1..=10 {
+        let before = ss_counts(&paths);
+        let m = daemon.settled_scrape();
+        let after = ss_counts(&paths);
+        let ours = (
+            m["tcpmon_connections{state=\"LISTEN\"}"] as u64,
+            m["tcpmon_connections{state=\"ESTABLISHED\"}"] as u64,
+        );
+        if before == after && ours == before {
+            return;
+        }
+        assert!(attempt < 10, "{when}: tcpmon {ours:?}, ss {before:?} then {after:?}");
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn the_same_listener_and_connection_in_300_namespaces_are_300_sockets_each_closed_in_its_own() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _host = common::exclusive(); // host-wide gauges
+    const COUNT: usize = 300;
+    // 900 sockets held by this process: raise its open-file limit to the hard one.
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    let namespaces = ManyNamespaces::new(COUNT);
+    // As every pod listening on 127.0.0.1:8080 with a sidecar connected to it: identical
+    // 4-tuples for the listeners, and for connections whose client ports coincide.
+    let sockets: Vec<(TcpListener, TcpStream, TcpStream)> = namespaces
+        .0
+        .iter()
+        .map(|name| {
+            in_netns(name, || {
+                let listener = TcpListener::bind("127.0.0.1:8080").unwrap();
+                let client = TcpStream::connect("127.0.0.1:8080").unwrap();
+                let (server, _) = listener.accept().unwrap();
+                (listener, client, server)
+            })
+        })
+        .collect();
+    let inodes: Vec<u64> = namespaces.0.iter().map(|name| NetnsPair::inode(name)).collect();
+
+    let started = std::time::Instant::now();
+    let mut daemon = Daemon::start(&["--netns-labels", "1000"]);
+    println!("start-up with {COUNT} extra namespaces: {:?}", started.elapsed());
+    assert_gauges_equal_ss(&mut daemon, "after the start");
+    let scrape = std::time::Instant::now();
+    let before = daemon.scrape();
+    println!("one scrape with {COUNT} extra namespaces: {:?}", scrape.elapsed());
+
+    // Each connection ends (client first), each listener closes.
+    for (listener, client, mut server) in sockets {
+        drop(client);
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).unwrap();
+        drop(server);
+        drop(listener);
+    }
+    assert_gauges_equal_ss(&mut daemon, "after the closes");
+    // Both ends of each connection were matched to snapshot sockets of its own namespace.
+    let after = daemon.settled_scrape();
+    for inode in inodes {
+        let closed = in_namespace(
+            "tcpmon_netns_connections_closed_total",
+            inode,
+            "reason=\"fin\",side=\"unknown\"",
+        );
+        assert_eq!(delta(&before, &after, &closed), 2.0, "{closed}");
+    }
+    assert_eq!(after["tcpmon_events_lost_total"], 0.0);
+    drop(namespaces);
+    let (status, stderr, _) = daemon.stop();
+    assert!(status.success(), "{stderr}");
+}

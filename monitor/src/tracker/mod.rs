@@ -332,7 +332,7 @@ impl Tracker {
             }
         }
         if self.table.has_existing() {
-            self.table.take_existing(&event.endpoints);
+            self.table.take_existing(&event.endpoints, event.netns);
         }
         let (side, owner, cgroup_id) = match event.new {
             Close => return,
@@ -403,7 +403,7 @@ impl Tracker {
                 let mut entry = SocketEntry::new(event.old, side, event);
                 // A socket from the start-up snapshot: its owner and namespace are known,
                 // its birth is not (no handshake, no lifetime).
-                if let Some(existing) = self.table.take_existing(&event.endpoints) {
+                if let Some(existing) = self.table.take_existing(&event.endpoints, event.netns) {
                     entry.owner = existing.owner;
                     entry.netns = existing.netns;
                     if entry.cgroup_id == 0 {

@@ -1,6 +1,7 @@
 //! The per-socket table: tracked sockets by kernel address, the sockets of the start-up
-//! snapshot not yet seen in an event (by 4-tuple: `sock_diag` does not give the kernel
-//! address), the count of sockets per state, and eviction at the cap. Every change goes
+//! snapshot not yet seen in an event (by 4-tuple and namespace: `sock_diag` does not give the
+//! kernel address, and on a container host every pod's namespace can hold the same 4-tuple),
+//! the count of sockets per state, and eviction at the cap. Every change goes
 //! through here, so the per-state counts (the `tcpmon_connections{state}` gauges) always
 //! equal the table's contents.
 
@@ -14,7 +15,9 @@ use crate::decode::{Endpoints, TcpState};
 #[derive(Debug)]
 pub(super) struct SocketTable {
     entries: FxHashMap<u64, SocketEntry>,
-    existing: FxHashMap<Endpoints, ExistingSocket>,
+    /// Snapshot sockets by 4-tuple, one per namespace that holds it.
+    existing: FxHashMap<Endpoints, Vec<ExistingSocket>>,
+    existing_count: usize,
     per_state: [u64; TcpState::ALL.len()],
     max_sockets: usize,
     evicted: u64,
@@ -27,6 +30,7 @@ impl SocketTable {
         SocketTable {
             entries: FxHashMap::default(),
             existing: FxHashMap::default(),
+            existing_count: 0,
             per_state: [0; TcpState::ALL.len()],
             max_sockets: max_sockets.max(1),
             evicted: 0,
@@ -46,7 +50,7 @@ impl SocketTable {
 
     /// Sockets tracked, snapshot sockets not yet seen in an event included.
     pub(super) fn len(&self) -> usize {
-        self.entries.len() + self.existing.len()
+        self.entries.len() + self.existing_count
     }
 
     /// Whether adding a socket would evict others.
@@ -85,7 +89,7 @@ impl SocketTable {
             return;
         }
         if self.is_full() {
-            if self.existing.len() > self.entries.len() {
+            if self.existing_count > self.entries.len() {
                 self.evict_existing();
             } else {
                 self.evict_oldest();
@@ -110,44 +114,70 @@ impl SocketTable {
 
     /// Every snapshot socket not yet seen in an event.
     pub(super) fn existing(&self) -> impl Iterator<Item = &ExistingSocket> {
-        self.existing.values()
+        self.existing.values().flatten()
     }
 
     /// Whether snapshot sockets are still waiting for their first event.
     pub(super) fn has_existing(&self) -> bool {
-        !self.existing.is_empty()
+        self.existing_count > 0
     }
 
-    /// Takes the snapshot socket with these endpoints, if one is waiting.
-    pub(super) fn take_existing(&mut self, endpoints: &Endpoints) -> Option<ExistingSocket> {
-        let socket = self.existing.remove(endpoints)?;
+    /// Takes a snapshot socket with these endpoints, if one is waiting: the one in namespace
+    /// `netns` when the event names it (a socket's birth and CLOSE do), else any. Mid-life
+    /// events carry no namespace, so among identical 4-tuples in several namespaces the
+    /// counts stay exact but the owner taken may be a twin's.
+    pub(super) fn take_existing(
+        &mut self,
+        endpoints: &Endpoints,
+        netns: u32,
+    ) -> Option<ExistingSocket> {
+        let group = self.existing.get_mut(endpoints)?;
+        let at = match netns {
+            0 => group.len().checked_sub(1)?,
+            _ => group.iter().position(|socket| socket.netns == netns)?,
+        };
+        let socket = group.swap_remove(at);
+        if group.is_empty() {
+            self.existing.remove(endpoints);
+        }
+        self.existing_count -= 1;
         self.per_state[socket.state.index()] -= 1;
         Some(socket)
     }
 
-    /// Adds a snapshot socket (the caller checks [`Self::is_full`]). Two namespaces can hold
-    /// the same 4-tuple (containers); events carry no namespace mid-life, so only one of
-    /// them can be matched: the last one is kept. Returns false when it replaced another.
+    /// Adds a snapshot socket (the caller checks [`Self::is_full`]). Returns false when it
+    /// replaced one with the same 4-tuple in the same namespace.
     pub(super) fn add_existing(&mut self, socket: ExistingSocket) -> bool {
         self.per_state[socket.state.index()] += 1;
-        match self.existing.insert(socket.endpoints, socket) {
-            Some(replaced) => {
-                self.per_state[replaced.state.index()] -= 1;
+        let group = self.existing.entry(socket.endpoints).or_default();
+        match group.iter_mut().find(|old| old.netns == socket.netns) {
+            Some(old) => {
+                self.per_state[old.state.index()] -= 1;
+                *old = socket;
                 false
             }
-            None => true,
+            None => {
+                group.push(socket);
+                self.existing_count += 1;
+                true
+            }
         }
     }
 
     /// Makes room by dropping 1/16 (at least one) of the snapshot sockets not seen since the
     /// start: they have no activity time to order them by.
     fn evict_existing(&mut self) {
-        let count = (self.existing.len() / 16).max(1);
-        let victims: Vec<Endpoints> = self.existing.keys().take(count).copied().collect();
-        for key in victims {
-            self.take_existing(&key);
+        let count = (self.existing_count / 16).max(1);
+        let mut dropped = 0;
+        while dropped < count {
+            let Some(key) = self.existing.keys().next().copied() else { break };
+            for socket in self.existing.remove(&key).unwrap_or_default() {
+                self.per_state[socket.state.index()] -= 1;
+                self.existing_count -= 1;
+                dropped += 1;
+            }
         }
-        self.evicted += count as u64;
+        self.evicted += dropped as u64;
     }
 
     /// Makes room by evicting the least recently updated 1/16 of the table (at least one).
@@ -211,7 +241,7 @@ mod tests {
         for entry in table.entries.values() {
             counts[entry.state.index()] += 1;
         }
-        for socket in table.existing.values() {
+        for socket in table.existing() {
             counts[socket.state.index()] += 1;
         }
         counts
@@ -224,20 +254,41 @@ mod tests {
         table.put(1, entry(Established, 2));
         table.put(2, entry(Listen, 3));
         assert!(table.add_existing(existing(Established, 1)));
-        assert!(!table.add_existing(existing(CloseWait, 1)), "same 4-tuple: replaced");
+        assert!(!table.add_existing(existing(CloseWait, 1)), "same 4-tuple and netns: replaced");
         assert!(table.add_existing(existing(FinWait2, 2)));
         assert_eq!(table.per_state(), &recount(&table));
         assert_eq!((table.per_state()[Established.index()], table.len()), (1, 4));
 
         assert_eq!(
-            table.take_existing(&existing(CloseWait, 1).endpoints).unwrap().state,
+            table.take_existing(&existing(CloseWait, 1).endpoints, 0).unwrap().state,
             CloseWait
         );
-        assert!(table.take_existing(&existing(CloseWait, 1).endpoints).is_none());
+        assert!(table.take_existing(&existing(CloseWait, 1).endpoints, 0).is_none());
         assert_eq!(table.remove(1).unwrap().state, Established);
         assert!(table.remove(1).is_none());
         assert_eq!(table.per_state(), &recount(&table));
         assert_eq!(table.len(), 2);
+    }
+
+    #[test]
+    fn the_same_4_tuple_in_many_namespaces_is_one_socket_each() {
+        let mut table = SocketTable::new(1000);
+        let in_netns = |netns| ExistingSocket { netns, ..existing(Listen, 8080) };
+        for netns in 1..=300 {
+            assert!(table.add_existing(in_netns(netns)));
+        }
+        assert_eq!((table.len(), table.per_state()[Listen.index()]), (300, 300));
+        let endpoints = in_netns(1).endpoints;
+        // A close names its namespace: that one goes; a namespace without it takes none.
+        assert_eq!(table.take_existing(&endpoints, 7).unwrap().netns, 7);
+        assert!(table.take_existing(&endpoints, 7).is_none());
+        assert!(table.take_existing(&endpoints, 301).is_none());
+        // A mid-life event names none: one of them goes, the count stays exact.
+        assert!(table.take_existing(&endpoints, 0).is_some());
+        assert_eq!(table.per_state()[Listen.index()], 298);
+        assert_eq!(table.per_state(), &recount(&table));
+        while table.take_existing(&endpoints, 0).is_some() {}
+        assert_eq!((table.len(), table.has_existing()), (0, false));
     }
 
     #[test]
