@@ -168,6 +168,29 @@ pub fn read_namespace() -> io::Result<NamespaceState> {
     Ok(state)
 }
 
+/// Namespaces beyond which [`shared_hash_hint`] speaks up.
+const MANY_NAMESPACES: usize = 16;
+
+/// A hint for container hosts, when `namespaces` is many and new namespaces share the
+/// host's TCP established hash. A `sock_diag` dump of SYN_RECV and FIN_WAIT2 sockets walks
+/// every bucket of the table its namespace uses (`inet_diag_dump_icsk()`, filtering by
+/// namespace), so with one shared table each namespace read costs a walk of the host's
+/// (262,144 buckets on a 24 GiB machine: ~2.4 ms). `net.ipv4.tcp_child_ehash_entries`
+/// (Linux 6.1+) gives namespaces created after it is set a table of their own; measured
+/// here, 101 namespaces read in 20–30 ms instead of ~250 ms.
+pub fn shared_hash_hint(namespaces: usize) -> Option<String> {
+    if namespaces <= MANY_NAMESPACES {
+        return None;
+    }
+    let path = "/proc/sys/net/ipv4/tcp_child_ehash_entries";
+    let entries = std::fs::read_to_string(path).ok()?;
+    (entries.trim() == "0").then(|| {
+        format!(
+            "{namespaces} network namespaces: if they share the host's TCP hash table, each              scrape walks it once per namespace; setting net.ipv4.tcp_child_ehash_entries              (e.g. 1024) before containers start gives each its own and makes scrapes cheap              (README, \"Container hosts\")"
+        )
+    })
+}
+
 /// The size of `net.ipv4.ip_local_port_range` (the ports connects can take), or `None`.
 fn ephemeral_ports() -> Option<i64> {
     let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;

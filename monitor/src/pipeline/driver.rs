@@ -142,6 +142,9 @@ impl Pipeline<RingSource> {
             snapshot.namespaces,
             started.elapsed()
         );
+        if let Some(hint) = crate::netstate::shared_hash_hint(snapshot.namespaces) {
+            info!("{hint}");
+        }
         self.stages.aggregator.publish_tracker(&self.stages.tracker, unix_seconds());
     }
 
