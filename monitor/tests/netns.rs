@@ -568,3 +568,74 @@ fn the_same_listener_and_connection_in_300_namespaces_are_300_sockets_each_close
     let (status, stderr, _) = daemon.stop();
     assert!(status.success(), "{stderr}");
 }
+
+#[test]
+fn the_oldest_close_wait_ages_while_the_application_holds_it_and_drops_to_0_after() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _shared = common::shared(); // only its own port's series
+    let test = NetnsTest::new("oldest", 8086);
+    let mut daemon = Daemon::start(&[]);
+    // The largest value of `family` among our port's series that have label `with`.
+    let ours_with = |m: &common::Metrics, family: &str, with: &str| -> Option<f64> {
+        let mut values = m
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{family}{{")) && k.contains("port=\"8086\""))
+            .filter(|(k, _)| k.contains(with))
+            .map(|(_, v)| *v);
+        let first = values.next()?;
+        Some(values.fold(first, f64::max))
+    };
+    let ours = |m: &common::Metrics, family: &str| ours_with(m, family, "");
+    let before = daemon.settled_scrape();
+    let mut client = in_netns(&test.pair.client, || TcpStream::connect(test.server())).unwrap();
+    let (mut server, _) = test.listener.accept().unwrap();
+    // The peer sends its FIN (shutdown, not close: a closed socket would wait in FIN_WAIT2
+    // as a timewait mini-socket, where no transition shows it): the server's end is in
+    // CLOSE_WAIT, the client's in FIN_WAIT2.
+    client.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    server.read_to_end(&mut rest).unwrap();
+    let held = std::time::Instant::now(); // the FIN arrived before this
+                                          // While the application holds it, the gauge climbs past 2 s and never past the hold.
+    let mut seen = 0.0;
+    while held.elapsed() < Duration::from_millis(2900) {
+        let m = daemon.scrape();
+        let bound = held.elapsed().as_secs_f64() + 0.05;
+        if let Some(age) = ours(&m, "tcpmon_close_wait_oldest_seconds") {
+            assert!(age <= bound, "oldest CLOSE_WAIT {age} s after {bound} s");
+            seen = age;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!((2.0..=3.0).contains(&seen), "oldest CLOSE_WAIT read {seen} s near the end");
+    thread::sleep(Duration::from_millis(3000).saturating_sub(held.elapsed()));
+    drop(server);
+    client.read_to_end(&mut rest).unwrap();
+    drop(client);
+    // Closed: the gauge is 0 at its next refresh, and the wait is in the histogram.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let m = daemon.settled_scrape();
+        if ours(&m, "tcpmon_close_wait_oldest_seconds") == Some(0.0) {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "the oldest CLOSE_WAIT never went to 0");
+        thread::sleep(Duration::from_millis(200));
+    };
+    let sum =
+        |m: &common::Metrics| ours(m, "tcpmon_close_wait_duration_seconds_sum").unwrap_or(0.0);
+    let waited = sum(&after) - sum(&before);
+    assert!((3.0..3.1).contains(&waited), "CLOSE_WAIT lasted {waited} s, held 3 s");
+    // The time in each state: the server's CLOSE_WAIT, and the client's FIN_WAIT2 (its FIN
+    // acknowledged, the server's not yet sent) lasted the 3 s hold; FIN_WAIT2 starts at the
+    // ACK of the client's FIN, which the server may delay (delayed ACK: up to ~40 ms).
+    let state_sum = "tcpmon_state_duration_seconds_sum";
+    for (state, low) in [("CLOSE_WAIT", 3.0), ("FIN_WAIT2", 2.9)] {
+        let with = format!("state=\"{state}\"");
+        let spent = |m: &common::Metrics| ours_with(m, state_sum, &with).unwrap_or(0.0);
+        let spent = spent(&after) - spent(&before);
+        assert!((low..3.1).contains(&spent), "{state} lasted {spent} s, held 3 s");
+    }
+}

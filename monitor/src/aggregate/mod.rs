@@ -44,6 +44,9 @@ pub const LIFETIME_BUCKETS: &[f64] = &[
     14_400.0, 43_200.0, 86_400.0,
 ];
 
+/// Buckets (seconds) for the time in each state: a loopback round trip to an hour.
+pub const STATE_BUCKETS: &[f64] = &[0.000_1, 0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0];
+
 fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
@@ -54,13 +57,17 @@ fn seconds(ns: u64) -> f64 {
 pub const SERIES_PER_PAIR: usize = {
     let latency = LATENCY_BUCKETS.len() + 3;
     let histograms = 2 * latency /* handshake */ + 2 * latency /* teardown */
-        + (CLOSE_WAIT_BUCKETS.len() + 3) + 2 * (LIFETIME_BUCKETS.len() + 3);
+        + (CLOSE_WAIT_BUCKETS.len() + 3) + 2 * (LIFETIME_BUCKETS.len() + 3)
+        + crate::tracker::TIMED_STATES.len() * (STATE_BUCKETS.len() + 3);
     let reasons = crate::tracker::CloseReason::ALL.len();
     let counters = 2 /* opened */ + 3 * reasons /* closed */ + reasons /* connect failures */
         + 2 /* handshake retransmits */ + 2 /* resets */ + 1 /* CLOSE_WAIT sockets */
-        + 2 /* SYN-ACK retransmits */ + 1 /* TIME_WAIT entered */;
+        + 1 /* oldest CLOSE_WAIT */ + 2 /* SYN-ACK retransmits */ + 1 /* TIME_WAIT entered */;
     histograms + counters
 };
+
+/// How often `tcpmon_close_wait_oldest_seconds` is refreshed.
+pub const CLOSE_WAIT_AGE_EVERY: Duration = Duration::from_secs(1);
 
 /// The states the tracker counts. The state tracepoint never reports TIME_WAIT (a timewait
 /// mini-socket takes over) nor request sockets (NEW_SYN_RECV; `ss` shows them as SYN-RECV),
@@ -112,6 +119,8 @@ struct Attributed {
     now: Instant,
     /// When values were last checked for retirement.
     swept: Instant,
+    /// When the oldest CLOSE_WAIT ages were last refreshed.
+    aged: Instant,
     /// [`packed`] origins → where they resolved: one lookup per observation instead of three.
     origins: FxHashMap<u64, Resolved>,
     /// The last origin resolved: a connection's observations mostly come in runs.
@@ -332,6 +341,7 @@ impl Aggregator {
             active: Vec::new(),
             now,
             swept: now,
+            aged: now,
             origins: FxHashMap::default(),
             last: None,
             overflow: [0; 3],
@@ -462,6 +472,32 @@ impl Aggregator {
         &self.attributed.naming
     }
 
+    /// Sets `tcpmon_close_wait_oldest_seconds` of every pair from the connections now in
+    /// CLOSE_WAIT (`now_ns`: CLOCK_MONOTONIC, the records' clock). A walk of the tracker,
+    /// done once a second ([`CLOSE_WAIT_AGE_EVERY`]), not per batch.
+    pub fn publish_close_wait_ages(&mut self, tracker: &Tracker, now_ns: u64) {
+        let mut oldest: Vec<Option<u64>> = Vec::new();
+        tracker.for_each_close_wait(|whose, since| {
+            let attributed = &mut self.attributed;
+            let set = if attributed.counts.is_none() {
+                0
+            } else {
+                let origin = (whose.service_port.unwrap_or(0), whose.listening, whose.cgroup_id);
+                attributed.set_of(origin)
+            };
+            if oldest.len() <= set {
+                oldest.resize(set + 1, None);
+            }
+            let first = oldest[set].get_or_insert(since);
+            *first = (*first).min(since);
+        });
+        for (index, set) in self.attributed.sets.iter().enumerate() {
+            let since = oldest.get(index).copied().flatten();
+            let age = since.map(|since| now_ns.saturating_sub(since) as f64 / 1e9);
+            set.set_close_wait_oldest(&self.families, age);
+        }
+    }
+
     /// Publishes the tracker's gauges and the growth of its counters since the last call,
     /// after a batch; now and then retires label values ([`Attributed::retire`]).
     pub fn publish_tracker(&mut self, tracker: &Tracker, unix_time: f64) {
@@ -474,6 +510,10 @@ impl Aggregator {
         };
         // Checked a few times per idle period: a value goes at most a quarter late.
         let every = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+        if now.saturating_duration_since(self.attributed.aged) >= CLOSE_WAIT_AGE_EVERY {
+            self.attributed.aged = now;
+            self.publish_close_wait_ages(tracker, crate::clock::monotonic_ns());
+        }
         if now.saturating_duration_since(self.attributed.swept) >= every {
             self.attributed.swept = now;
             let netns = self.attributed.retire(tracker);
@@ -854,6 +894,11 @@ mod tests {
             Observation::Handshake { side, duration_ns: 1, retransmits: None },
             Observation::HandshakeRetransmits { side, count: 1 },
         ];
+        // Every state but the other side's half-open one.
+        let half_open = if side == Side::Active { TcpState::SynRecv } else { TcpState::SynSent };
+        for state in crate::tracker::TIMED_STATES.into_iter().filter(|s| *s != half_open) {
+            all.push(Observation::StateLeft { state, duration_ns: 1 });
+        }
         for reason in crate::tracker::CloseReason::ALL {
             for first_fin in [Side::Active, Side::Passive] {
                 let teardown = Some((first_fin, 1));
@@ -901,7 +946,8 @@ mod tests {
     /// retransmits of one side; teardown by either end; CLOSE_WAIT; resets) or only connects
     /// (the same, and connect failures).
     /// (A pair that only connects has no SYN-ACK retransmissions, and connect failures.)
-    const PASSIVE_PAIR: usize = 26 + 2 * 26 + 20 + 1 + 20 + 1 + 9 + 1 + 2 + 1 + 2;
+    /// (Six states' times, 12 series each, and the oldest CLOSE_WAIT.)
+    const PASSIVE_PAIR: usize = 26 + 2 * 26 + 20 + 1 + 20 + 1 + 9 + 1 + 2 + 1 + 2 + 6 * 12 + 1;
     const ACTIVE_PAIR: usize = PASSIVE_PAIR - 2 + 9;
 
     #[test]
@@ -971,13 +1017,13 @@ mod tests {
         assert_eq!(realistic_series, 20 * PASSIVE_PAIR + 40 * ACTIVE_PAIR);
         // The pair cap, plus the shared `other` pair: the documented bound, reached.
         assert_eq!(worst_series, 65 * SERIES_PER_PAIR);
-        assert_eq!((SERIES_PER_PAIR, PASSIVE_PAIR, ACTIVE_PAIR), (210, 135, 142));
+        assert_eq!((SERIES_PER_PAIR, PASSIVE_PAIR, ACTIVE_PAIR), (295, 208, 215));
         println!("series: realistic {realistic_series}, worst {worst_series}");
     }
 
     #[test]
     fn bucket_bounds_are_increasing() {
-        for buckets in [LATENCY_BUCKETS, CLOSE_WAIT_BUCKETS, LIFETIME_BUCKETS] {
+        for buckets in [LATENCY_BUCKETS, CLOSE_WAIT_BUCKETS, LIFETIME_BUCKETS, STATE_BUCKETS] {
             assert!(buckets.windows(2).all(|w| w[0] < w[1]));
         }
     }

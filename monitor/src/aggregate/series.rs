@@ -5,13 +5,13 @@
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
-use super::{CLOSE_WAIT_BUCKETS, LATENCY_BUCKETS, LIFETIME_BUCKETS};
+use super::{CLOSE_WAIT_BUCKETS, LATENCY_BUCKETS, LIFETIME_BUCKETS, STATE_BUCKETS};
 use crate::metrics::registered;
-use crate::tracker::{CloseReason, Observation, ResetDirection, Side};
+use crate::tracker::{CloseReason, Observation, ResetDirection, Side, TIMED_STATES};
 
 /// The families whose series are split by port and workload.
 pub(super) struct Families {
@@ -19,6 +19,7 @@ pub(super) struct Families {
     teardown: HistogramVec,
     close_wait: HistogramVec,
     lifetime: HistogramVec,
+    state_duration: HistogramVec,
     opened: IntCounterVec,
     closed: IntCounterVec,
     handshake_retransmits: IntCounterVec,
@@ -28,6 +29,8 @@ pub(super) struct Families {
     time_wait_entered: IntCounterVec,
     /// Only with `port` or `workload` labels: host-wide, `tcpmon_connections{state}` says it.
     close_wait_sockets: Option<IntGaugeVec>,
+    /// The age of the oldest connection now in CLOSE_WAIT.
+    pub(super) close_wait_oldest: GaugeVec,
 }
 
 impl Families {
@@ -54,8 +57,16 @@ impl Families {
             );
             Some(registered(registry, IntGaugeVec::new(opts, extra)?)?)
         };
+        let oldest = Opts::new(
+            "tcpmon_close_wait_oldest_seconds",
+            "Age of the oldest connection now in CLOSE_WAIT (the peer closed, the application \
+             has not), among those tcpmon saw enter it; 0 when there is none. A leak shows as a \
+             line that climbs. Refreshed every second.",
+        );
+        let close_wait_oldest = registered(registry, GaugeVec::new(oldest, extra)?)?;
         Ok(Families {
             close_wait_sockets,
+            close_wait_oldest,
             handshake: histogram(
                 "tcpmon_handshake_duration_seconds",
                 "TCP three-way handshake latency. side=active: SYN sent to SYN-ACK received \
@@ -81,6 +92,16 @@ impl Families {
                 "Time the application took to close() after the peer's FIN (CLOSE_WAIT -> LAST_ACK).",
                 CLOSE_WAIT_BUCKETS,
                 &[],
+            )?,
+            state_duration: histogram(
+                "tcpmon_state_duration_seconds",
+                "Time connections spent in each state they left, from the transition into it to \
+                 the one out of it: SYN_SENT (connect until answered or failed), SYN_RECV, \
+                 FIN_WAIT1, FIN_WAIT2 (until the peer's FIN, or the hand-over to TIME_WAIT), \
+                 CLOSE_WAIT (until the application closed), LAST_ACK, CLOSING. ESTABLISHED is \
+                 tcpmon_connection_duration_seconds.",
+                STATE_BUCKETS,
+                &["state"],
             )?,
             lifetime: histogram(
                 "tcpmon_connection_duration_seconds",
@@ -170,6 +191,8 @@ pub(super) struct SeriesSet {
     teardown: [OnceLock<Histogram>; 2],
     close_wait: OnceLock<Histogram>,
     lifetime: [OnceLock<Histogram>; 2],
+    /// By [`TIMED_STATES`] index.
+    state_duration: [OnceLock<Histogram>; TIMED_STATES.len()],
     opened: [OnceLock<IntCounter>; 2],
     /// `[side: active, passive, unknown][reason]`
     closed: [[OnceLock<IntCounter>; REASONS]; 3],
@@ -178,6 +201,7 @@ pub(super) struct SeriesSet {
     synack_retransmits: [OnceLock<IntCounter>; 2],
     time_wait_entered: OnceLock<IntCounter>,
     close_wait_sockets: OnceLock<IntGauge>,
+    close_wait_oldest: OnceLock<Gauge>,
     /// How to remove each series created so far from its family (when the pair retires).
     created: Mutex<Vec<Box<dyn Fn() + Send>>>,
 }
@@ -221,12 +245,14 @@ impl SeriesSet {
             teardown: Default::default(),
             close_wait: Default::default(),
             lifetime: Default::default(),
+            state_duration: Default::default(),
             opened: Default::default(),
             closed: Default::default(),
             connect_failures: Default::default(),
             synack_retransmits: Default::default(),
             time_wait_entered: Default::default(),
             close_wait_sockets: Default::default(),
+            close_wait_oldest: Default::default(),
             created: Mutex::default(),
         }
     }
@@ -270,6 +296,23 @@ impl SeriesSet {
             child!(self, self.synack_retransmits[i], f.synack_retransmits, [*reason]);
         }
         child!(self, self.time_wait_entered, f.time_wait_entered, []);
+        child!(self, self.close_wait_oldest, f.close_wait_oldest, []);
+        for (i, state) in TIMED_STATES.iter().enumerate() {
+            child!(self, self.state_duration[i], f.state_duration, [state.name()]);
+        }
+    }
+
+    /// Sets the age of this pair's oldest connection in CLOSE_WAIT (`None`: there is none),
+    /// creating the series the first time there is one.
+    pub(super) fn set_close_wait_oldest(&self, f: &Families, age_seconds: Option<f64>) {
+        match age_seconds {
+            Some(age) => child!(self, self.close_wait_oldest, f.close_wait_oldest, []).set(age),
+            None => {
+                if let Some(gauge) = self.close_wait_oldest.get() {
+                    gauge.set(0.0);
+                }
+            }
+        }
     }
 
     /// Records one observation.
@@ -334,12 +377,21 @@ impl SeriesSet {
                 child!(self, self.synack_retransmits[i], f.synack_retransmits, [reason]).inc()
             }
             Observation::CloseWaitEntered | Observation::CloseWaitLeft => {
+                if matches!(observation, Observation::CloseWaitEntered) {
+                    // Its age is set once a second; the series exists from the first one.
+                    child!(self, self.close_wait_oldest, f.close_wait_oldest, []);
+                }
                 let Some(family) = &f.close_wait_sockets else { return };
                 let gauge = child!(self, self.close_wait_sockets, family, []);
                 match observation {
                     Observation::CloseWaitEntered => gauge.inc(),
                     _ => gauge.dec(),
                 }
+            }
+            Observation::StateLeft { state, duration_ns } => {
+                let Some(i) = TIMED_STATES.iter().position(|timed| *timed == state) else { return };
+                child!(self, self.state_duration[i], f.state_duration, [state.name()])
+                    .observe(seconds(duration_ns))
             }
             Observation::Listening { .. }
             | Observation::Connection(_)

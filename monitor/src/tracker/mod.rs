@@ -120,6 +120,19 @@ const SYNACK_HORIZON_NS: u64 = 130 * 1_000_000_000;
 /// `MemoryMax=512M` holds with margin; `monitor/tests/memory.rs` measures it.
 pub const DEFAULT_MAX_SOCKETS: usize = 1 << 19;
 
+/// The states whose time a connection spent in them is measured
+/// ([`Observation::StateLeft`]). ESTABLISHED is the connection's lifetime, LISTEN a
+/// listener's, CLOSE the end; TIME_WAIT and request sockets make no transitions of their own.
+pub const TIMED_STATES: [TcpState; 7] = [
+    TcpState::SynSent,
+    TcpState::SynRecv,
+    TcpState::FinWait1,
+    TcpState::FinWait2,
+    TcpState::CloseWait,
+    TcpState::LastAck,
+    TcpState::Closing,
+];
+
 /// The per-socket state machine.
 #[derive(Debug)]
 pub struct Tracker {
@@ -281,6 +294,14 @@ impl Tracker {
             && matches!((event.old, event.new), (Established, FinWait1) | (CloseWait, LastAck))
         {
             entry.owner = Owner::current(event);
+        }
+        // Time in the state it leaves, when the transition into it was seen.
+        if consistent && TIMED_STATES.contains(&event.old) {
+            if let Some(since) = entry.state_since_ns.get() {
+                let left =
+                    Observation::StateLeft { state: event.old, duration_ns: elapsed(since, now) };
+                sink.observe_in(&left, &self.attribution(&entry));
+            }
         }
         if sink.wants_records() {
             let in_old = entry.state_since_ns.get().filter(|_| consistent);
@@ -503,6 +524,18 @@ impl Tracker {
                 service_port,
                 listening: true,
             });
+        }
+    }
+
+    /// Every connection now in CLOSE_WAIT that was seen entering it: whose it is, and since
+    /// when (CLOCK_MONOTONIC ns).
+    pub fn for_each_close_wait(&self, mut close_wait: impl FnMut(&Attribution, u64)) {
+        for entry in self.table.entries() {
+            if entry.state == TcpState::CloseWait {
+                if let Some(since) = entry.close_wait_ns.get() {
+                    close_wait(&self.attribution(entry), since);
+                }
+            }
         }
     }
 

@@ -86,6 +86,14 @@ pub enum Observation {
         /// The local port.
         port: u16,
     },
+    /// A connection left one of the [`super::TIMED_STATES`] after this long in it (from the
+    /// transition into it to the one out of it).
+    StateLeft {
+        /// The state it left.
+        state: TcpState,
+        /// Nanoseconds it spent there.
+        duration_ns: u64,
+    },
     /// A per-connection record for the tail (only when the sink wants records).
     Connection(ConnectionRecord),
     /// A per-transition record for the tail (only when the sink wants records).

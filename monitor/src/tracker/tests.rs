@@ -6,8 +6,19 @@ use TcpState::*;
 
 const MS: u64 = 1_000_000;
 
-/// Replays `(ms, skaddr, old, new, sk_err)` steps and returns the observations.
+/// Replays `(ms, skaddr, old, new, sk_err)` steps and returns the observations, times in
+/// states left out ([`time_in_each_state_is_the_gap_between_the_transitions`] has those).
 fn replay(
+    tracker: &mut Tracker,
+    steps: &[(u64, u64, TcpState, TcpState, i32)],
+) -> Vec<Observation> {
+    let mut out = replay_all(tracker, steps);
+    out.retain(|o| !matches!(o, Observation::StateLeft { .. }));
+    out
+}
+
+/// [`replay`], every observation.
+fn replay_all(
     tracker: &mut Tracker,
     steps: &[(u64, u64, TcpState, TcpState, i32)],
 ) -> Vec<Observation> {
@@ -31,6 +42,7 @@ fn feed(tracker: &mut Tracker, records: &[Vec<u8>]) -> Vec<Observation> {
     for bytes in records {
         tracker.on_record(&crate::decode::decode(bytes).unwrap(), &mut out);
     }
+    out.0.retain(|o| !matches!(o, Observation::StateLeft { .. }));
     out.0
 }
 
@@ -264,6 +276,50 @@ fn snapshot_sockets_are_counted_matched_and_closed_without_invented_times() {
     child.netns = 77;
     tracker.on_event(&decode_record(&child).unwrap(), &mut out);
     assert_eq!(tracker.table.get(11).unwrap().owner.pid, Some(7));
+}
+
+#[test]
+fn time_in_each_state_is_the_gap_between_the_transitions() {
+    let mut tracker = Tracker::default();
+    let out = replay_all(
+        &mut tracker,
+        &[
+            (100, 1, Close, SynSent, 0),
+            (103, 1, SynSent, Established, 0),
+            (1103, 1, Established, FinWait1, 0),
+            (1143, 1, FinWait1, FinWait2, 0),
+            (2143, 1, FinWait2, Close, 0),
+            // Passive, closed by the peer: CLOSE_WAIT until the application closes.
+            (0, 9, Close, Listen, 0),
+            (10, 2, Listen, SynRecv, 0),
+            (12, 2, SynRecv, Established, 0),
+            (500, 2, Established, CloseWait, 0),
+            (3500, 2, CloseWait, LastAck, 0),
+            (3501, 2, LastAck, Close, 0),
+            // First seen mid-life: the time in FIN_WAIT1 is not known, FIN_WAIT2's is.
+            (5000, 3, FinWait1, FinWait2, 0),
+            (5060, 3, FinWait2, Close, 0),
+        ],
+    );
+    let left: Vec<(TcpState, u64)> = out
+        .iter()
+        .filter_map(|o| match o {
+            Observation::StateLeft { state, duration_ns } => Some((*state, duration_ns / MS)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        left,
+        [
+            (SynSent, 3),
+            (FinWait1, 40),
+            (FinWait2, 1000),
+            (SynRecv, 2),
+            (CloseWait, 3000),
+            (LastAck, 1),
+            (FinWait2, 60),
+        ]
+    );
 }
 
 #[test]
@@ -575,6 +631,7 @@ fn a_connect_that_never_got_a_port_is_an_error_not_an_abort() {
         let raw = v4(ms * MS, 5, old, new, 0, 80, 0); // sport stays 0
         tracker.on_event(&decode_record(&raw).unwrap(), &mut out);
     }
+    out.retain(|o| !matches!(o, Observation::StateLeft { .. }));
     assert_eq!(
         out,
         vec![Observation::ConnectFailed {
@@ -781,8 +838,13 @@ fn observations_are_attributed_to_the_service_port_and_the_sockets_cgroup() {
     };
     let passive = Observation::Opened { side: Side::Passive };
     let active = Observation::Opened { side: Side::Active };
-    let seen: Vec<_> =
-        sink.0.iter().filter(|(o, _)| !matches!(o, Observation::Handshake { .. })).collect();
+    let seen: Vec<_> = sink
+        .0
+        .iter()
+        .filter(|(o, _)| {
+            !matches!(o, Observation::Handshake { .. } | Observation::StateLeft { .. })
+        })
+        .collect();
     assert_eq!(seen[0], &(Observation::Listening { port: 80 }, whose(80, true, 11)));
     assert_eq!(seen[1], &(passive, whose(80, true, 11)), "the child takes its listener's cgroup");
     assert_eq!(seen[2], &(active, whose(5432, false, 12)));
@@ -824,8 +886,12 @@ fn sockets_from_the_snapshot_keep_their_owners_cgroup_when_records_carry_none() 
         let event = decode_record(&v4(ms * MS, sk, old, new, local, remote, 0)).unwrap();
         tracker.on_event(&event, &mut sink);
     }
-    let cgroups: Vec<(Observation, u64)> =
-        sink.0.iter().map(|(o, whose)| (*o, whose.map_or(0, |w| w.cgroup_id))).collect();
+    let cgroups: Vec<(Observation, u64)> = sink
+        .0
+        .iter()
+        .filter(|(o, _)| !matches!(o, Observation::StateLeft { .. }))
+        .map(|(o, whose)| (*o, whose.map_or(0, |w| w.cgroup_id)))
+        .collect();
     assert_eq!(
         cgroups,
         [(Observation::Opened { side: Side::Passive }, 21), (Observation::CloseWaitEntered, 22),]
