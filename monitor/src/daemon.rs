@@ -138,7 +138,8 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     // A broken web config is a usage error, found before anything else is claimed.
     let (web_config, web_sources) = match &args.web_config {
         Some(path) => {
-            let (active, sources) = ActiveConfig::load(path).map_err(StartError::from)?;
+            let (active, sources) =
+                ActiveConfig::load(path).map_err(|e| StartError::WebConfig(e.to_string()))?;
             (active, Some(sources))
         }
         None => (ActiveConfig::open(), None),

@@ -65,9 +65,9 @@ pub enum StartError {
         /// The socket.
         path: PathBuf,
     },
-    /// The web configuration file cannot be used.
-    #[error(transparent)]
-    WebConfig(#[from] crate::web::config::WebConfigError),
+    /// The web configuration file cannot be used (the message names the file and key).
+    #[error("{0}")]
+    WebConfig(String),
     /// The tail socket cannot be created.
     #[error("cannot create the tail socket {}: {reason}", path.display())]
     SocketPath {
@@ -115,13 +115,14 @@ mod tests {
     #[test]
     fn every_kind_of_failure_has_its_code_through_context() {
         let wrapped = |e: anyhow::Error| e.context("starting").context("tcpmon run");
-        let cases: [(anyhow::Error, u8); 7] = [
+        let cases: [(anyhow::Error, u8); 8] = [
             (LoadError::Permission { what: "loading".into() }.into(), PERMISSION),
             (LoadError::KernelTooOld { release: "5.4.0".into() }.into(), KERNEL),
             (LoadError::NoBtf.into(), KERNEL),
             (LoadError::Tracefs(MountError::Failed(nix::Error::ENODEV)).into(), TRACEFS),
             (StartError::AddressInUse { address: "127.0.0.1:1".parse().unwrap() }.into(), LISTEN),
             (StartError::AlreadyRunning { path: "/run/x".into() }.into(), ALREADY_RUNNING),
+            (StartError::WebConfig("web config /x: `a`: b".into()).into(), USAGE),
             (
                 StartError::SocketPath { path: "/proc/x".into(), reason: "EACCES".into() }.into(),
                 SOCKET_PATH,
