@@ -380,6 +380,18 @@ impl Inner {
                 seen.insert(*netns, *last);
             }
         }
+        // A `netns` value the naming service retired (the namespace went) takes its series
+        // with it: values are reused, so keeping them would unbound the series.
+        if self.netns_label {
+            let counters = &self.counters;
+            self.totals.retain(|(index, label), _| {
+                let keep = naming.netns_value_held(label);
+                if !keep {
+                    let _ = counters[*index].remove_label_values(&[label.as_str()]);
+                }
+                keep
+            });
+        }
         drop(naming);
         self.last = seen;
         for ((index, label), total) in &self.totals {

@@ -201,3 +201,30 @@ fn beyond_the_connection_cap_healthz_answers_metrics_get_503_and_idle_slots_are_
         .count();
     assert_eq!(closed, 1, "exactly one held connection gave its slot up");
 }
+
+#[test]
+fn a_client_that_only_probes_healthz_cannot_hold_a_slot_against_a_scraper() {
+    let address = serve(None, 1);
+    // One kept-alive connection asking /healthz every 300 ms takes the only slot.
+    let mut prober = TcpStream::connect(address).unwrap();
+    prober.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        prober.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut answer = [0u8; 256];
+        assert!(prober.read(&mut answer).unwrap() > 0, "the prober is answered");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Probes are not requests a slot is kept for: a scraper takes it.
+    let (status, text) = plain_get(address, "/metrics");
+    assert_eq!(status, 200, "{text}");
+    let mut rest = Vec::new();
+    let _ = prober.read_to_end(&mut rest);
+    assert!(
+        prober.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").is_err() || {
+            let mut answer = [0u8; 16];
+            matches!(prober.read(&mut answer), Ok(0) | Err(_))
+        },
+        "the prober's connection was closed"
+    );
+}

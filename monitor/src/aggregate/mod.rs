@@ -205,31 +205,32 @@ impl Attributed {
     /// one set must be lowered in the same); other origins are resolved afresh. Returns the
     /// `netns` values retired.
     fn retire(&mut self, tracker: &Tracker) -> Vec<String> {
-        if self.counts.is_none() {
-            return Vec::new();
-        }
         let mut in_use = InUse::default();
-        let mut live_origins = Vec::new();
+        let mut used = vec![false; self.sets.len()];
+        let mut kept = FxHashMap::default();
         tracker.for_each_owner(|whose| {
-            if whose.listening {
-                if let Some(port) = whose.service_port {
+            in_use.netns.insert(whose.netns);
+            in_use.cgroups.insert(whose.cgroup_id);
+            if let Some(port) = whose.service_port {
+                in_use.ports.insert(port);
+                if whose.listening {
                     in_use.listening_ports.insert(port);
                 }
             }
-            in_use.netns.insert(whose.netns);
-            live_origins.push((whose.service_port.unwrap_or(0), whose.listening, whose.cgroup_id));
-        });
-        let mut used = vec![false; self.sets.len()];
-        let mut kept = FxHashMap::default();
-        for origin in live_origins {
-            let set = self.set_of(origin);
-            used.resize(self.sets.len(), false);
-            used[set] = true;
+            // Only origins already resolved are looked up: asking the naming service here
+            // would give values to sockets that have done nothing since the start. The
+            // values of the others are kept by their ports and cgroups above.
+            let origin = (whose.service_port.unwrap_or(0), whose.listening, whose.cgroup_id);
             if let Some(key) = packed(origin) {
                 if let Some(resolved) = self.origins.get(&key) {
+                    used[resolved.set] = true;
                     kept.insert(key, *resolved);
                 }
             }
+        });
+        if self.counts.is_none() {
+            // No `port` or `workload` label: one set, never retired; only `netns` values go.
+            return self.naming.lock().retire(&[], &in_use);
         }
         let mut naming = self.naming.lock();
         let idle = naming.limits().idle;

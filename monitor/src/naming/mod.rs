@@ -44,6 +44,10 @@ pub struct Named {
 pub struct InUse {
     /// Ports a tracked socket listens on.
     pub listening_ports: FxHashSet<u16>,
+    /// Service ports of tracked sockets (either side).
+    pub ports: FxHashSet<u16>,
+    /// Cgroups of tracked sockets.
+    pub cgroups: FxHashSet<u64>,
     /// Namespaces of tracked sockets.
     pub netns: FxHashSet<u32>,
 }
@@ -147,13 +151,14 @@ impl Naming {
         let used_ports: FxHashSet<ValueIndex> = self.pairs.keys().map(|(port, _)| *port).collect();
         self.ports.retire(now, idle, |index, port, listener| {
             let still_listening = listener && in_use.listening_ports.contains(&port);
-            !used_ports.contains(&index) && !still_listening
+            !used_ports.contains(&index) && !still_listening && !in_use.ports.contains(&port)
         });
         let used: FxHashSet<ValueIndex> =
             self.pairs.keys().map(|(_, workload)| *workload).collect();
         let names = &self.names;
         self.workloads.retire(now, idle, |labels, index| {
-            !used.contains(&index) && !labels.cgroups_of(index).iter().any(|id| names.exists(*id))
+            let alive = |id: &u64| in_use.cgroups.contains(id) || names.exists(*id);
+            !used.contains(&index) && !labels.cgroups_of(index).iter().any(alive)
         });
         let mut netns = Vec::new();
         self.netns.retain(|inode, (value, last)| {
@@ -219,6 +224,14 @@ impl Naming {
             }
             None => Some(labels::OTHER),
         }
+    }
+
+    /// Whether `value` is a `netns` value in use: `other`, `unknown`, or a namespace's that
+    /// has not been retired.
+    pub fn netns_value_held(&self, value: &str) -> bool {
+        value == labels::OTHER
+            || value == labels::UNKNOWN
+            || value.parse::<u32>().is_ok_and(|inode| self.netns.contains_key(&inode))
     }
 
     /// The workload name of cgroup `cgroup_id` (for the tail: uncapped, `unknown` for none).
@@ -310,6 +323,7 @@ mod tests {
         let in_use = InUse {
             listening_ports: [443].into_iter().collect(),
             netns: [7].into_iter().collect(),
+            ..InUse::default()
         };
         // Not idle yet: nothing goes (the caller passes only idle pairs; values wait too).
         naming.netns_value(7);

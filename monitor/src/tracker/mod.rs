@@ -424,7 +424,8 @@ impl Tracker {
                 let mut entry = SocketEntry::new(event.old, side, event);
                 // A socket from the start-up snapshot: its owner and namespace are known,
                 // its birth is not (no handshake, no lifetime).
-                if let Some(existing) = self.table.take_existing(&event.endpoints, event.netns) {
+                let existing = self.table.take_existing_or_twin(&event.endpoints, event.netns);
+                if let Some(existing) = existing {
                     entry.owner = existing.owner;
                     entry.netns = existing.netns;
                     if entry.cgroup_id == 0 {

@@ -125,7 +125,7 @@ impl SocketTable {
     /// Takes a snapshot socket with these endpoints, if one is waiting: the one in namespace
     /// `netns` when the event names it (a socket's birth and CLOSE do), else any. Mid-life
     /// events carry no namespace, so among identical 4-tuples in several namespaces the
-    /// counts stay exact but the owner taken may be a twin's.
+    /// owner taken may be a twin's (see [`Self::take_existing_or_twin`] for the counts).
     pub(super) fn take_existing(
         &mut self,
         endpoints: &Endpoints,
@@ -143,6 +143,22 @@ impl SocketTable {
         self.existing_count -= 1;
         self.per_state[socket.state.index()] -= 1;
         Some(socket)
+    }
+
+    /// [`Self::take_existing`] for a socket's first event seen: a CLOSE that finds no twin in
+    /// its namespace takes another's, because a mid-life event of that other socket may
+    /// have taken its own. Every event thus takes one snapshot socket while any is left with
+    /// its 4-tuple, and the per-state counts stay exact. (A birth must not: a new socket in
+    /// another namespace is not the end of a snapshot one.)
+    pub(super) fn take_existing_or_twin(
+        &mut self,
+        endpoints: &Endpoints,
+        netns: u32,
+    ) -> Option<ExistingSocket> {
+        match self.take_existing(endpoints, netns) {
+            None if netns != 0 => self.take_existing(endpoints, 0),
+            taken => taken,
+        }
     }
 
     /// Adds a snapshot socket (the caller checks [`Self::is_full`]). Returns false when it
@@ -289,6 +305,15 @@ mod tests {
         assert_eq!(table.per_state(), &recount(&table));
         while table.take_existing(&endpoints, 0).is_some() {}
         assert_eq!((table.len(), table.has_existing()), (0, false));
+
+        // Twins in 1 and 2: namespace 1's socket is first seen mid-life and takes 2's entry;
+        // namespace 2's socket then closes, names 2, finds none of its own and takes 1's.
+        table.add_existing(in_netns(1));
+        table.add_existing(in_netns(2));
+        assert_eq!(table.take_existing_or_twin(&endpoints, 0).unwrap().netns, 2);
+        assert_eq!(table.take_existing_or_twin(&endpoints, 2).unwrap().netns, 1);
+        assert_eq!((table.len(), table.per_state()[Listen.index()]), (0, 0));
+        assert!(table.take_existing_or_twin(&endpoints, 2).is_none());
     }
 
     #[test]

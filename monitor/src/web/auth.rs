@@ -22,14 +22,18 @@ use super::config::RateLimit;
 /// Passwords that verified, by user: (the hash they matched, the password).
 pub struct Authenticator {
     verified: Mutex<BTreeMap<String, (String, Vec<u8>)>>,
-    /// One bcrypt at a time.
-    bcrypt: tokio::sync::Semaphore,
+    /// One bcrypt at a time (the permit goes with the blocking job, so a cancelled request
+    /// does not let a second one start).
+    bcrypt: Arc<tokio::sync::Semaphore>,
 }
 
 impl Authenticator {
     /// An authenticator that has verified nobody yet.
     pub fn new() -> Authenticator {
-        Authenticator { verified: Mutex::default(), bcrypt: tokio::sync::Semaphore::new(1) }
+        Authenticator {
+            verified: Mutex::default(),
+            bcrypt: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
     }
 
     /// Whether `authorization` (the request's header) names a user of `users` with the
@@ -51,12 +55,17 @@ impl Authenticator {
                 }
             }
         }
-        let Ok(_one_at_a_time) = self.bcrypt.acquire().await else {
+        let Ok(one_at_a_time) = self.bcrypt.clone().acquire_owned().await else {
             return false;
         };
-        let checked = hash.clone().unwrap_or_else(|| dummy_hash().to_owned());
+        // An unknown user costs what a known one does: a dummy hash at the users' cost.
+        let cost =
+            users.values().find_map(|h| h.parse::<bcrypt::HashParts>().ok()).map(|p| p.get_cost());
+        let checked = hash.clone();
         let candidate = password.clone();
         let ok = tokio::task::spawn_blocking(move || {
+            let _held = one_at_a_time;
+            let checked = checked.unwrap_or_else(|| dummy_hash(cost.unwrap_or(10)));
             bcrypt::non_truncating_verify(&candidate, &checked).unwrap_or(false)
         })
         .await
@@ -72,10 +81,16 @@ impl Authenticator {
     }
 }
 
-/// A hash no password matches, for unknown users (computed once, at the cost operators use).
-fn dummy_hash() -> &'static str {
-    static DUMMY: OnceLock<String> = OnceLock::new();
-    DUMMY.get_or_init(|| bcrypt::hash("not a password of anyone", 10).unwrap_or_default())
+/// A hash at `cost` that no password is checked against but for unknown users (computed
+/// once per cost, on the blocking pool).
+fn dummy_hash(cost: u32) -> String {
+    static DUMMIES: OnceLock<Mutex<BTreeMap<u32, String>>> = OnceLock::new();
+    let dummies = DUMMIES.get_or_init(Mutex::default);
+    let mut dummies = dummies.lock().unwrap_or_else(PoisonError::into_inner);
+    dummies
+        .entry(cost)
+        .or_insert_with(|| bcrypt::hash("not a password of anyone", cost).unwrap_or_default())
+        .clone()
 }
 
 /// The user and password of a `Basic` authorization header.

@@ -214,7 +214,7 @@ pub async fn serve(
             }
         };
         let endpoint = endpoint.clone();
-        let config = guard.config.current();
+        let config = guard.config.clone();
         tokio::spawn(async move {
             let lifetime = if slot.is_some() { CONNECTION_LIFETIME } else { OVERFLOW_LIFETIME };
             let evicted = slot.as_ref().map(|s| s.slot().clone());
@@ -240,14 +240,17 @@ pub async fn serve(
 async fn connection(
     stream: TcpStream,
     slot: Option<Arc<SlotGuard>>,
-    config: Arc<WebConfig>,
+    config: Arc<ActiveConfig>,
     endpoint: Arc<Endpoint>,
 ) -> Result<(), String> {
     let mut stream = TimeoutStream::new(stream);
     stream.set_write_timeout(Some(WRITE_TIMEOUT));
     stream.set_read_timeout(Some(HEADER_TIMEOUT));
     let stream = Box::pin(stream);
-    match config.tls.clone() {
+    // TLS is settled at the handshake; credentials, headers and the rate limit are read
+    // per request, so a changed password applies to kept-alive connections too.
+    let tls = config.current().tls.clone();
+    match tls {
         Some(tls) => {
             let accepting = TlsAcceptor::from(tls).accept(stream);
             let tls_stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, accepting)
@@ -263,7 +266,7 @@ async fn connection(
 async fn http<IO>(
     io: IO,
     slot: Option<Arc<SlotGuard>>,
-    config: Arc<WebConfig>,
+    config: Arc<ActiveConfig>,
     endpoint: Arc<Endpoint>,
 ) -> Result<(), String>
 where
@@ -271,16 +274,23 @@ where
 {
     let class = if slot.is_some() { Class::Full } else { Class::Overflow };
     let service = hyper::service::service_fn(move |request| {
-        let (endpoint, config, slot) = (endpoint.clone(), config.clone(), slot.clone());
+        let (endpoint, slot, config) = (endpoint.clone(), slot.clone(), config.current());
         async move {
-            if let Some(slot) = &slot {
-                slot.slot().begin();
-            }
-            let mut response = guarded(&request, class, &config, &endpoint).await;
+            let mut response = match check(&request, class, &config, &endpoint).await {
+                Verdict::Answer(response) => response.map(|body| Answer { body, slot: None }),
+                Verdict::Serve { head } => {
+                    // Busy until hyper has taken the whole body: the slot cannot be taken
+                    // mid-answer. Only authorized requests count: a neighbour's probes or
+                    // wrong passwords never keep a slot from someone who asks.
+                    if let Some(slot) = &slot {
+                        slot.slot().begin();
+                    }
+                    let path = request.uri().path();
+                    let response = respond(&request, path, head, &endpoint).await;
+                    response.map(|body| Answer { body, slot })
+                }
+            };
             response.headers_mut().extend(config.headers.iter().cloned());
-            if let Some(slot) = &slot {
-                slot.answered();
-            }
             Ok::<_, Infallible>(response)
         }
     });
@@ -298,6 +308,51 @@ where
         .map_err(|e| e.to_string())
 }
 
+/// A response body that tells its connection's slot the request was answered once hyper
+/// has taken all of it (or dropped it).
+struct Answer {
+    body: Full<Bytes>,
+    slot: Option<Arc<SlotGuard>>,
+}
+
+impl Answer {
+    fn finished(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            slot.answered();
+        }
+    }
+}
+
+impl hyper::body::Body for Answer {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        let frame = std::pin::Pin::new(&mut self.body).poll_frame(context);
+        if let std::task::Poll::Ready(None) = frame {
+            self.finished();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        self.finished();
+    }
+}
+
 fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
@@ -305,43 +360,51 @@ fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Respons
     response
 }
 
-/// The checks before a request is answered: rate limit, method, overflow, credentials.
-/// `/healthz` needs no credentials, so kubelet probes work without them.
-async fn guarded(
+/// What the checks before a request decided.
+enum Verdict {
+    /// Answered by the checks themselves.
+    Answer(Response<Full<Bytes>>),
+    /// Authorized: serve it.
+    Serve { head: bool },
+}
+
+/// The checks before a request is served: method, `/healthz` (open, so kubelet probes need
+/// no credentials, and never rate-limited, so a neighbour cannot fail them), overflow,
+/// rate limit, credentials.
+async fn check(
     request: &Request<Incoming>,
     class: Class,
     config: &WebConfig,
     endpoint: &Arc<Endpoint>,
-) -> Response<Full<Bytes>> {
-    if let Some(limit) = &config.rate_limit {
-        if !endpoint.limiter.take(limit) {
-            let text = Bytes::from_static(b"too many requests\n");
-            return reply(StatusCode::TOO_MANY_REQUESTS, "text/plain", text);
-        }
-    }
+) -> Verdict {
     let head = request.method() == Method::HEAD;
     if request.method() != Method::GET && !head {
         let mut response =
             reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", Bytes::from_static(b"use GET\n"));
         response.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return response;
+        return Verdict::Answer(response);
     }
-    let path = request.uri().path();
-    if path == "/healthz" {
-        return match (endpoint.health)() {
+    if request.uri().path() == "/healthz" {
+        return Verdict::Answer(match (endpoint.health)() {
             Ok(()) => reply(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
             Err(why) => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
                 Bytes::from(format!("{why}\n")),
             ),
-        };
+        });
     }
     if class == Class::Overflow {
         let text = Bytes::from_static(b"too many connections; try again\n");
         let mut response = reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", text);
         response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
-        return response;
+        return Verdict::Answer(response);
+    }
+    if let Some(limit) = &config.rate_limit {
+        if !endpoint.limiter.take(limit) {
+            let text = Bytes::from_static(b"too many requests\n");
+            return Verdict::Answer(reply(StatusCode::TOO_MANY_REQUESTS, "text/plain", text));
+        }
     }
     if !config.users.is_empty()
         && !endpoint.authenticator.allows(&config.users, request.headers().get(AUTHORIZATION)).await
@@ -350,9 +413,9 @@ async fn guarded(
         let mut response = reply(StatusCode::UNAUTHORIZED, "text/plain", text);
         let challenge = HeaderValue::from_static("Basic realm=\"tcpmon\", charset=\"UTF-8\"");
         response.headers_mut().insert(WWW_AUTHENTICATE, challenge);
-        return response;
+        return Verdict::Answer(response);
     }
-    respond(request, path, head, endpoint).await
+    Verdict::Serve { head }
 }
 
 async fn respond(
