@@ -113,9 +113,14 @@ pub struct NamespaceState {
 
 /// The `tw` of `/proc/net/sockstat`'s `TCP:` line.
 pub fn parse_sockstat_time_wait(text: &str) -> Option<u64> {
+    parse_sockstat_tcp(text, "tw")
+}
+
+/// A field (`inuse`, `tw`, …) of `/proc/net/sockstat`'s `TCP:` line.
+fn parse_sockstat_tcp(text: &str, field: &str) -> Option<u64> {
     let line = text.lines().find(|line| line.starts_with("TCP:"))?;
     let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words.iter().position(|word| *word == "tw")?;
+    let at = words.iter().position(|word| *word == field)?;
     words.get(at + 1)?.parse().ok()
 }
 
@@ -149,6 +154,14 @@ pub fn read_namespace() -> io::Result<NamespaceState> {
         counters: parse_netstat(&netstat),
         ..NamespaceState::default()
     };
+    // No hashed TCP socket (`inuse`: listeners and connections) and no timewait one: no
+    // listener, so no request socket, and nothing in FIN_WAIT2. The dump would find nothing,
+    // after walking the whole TCP hash the namespace uses (the host's, unless
+    // `tcp_child_ehash_entries` gave it its own; TIME_WAIT entries included): skip it.
+    let inuse = parse_sockstat_tcp(&sockstat, "inuse");
+    if inuse == Some(0) && state.timewait_sockets == 0 {
+        return Ok(state);
+    }
     let wanted = StateFlags::LISTEN | StateFlags::SYN_RECV | StateFlags::FIN_WAIT2;
     for socket in sockdiag::dump_both(wanted)? {
         match socket.state {
@@ -423,6 +436,7 @@ mod tests {
             "sockets: used 150\nTCP: inuse 5 orphan 0 tw 44012 alloc 9 mem 1\nUDP: inuse 1 mem 0\n";
         assert_eq!(parse_sockstat_time_wait(sockstat), Some(44012));
         assert_eq!(parse_sockstat_time_wait("TCP: inuse 5\n"), None);
+        assert_eq!(parse_sockstat_tcp(sockstat, "inuse"), Some(5));
         let netstat = "TcpExt: SyncookiesSent SyncookiesRecv SyncookiesFailed TW ListenOverflows ListenDrops\n\
                        TcpExt: 7 6 1 400 3 5\n\
                        IpExt: InNoRoutes ListenOverflows\n\

@@ -34,6 +34,8 @@ pub struct Options {
     pub held_connections: usize,
     /// Judge the targets (not in a smoke run, whose one short round cannot).
     pub verdicts: bool,
+    /// Network namespace counts to measure the scrape's cost at.
+    pub namespaces: &'static [usize],
 }
 
 #[derive(Clone, Debug)]
@@ -148,9 +150,40 @@ pub(crate) fn stop(child: &mut Child, signal: i32) {
     let _ = child.wait();
 }
 
-struct Monitor {
+pub(crate) struct Monitor {
     processes: Vec<Child>,
     metrics_address: Option<String>,
+}
+
+/// Starts `tcpmon run` alone and waits until it is healthy.
+pub(crate) fn start_daemon(tcpmon: &Path, scratch: &Path) -> Result<Monitor> {
+    start(&Config::Tcpmon, tcpmon, scratch)
+}
+
+/// Stops a monitor's processes (SIGINT, as the daemon is stopped by hand).
+pub(crate) fn stop_daemon(monitor: &mut Monitor) {
+    for process in monitor.processes.iter_mut() {
+        stop(process, libc::SIGINT);
+    }
+}
+
+/// The daemon's CPU per `/metrics` scrape, ms, beyond what it spends idle: scrapes more than
+/// a second apart (closer ones share one kernel read), against the same time idle.
+pub(crate) fn daemon_cpu_per_scrape_ms(monitor: &Monitor) -> Result<f64> {
+    let address = monitor.metrics_address.as_deref().context("metrics address")?;
+    let daemon = monitor.processes.first().context("no daemon")?.id();
+    const SCRAPES: u32 = 3;
+    let gap = Duration::from_millis(1_100);
+    let idle_from = cpu_ns(daemon);
+    thread::sleep(gap * SCRAPES);
+    let idle = cpu_ns(daemon).saturating_sub(idle_from);
+    let busy_from = cpu_ns(daemon);
+    for _ in 0..SCRAPES {
+        http_get(address, "/metrics").context("scraping tcpmon")?;
+        thread::sleep(gap);
+    }
+    let busy = cpu_ns(daemon).saturating_sub(busy_from);
+    Ok(busy.saturating_sub(idle) as f64 / f64::from(SCRAPES) / 1e6)
 }
 
 /// Starts `tcpmon run` with a `tail --json` attached (soak); returns the processes, daemon
@@ -420,29 +453,13 @@ fn rss_with_open_connections(tcpmon: &Path, scratch: &Path, connections: usize) 
         }
         thread::sleep(Duration::from_millis(100));
     };
-    let daemon = monitor.processes[0].id();
-    let rss_kib = status_kib(daemon, "VmRSS");
-    // Scrapes more than a second apart (closer ones share one kernel read), against the
-    // same time idle.
-    const SCRAPES: u32 = 3;
-    let gap = Duration::from_millis(1_100);
-    let idle_from = cpu_ns(daemon);
-    thread::sleep(gap * SCRAPES);
-    let idle = cpu_ns(daemon).saturating_sub(idle_from);
-    let busy_from = cpu_ns(daemon);
-    for _ in 0..SCRAPES {
-        http_get(&address, "/metrics").context("scraping tcpmon")?;
-        thread::sleep(gap);
-    }
-    let busy = cpu_ns(daemon).saturating_sub(busy_from);
-    let scrape_ms = busy.saturating_sub(idle) as f64 / f64::from(SCRAPES) / 1e6;
+    let rss_kib = status_kib(monitor.processes[0].id(), "VmRSS");
+    let scrape_ms = daemon_cpu_per_scrape_ms(&monitor)?;
     for mut holder in holders {
         drop(holder.stdin.take()); // EOF: the holder closes its connections and exits
         let _ = holder.wait();
     }
-    for process in monitor.processes.iter_mut() {
-        stop(process, libc::SIGINT);
-    }
+    stop_daemon(&mut monitor);
     Ok(Held { tracked, rss_mib: rss_kib as f64 / 1024.0, scrape_ms })
 }
 
@@ -689,16 +706,26 @@ pub fn run(options: Options) -> Result<()> {
     let samples = interleaved_rounds(&configs, &options, &tcpmon, &scratch);
     let _ = std::fs::write(STATS_SYSCTL, stats_before.trim());
     let measured = samples.and_then(|samples| {
-        Ok((samples, rss_with_open_connections(&tcpmon, &scratch, options.held_connections)?))
+        let held = rss_with_open_connections(&tcpmon, &scratch, options.held_connections)?;
+        let namespaces = crate::namespaces::measure(&tcpmon, &scratch, options.namespaces)?;
+        Ok((samples, held, namespaces))
     });
     let _ = std::fs::remove_dir_all(&scratch);
-    let (samples, held) = measured?;
+    let (samples, held, namespaces) = measured?;
     println!(
         "bench: {:.0} tracked sockets, daemon RSS {:.1} MiB, {:.1} ms CPU per scrape",
         held.tracked, held.rss_mib, held.scrape_ms
     );
+    for row in &namespaces {
+        println!(
+            "bench: {} network namespaces: {:.1} ms CPU per scrape (shared TCP hash), {} (own)",
+            row.namespaces,
+            row.shared_ms,
+            row.own_ms.map_or("-".to_owned(), |ms| format!("{ms:.1} ms"))
+        );
+    }
     let replay = replay(&root)?;
-    let report = report(&options, &configs, &samples, &held, &replay);
+    let report = report(&options, &configs, &samples, &held, &namespaces, &replay);
     println!("\n{report}");
     if let Some(path) = options.report {
         // The history below the markers is written by hand and kept.
@@ -780,6 +807,7 @@ fn report(
     configs: &[Config],
     samples: &[(usize, Sample)],
     held: &Held,
+    namespaces: &[crate::namespaces::Row],
     replay: &str,
 ) -> String {
     let Held { tracked, rss_mib: held_rss, scrape_ms } = *held;
@@ -821,6 +849,7 @@ fn report(
         "\nMemory: with {} loopback connections held open, the daemon tracked {tracked:.0} sockets at an RSS of {held_rss:.1} MiB (8 MiB of ring buffers included, each mapped twice by the kernel's ring-buffer layout). A `/metrics` scrape then cost {scrape_ms:.1} ms of CPU (the kernel state read included: every namespace's sockstat and netstat, one `sock_diag` dump of LISTEN, SYN_RECV and FIN_WAIT2 sockets), beyond the idle daemon's.\n",
         options.held_connections
     ));
+    report.push_str(&crate::namespaces::report(namespaces));
     report.push_str(&format!(
         "\nReplay (the daemon's pipeline: decode → tracker → aggregate, one core, `cargo run --release --example replay`):\n\n```\n{replay}\n```\n\n"
     ));
@@ -847,7 +876,7 @@ fn report(
          (min–max)) covers it.\n\n",
     );
     report.push_str("| target | measured | verdict |\n|---|---|---|\n");
-    for (target, verdict, measured) in targets(&rows, held, &field) {
+    for (target, verdict, measured) in targets(&rows, held, namespaces, &field) {
         report.push_str(&format!(
             "| {target} | {} | {} |\n",
             measured.unwrap_or_else(|| "-".into()),
@@ -863,9 +892,11 @@ fn report(
 fn targets(
     rows: &[Row],
     held: &Held,
+    namespaces: &[crate::namespaces::Row],
     field: &dyn Fn(&str) -> Option<f64>,
 ) -> Vec<(String, Verdict, Option<String>)> {
     let Held { tracked, rss_mib: held_rss, scrape_ms } = *held;
+    let at_300 = namespaces.iter().find(|row| row.namespaces == 300);
     let row = |config: &Config| rows.iter().find(|r| r.name == config.name() && r.failed.is_none());
     let ratio = |config: &Config| row(config).map(|r| r.paired);
     let bpf = |config: &Config| row(config).and_then(|r| r.bpf);
@@ -959,6 +990,16 @@ fn targets(
             "RSS < 64 MiB with 100 k tracked sockets".to_owned(),
             Verdict::single((tracked >= 100_000.0).then_some(held_rss < 64.0)),
             Some(format!("{held_rss:.1} MiB at {tracked:.0} sockets")),
+        ),
+        (
+            "≤ 50 ms CPU per scrape with 300 namespaces sharing the host's TCP hash".to_owned(),
+            Verdict::single(at_300.map(|row| row.shared_ms <= 50.0)),
+            at_300.map(|row| format!("{:.1} ms", row.shared_ms)),
+        ),
+        (
+            "≤ 50 ms CPU per scrape with 300 namespaces with their own TCP hash".to_owned(),
+            Verdict::single(at_300.and_then(|row| row.own_ms).map(|ms| ms <= 50.0)),
+            at_300.and_then(|row| row.own_ms).map(|ms| format!("{ms:.1} ms")),
         ),
     ]
 }

@@ -15,6 +15,7 @@ mod bench;
 mod churn;
 mod image;
 mod kernels;
+mod namespaces;
 mod package;
 mod setup;
 mod soak;
@@ -140,6 +141,7 @@ fn run(cli: Cli) -> Result<()> {
                     report: None,
                     held_connections: 1_000,
                     verdicts: false,
+                    namespaces: &[1, 10],
                 }
             } else {
                 bench::Options {
@@ -148,6 +150,7 @@ fn run(cli: Cli) -> Result<()> {
                     report: Some(workspace_root().join("BENCHMARKS.md")),
                     held_connections: 50_000,
                     verdicts: true,
+                    namespaces: &[1, 100, 300],
                 }
             };
             bench::run(options)
@@ -209,6 +212,7 @@ fn run(cli: Cli) -> Result<()> {
                 report: None,
                 held_connections: 1_000,
                 verdicts: false,
+                namespaces: &[1, 10],
             })?;
             // One closing line for the whole suite (cargo's last line is the doc-test run).
             println!("tests: {} passed, {failed} failed", passed + matrix);
