@@ -248,7 +248,11 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     if let Some(sources) = web_sources {
         tokio::spawn(web_config.clone().watch(sources));
     }
-    let guard = web::Guard { config: web_config, max_connections: args.web_max_connections };
+    let guard = web::Guard {
+        config: web_config,
+        max_connections: args.web_max_connections,
+        metrics: web::HttpMetrics::new(&registry).context("creating the HTTP metrics")?,
+    };
     let server =
         tokio::spawn(web::serve(listener, registry.clone(), kernel_registry, gate, health, guard));
     let (subscribe, subscribers) = mpsc::channel(16);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::tls::{https_get, Pki, PASSWORD, USER};
 use monitor::metrics::ScrapeGate;
 use monitor::web::active::ActiveConfig;
-use monitor::web::{self, Guard, Health};
+use monitor::web::{self, Guard, Health, HttpMetrics};
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tcpmon-web-{name}-{}", std::process::id()));
@@ -52,7 +52,8 @@ fn serve(config: Option<&Path>, max_connections: usize) -> SocketAddr {
                 tokio::spawn(active.clone().watch(sources));
             }
             let health: Health = Arc::new(|| Ok(()));
-            let guard = Guard { config: active, max_connections };
+            let metrics = HttpMetrics::new(&registry).unwrap();
+            let guard = Guard { config: active, max_connections, metrics };
             let unguarded = prometheus::Registry::new();
             web::serve(listener, registry, unguarded, ScrapeGate::default(), health, guard).await;
         });
@@ -96,6 +97,15 @@ fn over_tls_only_the_configured_user_reads_the_metrics_and_healthz_stays_open() 
     // Plain HTTP to the TLS listener gets no metrics.
     let (status, text) = plain_get(address, "/metrics");
     assert!(status != 200 && !text.contains("tcpmon_test_total"), "{status}: {text}");
+    // The endpoint counts what it refused (a body newer than the shared one's second).
+    std::thread::sleep(Duration::from_millis(1100));
+    let counted = https_get(address, pki.client(false), "/metrics", Some((USER, PASSWORD)));
+    let body = counted.unwrap().body;
+    assert!(
+        body.contains("tcpmon_http_rejected_requests_total{reason=\"unauthorized\"} 3"),
+        "{body}"
+    );
+    assert!(body.contains("tcpmon_http_tls_handshake_failures_total 1"), "{body}");
 }
 
 #[test]
@@ -200,6 +210,11 @@ fn beyond_the_connection_cap_healthz_answers_metrics_get_503_and_idle_slots_are_
         })
         .count();
     assert_eq!(closed, 1, "exactly one held connection gave its slot up");
+    assert!(text.contains("tcpmon_http_evictions_total 1"), "{text}");
+    assert!(
+        text.contains("tcpmon_http_rejected_requests_total{reason=\"overloaded\"} 1"),
+        "{text}"
+    );
 }
 
 #[test]

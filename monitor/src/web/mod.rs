@@ -35,7 +35,7 @@ use hyper::header::{
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
-use prometheus::Registry;
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
 use tokio_rustls::TlsAcceptor;
@@ -46,7 +46,7 @@ use self::config::WebConfig;
 use self::slots::{Admission, SlotGuard, Slots};
 
 use crate::exit::StartError;
-use crate::metrics::{encode, ScrapeGate};
+use crate::metrics::{encode, registered, ScrapeGate};
 
 /// Longest a body is served again while no batch changed it (the kernel state is read at most
 /// once a second as well).
@@ -90,6 +90,7 @@ struct Endpoint {
     encoding: tokio::sync::Mutex<()>,
     authenticator: Arc<Authenticator>,
     limiter: RateLimiter,
+    metrics: HttpMetrics,
 }
 
 impl Endpoint {
@@ -163,6 +164,62 @@ pub struct Guard {
     pub config: Arc<ActiveConfig>,
     /// Connections served in full at once ([`DEFAULT_MAX_CONNECTIONS`] by default).
     pub max_connections: usize,
+    /// What it counts of its own work.
+    pub metrics: HttpMetrics,
+}
+
+/// The endpoint's own counters: how connections were admitted and why requests were
+/// refused, so a flood or a guessing neighbour shows on the dashboard.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    /// `[full, overflow, refused]`
+    admitted: [IntCounter; 3],
+    evicted: IntCounter,
+    /// `[unauthorized, rate_limited, overloaded]`
+    rejected: [IntCounter; 3],
+    handshake_failures: IntCounter,
+}
+
+impl HttpMetrics {
+    /// Registers the counters in `registry`.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let vec = |name: &str, help: &str, label: &str| {
+            registered(registry, IntCounterVec::new(Opts::new(name, help), &[label])?)
+        };
+        let admitted = vec(
+            "tcpmon_http_connections_total",
+            "Connections to the metrics endpoint, by the slot they got: full, overflow (one \
+             quick answer: /healthz, else 503) or refused (closed: every slot taken).",
+            "slot",
+        )?;
+        let rejected = vec(
+            "tcpmon_http_rejected_requests_total",
+            "Requests refused: unauthorized (401), rate_limited (429, the web config's \
+             rate_limit), overloaded (503 on an overflow slot).",
+            "reason",
+        )?;
+        Ok(HttpMetrics {
+            admitted: ["full", "overflow", "refused"].map(|s| admitted.with_label_values(&[s])),
+            evicted: registered(
+                registry,
+                IntCounter::new(
+                    "tcpmon_http_evictions_total",
+                    "Connections whose slot a newcomer took: they had waited over a second since \
+                     their last authorized request was answered (idle, slow, or never asking).",
+                )?,
+            )?,
+            rejected: ["unauthorized", "rate_limited", "overloaded"]
+                .map(|r| rejected.with_label_values(&[r])),
+            handshake_failures: registered(
+                registry,
+                IntCounter::new(
+                    "tcpmon_http_tls_handshake_failures_total",
+                    "TLS handshakes that failed or timed out (plain HTTP to the TLS port, a \
+                     client without a trusted certificate under mTLS, …).",
+                )?,
+            )?,
+        })
+    }
 }
 
 /// Whether a connection has one of the full slots, or an overflow one.
@@ -193,6 +250,7 @@ pub async fn serve(
         encoding: tokio::sync::Mutex::new(()),
         authenticator: Arc::new(Authenticator::new()),
         limiter: RateLimiter::default(),
+        metrics: guard.metrics.clone(),
     });
     let slots = Slots::new(guard.max_connections);
     loop {
@@ -205,10 +263,18 @@ pub async fn serve(
                 continue;
             }
         };
+        let admitted = &endpoint.metrics.admitted;
         let (slot, overflow) = match slots.admit() {
-            Admission::Full(slot) => (Some(Arc::new(slot)), None),
-            Admission::Overflow(permit) => (None, Some(permit)),
+            Admission::Full(slot) => {
+                admitted[0].inc();
+                (Some(Arc::new(slot)), None)
+            }
+            Admission::Overflow(permit) => {
+                admitted[1].inc();
+                (None, Some(permit))
+            }
             Admission::Refused => {
+                admitted[2].inc();
                 debug!("metrics connection from {peer} refused: every slot is taken");
                 continue; // dropped: closed
             }
@@ -218,11 +284,15 @@ pub async fn serve(
         tokio::spawn(async move {
             let lifetime = if slot.is_some() { CONNECTION_LIFETIME } else { OVERFLOW_LIFETIME };
             let evicted = slot.as_ref().map(|s| s.slot().clone());
+            let endpoint_metrics = endpoint.metrics.clone();
             let served = tokio::time::timeout(lifetime, connection(stream, slot, config, endpoint));
             let outcome = match evicted {
                 Some(evicted) => tokio::select! {
                     outcome = served => outcome,
-                    () = evicted.evicted() => Ok(Err("its slot went to a newcomer".to_owned())),
+                    () = evicted.evicted() => {
+                        endpoint_metrics.evicted.inc();
+                        Ok(Err("its slot went to a newcomer".to_owned()))
+                    }
                 },
                 None => served.await,
             };
@@ -253,10 +323,15 @@ async fn connection(
     match tls {
         Some(tls) => {
             let accepting = TlsAcceptor::from(tls).accept(stream);
-            let tls_stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, accepting)
-                .await
-                .map_err(|_| "no TLS handshake in time".to_owned())?
-                .map_err(|e| format!("TLS handshake: {e}"))?;
+            let handshake = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accepting).await {
+                Ok(Ok(stream)) => Ok(stream),
+                Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+                Err(_) => Err("no TLS handshake in time".to_owned()),
+            };
+            if handshake.is_err() {
+                endpoint.metrics.handshake_failures.inc();
+            }
+            let tls_stream = handshake?;
             http(tls_stream, slot, config, endpoint).await
         }
         None => http(stream, slot, config, endpoint).await,
@@ -398,11 +473,13 @@ async fn check(
         let text = Bytes::from_static(b"too many connections; try again\n");
         let mut response = reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", text);
         response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        endpoint.metrics.rejected[2].inc();
         return Verdict::Answer(response);
     }
     if let Some(limit) = &config.rate_limit {
         if !endpoint.limiter.take(limit) {
             let text = Bytes::from_static(b"too many requests\n");
+            endpoint.metrics.rejected[1].inc();
             return Verdict::Answer(reply(StatusCode::TOO_MANY_REQUESTS, "text/plain", text));
         }
     }
@@ -410,6 +487,7 @@ async fn check(
         && !endpoint.authenticator.allows(&config.users, request.headers().get(AUTHORIZATION)).await
     {
         let text = Bytes::from_static(b"unauthorized\n");
+        endpoint.metrics.rejected[0].inc();
         let mut response = reply(StatusCode::UNAUTHORIZED, "text/plain", text);
         let challenge = HeaderValue::from_static("Basic realm=\"tcpmon\", charset=\"UTF-8\"");
         response.headers_mut().insert(WWW_AUTHENTICATE, challenge);
@@ -489,7 +567,8 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let address = listener.local_addr().unwrap();
         let health: Health = Arc::new(|| Ok(()));
-        let guard = Guard { config: ActiveConfig::open(), max_connections: 4 };
+        let metrics = HttpMetrics::new(&Registry::new()).unwrap();
+        let guard = Guard { config: ActiveConfig::open(), max_connections: 4, metrics };
         tokio::spawn(serve(listener, registry, Registry::new(), gate.clone(), health, guard));
         (address, counter, gate)
     }
