@@ -639,3 +639,44 @@ fn the_oldest_close_wait_ages_while_the_application_holds_it_and_drops_to_0_afte
         assert!((low..3.1).contains(&spent), "{state} lasted {spent} s, held 3 s");
     }
 }
+
+#[test]
+fn namespaces_that_go_away_take_their_netns_series_and_values_with_them() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _shared = common::shared(); // only its own namespaces' series
+    let test = NetnsTest::new("gone", 8087);
+    let mut daemon = Daemon::start(&["--netns-labels", "1000", "--label-idle", "1s"]);
+    let (server, client) =
+        (NetnsPair::inode(&test.pair.server), NetnsPair::inode(&test.pair.client));
+    let ours = |m: &common::Metrics| -> Vec<String> {
+        m.keys()
+            .filter(|k| [server, client].iter().any(|n| k.contains(&format!("netns=\"{n}\""))))
+            .cloned()
+            .collect()
+    };
+    let NetnsTest { pair, listener, .. } = test;
+    exchange(&pair, listener, 10, 10);
+    let m = daemon.settled_scrape();
+    let opened = in_namespace("tcpmon_netns_connections_opened_total", client, "side=\"active\"");
+    assert_eq!(m.get(&opened), Some(&1.0), "{:?}", ours(&m));
+    // The kernel counters are read in every namespace, ours too.
+    let overflows = format!("tcpmon_listen_overflows_total{{netns=\"{server}\"}}");
+    assert!(m.contains_key(&overflows), "{:?}", ours(&m));
+    // The namespaces go (ip netns del; their sockets are closed): once idle for
+    // --label-idle, every series of theirs is gone and their values are free.
+    drop(pair);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = daemon.settled_scrape();
+        let left = ours(&m);
+        if left.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still exported: {left:?}");
+        thread::sleep(Duration::from_millis(300));
+    }
+    let (status, stderr, _) = daemon.stop();
+    assert!(status.success(), "{stderr}");
+}
