@@ -141,9 +141,10 @@ pub struct Tracker {
     /// context, accepted children are created in softirq context, so the listener is how we
     /// know a child's owner.
     listeners: FxHashMap<(u32, u16), Listener>,
-    /// While a snapshot is being taken: the 4-tuples of every event since the program was
-    /// attached, whose sockets the events already describe better than the snapshot.
-    touched: Option<FxHashSet<Endpoints>>,
+    /// While a snapshot is being taken: the namespace and 4-tuple of every event since the
+    /// program was attached, whose sockets the events already describe better than the
+    /// snapshot. Namespace 0 (a mid-life event names none) stands for every namespace.
+    touched: Option<FxHashSet<(u32, Endpoints)>>,
     /// First SYN-ACK time of request sockets that retransmitted it, by the 4-tuple their
     /// child will have; taken when the child is established.
     synack_retransmits: FxHashMap<Endpoints, PendingSynAck>,
@@ -228,7 +229,9 @@ impl Tracker {
         let touched = self.touched.take().unwrap_or_default();
         let mut added = 0;
         for socket in sockets {
-            if touched.contains(&socket.endpoints) || self.table.is_full() {
+            let described = touched.contains(&(socket.netns, socket.endpoints))
+                || touched.contains(&(0, socket.endpoints));
+            if described || self.table.is_full() {
                 continue;
             }
             if socket.state == TcpState::Listen {
@@ -268,7 +271,7 @@ impl Tracker {
     pub fn on_event(&mut self, event: &Event, sink: &mut impl ObservationSink) {
         use TcpState::*;
         if let Some(touched) = self.touched.as_mut() {
-            touched.insert(event.endpoints);
+            touched.insert((event.netns, event.endpoints));
         }
         self.track_listener(event);
         if is_birth(event) {

@@ -227,6 +227,34 @@ fn connection_records_carry_netns_and_totals() {
 }
 
 #[test]
+fn an_event_during_the_snapshot_hides_only_its_own_namespaces_twin() {
+    let in_netns = |netns, local: &str| ExistingSocket {
+        state: Listen,
+        // The fixture's records are 127.0.0.1 to 127.0.0.1.
+        endpoints: Endpoints::new(local.parse().unwrap(), "127.0.0.1:0".parse().unwrap()),
+        netns,
+        owner: Owner::UNKNOWN,
+        cgroup_id: 0,
+    };
+    let mut tracker = Tracker::default();
+    tracker.expect_snapshot();
+    let mut out = RecordingSink::default();
+    // A listener born in namespace 5 while the snapshot was taken: only that one is known.
+    let mut raw = v4(MS, 5, Close, Listen, 8080, 0, 0);
+    raw.netns = 5;
+    tracker.on_event(&decode_record(&raw).unwrap(), &mut out);
+    // A mid-life event names no namespace: every twin of its 4-tuple is described.
+    tracker.on_event(&decode_record(&v4(MS, 6, Listen, Close, 9090, 0, 0)).unwrap(), &mut out);
+    let added = tracker.preload(&[
+        in_netns(5, "127.0.0.1:8080"),
+        in_netns(6, "127.0.0.1:8080"),
+        in_netns(5, "127.0.0.1:9090"),
+        in_netns(6, "127.0.0.1:9090"),
+    ]);
+    assert_eq!(added, 1, "only namespace 6's listener on 8080 comes from the snapshot");
+}
+
+#[test]
 fn snapshot_sockets_are_counted_matched_and_closed_without_invented_times() {
     let existing = |state, local: &str, remote: &str, pid| ExistingSocket {
         state,
