@@ -150,18 +150,18 @@ pub(crate) fn stop(child: &mut Child, signal: i32) {
     let _ = child.wait();
 }
 
-pub(crate) struct Monitor {
+struct Monitor {
     processes: Vec<Child>,
     metrics_address: Option<String>,
 }
 
 /// Starts `tcpmon run` alone and waits until it is healthy.
-pub(crate) fn start_daemon(tcpmon: &Path, scratch: &Path) -> Result<Monitor> {
+fn start_daemon(tcpmon: &Path, scratch: &Path) -> Result<Monitor> {
     start(&Config::Tcpmon, tcpmon, scratch)
 }
 
 /// Stops a monitor's processes (SIGINT, as the daemon is stopped by hand).
-pub(crate) fn stop_daemon(monitor: &mut Monitor) {
+fn stop_daemon(monitor: &mut Monitor) {
     for process in monitor.processes.iter_mut() {
         stop(process, libc::SIGINT);
     }
@@ -169,7 +169,7 @@ pub(crate) fn stop_daemon(monitor: &mut Monitor) {
 
 /// The daemon's CPU per `/metrics` scrape, ms, beyond what it spends idle: scrapes more than
 /// a second apart (closer ones share one kernel read), against the same time idle.
-pub(crate) fn daemon_cpu_per_scrape_ms(monitor: &Monitor) -> Result<f64> {
+fn daemon_cpu_per_scrape_ms(monitor: &Monitor) -> Result<f64> {
     let address = monitor.metrics_address.as_deref().context("metrics address")?;
     let daemon = monitor.processes.first().context("no daemon")?.id();
     const SCRAPES: u32 = 3;
@@ -707,7 +707,14 @@ pub fn run(options: Options) -> Result<()> {
     let _ = std::fs::write(STATS_SYSCTL, stats_before.trim());
     let measured = samples.and_then(|samples| {
         let held = rss_with_open_connections(&tcpmon, &scratch, options.held_connections)?;
-        let namespaces = crate::namespaces::measure(&tcpmon, &scratch, options.namespaces)?;
+        let scrape_cost = || -> Result<f64> {
+            let mut daemon = start_daemon(&tcpmon, &scratch)?;
+            thread::sleep(Duration::from_millis(500)); // the start-up snapshot's reads are done
+            let cost = daemon_cpu_per_scrape_ms(&daemon);
+            stop_daemon(&mut daemon);
+            cost
+        };
+        let namespaces = crate::namespaces::measure(options.namespaces, &scrape_cost)?;
         Ok((samples, held, namespaces))
     });
     let _ = std::fs::remove_dir_all(&scratch);

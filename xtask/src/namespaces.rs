@@ -7,16 +7,13 @@
 //! CPU per scrape with N namespaces (the host's and N - 1 made here, each with a listener, as
 //! a pod has: a namespace with no TCP socket at all is not dumped).
 
+use std::io::Write as _;
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::thread;
-use std::time::Duration;
-use std::{io::Write as _, path::Path};
 
 use anyhow::{anyhow, bail, Context, Result};
-
-use crate::bench::{daemon_cpu_per_scrape_ms, start_daemon, stop_daemon};
 
 /// The sysctl that gives new namespaces a TCP hash table of their own.
 const CHILD_EHASH: &str = "/proc/sys/net/ipv4/tcp_child_ehash_entries";
@@ -33,15 +30,16 @@ pub struct Row {
     pub own_ms: Option<f64>,
 }
 
-/// Measures the rows for `counts` namespaces.
-pub fn measure(tcpmon: &Path, scratch: &Path, counts: &[usize]) -> Result<Vec<Row>> {
+/// Measures the rows for `counts` namespaces; `scrape_cost` starts a daemon, measures its CPU
+/// per scrape in ms, and stops it.
+pub fn measure(counts: &[usize], scrape_cost: &dyn Fn() -> Result<f64>) -> Result<Vec<Row>> {
     let before = std::fs::read_to_string(CHILD_EHASH).ok();
     let rows = counts
         .iter()
         .map(|&namespaces| -> Result<Row> {
-            let shared_ms = with_namespaces(namespaces - 1, None, tcpmon, scratch)?;
+            let shared_ms = with_namespaces(namespaces - 1, None, scrape_cost)?;
             let own_ms = match &before {
-                Some(_) => Some(with_namespaces(namespaces - 1, Some(1024), tcpmon, scratch)?),
+                Some(_) => Some(with_namespaces(namespaces - 1, Some(1024), scrape_cost)?),
                 None => None,
             };
             Ok(Row { namespaces, shared_ms, own_ms })
@@ -58,8 +56,7 @@ pub fn measure(tcpmon: &Path, scratch: &Path, counts: &[usize]) -> Result<Vec<Ro
 fn with_namespaces(
     extra: usize,
     own_table: Option<u32>,
-    tcpmon: &Path,
-    scratch: &Path,
+    scrape_cost: &dyn Fn() -> Result<f64>,
 ) -> Result<f64> {
     let names: Vec<String> =
         (0..extra).map(|i| format!("tcpmon-bench-{}-{i}", std::process::id())).collect();
@@ -74,11 +71,7 @@ fn with_namespaces(
     let measured = made.and_then(|()| {
         let _listeners =
             names.iter().map(|name| listen_in(name)).collect::<Result<Vec<TcpListener>>>()?;
-        let mut daemon = start_daemon(tcpmon, scratch)?;
-        thread::sleep(Duration::from_millis(500)); // the start-up snapshot's reads are done
-        let cost = daemon_cpu_per_scrape_ms(&daemon);
-        stop_daemon(&mut daemon);
-        cost
+        scrape_cost()
     });
     ip_batch(names.iter().map(|name| format!("netns del {name}")))?;
     measured
