@@ -439,10 +439,8 @@ impl ManyNamespaces {
             (0..count).map(|i| format!("tcpmon-many-{}-{i}", std::process::id())).collect();
         let namespaces = ManyNamespaces(names); // removed on drop from here on
         for name in &namespaces.0 {
-            for args in [&["netns", "add", name][..], &["-n", name, "link", "set", "lo", "up"]] {
-                let status = std::process::Command::new("ip").args(args).status().unwrap();
-                assert!(status.success(), "ip {args:?}");
-            }
+            common::ip(&["netns", "add", name]);
+            common::ip(&["-n", name, "link", "set", "lo", "up"]);
         }
         namespaces
     }

@@ -38,6 +38,21 @@ pub struct Options {
     pub namespaces: &'static [usize],
 }
 
+impl Options {
+    /// A short run (1 s, 1 round, a few namespaces) that writes no report and judges
+    /// nothing: it checks that the bench still runs end to end.
+    pub fn smoke() -> Options {
+        Options {
+            seconds: 1,
+            rounds: 1,
+            report: None,
+            held_connections: 1_000,
+            verdicts: false,
+            namespaces: &[1, 10],
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Config {
     None,

@@ -135,14 +135,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench { seconds, rounds, smoke } => {
             setup::ensure()?;
             let options = if smoke {
-                bench::Options {
-                    seconds: 1,
-                    rounds: 1,
-                    report: None,
-                    held_connections: 1_000,
-                    verdicts: false,
-                    namespaces: &[1, 10],
-                }
+                bench::Options::smoke()
             } else {
                 bench::Options {
                     seconds,
@@ -206,14 +199,7 @@ fn run(cli: Cli) -> Result<()> {
             let matrix = kernels::run_matrix(&[], false)?;
             // The benchmark's timings are not assertions (these machines are noisy); this only
             // checks that `cargo xtask bench` still runs end to end.
-            bench::run(bench::Options {
-                seconds: 1,
-                rounds: 1,
-                report: None,
-                held_connections: 1_000,
-                verdicts: false,
-                namespaces: &[1, 10],
-            })?;
+            bench::run(bench::Options::smoke())?;
             // One closing line for the whole suite (cargo's last line is the doc-test run).
             println!("tests: {} passed, {failed} failed", passed + matrix);
             Ok(())

@@ -546,7 +546,8 @@ pub struct NetnsPair {
     pub server_ip: std::net::Ipv4Addr,
 }
 
-fn ip(args: &[&str]) {
+/// Runs `ip` with `args`, which must succeed.
+pub fn ip(args: &[&str]) {
     let status = Command::new("ip").args(args).status().expect("running ip(8)");
     assert!(status.success(), "ip {args:?} failed");
 }
