@@ -141,8 +141,8 @@ pub struct StateEventWithStats {
 /// Size in bytes of [`StateEventWithStats`].
 pub const STATE_EVENT_WITH_STATS_SIZE: usize = core::mem::size_of::<StateEventWithStats>();
 
-/// A reset sent or received, from the BTF tracepoints `tcp:tcp_send_reset` and
-/// `tcp:tcp_receive_reset`. Ring records are told apart by their length:
+/// A fact about one socket: a reset sent or received (the BTF tracepoints `tcp:tcp_send_reset`
+/// and `tcp:tcp_receive_reset`), or its accept() by the application. Ring records are told apart by their length:
 /// [`STATE_EVENT_SIZE`], [`STATE_EVENT_WITH_STATS_SIZE`], [`NOTE_SIZE`] or [`SYNACK_RETRANSMIT_SIZE`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,6 +168,9 @@ pub mod note {
     pub const RESET_SENT: u32 = 2;
     /// The socket processed a RST from the peer (`tcp:tcp_receive_reset`).
     pub const RESET_RECEIVED: u32 = 3;
+    /// The application's accept() (or accept4()) returned this socket: it left its
+    /// listener's accept queue (`syscalls:sys_exit_accept4`, `syscalls:sys_exit_accept`).
+    pub const ACCEPTED: u32 = 4;
 }
 
 /// A SYN-ACK retransmission (`tcp:tcp_retransmit_synack`), with the request socket's 4-tuple
@@ -322,6 +325,20 @@ kernel_offsets! {
     /// `struct inet_connection_sock.icsk_accept_queue.rskq_defer_accept`: the listener's
     /// `TCP_DEFER_ACCEPT` retries (0: off).
     defer_accept: inet_connection_sock.icsk_accept_queue.rskq_defer_accept,
+    /// `struct task_struct.files` (a `struct files_struct *`): the task's open files.
+    task_files: task_struct.files,
+    /// `struct files_struct.fdt` (a `struct fdtable *`).
+    files_fdt: files_struct.fdt,
+    /// `struct fdtable.max_fds`: how many slots `fd` has.
+    fdt_max_fds: fdtable.max_fds,
+    /// `struct fdtable.fd` (a `struct file **`): the file of each descriptor.
+    fdt_fd: fdtable.fd,
+    /// `struct file.private_data`: a socket file's `struct socket *`.
+    file_private_data: file.private_data,
+    /// `struct socket.file`: the file a socket belongs to (checks that a file is a socket's).
+    socket_file: socket.file,
+    /// `struct socket.sk`: the socket's `struct sock *`.
+    socket_sk: socket.sk,
 }
 
 /// "This offset could not be found": the program skips the read.
@@ -341,6 +358,22 @@ impl KernelOffsets {
             self.skc_v6_daddr,
             self.sk_protocol,
             self.inet_sport,
+        ]
+        .iter()
+        .all(|&offset| offset != OFFSET_UNKNOWN)
+    }
+
+    /// Whether every field the accept program follows from the current task to the accepted
+    /// socket is known: task → files → fd table → file → socket → sock.
+    pub fn accept_fields_known(&self) -> bool {
+        [
+            self.task_files,
+            self.files_fdt,
+            self.fdt_max_fds,
+            self.fdt_fd,
+            self.file_private_data,
+            self.socket_file,
+            self.socket_sk,
         ]
         .iter()
         .all(|&offset| offset != OFFSET_UNKNOWN)
@@ -475,6 +508,12 @@ pub mod names {
     pub const RESET_SENT_PROGRAM: &str = "tcp_send_reset";
     /// BTF tracepoint program on `tcp:tcp_receive_reset`.
     pub const RESET_RECEIVED_PROGRAM: &str = "tcp_receive_reset";
+    /// Tracepoint program on `syscalls:sys_exit_accept4` and `syscalls:sys_exit_accept`.
+    pub const ACCEPT_SYSCALLS_PROGRAM: &str = "sys_exit_accept";
+    /// fexit program on `inet_csk_accept(sk, arg)` (Linux 6.10 and later).
+    pub const ACCEPT_FEXIT_PROGRAM: &str = "inet_csk_accept_exit";
+    /// fexit program on `inet_csk_accept(sk, flags, err, kern)` (before Linux 6.10).
+    pub const ACCEPT_FEXIT_BEFORE_6_10_PROGRAM: &str = "inet_csk_accept_exit_before_6_10";
     /// Global: wake userspace once this many bytes are waiting (0: wake on every event).
     pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
     /// Global: bytes a CPU writes between two looks at its ring's fill.
@@ -512,6 +551,16 @@ pub mod synack_layout {
         ("saddr_v6", SADDR_V6, 16),
         ("daddr_v6", DADDR_V6, 16),
     ];
+}
+
+/// Byte offsets of the `syscalls:sys_exit_accept4` (and `sys_exit_accept`) record fields
+/// the accept program reads; every `sys_exit_*` record has this layout.
+pub mod syscall_exit_layout {
+    /// `long ret`: the new descriptor, or a negative errno.
+    pub const RET: usize = 16;
+
+    /// `(field name, offset, size)` for every field the program reads.
+    pub const FIELDS: [(&str, usize, usize); 1] = [("ret", RET, 8)];
 }
 
 /// Byte offsets of the `sock:inet_sock_set_state` record fields the eBPF program reads.
@@ -578,7 +627,7 @@ mod tests {
         assert_eq!(size_of::<TcpStats>(), 56);
         assert_eq!(size_of::<StateEventWithStats>(), 160);
         assert_eq!(size_of::<SocketNote>(), 32);
-        assert_eq!(size_of::<KernelOffsets>(), 124);
+        assert_eq!(size_of::<KernelOffsets>(), 152);
         assert_eq!(size_of::<SynAckRetransmit>(), 56);
     }
 
@@ -592,7 +641,7 @@ mod tests {
             (offsets.sk_err, offsets.skc_net, offsets.inet_sport, offsets.task_comm, offsets._pad),
             (0, 1, 21, 24, 0)
         );
-        assert_eq!(KernelOffsets::FIELDS.len(), 30);
+        assert_eq!(KernelOffsets::FIELDS.len(), 37);
         assert_eq!(
             KernelOffsets::FIELDS[1],
             KernelField { name: "skc_net", structure: "sock", path: &["__sk_common", "skc_net"] }

@@ -8,7 +8,9 @@
 //! loads are plain memory loads the verifier checks against the kernel's BTF), and a classic
 //! tracepoint reading the trace record, for kernels where the BTF build does not load. Three small programs add facts the state tracepoint
 //! cannot show: SYN-ACK retransmissions with the first SYN-ACK's time
-//! (`tcp:tcp_retransmit_synack`) and resets sent and received (BTF tracepoints). All
+//! (`tcp:tcp_retransmit_synack`) and resets sent and received (BTF tracepoints). A fourth, on
+//! the exit of accept() and accept4(), notes which socket the application took from its
+//! listener's queue, and when. All
 //! interpretation happens in userspace, where unit tests reach it.
 #![no_std]
 #![no_main]
@@ -19,12 +21,13 @@ mod read;
 mod socket;
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, tracepoint},
-    programs::{BtfTracePointContext, TracePointContext},
+    helpers::generated,
+    macros::{btf_tracepoint, fexit, tracepoint},
+    programs::{BtfTracePointContext, FExitContext, TracePointContext},
 };
 use monitor_common::{
-    counter, note, synack_layout as synack, tracepoint_layout as tp, SynAckRetransmit, AF_INET,
-    IPPROTO_TCP,
+    counter, note, synack_layout as synack, syscall_exit_layout as syscall_exit,
+    tracepoint_layout as tp, SynAckRetransmit, AF_INET, AF_INET6, IPPROTO_TCP,
 };
 
 use emit::{on_state_change, output, submit_note};
@@ -138,6 +141,85 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> u32 {
 pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     submit_note(sk, note::RESET_RECEIVED, 0);
+    0
+}
+
+/// `fexit/inet_csk_accept`, Linux 6.10 and later (`inet_csk_accept(sk, arg)`, commit
+/// 92ef0fd55ac8): the accept queue handed the socket it returns to the application, by any
+/// route (accept(), accept4(), io_uring). The preferred hook: it costs nothing beyond the
+/// accept itself, where the syscall tracepoints slow every system call on the host. Needs
+/// BPF trampolines, which some hosts refuse.
+#[fexit(function = "inet_csk_accept")]
+pub fn inet_csk_accept_exit(ctx: FExitContext) -> u32 {
+    accepted(ctx.arg(2));
+    0
+}
+
+/// `fexit/inet_csk_accept` before Linux 6.10 (`inet_csk_accept(sk, flags, err, kern)`): the
+/// return value follows the four arguments.
+#[fexit(function = "inet_csk_accept")]
+pub fn inet_csk_accept_exit_before_6_10(ctx: FExitContext) -> u32 {
+    accepted(ctx.arg(4));
+    0
+}
+
+/// Notes the socket `inet_csk_accept()` returned (NULL when it failed).
+#[inline(always)]
+fn accepted(sk: *const u8) {
+    if sk.is_null() {
+        return;
+    }
+    let o = offsets();
+    // SAFETY: a BTF-typed pointer the verifier checks each load against.
+    let protocol: Option<u16> = unsafe { Direct(sk).read(o.sk_protocol) };
+    if protocol == Some(IPPROTO_TCP) {
+        submit_note(sk as u64, note::ACCEPTED, 0);
+    }
+}
+
+/// `syscalls:sys_exit_accept4` and `syscalls:sys_exit_accept`: the application took a
+/// connection from a listener's accept queue, and `ret` is its new descriptor. The program
+/// follows the descriptor to the socket (current task → `files` → `fdt` → `fd[ret]` → the
+/// file's `struct socket` → `sk`) and notes the socket's address, the key the tracker
+/// knows it by. The descriptor was installed by this very call (`do_accept()` →
+/// `fd_install()`); a sibling thread could close or replace it before the exit runs, so the
+/// file must still be the socket's own (`socket->file`) and a TCP socket. A classic
+/// tracepoint (syscall events have no BTF build), one event per accept. The fallback where
+/// BPF trampolines are refused: enabling any syscall tracepoint sends every system call of
+/// every task through the kernel's slow path (`TIF_SYSCALL_TRACEPOINT`), so the daemon takes
+/// this route only when asked. Accepts that go through io_uring do not exit these syscalls
+/// and are not seen.
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    // SAFETY: the loader verified the offset against the event's `format` file.
+    let fd: i64 = unsafe { field(&ctx, syscall_exit::RET) };
+    if fd < 0 {
+        return 0;
+    }
+    let o = offsets();
+    // SAFETY: every read goes through bpf_probe_read_kernel, which fails safely; an unknown
+    // offset or a NULL pointer along the way ends the walk.
+    unsafe {
+        let task = Probe(generated::bpf_get_current_task());
+        let table = task.follow(o.task_files).follow(o.files_fdt);
+        match table.read::<u32>(o.fdt_max_fds) {
+            Some(max_fds) if (fd as u64) < u64::from(max_fds) => {}
+            _ => return 0,
+        }
+        let slots = table.follow(o.fdt_fd);
+        let file = Probe(slots.0).follow_at(fd as u64 * 8);
+        let socket = file.follow(o.file_private_data);
+        if file.0 == 0 || socket.read::<u64>(o.socket_file) != Some(file.0) {
+            return 0;
+        }
+        let sk = socket.follow(o.socket_sk);
+        let family: Option<u16> = sk.read(o.skc_family);
+        let protocol: Option<u16> = sk.read(o.sk_protocol);
+        if !matches!(family, Some(AF_INET | AF_INET6)) || protocol != Some(IPPROTO_TCP) {
+            return 0;
+        }
+        submit_note(sk.0, note::ACCEPTED, 0);
+    }
     0
 }
 

@@ -117,6 +117,19 @@ impl Reader for Probe {
     }
 }
 
+impl Probe {
+    /// A reader of the struct whose address is the pointer `bytes` past the base (an array
+    /// slot: a run-time offset, where [`Reader::follow`] takes a field's).
+    #[inline(always)]
+    pub(crate) unsafe fn follow_at(&self, bytes: u64) -> Self {
+        if self.0 == 0 {
+            return Probe(0);
+        }
+        let at = self.0.wrapping_add(bytes) as *const u64;
+        Probe(unsafe { bpf_probe_read_kernel(at) }.unwrap_or(0))
+    }
+}
+
 /// Reads with plain loads from a BTF-typed pointer (the BTF build). The offsets live in the
 /// read-only, frozen `OFFSETS` map, so the verifier knows them as constants, checks each load
 /// against the kernel's BTF (field and size), and prunes the branches of unknown offsets; a

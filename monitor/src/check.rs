@@ -9,8 +9,8 @@ use std::path::Path;
 
 use crate::loader::tracefs::{self, FormatError, STATE_TRACEPOINT, TRACEFS};
 use crate::loader::{
-    self, btf, effective_capabilities, has, kernel_version, HookChoice, LoadOptions, CAP_BPF,
-    CAP_PERFMON, CAP_SYS_ADMIN, MIN_KERNEL, VMLINUX_BTF,
+    self, btf, effective_capabilities, has, kernel_version, AcceptChoice, Enrichments, HookChoice,
+    LoadOptions, CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, MIN_KERNEL, VMLINUX_BTF,
 };
 
 /// How a check came out.
@@ -174,18 +174,26 @@ pub fn run_checks() -> Vec<Finding> {
     // namespace of check's own; otherwise what needs tracefs is left out, as `run` would.
     if kernel_ok && can_load {
         let mount_tracefs = tracefs.is_none() && has(caps, CAP_SYS_ADMIN) && private_mounts();
+        // With `--accept-wait auto`, as `run` by default: the line says whether fexit loads.
         let trial = |hook| match loader::load(LoadOptions {
             ring_bytes: 64 * 1024,
             wakeup_bytes: 0,
             mount_tracefs,
             hook,
+            accept: AcceptChoice::Auto,
         }) {
-            Ok(loaded) => Trial::Loaded { synack: loaded.enrichments.synack.is_some() },
-            Err(e) => Trial::Failed(e.to_string()),
+            Ok(loaded) => (
+                Trial::Loaded { synack: loaded.enrichments.synack.is_some() },
+                Some(loaded.enrichments),
+            ),
+            Err(e) => (Trial::Failed(e.to_string()), None),
         };
-        let btf = trial(HookChoice::Btf);
-        let classic = trial(HookChoice::Tracepoint);
+        let (btf, btf_enrichments) = trial(HookChoice::Btf);
+        let (classic, classic_enrichments) = trial(HookChoice::Tracepoint);
         findings.extend(trial_findings(&btf, &classic));
+        if let Some(enrichments) = btf_enrichments.or(classic_enrichments) {
+            findings.push(accept_finding(&enrichments));
+        }
     }
     findings
 }
@@ -260,6 +268,26 @@ pub fn trial_findings(btf: &Trial, classic: &Trial) -> Vec<Finding> {
             finding("trial load", Status::Fail, format!("btf build: {btf}")),
             finding("trial load", Status::Fail, format!("tracepoint build: {classic}")),
         ],
+    }
+}
+
+/// How `run --accept-wait auto` sees accept() here: through fexit, or not at all (the
+/// syscall tracepoints, which tax every system call, only when asked for).
+pub fn accept_finding(enrichments: &Enrichments) -> Finding {
+    match enrichments.accept {
+        Some(_) => finding(
+            "accept wait",
+            Status::Ok,
+            format!("accept() seen through {}", enrichments.accept_route()),
+        ),
+        None => finding(
+            "accept wait",
+            Status::Warn,
+            "fexit on inet_csk_accept does not load here (BPF trampolines refused?): the \
+             accept wait and abandoned connections are off by default; `--accept-wait \
+             syscalls` sees accept() through the syscall tracepoints, which slow every system \
+             call on the host (BENCHMARKS.md)",
+        ),
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
-pub use crate::loader::HookChoice;
+pub use crate::loader::{AcceptChoice, HookChoice};
 use crate::naming::labels::LabelLimits;
 use crate::pipeline::PipelineOptions;
 use crate::tail::client::TailOptions;
@@ -82,6 +82,30 @@ impl clap::ValueEnum for HookChoice {
                 "Only the classic tracepoint: needs tracefs; for kernels whose verifier \
                  refuses the BTF build",
             ),
+        })
+    }
+}
+
+/// `--accept-wait`: the command line's names for [`AcceptChoice`].
+impl clap::ValueEnum for AcceptChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[AcceptChoice::Auto, AcceptChoice::Fexit, AcceptChoice::Syscalls, AcceptChoice::Off]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        use clap::builder::PossibleValue;
+        Some(match self {
+            AcceptChoice::Auto => PossibleValue::new("auto")
+                .help("fexit where the kernel allows BPF trampolines, else off"),
+            AcceptChoice::Fexit => PossibleValue::new("fexit").help(
+                "fexit on inet_csk_accept: every accept (io_uring's too), no cost elsewhere; \
+                 needs BPF trampolines",
+            ),
+            AcceptChoice::Syscalls => PossibleValue::new("syscalls").help(
+                "The accept()/accept4() syscall tracepoints: works without trampolines, but \
+                 every system call on the host takes the kernel's slow path while attached",
+            ),
+            AcceptChoice::Off => PossibleValue::new("off").help("Do not watch accept()"),
         })
     }
 }
@@ -213,6 +237,14 @@ pub struct RunArgs {
     #[arg(long, env = "TCPMON_HOOK", value_enum, default_value_t = HookChoice::Auto)]
     pub hook: HookChoice,
 
+    /// How to see the application's accept() calls, for the accept queue wait and the
+    /// connections abandoned there: `fexit` (on inet_csk_accept; needs BPF trampolines),
+    /// `syscalls` (the syscall tracepoints: every system call on the host takes the kernel's
+    /// slow path while attached, ~60 ns each on an AMD EPYC, BENCHMARKS.md), `off`, or
+    /// `auto`: fexit where it loads, else off.
+    #[arg(long, env = "TCPMON_ACCEPT_WAIT", value_enum, default_value_t = AcceptChoice::Auto)]
+    pub accept_wait: AcceptChoice,
+
     /// Also append every raw ring-buffer record to FILE, for replay tests and bug reports
     /// (contains addresses, ports and process names).
     #[arg(long, env = "TCPMON_RECORD", value_name = "FILE")]
@@ -338,6 +370,7 @@ impl TailArgs {
             max_sockets: crate::tracker::DEFAULT_MAX_SOCKETS,
             record: None,
             hook: HookChoice::default(),
+            accept: AcceptChoice::default(),
         }
     }
 
@@ -434,6 +467,7 @@ impl RunArgs {
             max_sockets: self.max_sockets,
             record: self.record.clone(),
             hook: self.hook,
+            accept: self.accept_wait,
         }
     }
 

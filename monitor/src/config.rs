@@ -395,6 +395,7 @@ mod tests {
             "cgroup-root",
             "pod-logs",
             "hook",
+            "accept-wait",
             "record",
             "tail-socket",
             "log-level",
@@ -402,7 +403,7 @@ mod tests {
         ] {
             assert!(keys.contains(&key.to_owned()), "{key} in {keys:?}");
         }
-        assert_eq!(keys.len(), 21, "{keys:?}");
+        assert_eq!(keys.len(), 22, "{keys:?}");
     }
 
     #[test]

@@ -189,11 +189,12 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     let ring_count = rings.len();
     let gate = aggregator.scrape_gate();
     let mut pipeline = Pipeline::attach(rings, ring_bytes, &options, aggregator, hub)?;
+    pipeline.set_accepts_seen(enrichments.accept.is_some());
     pipeline.load_snapshot(args.cgroup_root.clone(), &reader).await;
     drop_privileges(&reader, &counters);
     info!(
         "attached to sock:inet_sock_set_state ({} build; {} rings of {} KiB, {}; close reasons from sk_err: {}; \
-         SYN-ACK times: {}; reset direction: {}); metrics on {}://{}/metrics ({}), tails on {}",
+         SYN-ACK times: {}; reset direction: {}; accept() seen through: {}); metrics on {}://{}/metrics ({}), tails on {}",
         hook.name(),
         ring_count,
         ring_bytes / 1024,
@@ -208,6 +209,7 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
             None => "no".to_owned(),
         },
         if enrichments.resets { "yes" } else { "no" },
+        enrichments.accept_route(),
         if web_config.current().tls.is_some() { "https" } else { "http" },
         listener.local_addr().unwrap_or(args.listen),
         web_config.describe(),

@@ -189,6 +189,8 @@ pub enum NoteKind {
     ResetSent,
     /// The socket processed a RST from its peer.
     ResetReceived,
+    /// The application's accept() returned the socket: it left its listener's queue.
+    Accepted,
 }
 
 /// A request socket retransmitted its SYN-ACK.
@@ -354,6 +356,7 @@ pub fn decode_note(raw: &SocketNote) -> Result<Note, DecodeError> {
     let kind = match raw.kind {
         note::RESET_SENT => NoteKind::ResetSent,
         note::RESET_RECEIVED => NoteKind::ResetReceived,
+        note::ACCEPTED => NoteKind::Accepted,
         other => return Err(DecodeError::UnknownNote(other)),
     };
     Ok(Note { timestamp_ns: raw.timestamp_ns, skaddr: raw.skaddr, kind })

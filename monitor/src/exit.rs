@@ -88,7 +88,9 @@ pub fn code(error: &anyhow::Error) -> u8 {
                 LoadError::Format(_)
                 | LoadError::KernelTooOld { .. }
                 | LoadError::NoBtf
-                | LoadError::SocketFieldsUnknown => KERNEL,
+                | LoadError::SocketFieldsUnknown
+                | LoadError::AcceptFieldsUnknown
+                | LoadError::AcceptSignature(_) => KERNEL,
                 LoadError::Aya { .. }
                 | LoadError::NotInObject { .. }
                 | LoadError::StaleObject(_) => FAILURE,

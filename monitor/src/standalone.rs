@@ -24,6 +24,7 @@ pub async fn standalone(options: PipelineOptions, client: NewSubscriber) -> anyh
     let mut loaded = options.load()?;
     let rings = std::mem::take(&mut loaded.rings);
     let mut pipeline = Pipeline::attach(rings, loaded.ring_bytes, &options, aggregator, hub)?;
+    pipeline.set_accepts_seen(loaded.enrichments.accept.is_some());
     let reader = PrivilegedThread::start().context("starting the snapshot thread")?;
     pipeline.load_snapshot(None, &reader).await;
     pipeline.add_subscriber(client);

@@ -678,3 +678,78 @@ fn namespaces_that_go_away_take_their_netns_series_and_values_with_them() {
     let (status, stderr, _) = daemon.stop();
     assert!(status.success(), "{stderr}");
 }
+
+/// The sum of every series of `family` for `port` whose labels contain `with`.
+fn port_sum(m: &common::Metrics, family: &str, port: u16, with: &str) -> f64 {
+    let port = format!("port=\"{port}\"");
+    m.iter()
+        .filter(|(k, _)| k.starts_with(&format!("{family}{{")) && k.contains(&port))
+        .filter(|(k, _)| k.contains(with))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[test]
+fn connections_wait_in_the_accept_queue_until_accept_and_those_that_leave_it_are_abandoned() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _shared = common::shared(); // only its own port's series and namespaces
+    for hook in ["btf", "tracepoint"] {
+        let test = NetnsTest::new(&format!("acc{}", &hook[..1]), 8093);
+        let mut daemon = Daemon::start(&["--hook", hook, "--accept-wait", "syscalls"]);
+        let log = daemon.stderr_so_far();
+        assert!(log.contains("accept() seen through: syscall tracepoints"), "{log}");
+        // 5 accepted + 1 reset while queued + 1 queued when the listener closes, both ends.
+        let tail = test.tail(&daemon, &["--count", "14"]);
+        let before = daemon.settled_scrape();
+
+        // Five connections complete their handshakes; the application accepts them 0.4 s
+        // later.
+        let connect = || in_netns(&test.pair.client, || TcpStream::connect(test.server())).unwrap();
+        let clients: Vec<TcpStream> = (0..5).map(|_| connect()).collect();
+        thread::sleep(Duration::from_millis(400));
+        let accepted: Vec<TcpStream> = (0..5).map(|_| test.listener.accept().unwrap().0).collect();
+        drop(accepted);
+        drop(clients);
+        // A client that resets while its connection waits in the queue.
+        let reset = connect();
+        thread::sleep(Duration::from_millis(50));
+        set_linger_zero(&reset);
+        drop(reset);
+        thread::sleep(Duration::from_millis(50));
+        // A connection still queued when the listener closes.
+        let queued = connect();
+        thread::sleep(Duration::from_millis(50));
+        let NetnsTest { pair, listener, .. } = test;
+        drop(listener);
+        drop(queued);
+
+        let records = records(&tail.finish());
+        let passive: Vec<&Value> = records.iter().filter(|r| r["side"] == "passive").collect();
+        let waits: Vec<u64> = passive.iter().filter_map(|r| r["accept_wait_us"].as_u64()).collect();
+        assert_eq!(waits.len(), 5, "{hook}: {passive:#?}");
+        for wait in &waits {
+            assert!((350_000..=450_000).contains(wait), "{hook}: accept waits {waits:?} µs");
+        }
+        assert_eq!(passive.len(), 7, "{hook}: {passive:#?}");
+
+        let after = daemon.settled_scrape();
+        let d = |family: &str, with: &str| {
+            port_sum(&after, family, 8093, with) - port_sum(&before, family, 8093, with)
+        };
+        assert_eq!(d("tcpmon_accept_wait_seconds_count", ""), 5.0, "{hook}");
+        let sum = d("tcpmon_accept_wait_seconds_sum", "");
+        assert!((1.9..=2.1).contains(&sum), "{hook}: 5 waits of 0.4 s summed to {sum} s");
+        println!("{hook} build: accept waits {waits:?} µs, sum {sum:.4} s");
+        assert_eq!(d("tcpmon_accept_wait_seconds_bucket", "le=\"0.25\""), 0.0, "{hook}");
+        assert_eq!(d("tcpmon_accept_wait_seconds_bucket", "le=\"0.5\""), 5.0, "{hook}");
+        let abandoned = "tcpmon_accept_abandoned_total";
+        assert_eq!(d(abandoned, "reason=\"reset\""), 1.0, "{hook}");
+        assert_eq!(d(abandoned, "reason=\"listener_closed\""), 1.0, "{hook}");
+        assert_eq!(d(abandoned, "reason=\"other\""), 0.0, "{hook}");
+        drop(pair);
+        let (status, stderr, _) = daemon.stop();
+        assert!(status.success(), "{stderr}");
+    }
+}

@@ -10,7 +10,7 @@
 //! monitor's processes, their peak RSS, and (for tcpmon) events received and lost. Then the
 //! replay microbenchmark. Results go to stdout and BENCHMARKS.md.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::bpfstats::{bpf_programs, bpf_stats, is_accept_program, STATS_SYSCTL};
 use crate::churn;
+use crate::spread::{median, shown, Spread};
 
 /// What to run.
 pub struct Options {
@@ -101,31 +103,6 @@ struct Sample {
     user_cpu_ns_per_event: Option<f64>,
     peak_rss_mib: Option<f64>,
     lost: Option<u64>,
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-struct ProgStats {
-    run_time_ns: u64,
-    run_cnt: u64,
-}
-
-fn bpf_programs() -> Result<BTreeMap<u64, ProgStats>> {
-    let out =
-        Command::new("bpftool").args(["prog", "show", "-j"]).output().context("running bpftool")?;
-    let programs: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("bpftool output")?;
-    let mut map = BTreeMap::new();
-    for p in programs.as_array().into_iter().flatten() {
-        let Some(id) = p["id"].as_u64() else { continue };
-        map.insert(
-            id,
-            ProgStats {
-                run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
-                run_cnt: p["run_cnt"].as_u64().unwrap_or(0),
-            },
-        );
-    }
-    Ok(map)
 }
 
 /// A `kB` field of `/proc/PID/status`, e.g. `VmRSS` or `VmHWM` (peak RSS); 0 if unreadable.
@@ -213,6 +190,11 @@ pub(crate) fn start_tcpmon_with_tail(
 }
 
 fn start(config: &Config, tcpmon: &Path, scratch: &Path) -> Result<Monitor> {
+    start_with(config, tcpmon, scratch, &[])
+}
+
+/// [`start`], with `extra` arguments for `tcpmon run`.
+fn start_with(config: &Config, tcpmon: &Path, scratch: &Path, extra: &[&str]) -> Result<Monitor> {
     let quiet = || Stdio::null();
     match config {
         Config::None => Ok(Monitor { processes: vec![], metrics_address: None }),
@@ -228,6 +210,7 @@ fn start(config: &Config, tcpmon: &Path, scratch: &Path) -> Result<Monitor> {
             let daemon = daemon
                 .args(["run", "--listen", &address, "--tail-socket"])
                 .arg(&socket)
+                .args(extra)
                 .stdout(quiet())
                 .stderr(quiet())
                 .spawn()
@@ -300,14 +283,6 @@ fn start_tool(mut command: Command, tool: &str) -> Result<Monitor> {
     Ok(Monitor { processes: vec![child], metrics_address: None })
 }
 
-/// Turns `kernel.bpf_stats_enabled` on or off.
-fn bpf_stats(on: bool) -> Result<()> {
-    std::fs::write(STATS_SYSCTL, if on { "1" } else { "0" })
-        .context("setting kernel.bpf_stats_enabled (root needed)")
-}
-
-const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
 /// CPU time of all of a process's threads so far, in ns (`/proc/PID/task/*/schedstat`).
 fn cpu_ns(pid: u32) -> u64 {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
@@ -332,8 +307,13 @@ fn run_one(config: &Config, seconds: u64, tcpmon: &Path, scratch: &Path) -> Resu
 }
 
 fn measure(monitor: &Monitor, before_ids: &BTreeSet<u64>, seconds: u64) -> Result<Sample> {
-    let ours: Vec<u64> =
-        bpf_programs()?.keys().copied().filter(|id| !before_ids.contains(id)).collect();
+    // The accept hook runs once per accepted connection, not per transition: it has rows
+    // of its own (crate::accept), and its runs would dilute these.
+    let ours: Vec<u64> = bpf_programs()?
+        .iter()
+        .filter(|(id, program)| !before_ids.contains(id) && !is_accept_program(&program.name))
+        .map(|(id, _)| *id)
+        .collect();
     let mut sample = Sample::default();
     // The programs' runs per connection: what the CPU time is divided by.
     let mut runs_per_connection = None;
@@ -347,8 +327,8 @@ fn measure(monitor: &Monitor, before_ids: &BTreeSet<u64>, seconds: u64) -> Resul
         let (mut run_ns, mut runs) = (0u64, 0u64);
         for id in &ours {
             let (b, a) = (
-                progs_before.get(id).copied().unwrap_or_default(),
-                progs_after.get(id).copied().unwrap_or_default(),
+                progs_before.get(id).cloned().unwrap_or_default(),
+                progs_after.get(id).cloned().unwrap_or_default(),
             );
             run_ns += a.run_time_ns.saturating_sub(b.run_time_ns);
             runs += a.run_cnt.saturating_sub(b.run_cnt);
@@ -424,6 +404,17 @@ pub fn hold(connections: usize) -> Result<()> {
 }
 
 /// What the daemon costs while `connections` loopback connections are held open.
+/// Everything one run measured, for the report.
+struct Measured {
+    /// `(configuration index, sample)` of every round.
+    samples: Vec<(usize, Sample)>,
+    held: Held,
+    namespaces: Vec<crate::namespaces::Row>,
+    accept: Vec<crate::accept::Row>,
+    /// The replay benchmark's `key=value` line.
+    replay: String,
+}
+
 #[derive(Clone, Copy)]
 struct Held {
     /// Sockets it tracked.
@@ -476,19 +467,6 @@ fn rss_with_open_connections(tcpmon: &Path, scratch: &Path, connections: usize) 
     }
     stop_daemon(&mut monitor);
     Ok(Held { tracked, rss_mib: rss_kib as f64 / 1024.0, scrape_ms })
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    let n = values.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
 }
 
 /// The CPU vulnerabilities the kernel mitigates (or reports unmitigated): what makes helper
@@ -558,28 +536,6 @@ struct Row {
     lost: Option<u64>,
 }
 
-/// A figure over the rounds: its median and the lowest and highest round.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Spread {
-    median: f64,
-    low: f64,
-    high: f64,
-}
-
-impl Spread {
-    /// The spread of `values`; `None` for none.
-    fn of(values: &[f64]) -> Option<Spread> {
-        if values.is_empty() {
-            return None;
-        }
-        let mut sorted = values.to_vec();
-        let (low, high) = sorted
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-        Some(Spread { median: median(&mut sorted), low, high })
-    }
-}
-
 /// Whether a target was met, judged against the rounds' spread.
 #[derive(Clone, Debug, PartialEq)]
 enum Verdict {
@@ -629,16 +585,6 @@ impl Verdict {
 /// A constant as a spread of one value.
 fn exactly(value: f64) -> Option<Spread> {
     Some(Spread { median: value, low: value, high: value })
-}
-
-/// `median (low–high)` of a spread.
-fn shown(spread: Spread, digits: usize) -> String {
-    let Spread { median, low, high } = spread;
-    if low == high {
-        format!("{median:.digits$}")
-    } else {
-        format!("{median:.digits$} ({low:.digits$}–{high:.digits$})")
-    }
 }
 
 /// Medians per configuration, from the measured samples only. The runs of a round are
@@ -730,10 +676,17 @@ pub fn run(options: Options) -> Result<()> {
             cost
         };
         let namespaces = crate::namespaces::measure(options.namespaces, &scrape_cost)?;
-        Ok((samples, held, namespaces))
+        let with_tcpmon = |extra: &[&str], measure: &mut dyn FnMut() -> Result<()>| {
+            let mut daemon = start_with(&Config::Tcpmon, &tcpmon, &scratch, extra)?;
+            let measured = measure();
+            stop_daemon(&mut daemon);
+            measured
+        };
+        let accept = crate::accept::measure(options.rounds, options.seconds, &with_tcpmon)?;
+        Ok((samples, held, namespaces, accept))
     });
     let _ = std::fs::remove_dir_all(&scratch);
-    let (samples, held, namespaces) = measured?;
+    let (samples, held, namespaces, accept) = measured?;
     println!(
         "bench: {:.0} tracked sockets, daemon RSS {:.1} MiB, {:.1} ms CPU per scrape",
         held.tracked, held.rss_mib, held.scrape_ms
@@ -747,7 +700,8 @@ pub fn run(options: Options) -> Result<()> {
         );
     }
     let replay = replay(&root)?;
-    let report = report(&options, &configs, &samples, &held, &namespaces, &replay);
+    let measured = Measured { samples, held, namespaces, accept, replay };
+    let report = report(&options, &configs, &measured);
     println!("\n{report}");
     if let Some(path) = options.report {
         // The history below the markers is written by hand and kept.
@@ -824,14 +778,8 @@ fn replay(root: &Path) -> Result<String> {
 }
 
 /// BENCHMARKS.md's generated part: the table, memory, replay and the targets.
-fn report(
-    options: &Options,
-    configs: &[Config],
-    samples: &[(usize, Sample)],
-    held: &Held,
-    namespaces: &[crate::namespaces::Row],
-    replay: &str,
-) -> String {
+fn report(options: &Options, configs: &[Config], measured: &Measured) -> String {
+    let Measured { samples, held, namespaces, accept, replay } = measured;
     let Held { tracked, rss_mib: held_rss, scrape_ms } = *held;
     let field = |key: &str| -> Option<f64> {
         replay
@@ -872,6 +820,7 @@ fn report(
         options.held_connections
     ));
     report.push_str(&crate::namespaces::report(namespaces));
+    report.push_str(&crate::accept::report(accept));
     report.push_str(&format!(
         "\nReplay (the daemon's pipeline: decode → tracker → aggregate, one core, `cargo run --release --example replay`):\n\n```\n{replay}\n```\n\n"
     ));

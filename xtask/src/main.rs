@@ -11,7 +11,9 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod accept;
 mod bench;
+mod bpfstats;
 mod churn;
 mod image;
 mod kernels;
@@ -19,6 +21,7 @@ mod namespaces;
 mod package;
 mod setup;
 mod soak;
+mod spread;
 
 /// tcpmon's project tasks.
 #[derive(Parser)]

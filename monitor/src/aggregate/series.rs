@@ -9,9 +9,11 @@ use prometheus::{
     IntGaugeVec, Opts, Registry,
 };
 
-use super::{CLOSE_WAIT_BUCKETS, LATENCY_BUCKETS, LIFETIME_BUCKETS, STATE_BUCKETS};
+use super::{
+    ACCEPT_WAIT_BUCKETS, CLOSE_WAIT_BUCKETS, LATENCY_BUCKETS, LIFETIME_BUCKETS, STATE_BUCKETS,
+};
 use crate::metrics::registered;
-use crate::tracker::{CloseReason, Observation, ResetDirection, Side, TIMED_STATES};
+use crate::tracker::{AbandonReason, CloseReason, Observation, ResetDirection, Side, TIMED_STATES};
 
 /// The families whose series are split by port and workload.
 pub(super) struct Families {
@@ -20,6 +22,8 @@ pub(super) struct Families {
     close_wait: HistogramVec,
     lifetime: HistogramVec,
     state_duration: HistogramVec,
+    accept_wait: HistogramVec,
+    abandoned: IntCounterVec,
     opened: IntCounterVec,
     closed: IntCounterVec,
     handshake_retransmits: IntCounterVec,
@@ -102,6 +106,23 @@ impl Families {
                  tcpmon_connection_duration_seconds.",
                 STATE_BUCKETS,
                 &["state"],
+            )?,
+            accept_wait: histogram(
+                "tcpmon_accept_wait_seconds",
+                "Time accepted connections waited in their listener's accept queue: from \
+                 ESTABLISHED (the handshake done, the connection queued) to the application's \
+                 accept() returning it (syscalls:sys_exit_accept4/accept; accepts through \
+                 io_uring are not seen). A slow acceptor shows here while clients already \
+                 consider themselves connected.",
+                ACCEPT_WAIT_BUCKETS,
+                &[],
+            )?,
+            abandoned: counter(
+                "tcpmon_accept_abandoned_total",
+                "Established connections that left the accept queue without being accepted: \
+                 reason=reset (the client reset it while it waited), listener_closed (the \
+                 listener closed with it queued), other (a timeout, or killed).",
+                &["reason"],
             )?,
             lifetime: histogram(
                 "tcpmon_connection_duration_seconds",
@@ -193,6 +214,9 @@ pub(super) struct SeriesSet {
     lifetime: [OnceLock<Histogram>; 2],
     /// By [`TIMED_STATES`] index.
     state_duration: [OnceLock<Histogram>; TIMED_STATES.len()],
+    accept_wait: OnceLock<Histogram>,
+    /// By [`AbandonReason::ALL`] index.
+    abandoned: [OnceLock<IntCounter>; AbandonReason::ALL.len()],
     opened: [OnceLock<IntCounter>; 2],
     /// `[side: active, passive, unknown][reason]`
     closed: [[OnceLock<IntCounter>; REASONS]; 3],
@@ -246,6 +270,8 @@ impl SeriesSet {
             close_wait: Default::default(),
             lifetime: Default::default(),
             state_duration: Default::default(),
+            accept_wait: Default::default(),
+            abandoned: Default::default(),
             opened: Default::default(),
             closed: Default::default(),
             connect_failures: Default::default(),
@@ -299,6 +325,10 @@ impl SeriesSet {
         child!(self, self.close_wait_oldest, f.close_wait_oldest, []);
         for (i, state) in TIMED_STATES.iter().enumerate() {
             child!(self, self.state_duration[i], f.state_duration, [state.name()]);
+        }
+        child!(self, self.accept_wait, f.accept_wait, []);
+        for (i, reason) in AbandonReason::ALL.iter().enumerate() {
+            child!(self, self.abandoned[i], f.abandoned, [reason.as_str()]);
         }
     }
 
@@ -392,6 +422,13 @@ impl SeriesSet {
                 let Some(i) = TIMED_STATES.iter().position(|timed| *timed == state) else { return };
                 child!(self, self.state_duration[i], f.state_duration, [state.name()])
                     .observe(seconds(duration_ns))
+            }
+            Observation::Accepted { wait_ns } => {
+                child!(self, self.accept_wait, f.accept_wait, []).observe(seconds(wait_ns))
+            }
+            Observation::AcceptAbandoned { reason } => {
+                let i = AbandonReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+                child!(self, self.abandoned[i], f.abandoned, [reason.as_str()]).inc()
             }
             Observation::Listening { .. }
             | Observation::Connection(_)

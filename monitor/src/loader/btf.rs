@@ -66,6 +66,9 @@ pub struct OffsetReport {
     /// Bit offset of `struct inet_request_sock.acked` (a one-bit bitfield), or
     /// [`OFFSET_UNKNOWN`].
     pub req_acked_bit: u32,
+    /// How many parameters `inet_csk_accept()` takes (4 before Linux 6.10, 2 since): where
+    /// an fexit program finds its return value. `None` when the BTF has no such function.
+    pub accept_parameters: Option<usize>,
 }
 
 impl OffsetReport {
@@ -90,7 +93,19 @@ pub fn kernel_offsets(btf_path: &Path) -> Result<OffsetReport, BtfError> {
     }
     let req_acked_bit =
         bitfield_offset(&btf, "inet_request_sock", "acked").unwrap_or(OFFSET_UNKNOWN);
-    Ok(OffsetReport { offsets, missing, req_acked_bit })
+    let accept_parameters = parameter_count(&btf, "inet_csk_accept");
+    Ok(OffsetReport { offsets, missing, req_acked_bit, accept_parameters })
+}
+
+/// How many parameters the kernel function `name` takes.
+fn parameter_count(btf: &btf_rs::Btf, name: &str) -> Option<usize> {
+    btf.resolve_types_by_name(name).ok()?.into_iter().find_map(|ty| match ty {
+        btf_rs::Type::Func(func) => match btf.resolve_chained_type(&func).ok()? {
+            btf_rs::Type::FuncProto(proto) => Some(proto.parameters.len()),
+            _ => None,
+        },
+        _ => None,
+    })
 }
 
 /// Bit offset of the one-bit bitfield `field` of `struct name`.
@@ -194,6 +209,9 @@ mod tests {
         // shows bits_offset=1868 on 6.18).
         let acked = report.req_acked_bit;
         assert!(acked != OFFSET_UNKNOWN && acked > 8 * 200, "acked bit {acked}");
+        // inet_csk_accept(sk, arg) since Linux 6.10.
+        assert_eq!(report.accept_parameters, Some(2));
+        assert!(o.fdt_fd != OFFSET_UNKNOWN && o.socket_sk != OFFSET_UNKNOWN);
         let err = kernel_offsets(Path::new("/nonexistent")).unwrap_err();
         assert!(err.to_string().starts_with("reading /nonexistent: "), "{err}");
     }

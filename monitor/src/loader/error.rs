@@ -66,6 +66,14 @@ pub enum LoadError {
         "the BTF build needs the offsets of the socket's addresses and ports, and some are unknown"
     )]
     SocketFieldsUnknown,
+    /// The kernel's BTF lacks a field on the way from a task to its accepted socket.
+    #[error("the offsets of the fields from a task to its sockets (task_struct.files … socket.sk) are not all known")]
+    AcceptFieldsUnknown,
+    /// `inet_csk_accept()` is missing from the BTF, or takes neither 2 nor 4 arguments.
+    #[error(
+        "inet_csk_accept() in the kernel's BTF has an unknown argument list ({0:?} arguments)"
+    )]
+    AcceptSignature(Option<usize>),
     /// The embedded eBPF object lacks a program or map this binary expects.
     #[error("the embedded eBPF object has no {kind} {name}: rebuild tcpmon")]
     NotInObject {

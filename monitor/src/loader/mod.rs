@@ -13,7 +13,7 @@ pub mod tracefs;
 use std::path::Path;
 
 use aya::maps::{Map, MapData, PerCpuArray};
-use aya::programs::{BtfTracePoint, ProgramType, TracePoint};
+use aya::programs::{BtfTracePoint, FExit, ProgramType, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 use log::{info, warn};
 use monitor_common::{names, KernelOffsets, MAX_RINGS, OFFSET_UNKNOWN};
@@ -26,7 +26,9 @@ pub use host::{
     can_load, effective_capabilities, has, kernel_version, seccomp_filtered, CAP_BPF, CAP_PERFMON,
     CAP_SYS_ADMIN, MIN_KERNEL,
 };
-use tracefs::{Tracepoint, STATE_TRACEPOINT, SYNACK_TRACEPOINT};
+use tracefs::{
+    Tracepoint, ACCEPT4_TRACEPOINT, ACCEPT_TRACEPOINT, STATE_TRACEPOINT, SYNACK_TRACEPOINT,
+};
 
 /// The eBPF object built by `build.rs` (aya-build) from `monitor-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
@@ -48,6 +50,33 @@ pub struct LoadOptions {
     pub mount_tracefs: bool,
     /// Which build of the state program to attach.
     pub hook: HookChoice,
+    /// How to see the application's accept() calls.
+    pub accept: AcceptChoice,
+}
+
+/// How to see the application's accept() calls (`--accept-wait`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AcceptChoice {
+    /// fexit on `inet_csk_accept` where the kernel allows BPF trampolines; otherwise not at
+    /// all, since the syscall tracepoints slow every system call on the host.
+    #[default]
+    Auto,
+    /// Only fexit.
+    Fexit,
+    /// The syscall tracepoints, whatever they cost.
+    Syscalls,
+    /// Not at all.
+    Off,
+}
+
+/// The hook that sees the application's accept() calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcceptHook {
+    /// `fexit/inet_csk_accept`: every accept, io_uring's included, at no cost elsewhere.
+    Fexit,
+    /// `syscalls:sys_exit_accept4` and `sys_exit_accept`: accept() and accept4() only, and
+    /// every system call on the host takes the kernel's slow path while attached.
+    Syscalls,
 }
 
 /// How many ring buffers to use for `cpus` CPUs, and the size of each: one per CPU up to
@@ -155,6 +184,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
             offsets: KernelOffsets::UNKNOWN,
             missing: Vec::new(),
             req_acked_bit: OFFSET_UNKNOWN,
+            accept_parameters: None,
         }
     });
     for problem in &report.missing {
@@ -208,7 +238,10 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         .and_then(|fd| fd.try_clone().map_err(Into::into))
         .map_err(|e| aya_error("duplicating the program fd", e))?;
 
-    let enrichments = attach_enrichments(&mut ebpf, btf.as_ref(), &offsets, hook, mount);
+    let mut enrichments = attach_enrichments(&mut ebpf, btf.as_ref(), &offsets, hook, mount);
+    let accept_parameters = report.accept_parameters;
+    enrichments.accept =
+        attach_accept(&mut ebpf, btf.as_ref(), &offsets, accept_parameters, options.accept, mount);
 
     let mut take = |name: &'static str| {
         ebpf.take_map(name).ok_or(LoadError::NotInObject { kind: "map", name })
@@ -322,6 +355,23 @@ pub struct Enrichments {
     pub synack: Option<Hook>,
     /// `tcp:tcp_send_reset` and `tcp:tcp_receive_reset`: who reset a connection.
     pub resets: bool,
+    /// The application's accept() of each connection, hence the wait in the accept queue
+    /// and connections abandoned there: which hook sees it, if one does.
+    pub accept: Option<AcceptHook>,
+}
+
+impl Enrichments {
+    /// How the start-up line and `tcpmon check` name the accept hook in use.
+    pub fn accept_route(&self) -> &'static str {
+        match self.accept {
+            Some(AcceptHook::Fexit) => "fexit (inet_csk_accept)",
+            Some(AcceptHook::Syscalls) => {
+                "syscall tracepoints (sys_exit_accept4, sys_exit_accept; every system call \
+                 on the host takes the slow path)"
+            }
+            None => "no",
+        }
+    }
 }
 
 /// Loads and attaches the enrichment programs. Each is optional: without it the daemon still
@@ -336,7 +386,7 @@ fn attach_enrichments(
     let synack = attach_synack(ebpf, btf, offsets, state_hook, mount);
     let Some(btf) = btf else {
         warn!("no kernel BTF: reset direction is not reported");
-        return Enrichments { synack, resets: false };
+        return Enrichments { synack, resets: false, accept: None };
     };
     // Attached independently: either one alone still counts its direction.
     let resets = [
@@ -350,7 +400,109 @@ fn attach_enrichments(
             false
         }
     });
-    Enrichments { synack, resets: resets == [true, true] }
+    Enrichments { synack, resets: resets == [true, true], accept: None }
+}
+
+/// Attaches a hook on the application's accept() calls as `choice` asks (see
+/// [`AcceptChoice`]), and says in the log what it chose and why.
+fn attach_accept(
+    ebpf: &mut Ebpf,
+    btf: Option<&Btf>,
+    offsets: &KernelOffsets,
+    parameters: Option<usize>,
+    choice: AcceptChoice,
+    mount: bool,
+) -> Option<AcceptHook> {
+    let unreported = "the accept wait and abandoned connections are not reported";
+    if choice == AcceptChoice::Off {
+        return None;
+    }
+    if choice != AcceptChoice::Syscalls {
+        match attach_accept_fexit(ebpf, btf, offsets, parameters) {
+            Ok(()) => return Some(AcceptHook::Fexit),
+            Err(e) if choice == AcceptChoice::Fexit => {
+                warn!("fexit on inet_csk_accept not usable ({e}): {unreported}");
+                return None;
+            }
+            Err(e) => {
+                info!(
+                    "fexit on inet_csk_accept not usable ({e}): {unreported}. \
+                     `--accept-wait syscalls` sees accept() through the syscall tracepoints, \
+                     which slow every system call on the host (BENCHMARKS.md)"
+                );
+                return None;
+            }
+        }
+    }
+    match attach_accept_syscalls(ebpf, offsets, mount) {
+        Ok(()) => Some(AcceptHook::Syscalls),
+        Err(e) => {
+            warn!("accept() is not seen ({e}): {unreported}");
+            None
+        }
+    }
+}
+
+/// Loads and attaches the fexit program on `inet_csk_accept` whose argument list matches
+/// this kernel's (the return value follows the arguments).
+fn attach_accept_fexit(
+    ebpf: &mut Ebpf,
+    btf: Option<&Btf>,
+    offsets: &KernelOffsets,
+    parameters: Option<usize>,
+) -> Result<(), LoadError> {
+    let btf = btf.ok_or(LoadError::NoBtf)?;
+    if offsets.sk_protocol == OFFSET_UNKNOWN {
+        return Err(LoadError::SocketFieldsUnknown);
+    }
+    let name = match parameters {
+        Some(2) => names::ACCEPT_FEXIT_PROGRAM,
+        Some(4) => names::ACCEPT_FEXIT_BEFORE_6_10_PROGRAM,
+        _ => return Err(LoadError::AcceptSignature(parameters)),
+    };
+    let program: &mut FExit = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::NotInObject { kind: "program", name })?
+        .try_into()
+        .map_err(|e| aya_error("finding the fexit program", e))?;
+    program
+        .load("inet_csk_accept", btf)
+        .map_err(|e| aya_error("loading fexit/inet_csk_accept", e))?;
+    program.attach().map_err(|e| aya_error("attaching fexit/inet_csk_accept", e))?;
+    Ok(())
+}
+
+/// Attaches the accept program to the exits of accept4() and accept(). Syscall events exist
+/// only as classic tracepoints, so this needs tracefs whichever build the state program
+/// uses. accept() is optional: not every architecture has it.
+fn attach_accept_syscalls(
+    ebpf: &mut Ebpf,
+    offsets: &KernelOffsets,
+    mount: bool,
+) -> Result<(), LoadError> {
+    if !offsets.accept_fields_known() {
+        return Err(LoadError::AcceptFieldsUnknown);
+    }
+    let root = Path::new(tracefs::ensure_tracefs(mount)?);
+    ACCEPT4_TRACEPOINT.check_format(root)?;
+    let with_accept = ACCEPT_TRACEPOINT.check_format(root).is_ok();
+    let name = names::ACCEPT_SYSCALLS_PROGRAM;
+    let program: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::NotInObject { kind: "program", name })?
+        .try_into()
+        .map_err(|e| aya_error("finding the accept program", e))?;
+    program.load().map_err(|e| aya_error("loading the accept program", e))?;
+    let tracepoints: &[&Tracepoint] = match with_accept {
+        true => &[&ACCEPT4_TRACEPOINT, &ACCEPT_TRACEPOINT],
+        false => &[&ACCEPT4_TRACEPOINT],
+    };
+    for tracepoint in tracepoints {
+        program
+            .attach(tracepoint.category, tracepoint.name)
+            .map_err(|e| aya_error(format!("attaching to {tracepoint}"), e))?;
+    }
+    Ok(())
 }
 
 /// Attaches a build of the SYN-ACK program: the request socket's first SYN-ACK time is what

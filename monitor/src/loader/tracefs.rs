@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use log::info;
-use monitor_common::{synack_layout, tracepoint_layout};
+use monitor_common::{synack_layout, syscall_exit_layout, tracepoint_layout};
 
 /// Where tracefs is mounted by default, and where we mount it when nobody did.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -104,6 +104,23 @@ pub const SYNACK_TRACEPOINT: Tracepoint = Tracepoint {
     name: "tcp_retransmit_synack",
     fields: &synack_layout::FIELDS,
     since: "4.15",
+};
+
+/// `syscalls:sys_exit_accept4`: accept4() returned, with the new descriptor.
+pub const ACCEPT4_TRACEPOINT: Tracepoint = Tracepoint {
+    category: "syscalls",
+    name: "sys_exit_accept4",
+    fields: &syscall_exit_layout::FIELDS,
+    since: "2.6.33 with CONFIG_FTRACE_SYSCALLS",
+};
+
+/// `syscalls:sys_exit_accept`: accept() returned (architectures that have it, x86-64
+/// among them; others route accept() through accept4()).
+pub const ACCEPT_TRACEPOINT: Tracepoint = Tracepoint {
+    category: "syscalls",
+    name: "sys_exit_accept",
+    fields: &syscall_exit_layout::FIELDS,
+    since: "2.6.33 with CONFIG_FTRACE_SYSCALLS",
 };
 
 impl fmt::Display for Tracepoint {

@@ -15,7 +15,7 @@ use super::Pipeline;
 use crate::aggregate::Aggregator;
 use crate::clock::unix_seconds;
 use crate::decode::TcpState;
-use crate::loader::{self, HookChoice, LoadOptions, Loaded};
+use crate::loader::{self, AcceptChoice, HookChoice, LoadOptions, Loaded};
 use crate::privilege::PrivilegedThread;
 use crate::snapshot;
 use crate::source::{Recorder, RingSource};
@@ -37,6 +37,8 @@ pub struct PipelineOptions {
     pub record: Option<PathBuf>,
     /// Which build of the state program to attach.
     pub hook: HookChoice,
+    /// How to see accept() calls.
+    pub accept: AcceptChoice,
 }
 
 impl PipelineOptions {
@@ -47,6 +49,7 @@ impl PipelineOptions {
             wakeup_bytes: self.wakeup_bytes,
             mount_tracefs: true,
             hook: self.hook,
+            accept: self.accept,
         };
         loader::load(options).context("loading the eBPF program")
     }

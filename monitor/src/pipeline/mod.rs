@@ -226,6 +226,11 @@ impl<S: Source> Pipeline<S> {
         self.stages.tracker.set_max_sockets(max_sockets);
     }
 
+    /// Says whether the accept program is attached ([`Tracker::set_accepts_seen`]).
+    pub fn set_accepts_seen(&mut self, seen: bool) {
+        self.stages.tracker.set_accepts_seen(seen);
+    }
+
     /// Drains one batch and publishes what it changed.
     pub fn drain_batch(&mut self) -> Drained {
         let _batch = self.gate.hold_to_apply();

@@ -232,7 +232,7 @@ mod tests {
 
     #[test]
     fn records_are_recognised_by_their_serialized_prefix() {
-        let transition = TailRecord::Transition(TransitionLine {
+        let transition = TailRecord::Transition(Box::new(TransitionLine {
             time: "t".into(),
             who: Identity {
                 side: None,
@@ -250,7 +250,7 @@ mod tests {
             old_state: "CLOSE".into(),
             new_state: "SYN_SENT".into(),
             in_old_state_us: None,
-        });
+        }));
         assert!(is_record(&transition.to_line()));
         assert!(!is_record(&TailRecord::Missed { records: 1 }.to_line()));
         assert!(!is_record(&TailRecord::Hello { version: 1, mode: "daemon".into() }.to_line()));

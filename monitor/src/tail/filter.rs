@@ -302,6 +302,7 @@ mod tests {
             handshake_ns: Some(250_000_000),
             handshake_retransmits: None,
             accept_queue_full: false,
+            accept_wait_ns: None,
             netns: None,
             cgroup_id: None,
             stats: None,

@@ -152,6 +152,9 @@ pub fn connection(line: &ConnectionLine, color: bool) -> String {
         line.totals.bytes_received.map_or_else(|| "-".to_owned(), bytes),
         outcome,
     );
+    if let Some(wait) = line.accept_wait_us {
+        let _ = write!(out, " (waited {} for accept)", optional_duration(Some(wait)).trim());
+    }
     if line.accept_queue_full {
         out.push_str(" (accept queue was full)");
     }
@@ -207,6 +210,7 @@ mod tests {
             handshake_us: Some(43),
             handshake_retransmits: Some(0),
             accept_queue_full: false,
+            accept_wait_us: None,
             lifetime_us: Some(300_412),
             teardown_us: Some(300_301),
             teardown_side: Some("active".into()),

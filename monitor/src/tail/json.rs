@@ -212,6 +212,7 @@ pub fn write_connection(
     object.optional_number("handshake_us", record.handshake_ns.map(micros));
     object.optional_number("handshake_retransmits", record.handshake_retransmits);
     object.boolean("accept_queue_full", record.accept_queue_full);
+    object.optional_number("accept_wait_us", record.accept_wait_ns.map(micros));
     object.optional_number("lifetime_us", record.lifetime_ns.map(micros));
     object.optional_number("teardown_us", record.teardown.map(|(_, ns)| micros(ns)));
     object.optional_text("teardown_side", record.teardown.map(|(side, _)| side.as_str()));
@@ -257,6 +258,7 @@ mod tests {
             handshake_ns: full.then_some(37_500),
             handshake_retransmits: Some(1),
             accept_queue_full: full,
+            accept_wait_ns: None,
             netns: full.then_some(4026531840),
             cgroup_id: full.then_some(1 << 40),
             stats: full.then(fixture::closed_stats),
@@ -300,7 +302,7 @@ mod tests {
                     let times = &mut TimeWriter::default();
                     write_connection(&mut written, times, &record, workload, &clock);
                     let line = ConnectionLine::from_record(&record, workload, &clock);
-                    let expected = TailRecord::Connection(line).to_line();
+                    let expected = TailRecord::Connection(Box::new(line)).to_line();
                     assert_eq!(
                         String::from_utf8_lossy(&written),
                         String::from_utf8_lossy(&expected)
@@ -344,7 +346,7 @@ mod tests {
                     let times = &mut TimeWriter::default();
                     write_transition(&mut written, times, &record, "web.service", &clock);
                     let line = TransitionLine::from_record(&record, "web.service", &clock);
-                    let expected = TailRecord::Transition(line).to_line();
+                    let expected = TailRecord::Transition(Box::new(line)).to_line();
                     assert_eq!(
                         String::from_utf8_lossy(&written),
                         String::from_utf8_lossy(&expected)

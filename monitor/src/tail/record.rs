@@ -4,7 +4,7 @@
 //!
 //! | type | fields |
 //! |---|---|
-//! | `connection` | `event` (`established`, `closed`, `failed`), `start_time` (null if first seen mid-life), `time`, `side` (`active`, `passive`, null), `pid`, `comm` (null when unknown), `netns` (network namespace inode, as in `/proc/PID/ns/net`), `cgroup_id` (the socket's cgroup v2 id, null when unknown), `workload` (its name: `namespace/pod`, `container/<id>`, a systemd unit, a cgroup path, `host`, or `unknown`), `family` (`ipv4`, `ipv6`), `local_addr`, `local_port`, `remote_addr`, `remote_port`, `handshake_us` (active: SYN → SYN-ACK; passive: first SYN-ACK → ACK), `handshake_retransmits` (SYNs or SYN-ACKs resent), `accept_queue_full` (accepted connections whose SYN-ACK was resent after the client's ACK, which the kernel dropped because the listener's accept queue was full), `lifetime_us`, `teardown_us`, `teardown_side`, `close_wait_us`, `outcome` (`fin`, `reset_received`, `reset_sent`, `abort`, `timeout`, `refused`, `unreachable`, `error`, `unknown`; null while established); on `closed` and `failed`: `bytes_sent` and `bytes_received` (application payload, exact), `bytes_acked` (the kernel's counter as `ss`/`tcplife` show it: payload + 1 for each acknowledged SYN and FIN), `segments_out`, `segments_in`, `retransmits`, `srtt_us` (null when unknown) |
+//! | `connection` | `event` (`established`, `closed`, `failed`), `start_time` (null if first seen mid-life), `time`, `side` (`active`, `passive`, null), `pid`, `comm` (null when unknown), `netns` (network namespace inode, as in `/proc/PID/ns/net`), `cgroup_id` (the socket's cgroup v2 id, null when unknown), `workload` (its name: `namespace/pod`, `container/<id>`, a systemd unit, a cgroup path, `host`, or `unknown`), `family` (`ipv4`, `ipv6`), `local_addr`, `local_port`, `remote_addr`, `remote_port`, `handshake_us` (active: SYN → SYN-ACK; passive: first SYN-ACK → ACK), `handshake_retransmits` (SYNs or SYN-ACKs resent), `accept_queue_full` (accepted connections whose SYN-ACK was resent after the client's ACK, which the kernel dropped because the listener's accept queue was full), `accept_wait_us` (accepted connections: ESTABLISHED, when the connection is queued, → the application's accept(); null until accepted or when accept() is not seen), `lifetime_us`, `teardown_us`, `teardown_side`, `close_wait_us`, `outcome` (`fin`, `reset_received`, `reset_sent`, `abort`, `timeout`, `refused`, `unreachable`, `error`, `unknown`; null while established); on `closed` and `failed`: `bytes_sent` and `bytes_received` (application payload, exact), `bytes_acked` (the kernel's counter as `ss`/`tcplife` show it: payload + 1 for each acknowledged SYN and FIN), `segments_out`, `segments_in`, `retransmits`, `srtt_us` (null when unknown) |
 //! | `transition` | `time`, `side`, `pid`, `comm`, `netns`, `cgroup_id`, `workload`, `family`, addresses and ports as above, `old_state`, `new_state`, `in_old_state_us` (null when the old state's start was not seen) |
 //! | `missed` | `records`: how many records the daemon dropped because this client read too slowly |
 //! | `hello` | `version`, `mode` (`daemon`, `standalone`): first line of a stream (not printed) |
@@ -19,10 +19,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TailRecord {
-    /// A connection was established, closed, or failed.
-    Connection(ConnectionLine),
+    /// A connection was established, closed, or failed. (Both records are boxed: each is
+    /// hundreds of bytes, the other lines a few dozen.)
+    Connection(Box<ConnectionLine>),
     /// A state transition (events view).
-    Transition(TransitionLine),
+    Transition(Box<TransitionLine>),
     /// Records dropped for this client.
     Missed {
         /// How many.
@@ -88,6 +89,9 @@ pub struct ConnectionLine {
     /// Accepted while the listener's accept queue was full (a SYN-ACK resent after the
     /// client's ACK).
     pub accept_queue_full: bool,
+    /// Accepted connections: ESTABLISHED (queued) → the application's accept(); null until
+    /// accepted, or when accept() is not seen.
+    pub accept_wait_us: Option<u64>,
     /// ESTABLISHED → CLOSE.
     pub lifetime_us: Option<u64>,
     /// First FIN → CLOSE, orderly closes.
@@ -227,6 +231,7 @@ mod reference {
                 handshake_us: record.handshake_ns.map(micros),
                 handshake_retransmits: record.handshake_retransmits,
                 accept_queue_full: record.accept_queue_full,
+                accept_wait_us: record.accept_wait_ns.map(micros),
                 lifetime_us: record.lifetime_ns.map(micros),
                 teardown_us: record.teardown.map(|(_, ns)| micros(ns)),
                 teardown_side: record.teardown.map(|(s, _)| s.as_str().to_owned()),
@@ -277,6 +282,7 @@ mod tests {
             handshake_ns: None,
             handshake_retransmits: Some(1),
             accept_queue_full: true,
+            accept_wait_ns: Some(400_123_000),
             netns: Some(4026531840),
             cgroup_id: Some(4242),
             stats: Some(fixture::closed_stats()),
@@ -286,9 +292,12 @@ mod tests {
             outcome: Some(CloseReason::Fin),
         };
         let clock = WallClock::with_offset(1_795_000_000_000_000_000);
-        let line =
-            TailRecord::Connection(ConnectionLine::from_record(&record, "nginx.service", &clock))
-                .to_line();
+        let line = TailRecord::Connection(Box::new(ConnectionLine::from_record(
+            &record,
+            "nginx.service",
+            &clock,
+        )))
+        .to_line();
         let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
         let object = value.as_object().unwrap();
         let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
@@ -297,6 +306,7 @@ mod tests {
             keys,
             [
                 "accept_queue_full",
+                "accept_wait_us",
                 "bytes_acked",
                 "bytes_received",
                 "bytes_sent",
@@ -342,6 +352,7 @@ mod tests {
         );
         assert_eq!(value["handshake_retransmits"], 1);
         assert_eq!(value["accept_queue_full"], true);
+        assert_eq!(value["accept_wait_us"], 400_123);
         assert_eq!(value["bytes_acked"], 1_000_001);
         assert_eq!(value["bytes_sent"], 1_000_000);
         assert_eq!(value["bytes_received"], 12);

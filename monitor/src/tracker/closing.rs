@@ -24,10 +24,11 @@ impl Tracker {
         sink: &mut impl ObservationSink,
     ) {
         let now = event.timestamp_ns;
+        entry.first_fin_ns = Stamp::at(now);
         if event.new == TcpState::FinWait1 {
-            entry.teardown = Some((Side::Active, now));
+            entry.first_fin_side = Some(Side::Active);
         } else {
-            entry.teardown = Some((Side::Passive, now));
+            entry.first_fin_side = Some(Side::Passive);
             entry.close_wait_ns = Stamp::at(now);
             sink.observe_in(&Observation::CloseWaitEntered, &self.attribution(entry));
         }
@@ -75,7 +76,7 @@ impl Tracker {
             }
             return;
         }
-        let teardown = match (reason, entry.teardown) {
+        let teardown = match (reason, entry.first_fin()) {
             (CloseReason::Fin, Some((side, since))) => Some((side, elapsed(since, now))),
             _ => None,
         };
@@ -85,6 +86,9 @@ impl Tracker {
         // reset ends with a RST instead, so its reason is not `fin`.
         let time_wait = reason == CloseReason::Fin
             && matches!(event.old, TcpState::FinWait2 | TcpState::Closing);
+        if let Some(reason) = self.abandoned(entry, event, reason) {
+            sink.observe_in(&Observation::AcceptAbandoned { reason }, &self.attribution(entry));
+        }
         let side = entry.open_side;
         let closed = Observation::Closed { side, reason, lifetime_ns, teardown, time_wait };
         sink.observe_in(&closed, &self.attribution(entry));

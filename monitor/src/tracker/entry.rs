@@ -27,6 +27,28 @@ impl Stamp {
     }
 }
 
+/// How long an accepted connection waited in its listener's accept queue, in µs (up to
+/// ~71 minutes), in 4 bytes: `None` until the application's accept() was seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct AcceptWait(Option<std::num::NonZeroU32>);
+
+impl AcceptWait {
+    /// Accepted after `wait_ns` in the queue.
+    pub(super) fn of(wait_ns: u64) -> AcceptWait {
+        let us = (wait_ns / 1_000).min(u64::from(u32::MAX - 1)) as u32;
+        AcceptWait(std::num::NonZeroU32::new(us + 1))
+    }
+
+    pub(super) fn accepted(self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Nanoseconds (µs precision), when accepted.
+    pub(super) fn ns(self) -> Option<u64> {
+        self.0.map(|stored| u64::from(stored.get() - 1) * 1_000)
+    }
+}
+
 /// Nanoseconds from `from` to `to`; 0 if `to` is earlier (clocks of two CPUs).
 pub(super) fn elapsed(from: u64, to: u64) -> u64 {
     to.saturating_sub(from)
@@ -56,6 +78,8 @@ pub(super) struct SocketEntry {
     pub(super) handshake_retransmits: Option<u32>,
     /// Accepted while the accept queue was full: a SYN-ACK was resent after the client's ACK.
     pub(super) accept_queue_full: bool,
+    /// Passive: the wait from the accept queue to the application's accept().
+    pub(super) accept_wait: AcceptWait,
     /// Handshake duration, once established.
     pub(super) handshake_ns: Stamp,
     pub(super) established_ns: Stamp,
@@ -67,8 +91,9 @@ pub(super) struct SocketEntry {
     /// The socket's cgroup v2 id; 0 until a record carried it.
     pub(super) cgroup_id: u64,
     pub(super) resets: Resets,
-    /// First FIN (sent or received) and who sent it.
-    pub(super) teardown: Option<(Side, u64)>,
+    /// Who sent the first FIN, and when (apart: an `Option<(Side, u64)>` takes 16 bytes).
+    pub(super) first_fin_side: Option<Side>,
+    pub(super) first_fin_ns: Stamp,
     pub(super) close_wait_ns: Stamp,
     /// CLOSE_WAIT → LAST_ACK time.
     pub(super) close_wait_until_ns: Stamp,
@@ -88,17 +113,24 @@ impl SocketEntry {
             syn_sent_ns: Stamp::NONE,
             handshake_retransmits: None,
             accept_queue_full: false,
+            accept_wait: AcceptWait::default(),
             handshake_ns: Stamp::NONE,
             established_ns: Stamp::NONE,
             local_listening: None,
             netns: event.netns,
             cgroup_id: event.cgroup_id,
             resets: Resets::default(),
-            teardown: None,
+            first_fin_side: None,
+            first_fin_ns: Stamp::NONE,
             close_wait_ns: Stamp::NONE,
             close_wait_until_ns: Stamp::NONE,
             last_seen_ns: event.timestamp_ns,
         }
+    }
+
+    /// The first FIN of an orderly close, when seen: who sent it, and when.
+    pub(super) fn first_fin(&self) -> Option<(Side, u64)> {
+        self.first_fin_side.zip(self.first_fin_ns.get())
     }
 
     fn netns(&self) -> Option<u32> {
@@ -161,6 +193,7 @@ impl SocketEntry {
             handshake_ns: self.handshake_ns.get(),
             handshake_retransmits: self.handshake_retransmits,
             accept_queue_full: self.accept_queue_full,
+            accept_wait_ns: self.accept_wait.ns(),
             netns: self.netns(),
             cgroup_id: self.cgroup_id(),
             stats: None,

@@ -1,11 +1,12 @@
-//! Listeners and their request sockets: who owns an accepted connection (the listener's
-//! owner and cgroup, learned at `listen()` or from the start-up snapshot), and when its
-//! handshake began (the SYN-ACK notes, and the child's first RTT sample).
+//! Listeners, their request sockets and their accept queues: who owns an accepted connection
+//! (the listener's owner and cgroup, learned at `listen()` or from the start-up snapshot),
+//! when its handshake began (the SYN-ACK notes, and the child's first RTT sample), and how
+//! long it waited for the application's accept() (the accept notes), or that it never got it.
 
-use super::entry::{elapsed, SocketEntry};
+use super::entry::{elapsed, AcceptWait, SocketEntry};
 use super::{
-    Attribution, Observation, ObservationSink, Owner, ResetDirection, Tracker, MAX_PENDING_SYNACKS,
-    SYNACK_HORIZON_NS,
+    AbandonReason, Attribution, CloseReason, Observation, ObservationSink, Owner, ResetDirection,
+    Side, Tracker, MAX_PENDING_SYNACKS, SYNACK_HORIZON_NS,
 };
 use crate::decode::{Endpoints, Event, Note, NoteKind, SynAckRetransmitted, TcpState, TcpStats};
 
@@ -73,6 +74,7 @@ impl Tracker {
     /// Applies a socket note: facts the state transitions do not carry.
     pub fn on_note(&mut self, note: &Note, sink: &mut impl ObservationSink) {
         match note.kind {
+            NoteKind::Accepted => self.on_accept(note, sink),
             NoteKind::ResetSent | NoteKind::ResetReceived => {
                 let direction = if note.kind == NoteKind::ResetReceived {
                     ResetDirection::Received
@@ -95,6 +97,54 @@ impl Tracker {
                 }
             }
         }
+    }
+
+    /// The application's accept() returned a passive child: it waited in the queue from its
+    /// ESTABLISHED (`tcp_check_req()` queues the child, then `tcp_child_process()` makes it
+    /// ESTABLISHED, microseconds apart, both before accept() can see it), or from its birth
+    /// for a TCP Fast Open child, which is queued (and may be accepted) in SYN_RECV.
+    fn on_accept(&mut self, note: &Note, sink: &mut impl ObservationSink) {
+        self.accepts_seen = true;
+        let Some(mut entry) = self.table.get(note.skaddr).copied() else { return };
+        if entry.open_side != Some(Side::Passive) || entry.accept_wait.accepted() {
+            return;
+        }
+        let Some(queued) = entry.established_ns.get().or(entry.start_ns.get()) else { return };
+        let wait_ns = elapsed(queued, note.timestamp_ns);
+        entry.accept_wait = AcceptWait::of(wait_ns);
+        sink.observe_in(&Observation::Accepted { wait_ns }, &self.attribution(&entry));
+        self.put(note.skaddr, entry, sink);
+    }
+
+    /// Why an established passive child closing now left its accept queue unaccepted, or
+    /// `None` when it was accepted or that is not known: accept() calls are not seen, the
+    /// child was first seen mid-life, or the application closed it (a FIN or RST of its
+    /// own needs the socket, so it was accepted: through io_uring, which the accept program
+    /// does not see). Its listener's CLOSE comes first when the listener takes it down:
+    /// `__tcp_close()` sets the listener's state, then `inet_csk_listen_stop()` disconnects
+    /// each queued child.
+    pub(super) fn abandoned(
+        &self,
+        entry: &SocketEntry,
+        event: &Event,
+        reason: CloseReason,
+    ) -> Option<AbandonReason> {
+        let queued = self.accepts_seen
+            && entry.open_side == Some(Side::Passive)
+            && !entry.accept_wait.accepted()
+            && !entry.start_ns.is_none()
+            && matches!(event.old, TcpState::Established | TcpState::CloseWait);
+        if !queued {
+            return None;
+        }
+        let listener = (entry.netns, entry.endpoints.sport);
+        Some(if !self.listeners.contains_key(&listener) {
+            AbandonReason::ListenerClosed
+        } else if reason == CloseReason::ResetReceived {
+            AbandonReason::Reset
+        } else {
+            AbandonReason::Other
+        })
     }
 
     /// First SYN-ACK → final ACK of an accepted child at SYN_RECV → ESTABLISHED (see the

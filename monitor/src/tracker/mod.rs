@@ -69,7 +69,7 @@ pub use observation::{
     Attribution, ConnectionPhase, ConnectionRecord, Observation, ObservationSink, Owner,
     RecordingSink, TransitionRecord,
 };
-pub use outcome::{CloseReason, ResetDirection, Resets, Side};
+pub use outcome::{AbandonReason, CloseReason, ResetDirection, Resets, Side};
 use table::SocketTable;
 
 /// A TCP socket that existed before the program was attached (from the start-up snapshot):
@@ -155,6 +155,10 @@ pub struct Tracker {
     gone_close_waits: Vec<SocketEntry>,
     /// When `synack_retransmits` was last pruned.
     synack_pruned_ns: u64,
+    /// The application's accept() calls are seen (the accept program is attached, or a
+    /// recording carries its notes): an established passive child that closes before one
+    /// took it was abandoned in the accept queue.
+    accepts_seen: bool,
     stats: TrackerStats,
 }
 
@@ -192,8 +196,16 @@ impl Tracker {
             listener_ports: FxHashMap::default(),
             gone_close_waits: Vec::new(),
             synack_pruned_ns: 0,
+            accepts_seen: false,
             stats: TrackerStats::default(),
         }
+    }
+
+    /// Says that every accept() is reported ([`crate::decode::NoteKind::Accepted`]), so that
+    /// a connection closed before one is an abandoned one. A recording's first accept note
+    /// says so too.
+    pub fn set_accepts_seen(&mut self, seen: bool) {
+        self.accepts_seen = seen;
     }
 
     /// Changes the table's cap (config reload); a lower cap takes effect as sockets are added.

@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 
-use super::outcome::{CloseReason, ResetDirection, Side};
+use super::outcome::{AbandonReason, CloseReason, ResetDirection, Side};
 use crate::decode::{comm_text, Endpoints, Event, TcpState, TcpStats};
 
 /// Something worth a metric or a tail line, derived from one transition.
@@ -73,6 +73,16 @@ pub enum Observation {
         /// An active close handed the connection to a TIME_WAIT socket: FIN_WAIT2 or CLOSING
         /// → CLOSE after an orderly FIN exchange (`tcp_time_wait()`).
         time_wait: bool,
+    },
+    /// The application's accept() took an established connection from its listener's queue.
+    Accepted {
+        /// Nanoseconds from entering the queue (ESTABLISHED) to accept() returning it.
+        wait_ns: u64,
+    },
+    /// An established connection left its listener's queue without being accepted.
+    AcceptAbandoned {
+        /// Why it left.
+        reason: AbandonReason,
     },
     /// A request socket resent its SYN-ACK (`tcp:tcp_retransmit_synack`).
     SynAckRetransmitted {
@@ -170,6 +180,9 @@ pub struct ConnectionRecord {
     /// Accepted connections: a SYN-ACK was resent after the client had already completed
     /// its handshake, because the listener's accept queue was full.
     pub accept_queue_full: bool,
+    /// Accepted connections: from entering the accept queue (ESTABLISHED) to the
+    /// application's accept(), µs precision; `None` until accepted, or when not seen.
+    pub accept_wait_ns: Option<u64>,
     /// Inode of the connection's network namespace, when known.
     pub netns: Option<u32>,
     /// The socket's cgroup v2 id, when known.

@@ -23,6 +23,34 @@ impl Side {
     }
 }
 
+/// Why an established connection left its listener's accept queue without the application's
+/// accept() taking it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AbandonReason {
+    /// The client reset it while it waited. (A client's FIN alone does not take it out: it
+    /// waits on in CLOSE_WAIT, and accept() still returns it.)
+    Reset,
+    /// Its listener closed: `inet_csk_listen_stop()` disconnects every queued child.
+    ListenerClosed,
+    /// Any other end: a timeout, or killed (`ss -K`).
+    Other,
+}
+
+impl AbandonReason {
+    /// Every reason, for pre-creating metric label sets.
+    pub const ALL: [AbandonReason; 3] =
+        [AbandonReason::Reset, AbandonReason::ListenerClosed, AbandonReason::Other];
+
+    /// Label value: `"reset"`, `"listener_closed"` or `"other"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AbandonReason::Reset => "reset",
+            AbandonReason::ListenerClosed => "listener_closed",
+            AbandonReason::Other => "other",
+        }
+    }
+}
+
 /// How a connection (or a connection attempt) ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CloseReason {

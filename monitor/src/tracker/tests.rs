@@ -925,3 +925,109 @@ fn sockets_from_the_snapshot_keep_their_owners_cgroup_when_records_carry_none() 
         [(Observation::Opened { side: Side::Passive }, 21), (Observation::CloseWaitEntered, 22),]
     );
 }
+
+/// A listener on port 80 (socket 1) and passive children of it, established at `ms`.
+fn queued(tracker: &mut Tracker, children: &[(u64, u64)]) -> Vec<Observation> {
+    use crate::decode::fixture::bytes;
+    let mut records = vec![bytes(&v4(0, 1, Close, Listen, 80, 0, 0))];
+    for &(ms, sk) in children {
+        let port = 40000 + sk as u16;
+        records.push(bytes(&v4(ms * MS, sk, Listen, SynRecv, 80, port, 0)));
+        records.push(bytes(&v4(ms * MS, sk, SynRecv, Established, 80, port, 0)));
+    }
+    feed(tracker, &records)
+}
+
+fn accepted(ms: u64, sk: u64) -> Vec<u8> {
+    use crate::decode::fixture::{bytes, note};
+    bytes(&note(ms * MS, sk, monitor_common::note::ACCEPTED, 0))
+}
+
+fn abandoned(out: &[Observation]) -> Vec<AbandonReason> {
+    out.iter()
+        .filter_map(|o| match *o {
+            Observation::AcceptAbandoned { reason } => Some(reason),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_accept_wait_runs_from_established_to_accept_and_is_on_the_closed_record() {
+    use crate::decode::fixture::bytes;
+    let mut tracker = Tracker::default();
+    tracker.set_accepts_seen(true);
+    queued(&mut tracker, &[(10, 9)]);
+    let out = feed(&mut tracker, &[accepted(410, 9), accepted(500, 9)]);
+    // Once: a second note for the same socket (a lost CLOSE and a reused address would
+    // need a birth first) changes nothing.
+    assert_eq!(out, [Observation::Accepted { wait_ns: 400 * MS }]);
+    let out = feed(
+        &mut tracker,
+        &[
+            bytes(&v4(600 * MS, 9, Established, FinWait1, 80, 40009, 0)),
+            bytes(&v4(601 * MS, 9, FinWait1, FinWait2, 80, 40009, 0)),
+            bytes(&v4(602 * MS, 9, FinWait2, Close, 80, 40009, 0)),
+        ],
+    );
+    assert_eq!(abandoned(&out), []);
+    let closed = out.iter().find_map(|o| match o {
+        Observation::Connection(record) if record.phase == ConnectionPhase::Closed => Some(record),
+        _ => None,
+    });
+    assert_eq!(closed.unwrap().accept_wait_ns, Some(400 * MS));
+    // Notes for sockets it does not track, or for active ones, are ignored.
+    let out = feed(
+        &mut tracker,
+        &[accepted(700, 77), bytes(&v4(700 * MS, 5, Close, SynSent, 0, 80, 0)), accepted(701, 5)],
+    );
+    assert!(!out.iter().any(|o| matches!(o, Observation::Accepted { .. })), "{out:?}");
+}
+
+#[test]
+fn connections_that_leave_the_queue_unaccepted_are_abandoned_with_their_reason() {
+    use crate::decode::fixture::bytes;
+    let mut tracker = Tracker::default();
+    tracker.set_accepts_seen(true);
+    queued(&mut tracker, &[(10, 9), (10, 10), (10, 11), (10, 12)]);
+    let out = feed(
+        &mut tracker,
+        &[
+            // Reset by the client while queued.
+            bytes(&v4(20 * MS, 9, Established, Close, 80, 40009, libc::ECONNRESET)),
+            // The client's FIN leaves it queued in CLOSE_WAIT: accept() still returns it.
+            bytes(&v4(20 * MS, 10, Established, CloseWait, 80, 40010, 0)),
+            accepted(30, 10),
+            bytes(&v4(31 * MS, 10, CloseWait, LastAck, 80, 40010, 0)),
+            bytes(&v4(32 * MS, 10, LastAck, Close, 80, 40010, 0)),
+            // The listener closes, then inet_csk_listen_stop() disconnects the queued ones.
+            bytes(&v4(40 * MS, 1, Listen, Close, 80, 0, 0)),
+            bytes(&v4(40 * MS, 11, Established, Close, 80, 40011, 0)),
+            bytes(&v4(40 * MS, 12, Established, Close, 80, 40012, 0)),
+        ],
+    );
+    use AbandonReason::*;
+    assert_eq!(abandoned(&out), [Reset, ListenerClosed, ListenerClosed]);
+}
+
+#[test]
+fn without_accept_notes_nothing_is_called_abandoned() {
+    use crate::decode::fixture::bytes;
+    // The accept program is not attached: a reset child may have been accepted.
+    let mut tracker = Tracker::default();
+    queued(&mut tracker, &[(10, 9)]);
+    let out = feed(&mut tracker, &[bytes(&v4(20 * MS, 9, Established, Close, 80, 40009, 0))]);
+    assert_eq!(abandoned(&out), []);
+    // Attached, but the application closes a socket whose accept() was not seen (io_uring):
+    // its FIN proves it was accepted.
+    tracker.set_accepts_seen(true);
+    queued(&mut tracker, &[(30, 10)]);
+    let out = feed(
+        &mut tracker,
+        &[
+            bytes(&v4(40 * MS, 10, Established, FinWait1, 80, 40010, 0)),
+            bytes(&v4(41 * MS, 10, FinWait1, Close, 80, 40010, 0)),
+        ],
+    );
+    assert_eq!(abandoned(&out), []);
+}

@@ -14,7 +14,9 @@
 //!   (`tcp_check_req()`) and resends its SYN-ACK after 1 s (`syn_ack_recalc()`); the ACK that
 //!   answers it comes after the defer period and completes the handshake (or else the client's
 //!   data 1.3 s in does), so the passive handshake takes ≥ 1 s with one SYN-ACK retransmission:
-//!   no firewall needed, which the guest does not have.
+//!   no firewall needed, which the guest does not have;
+//! - the accept queue: five connections accepted 400 ms after their handshakes, then one
+//!   the client resets while it waits there (abandoned, reason `reset`).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -43,6 +45,10 @@ const SYNACK_PORTS: [(&str, &str, u16); 3] =
     [("127.0.0.1", "127.0.0.1", 8086), ("::1", "::1", 8087), ("::", "127.0.0.1", 8088)];
 /// How long the CLOSE_WAIT server waits before `close()`.
 const CLOSE_WAIT: Duration = Duration::from_millis(300);
+const ACCEPT_PORT: u16 = 8089;
+/// How long the accepting server lets its five connections wait in the queue.
+const ACCEPT_WAIT: Duration = Duration::from_millis(400);
+const ACCEPTED: usize = 5;
 
 /// Runs `check` and every hook's scenario; prints `@@check` and `@@result` lines.
 pub fn run(hooks: &[String]) -> Result<()> {
@@ -82,8 +88,12 @@ fn scenario(hook: &str) -> Value {
     let log_path = format!("/tmp/run-{hook}.log");
     let log = std::fs::File::create(&log_path).expect("creating the daemon's log");
     let started = Instant::now();
+    // Each route to accept(): fexit (where the guest allows BPF trampolines) with the BTF
+    // build, the syscall tracepoints with the classic one.
+    let accept_wait = if hook == "tracepoint" { "syscalls" } else { "auto" };
     let mut daemon = match Command::new("tcpmon")
         .args(["run", "--hook", hook, "--listen", METRICS, "--drain-interval", "10ms"])
+        .args(["--accept-wait", accept_wait])
         .args(["--tail-socket", TAIL_SOCKET])
         .stdout(Stdio::null())
         .stderr(log)
@@ -182,6 +192,14 @@ fn attach_line_features(log: &str) -> Value {
         "close_reasons": says("close reasons from sk_err"),
         "synack_times": says("SYN-ACK times"),
         "reset_direction": says("reset direction"),
+        "accept_wait": !line.contains("accept() seen through: no"),
+        "accept_route": if line.contains("accept() seen through: fexit") {
+            "fexit"
+        } else if line.contains("accept() seen through: syscall tracepoints") {
+            "syscalls"
+        } else {
+            "no"
+        },
     })
 }
 
@@ -295,6 +313,7 @@ fn records_complete(records: &[Value]) -> bool {
         && n(REFUSED_PORT) >= 1
         && n(RESET_PORT) >= 2
         && SYNACK_PORTS.iter().all(|&(_, _, port)| n(port) >= 2)
+        && n(ACCEPT_PORT) >= 2 * ACCEPTED + 2
 }
 
 /// Compares what tcpmon reported with what the traffic did.
@@ -333,6 +352,45 @@ fn judge(before: &Metrics, after: &Metrics, records: &[Value], features: &Value)
         CLOSE_WAIT_PORT,
         close_wait == 1.0 && (250_000..500_000).contains(&tail_close_wait),
         format!("(0.25 s, 0.5 s]: {close_wait}; tail close_wait_us {tail_close_wait}"),
+    ));
+    // The same wait as time in state CLOSE_WAIT, in the (0.1 s, 1 s] bucket.
+    let in_state = |state: &str, le: &str| {
+        let labels = [format!("state=\"{state}\""), format!("le=\"{le}\"")];
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        delta(before, after, "tcpmon_state_duration_seconds_bucket", &labels)
+    };
+    let in_close_wait = in_state("CLOSE_WAIT", "1") - in_state("CLOSE_WAIT", "0.1");
+    findings.push(port_finding(
+        "state_duration",
+        CLOSE_WAIT_PORT,
+        in_close_wait == 1.0,
+        format!("CLOSE_WAIT in (0.1 s, 1 s]: {in_close_wait}"),
+    ));
+
+    let port = format!("port=\"{ACCEPT_PORT}\"");
+    let waited = |series: &str| delta(before, after, series, &[&port]);
+    let (count, total) =
+        (waited("tcpmon_accept_wait_seconds_count"), waited("tcpmon_accept_wait_seconds_sum"));
+    let abandoned =
+        delta(before, after, "tcpmon_accept_abandoned_total", &[&port, "reason=\"reset\""]);
+    let tail_waits: Vec<u64> = on_port(records, ACCEPT_PORT)
+        .iter()
+        .filter(|r| r["side"] == "passive")
+        .filter_map(|r| r["accept_wait_us"].as_u64())
+        .collect();
+    let expected = ACCEPT_WAIT.as_secs_f64() * ACCEPTED as f64;
+    findings.push(port_finding(
+        "accept_wait",
+        ACCEPT_PORT,
+        count == ACCEPTED as f64
+            && (expected - 0.1..=expected + 0.1).contains(&total)
+            && tail_waits.len() == ACCEPTED
+            && tail_waits.iter().all(|us| (350_000..=450_000).contains(us))
+            && abandoned == 1.0,
+        format!(
+            "accepted {count}, waits summed {total:.3} s; tail accept_wait_us {tail_waits:?}; \
+             abandoned (reset) {abandoned}"
+        ),
     ));
 
     let refused = delta(before, after, "tcpmon_connect_failures_total", &["reason=\"refused\""]);
@@ -433,6 +491,20 @@ fn traffic() {
     for (listen, connect, port) in SYNACK_PORTS {
         resent_synack(listen, connect, port);
     }
+
+    // The accept queue: five connections wait 400 ms for accept(); one more is reset by its
+    // client while it waits.
+    let listener = TcpListener::bind(("127.0.0.1", ACCEPT_PORT)).unwrap();
+    let connect = || TcpStream::connect(("127.0.0.1", ACCEPT_PORT)).unwrap();
+    let clients: Vec<TcpStream> = (0..ACCEPTED).map(|_| connect()).collect();
+    thread::sleep(ACCEPT_WAIT);
+    let accepted: Vec<TcpStream> = (0..ACCEPTED).map(|_| listener.accept().unwrap().0).collect();
+    drop((clients, accepted));
+    let reset = connect();
+    thread::sleep(Duration::from_millis(50));
+    set_option(reset.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, &linger);
+    drop(reset);
+    thread::sleep(Duration::from_millis(50));
 }
 
 /// A SYN-ACK the kernel resends: a `TCP_DEFER_ACCEPT` (1 s) listener on `listen` holds the

@@ -99,7 +99,7 @@ impl Row {
                     result["anomalies"], result["records_of_failed_checks"]
                 )));
             }
-            for feature in ["close_reasons", "synack_times", "reset_direction"] {
+            for feature in ["close_reasons", "synack_times", "reset_direction", "accept_wait"] {
                 if result["features"][feature] != true {
                     failed.push(at(&format!("{hook}: {feature} not available")));
                 }
@@ -125,8 +125,8 @@ pub(super) fn table(rows: &[Row]) -> String {
         host.trim()
     );
     out.push_str(
-        "| kernel (Debian package) | build | loads | close reasons | SYN-ACK times | reset direction | checks |\n\
-         |---|---|---|---|---|---|---|\n",
+        "| kernel (Debian package) | build | loads | close reasons | SYN-ACK times | reset direction | accept wait | checks |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     let mark = |b: bool| if b { "yes" } else { "**no**" };
     let mut check_names: Vec<String> = Vec::new();
@@ -134,13 +134,13 @@ pub(super) fn table(rows: &[Row]) -> String {
         for hook in HOOKS {
             let kernel = format!("{} (`{}` {})", row.release, row.package, row.version);
             let Some(result) = row.result(hook) else {
-                let _ = writeln!(out, "| {kernel} | {hook} | **no result** | | | | |");
+                let _ = writeln!(out, "| {kernel} | {hook} | **no result** | | | | | |");
                 continue;
             };
             if result["loaded"] != true {
                 let error = result["error"].as_str().unwrap_or_default().replace('|', "\\|");
                 let error: String = error.chars().take(120).collect();
-                let _ = writeln!(out, "| {kernel} | {hook} | **no**: {error} | | | | |");
+                let _ = writeln!(out, "| {kernel} | {hook} | **no**: {error} | | | | | |");
                 continue;
             }
             let features = &result["features"];
@@ -163,9 +163,13 @@ pub(super) fn table(rows: &[Row]) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {kernel} | {hook} | yes | {} | {synack} | {} | {checks} |",
+                "| {kernel} | {hook} | yes | {} | {synack} | {} | {} | {checks} |",
                 mark(features["close_reasons"] == true),
                 mark(features["reset_direction"] == true),
+                match features["accept_route"].as_str() {
+                    Some(route) if features["accept_wait"] == true => format!("yes ({route})"),
+                    _ => mark(false).to_owned(),
+                },
             );
         }
     }
