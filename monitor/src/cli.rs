@@ -272,6 +272,12 @@ pub struct TailArgs {
     #[arg(long, conflicts_with = "events")]
     pub established: bool,
 
+    /// List the connections now in CLOSE_WAIT (the peer closed, the application has not),
+    /// oldest first, with their owners and how long they have waited; then exit. Filters
+    /// apply. Needs the daemon.
+    #[arg(long, conflicts_with_all = ["events", "established"])]
+    pub close_wait: bool,
+
     /// One JSON object per line (fields documented in the README); nothing else on stdout.
     #[arg(long)]
     pub json: bool,
@@ -379,7 +385,11 @@ impl TailArgs {
         let micros = |d: Option<Duration>| d.map(|d| d.as_micros().min(u64::MAX as u128) as u64);
         let request = Subscribe {
             version: PROTOCOL_VERSION,
-            view: if self.events { View::Events } else { View::Connections },
+            view: match (self.events, self.close_wait) {
+                (true, _) => View::Events,
+                (_, true) => View::CloseWait,
+                _ => View::Connections,
+            },
             established: self.established,
             filter: Filter {
                 ports: self.ports.clone(),
@@ -628,6 +638,8 @@ mod tests {
         assert_eq!(request.filter.min_handshake_us, Some(200_000));
         assert_eq!(request.filter.outcomes, vec!["reset".to_owned()]);
         assert_eq!(tail(&["--events"]).unwrap().subscribe().unwrap().view, View::Events);
+        let listing = tail(&["--close-wait", "--port", "80"]).unwrap().subscribe().unwrap();
+        assert_eq!((listing.view, listing.filter.ports), (View::CloseWait, vec![80]));
     }
 
     #[test]
@@ -641,6 +653,7 @@ mod tests {
             (&["--side", "left"], "not a side"),
             (&["--events", "--outcome", "fin"], "cannot be used with"),
             (&["--events", "--min-lifetime", "1s"], "cannot be used with"),
+            (&["--close-wait", "--events"], "cannot be used with"),
             (&["--min-lifetime", "soon"], "soon"),
         ] {
             let err = tail(args).unwrap_err();

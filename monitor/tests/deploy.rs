@@ -260,7 +260,7 @@ fn a_real_prometheus_scrapes_tcpmon_and_answers_the_dashboard_queries() {
         .flat_map(|g| g["rules"].as_array().unwrap())
         .map(|r| r["health"].as_str().unwrap_or("?"))
         .collect();
-    assert_eq!(health.len(), 20, "{rules}");
+    assert_eq!(health.len(), 24, "{rules}");
     assert!(health.iter().all(|h| *h == "ok" || *h == "unknown"), "{health:?}");
 
     // Every query of the dashboard is valid PromQL that this Prometheus evaluates.
@@ -279,7 +279,7 @@ fn a_real_prometheus_scrapes_tcpmon_and_answers_the_dashboard_queries() {
             evaluated += 1;
         }
     }
-    assert_eq!(evaluated, 41);
+    assert_eq!(evaluated, 43);
     // The per-service panels have data: the traffic's 50 accepted connections (five
     // servers, one port each), under ports and a workload that were found.
     let attributed = prometheus

@@ -608,6 +608,23 @@ fn the_oldest_close_wait_ages_while_the_application_holds_it_and_drops_to_0_afte
         thread::sleep(Duration::from_millis(100));
     }
     assert!((2.0..=3.0).contains(&seen), "oldest CLOSE_WAIT read {seen} s near the end");
+    // The tail lists it: our one socket, its owner, how long it has waited.
+    let listing = std::process::Command::new(env!("CARGO_BIN_EXE_tcpmon"))
+        .args(["tail", "--close-wait", "--json", "--port", "8086", "--socket"])
+        .arg(&daemon.tail_socket)
+        .output()
+        .unwrap();
+    assert!(listing.status.success(), "{}", String::from_utf8_lossy(&listing.stderr));
+    let listed = records(
+        &String::from_utf8_lossy(&listing.stdout).lines().map(String::from).collect::<Vec<_>>(),
+    );
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    let waiting = &listed[0];
+    assert_eq!((&waiting["event"], &waiting["side"]), (&"close_wait".into(), &"passive".into()));
+    assert_eq!(waiting["pid"], std::process::id(), "{waiting}");
+    let waited = us(waiting, "close_wait_us");
+    let bound = held.elapsed().as_micros() as u64 + 50_000;
+    assert!((2_000_000..=bound).contains(&waited), "listed after {waited} µs, held {bound} µs");
     thread::sleep(Duration::from_millis(3000).saturating_sub(held.elapsed()));
     drop(server);
     client.read_to_end(&mut rest).unwrap();
@@ -752,4 +769,41 @@ fn connections_wait_in_the_accept_queue_until_accept_and_those_that_leave_it_are
         let (status, stderr, _) = daemon.stop();
         assert!(status.success(), "{stderr}");
     }
+}
+
+#[test]
+fn last_ack_lasts_until_the_peers_ack_which_a_drop_delays_to_the_fins_second_resend() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _shared = common::shared(); // only its own port's series
+    let test = NetnsTest::new("lastack", 8094);
+    let mut daemon = Daemon::start(&[]);
+    let before = daemon.settled_scrape();
+    let client = in_netns(&test.pair.client, || TcpStream::connect(test.server())).unwrap();
+    let (mut server, _) = test.listener.accept().unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    server.read_to_end(&mut Vec::new()).unwrap(); // the client's FIN: CLOSE_WAIT
+                                                  // The client's ACK of the server's FIN is dropped for 300 ms. The server probes with its
+                                                  // FIN once a tail-loss-probe timeout has passed (`tcp_schedule_loss_probe()`: srtt/4 +
+                                                  // TCP_RTO_MIN, 200 ms, with one segment out), and that ACK is dropped too; it resends on
+                                                  // the retransmission timeout, 200 ms later, and that one is answered: ~0.41 s.
+    let restore = drop_for_a_moment(&test.pair.server, "tcp dport 8094");
+    drop(server); // close(): FIN sent, LAST_ACK
+    restore.join().unwrap();
+    thread::sleep(Duration::from_millis(700));
+    drop(client);
+    let after = daemon.settled_scrape();
+    let spent = |state: &str| {
+        let with = format!("state=\"{state}\"");
+        port_sum(&after, "tcpmon_state_duration_seconds_sum", 8094, &with)
+            - port_sum(&before, "tcpmon_state_duration_seconds_sum", 8094, &with)
+    };
+    let last_ack = spent("LAST_ACK");
+    assert!((0.4..0.6).contains(&last_ack), "LAST_ACK lasted {last_ack} s, expected ~0.41 s");
+    let count = |m: &common::Metrics| {
+        port_sum(m, "tcpmon_state_duration_seconds_count", 8094, "state=\"LAST_ACK\"")
+    };
+    assert_eq!(count(&after) - count(&before), 1.0);
+    println!("LAST_ACK with its first two ACKs dropped: {last_ack:.3} s");
 }

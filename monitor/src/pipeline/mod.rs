@@ -20,8 +20,9 @@ use crate::decode::{decode, is_transition};
 use crate::metrics::ScrapeGate;
 use crate::naming::NamingService;
 use crate::source::{Drained, Recorder, Source, BATCH_RECORDS};
+use crate::tail::filter::View;
 use crate::tail::hub::{NewSubscriber, TailHub};
-use crate::tracker::{Attribution, Observation, ObservationSink, Tracker};
+use crate::tracker::{Attribution, ConnectionRecord, Observation, ObservationSink, Tracker};
 
 pub use driver::{Controls, PipelineOptions, Wake};
 
@@ -216,9 +217,26 @@ impl<S: Source> Pipeline<S> {
         self.heartbeat.clone()
     }
 
-    /// Adds a tail client: from its hello line on it sees every matching record.
+    /// Adds a tail client: from its hello line on it sees every matching record. A
+    /// `--close-wait` client gets the connections now in CLOSE_WAIT instead, and its stream
+    /// ends.
     pub fn add_subscriber(&mut self, subscriber: NewSubscriber) {
-        self.stages.hub.add(subscriber);
+        if subscriber.request.view != View::CloseWait {
+            self.stages.hub.add(subscriber);
+            return;
+        }
+        let records = self.stages.tracker.close_wait_records(crate::clock::monotonic_ns());
+        let mut naming = self.stages.naming.lock();
+        let named: Vec<(ConnectionRecord, String)> = records
+            .into_iter()
+            .map(|record| {
+                let workload = naming.workload_name(record.cgroup_id).to_owned();
+                (record, workload)
+            })
+            .collect();
+        drop(naming);
+        let listed = named.iter().map(|(record, workload)| (*record, workload.as_str())).collect();
+        self.stages.hub.list(subscriber, listed);
     }
 
     /// Changes the socket table's cap (config reload).

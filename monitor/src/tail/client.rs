@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use super::filter::Subscribe;
+use super::filter::{Subscribe, View};
 use super::format;
 use super::hub::{ClientQueue, NewSubscriber};
 use super::record::TailRecord;
@@ -100,6 +100,21 @@ where
             Lines::Daemon(BufReader::with_capacity(64 * 1024, stream))
         }
         Err(e)
+            if request.view == View::CloseWait
+                && matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+        {
+            // Only the daemon has watched connections enter CLOSE_WAIT.
+            eprintln!(
+                "tcpmon tail: error: --close-wait lists what the daemon tracks, and no daemon \
+                 answers at {} ({e})",
+                args.socket.display()
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
@@ -165,6 +180,11 @@ async fn print(mut lines: Lines, args: &TailOptions, request: &Subscribe) -> End
         }
         match lines.next(&mut line).await {
             Ok(true) => {}
+            // A listing ends when it is complete.
+            Ok(false) if request.view == View::CloseWait => {
+                let _ = out.flush();
+                return End::Done;
+            }
             Ok(false) => {
                 return End::Failed("the record stream ended (did the daemon stop?)".into())
             }
@@ -190,6 +210,11 @@ async fn print(mut lines: Lines, args: &TailOptions, request: &Subscribe) -> End
                         "standalone" => {
                             eprintln!("tcpmon tail: stand-alone: attached to the kernel")
                         }
+                        _ if request.view == View::CloseWait => eprintln!(
+                            "tcpmon tail: connections in CLOSE_WAIT now, oldest first, from the \
+                             daemon at {}",
+                            args.socket.display()
+                        ),
                         _ => eprintln!(
                             "tcpmon tail: following the daemon at {}",
                             args.socket.display()

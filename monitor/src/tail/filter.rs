@@ -22,6 +22,8 @@ pub enum View {
     Connections,
     /// One record per state transition.
     Events,
+    /// The connections now in CLOSE_WAIT, once, oldest first; then the stream ends.
+    CloseWait,
 }
 
 /// A client's request: the first line it sends, as JSON.
@@ -271,7 +273,11 @@ impl Subscribe {
     /// Whether this subscriber wants `record` of `workload` at all (view, established flag,
     /// filter).
     pub fn wants_connection(&self, record: &ConnectionRecord, workload: &str) -> bool {
-        self.view == View::Connections
+        let view = match record.phase {
+            ConnectionPhase::CloseWait => View::CloseWait,
+            _ => View::Connections,
+        };
+        self.view == view
             && (self.established || record.phase != ConnectionPhase::Established)
             && self.filter.matches_connection(record, workload)
     }

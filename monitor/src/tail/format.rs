@@ -106,7 +106,7 @@ fn identity_columns(who: &Identity) -> String {
 /// The header line of a view.
 pub fn header(view: View) -> String {
     match view {
-        View::Connections => format!(
+        View::Connections | View::CloseWait => format!(
             "{:<12} {:<7} {:>7} {:<15} {:<WORKLOAD_WIDTH$} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:>9} {:>9} {:>9} {:>10} {:>6} {:>6}  {}",
             "TIME(UTC)", "SIDE", "PID", "COMM", "WORKLOAD", "LOCAL", "REMOTE", "HANDSHAKE", "LIFETIME",
             "TEARDOWN", "CLOSE_WAIT", "TX", "RX", "OUTCOME"

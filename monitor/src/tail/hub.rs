@@ -274,6 +274,31 @@ impl TailHub {
         }
     }
 
+    /// Answers a `--close-wait` client: `hello`, then `records` (each with its workload)
+    /// that its filter passes, oldest wait first, at most [`CLIENT_QUEUE`] (a `missed`
+    /// notice counts the rest); then its queue ends, which ends its stream.
+    pub fn list(&mut self, subscriber: NewSubscriber, mut records: Vec<(ConnectionRecord, &str)>) {
+        let NewSubscriber { request, queue, backlog } = subscriber;
+        records.retain(|(record, workload)| request.wants_connection(record, workload));
+        records.sort_by_key(|(record, _)| std::cmp::Reverse(record.close_wait_ns));
+        let hello = TailRecord::Hello { version: PROTOCOL_VERSION, mode: self.mode.into() };
+        let mut lines = hello.to_line();
+        let listed = records.len().min(CLIENT_QUEUE - 2);
+        for (record, workload) in &records[..listed] {
+            write_connection(&mut lines, &mut self.times, record, workload, &self.clock);
+        }
+        let missed = (records.len() - listed) as u64;
+        if missed > 0 {
+            lines.extend_from_slice(&TailRecord::Missed { records: missed }.to_line());
+        }
+        let count = 1 + listed + usize::from(missed > 0);
+        self.metrics.sent.inc_by(listed as u64);
+        backlog.queued(count);
+        if queue.try_send(Chunk { lines: Bytes::from(lines), records: count }).is_err() {
+            backlog.written(count);
+        }
+    }
+
     /// Queues a connection record of workload `workload` for every client that wants it.
     pub fn publish_connection(&mut self, record: &ConnectionRecord, workload: &str) {
         self.publish(
@@ -477,6 +502,8 @@ pub fn default_socket() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tail::filter::{Filter, View};
+    use crate::tracker::{ConnectionPhase, Endpoints, Owner, Side};
 
     #[tokio::test]
     async fn the_socket_is_owner_only_in_an_owner_only_directory_and_replaces_no_file() {
@@ -496,5 +523,78 @@ mod tests {
         assert!(refused.contains("not a socket"), "{refused}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn waiting(port: u16, waited_ms: u64) -> ConnectionRecord {
+        let local = format!("127.0.0.1:{port}").parse().unwrap();
+        ConnectionRecord {
+            phase: ConnectionPhase::CloseWait,
+            start_ns: Some(0),
+            time_ns: 1,
+            side: Some(Side::Passive),
+            owner: Owner { pid: Some(7), comm: *b"app\0\0\0\0\0\0\0\0\0\0\0\0\0" },
+            endpoints: Endpoints::new(local, "127.0.0.1:40000".parse().unwrap()),
+            handshake_ns: None,
+            handshake_retransmits: None,
+            accept_queue_full: false,
+            accept_wait_ns: None,
+            netns: None,
+            cgroup_id: None,
+            stats: None,
+            lifetime_ns: None,
+            teardown: None,
+            close_wait_ns: Some(waited_ms * 1_000_000),
+            outcome: None,
+        }
+    }
+
+    /// The lines a `--close-wait` client with `filter` receives for `records`.
+    fn listing(filter: Filter, records: &[ConnectionRecord]) -> Vec<TailRecord> {
+        let metrics = TailMetrics::new(&Registry::new()).unwrap();
+        let mut hub = TailHub::new(WallClock::now(), metrics, "daemon");
+        let request = Subscribe {
+            version: PROTOCOL_VERSION,
+            view: View::CloseWait,
+            filter,
+            ..Subscribe::default()
+        };
+        let (subscriber, mut client) = queue(request);
+        hub.list(subscriber, records.iter().map(|r| (*r, "app.service")).collect());
+        let chunk = client.chunks.try_recv().unwrap();
+        assert!(client.chunks.try_recv().is_err(), "one chunk, then the queue ends");
+        assert_eq!(client.backlog.get(), chunk.records);
+        let lines = String::from_utf8(chunk.lines.to_vec()).unwrap();
+        lines.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+    }
+
+    fn waits(lines: &[TailRecord]) -> Vec<u64> {
+        lines
+            .iter()
+            .filter_map(|line| match line {
+                TailRecord::Connection(c) => c.close_wait_us,
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_close_wait_listing_is_filtered_oldest_first_and_bounded() {
+        let records = [waiting(80, 5), waiting(443, 9_000), waiting(80, 300)];
+        let all = listing(Filter::default(), &records);
+        assert!(matches!(all[0], TailRecord::Hello { .. }));
+        assert_eq!(waits(&all), [9_000_000, 300_000, 5_000]);
+        let port_80 = listing(Filter { ports: vec![80], ..Filter::default() }, &records);
+        assert_eq!(waits(&port_80), [300_000, 5_000]);
+        // More than a client's queue holds: the oldest, then how many were left out.
+        let many: Vec<ConnectionRecord> =
+            (0..CLIENT_QUEUE as u64 + 10).map(|i| waiting(80, i)).collect();
+        let lines = listing(Filter::default(), &many);
+        assert_eq!(lines.len(), CLIENT_QUEUE);
+        assert_eq!(waits(&lines).first(), Some(&((CLIENT_QUEUE as u64 + 9) * 1_000)));
+        assert!(
+            matches!(lines.last(), Some(TailRecord::Missed { records: 12 })),
+            "{:?}",
+            lines.last()
+        );
     }
 }

@@ -555,6 +555,20 @@ impl Tracker {
         }
     }
 
+    /// A record of every connection now in CLOSE_WAIT that was seen entering it, at `now_ns`:
+    /// its `close_wait_ns` is how long it has waited so far.
+    pub fn close_wait_records(&self, now_ns: u64) -> Vec<ConnectionRecord> {
+        let waiting = self.table.entries().filter(|entry| entry.state == TcpState::CloseWait);
+        waiting
+            .filter_map(|entry| {
+                let since = entry.close_wait_ns.get()?;
+                let mut record = entry.connection_record(ConnectionPhase::CloseWait, now_ns, None);
+                record.close_wait_ns = Some(elapsed(since, now_ns));
+                Some(record)
+            })
+            .collect()
+    }
+
     /// Whose a tracked connection is. The service port of a socket first seen mid-life is
     /// the local one when this host listened on it then, else the remote one.
     fn attribution(&self, entry: &SocketEntry) -> Attribution {

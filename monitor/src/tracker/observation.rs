@@ -144,6 +144,9 @@ pub enum ConnectionPhase {
     Closed,
     /// Reached CLOSE without ever being established (connect failure, aborted accept).
     Failed,
+    /// In CLOSE_WAIT now (`tcpmon tail --close-wait`): the peer closed, the application
+    /// has not.
+    CloseWait,
 }
 
 impl ConnectionPhase {
@@ -153,6 +156,7 @@ impl ConnectionPhase {
             ConnectionPhase::Established => "established",
             ConnectionPhase::Closed => "closed",
             ConnectionPhase::Failed => "failed",
+            ConnectionPhase::CloseWait => "close_wait",
         }
     }
 }
