@@ -17,7 +17,10 @@
 //!
 //! One read serves every scrape within [`MIN_INTERVAL`]: Prometheus servers scraping the same
 //! host together cost one walk of the namespaces, and a scrape storm cannot turn into a dump
-//! storm.
+//! storm. The SYN_RECV and FIN_WAIT2 counts of a namespace whose TCP was quiet since its last
+//! dump are reused rather than dumped again ([`Activity`]): each such dump walks the whole TCP
+//! hash table the namespace uses, by default the host's, which on a container host costs
+//! milliseconds per namespace.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -94,6 +97,29 @@ pub struct ListenQueue {
     pub limit: u32,
 }
 
+/// What changes whenever a namespace's SYN_RECV or FIN_WAIT2 population can have changed,
+/// provided it had no request socket (whose SYN-ACK timer can drop it without a segment):
+/// - a request socket needs a SYN in, and a full socket enters or leaves FIN_WAIT2 on a
+///   segment in (our FIN acknowledged, the peer's FIN) or with a RST out: segments in and out
+///   (`Tcp:` `InSegs` and `OutSegs` of `/proc/net/snmp`, which `tcp_v4_rcv()`/`tcp_v6_rcv()`
+///   count for every segment they take and `__tcp_transmit_skb()` for every one sent, both
+///   families);
+/// - a socket closing, or handed to a timewait socket, changes the hashed sockets (`inuse` of
+///   `sockstat` and `sockstat6`);
+/// - a timewait socket in substate FIN_WAIT2 comes and goes with the timewait count (`tw`),
+///   and turns into TIME_WAIT on the peer's FIN (a segment in).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// `Tcp: InSegs`.
+    pub segments_in: u64,
+    /// `Tcp: OutSegs`.
+    pub segments_out: u64,
+    /// Hashed TCP sockets, both families.
+    pub in_use: u64,
+    /// Timewait sockets.
+    pub timewait: u64,
+}
+
 /// What one network namespace says.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NamespaceState {
@@ -109,6 +135,16 @@ pub struct NamespaceState {
     pub listeners: Vec<ListenQueue>,
     /// [`KERNEL_COUNTERS`], in order; `None` when the kernel has no such field.
     pub counters: [Option<u64>; COUNTERS],
+    /// Its activity when SYN_RECV and FIN_WAIT2 were last dumped; `None` if unknown.
+    pub dumped_at: Option<Activity>,
+}
+
+impl NamespaceState {
+    /// Whether this read's SYN_RECV and FIN_WAIT2 counts still hold at `now` (see
+    /// [`Activity`]).
+    fn still_holds(&self, now: &Activity) -> bool {
+        self.syn_recv == 0 && self.dumped_at.as_ref() == Some(now)
+    }
 }
 
 /// The `tw` of `/proc/net/sockstat`'s `TCP:` line.
@@ -118,7 +154,12 @@ pub fn parse_sockstat_time_wait(text: &str) -> Option<u64> {
 
 /// A field (`inuse`, `tw`, …) of `/proc/net/sockstat`'s `TCP:` line.
 fn parse_sockstat_tcp(text: &str, field: &str) -> Option<u64> {
-    let line = text.lines().find(|line| line.starts_with("TCP:"))?;
+    parse_sockstat(text, "TCP:", field)
+}
+
+/// A field of the line that starts with `protocol` (`TCP:`, or `TCP6:` in `sockstat6`).
+fn parse_sockstat(text: &str, protocol: &str, field: &str) -> Option<u64> {
+    let line = text.lines().find(|line| line.starts_with(protocol))?;
     let words: Vec<&str> = line.split_whitespace().collect();
     let at = words.iter().position(|word| *word == field)?;
     words.get(at + 1)?.parse().ok()
@@ -145,24 +186,65 @@ pub fn parse_netstat(text: &str) -> [Option<u64>; COUNTERS] {
     counters
 }
 
-/// Reads the calling thread's network namespace.
-pub fn read_namespace() -> io::Result<NamespaceState> {
-    let sockstat = std::fs::read_to_string("/proc/thread-self/net/sockstat")?;
-    let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat")?;
+/// The `Tcp:` segment counters (`InSegs`, `OutSegs`) of a `/proc/net/snmp` text.
+fn parse_snmp_segments(text: &str) -> Option<(u64, u64)> {
+    let mut lines = text.lines().filter(|line| line.starts_with("Tcp:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let field = |wanted: &str| {
+        let at = names.split_whitespace().position(|name| name == wanted)?;
+        values.split_whitespace().nth(at)?.parse().ok()
+    };
+    Some((field("InSegs")?, field("OutSegs")?))
+}
+
+/// Reads the calling thread's network namespace. `last` is its previous read, if any: when
+/// the namespace was quiet since (see [`Activity`]), its SYN_RECV and FIN_WAIT2 counts are
+/// taken from it and only the listeners are dumped, which walks the listening hash and not
+/// the established one.
+pub fn read_namespace(last: Option<&NamespaceState>) -> io::Result<NamespaceState> {
+    let read = |file: &str| std::fs::read_to_string(format!("/proc/thread-self/net/{file}"));
+    let (sockstat, netstat, snmp) = (read("sockstat")?, read("netstat")?, read("snmp")?);
+    // sockstat6 is absent without IPv6.
+    let sockstat6 = read("sockstat6").unwrap_or_default();
     let mut state = NamespaceState {
         timewait_sockets: parse_sockstat_time_wait(&sockstat).unwrap_or(0),
         counters: parse_netstat(&netstat),
         ..NamespaceState::default()
     };
-    // No hashed TCP socket (`inuse`: listeners and connections) and no timewait one: no
-    // listener, so no request socket, and nothing in FIN_WAIT2. The dump would find nothing,
-    // after walking the whole TCP hash the namespace uses (the host's, unless
-    // `tcp_child_ehash_entries` gave it its own; TIME_WAIT entries included): skip it.
-    let inuse = parse_sockstat_tcp(&sockstat, "inuse");
-    if inuse == Some(0) && state.timewait_sockets == 0 {
+    let in_use =
+        [parse_sockstat_tcp(&sockstat, "inuse"), parse_sockstat(&sockstat6, "TCP6:", "inuse")];
+    let segments = parse_snmp_segments(&snmp);
+    let activity = match (in_use, segments) {
+        ([Some(v4), v6], Some((segments_in, segments_out))) => Some(Activity {
+            segments_in,
+            segments_out,
+            in_use: v4 + v6.unwrap_or(0),
+            timewait: state.timewait_sockets,
+        }),
+        _ => None,
+    };
+    // No hashed TCP socket of either family (listeners and connections: an IPv6 one counts
+    // in sockstat6 only) and no timewait one: no listener, so no request socket, and nothing
+    // in FIN_WAIT2. The dump would find nothing, after walking the whole TCP hash the
+    // namespace uses (the host's, unless `tcp_child_ehash_entries` gave it its own; TIME_WAIT
+    // entries included): skip it.
+    if activity.is_some_and(|now| now.in_use == 0 && now.timewait == 0) {
+        state.dumped_at = activity;
         return Ok(state);
     }
-    let wanted = StateFlags::LISTEN | StateFlags::SYN_RECV | StateFlags::FIN_WAIT2;
+    let quiet = match (last, activity) {
+        (Some(last), Some(now)) => last.still_holds(&now),
+        _ => false,
+    };
+    let wanted = if quiet {
+        let last = last.expect("quiet only with a last read");
+        (state.syn_recv, state.fin_wait2) = (last.syn_recv, last.fin_wait2);
+        state.fin_wait2_timewait = last.fin_wait2_timewait;
+        StateFlags::LISTEN
+    } else {
+        StateFlags::LISTEN | StateFlags::SYN_RECV | StateFlags::FIN_WAIT2
+    };
+    state.dumped_at = activity;
     for socket in sockdiag::dump_both(wanted)? {
         match socket.state {
             TcpState::Listen => state.listeners.push(ListenQueue {
@@ -229,6 +311,8 @@ struct Inner {
     /// Each namespace's counters at the last read, so vanished and new namespaces never make
     /// a total go down.
     last: HashMap<u32, [u64; COUNTERS]>,
+    /// Each namespace's last read, whose dump a quiet namespace reuses.
+    last_reads: HashMap<u32, NamespaceState>,
     time_wait: IntGauge,
     syn_recv: IntGauge,
     fin_wait2: IntGauge,
@@ -267,6 +351,7 @@ impl NetState {
             naming,
             netns_label,
             last: HashMap::new(),
+            last_reads: HashMap::new(),
             time_wait: state_gauge("TIME_WAIT")?,
             syn_recv: state_gauge("SYN_RECV")?,
             fin_wait2: state_gauge("FIN_WAIT2")?,
@@ -328,9 +413,10 @@ impl Inner {
             return;
         }
         self.read_at = Some(Instant::now());
-        let reads = self.reader.run(|| {
+        let last = std::mem::take(&mut self.last_reads);
+        let reads = self.reader.run(move || {
             let namespaces = sockdiag::namespaces(sockdiag::own_namespace());
-            sockdiag::in_each(&namespaces, read_namespace)
+            sockdiag::in_each(&namespaces, |netns| read_namespace(last.get(&netns)))
         });
         let Ok(reads) = reads else {
             // The reader failed as a whole: nothing read, every total kept as it was.
@@ -351,6 +437,7 @@ impl Inner {
             }
         }
         self.publish(&states, &unread);
+        self.last_reads = states.into_iter().collect();
     }
 
     /// Sets the gauges and advances the counters from one read; namespaces in `unread` still
@@ -437,6 +524,9 @@ mod tests {
         assert_eq!(parse_sockstat_time_wait(sockstat), Some(44012));
         assert_eq!(parse_sockstat_time_wait("TCP: inuse 5\n"), None);
         assert_eq!(parse_sockstat_tcp(sockstat, "inuse"), Some(5));
+        let sockstat6 = "TCP6: inuse 3\nUDP6: inuse 1\n";
+        assert_eq!(parse_sockstat(sockstat6, "TCP6:", "inuse"), Some(3));
+        assert_eq!(parse_sockstat_tcp(sockstat6, "inuse"), None);
         let netstat = "TcpExt: SyncookiesSent SyncookiesRecv SyncookiesFailed TW ListenOverflows ListenDrops\n\
                        TcpExt: 7 6 1 400 3 5\n\
                        IpExt: InNoRoutes ListenOverflows\n\
@@ -450,6 +540,32 @@ mod tests {
         );
         assert_eq!((get("ListenOverflows"), get("ListenDrops")), (Some(3), Some(5)), "TcpExt only");
         assert_eq!(get("TCPReqQFullDrop"), None, "absent fields stay unknown");
+    }
+
+    #[test]
+    fn snmp_segments_parse_as_the_kernel_writes_them() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails EstabResets CurrEstab InSegs OutSegs RetransSegs\n\
+                    Tcp: 1 200 120000 -1 9 9 0 0 0 97367359 97338391 858\n\
+                    Udp: InDatagrams\nUdp: 5\n";
+        assert_eq!(parse_snmp_segments(snmp), Some((97_367_359, 97_338_391)));
+        assert_eq!(parse_snmp_segments("Tcp: InSegs\n"), None);
+    }
+
+    #[test]
+    fn a_quiet_namespace_keeps_its_counts_only_without_request_sockets() {
+        let at = Activity { segments_in: 10, segments_out: 9, in_use: 2, timewait: 1 };
+        let read =
+            NamespaceState { fin_wait2: 3, dumped_at: Some(at), ..NamespaceState::default() };
+        assert!(read.still_holds(&at));
+        // Any segment, socket or timewait socket more: dumped again.
+        assert!(!read.still_holds(&Activity { segments_in: 11, ..at }));
+        assert!(!read.still_holds(&Activity { segments_out: 10, ..at }));
+        assert!(!read.still_holds(&Activity { in_use: 1, ..at }));
+        assert!(!read.still_holds(&Activity { timewait: 0, ..at }));
+        // A request socket can expire on its timer without a segment: dumped again.
+        assert!(!NamespaceState { syn_recv: 1, ..read.clone() }.still_holds(&at));
+        assert!(!NamespaceState { dumped_at: None, ..read }.still_holds(&at));
     }
 
     #[test]
@@ -478,10 +594,11 @@ mod tests {
     fn this_namespace_reads_with_our_own_listener_in_it() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let state = read_namespace().unwrap();
+        let state = read_namespace(None).unwrap();
         let ours = state.listeners.iter().find(|q| q.port == port).expect("our listener");
         // std listens with a backlog of 128.
         assert_eq!((ours.length, ours.limit), (0, 128));
         assert!(state.counters.iter().all(Option::is_some), "{:?}", state.counters);
+        assert!(state.dumped_at.is_some_and(|at| at.in_use > 0 && at.segments_in > 0));
     }
 }

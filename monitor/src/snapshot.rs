@@ -50,7 +50,7 @@ pub fn take(cgroup_root: Option<PathBuf>) -> Snapshot {
         ));
     }
     let namespaces = sockdiag::namespaces(sockdiag::own_namespace());
-    for (netns, dumped) in sockdiag::in_each(&namespaces, dump_all) {
+    for (netns, dumped) in sockdiag::in_each(&namespaces, |_| dump_all()) {
         match dumped {
             Ok(found) => {
                 snapshot.namespaces += 1;

@@ -143,7 +143,8 @@ pub fn pids() -> impl Iterator<Item = u32> {
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
 }
 
-/// Runs `read` in each of `namespaces` (from [`namespaces`]) on the calling thread, entering
+/// Runs `read` (given the namespace's inode) in each of `namespaces` (from [`namespaces`]) on
+/// the calling thread, entering
 /// them one after the other, and returns the thread to the daemon's own namespace at the
 /// end (`setns()` changes only the calling thread's namespace). The daemon calls it on its
 /// [`crate::privilege::PrivilegedThread`], the one thread that keeps CAP_SYS_ADMIN for
@@ -152,7 +153,7 @@ pub fn pids() -> impl Iterator<Item = u32> {
 /// hostNetwork.
 pub fn in_each<T>(
     namespaces: &[(u32, String)],
-    read: impl Fn() -> io::Result<T>,
+    read: impl Fn(u32) -> io::Result<T>,
 ) -> Vec<(u32, io::Result<T>)> {
     // /proc/self is the thread-group leader, which never leaves the daemon's namespace.
     let home = own_namespace();
@@ -168,7 +169,7 @@ pub fn in_each<T>(
     };
     let results = namespaces
         .iter()
-        .map(|(netns, path)| (*netns, enter(*netns, path).and_then(|()| read())))
+        .map(|(netns, path)| (*netns, enter(*netns, path).and_then(|()| read(*netns))))
         .collect();
     if let Err(e) = enter(home, "/proc/self/ns/net") {
         log::warn!("returning to the daemon's network namespace after a read: {e}");

@@ -807,3 +807,35 @@ fn last_ack_lasts_until_the_peers_ack_which_a_drop_delays_to_the_fins_second_res
     assert_eq!(count(&after) - count(&before), 1.0);
     println!("LAST_ACK with its first two ACKs dropped: {last_ack:.3} s");
 }
+
+#[test]
+fn an_ipv6_listeners_queue_is_read_and_stays_current_while_its_namespace_is_quiet() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _shared = common::shared(); // only its own port's series
+                                    // A dual-stack listener (`[::]`, as many servers bind by default) is an IPv6 socket: its
+                                    // namespace has no IPv4 TCP socket at all (`sockstat` counts none, `sockstat6` does).
+    let pair = NetnsPair::new("v6only");
+    let listener = in_netns(&pair.server, || TcpListener::bind("[::]:8095")).unwrap();
+    let mut daemon = Daemon::start(&[]);
+    let server = SocketAddr::from((pair.server_ip, 8095));
+    let clients: Vec<TcpStream> =
+        (0..2).map(|_| in_netns(&pair.client, || TcpStream::connect(server)).unwrap()).collect();
+    let queued = |daemon: &mut Daemon| {
+        thread::sleep(monitor::netstate::MIN_INTERVAL + Duration::from_millis(100));
+        let m = daemon.settled_scrape();
+        (
+            port_sum(&m, "tcpmon_listen_queue_length", 8095, ""),
+            port_sum(&m, "tcpmon_listen_queue_limit", 8095, ""),
+        )
+    };
+    assert_eq!(queued(&mut daemon), (2.0, 128.0), "two connections wait for accept()");
+    // Nothing moves: the next read reuses the namespace's SYN_RECV and FIN_WAIT2 dump but
+    // still reads the listener.
+    assert_eq!(queued(&mut daemon), (2.0, 128.0));
+    // accept() takes them without a segment on the wire: the queue is read afresh anyway.
+    let accepted: Vec<TcpStream> = (0..2).map(|_| listener.accept().unwrap().0).collect();
+    assert_eq!(queued(&mut daemon), (0.0, 128.0), "accepted");
+    drop((accepted, clients));
+}
