@@ -245,7 +245,17 @@ pub fn read_namespace(last: Option<&NamespaceState>) -> io::Result<NamespaceStat
         StateFlags::LISTEN | StateFlags::SYN_RECV | StateFlags::FIN_WAIT2
     };
     state.dumped_at = activity;
-    for socket in sockdiag::dump_both(wanted)? {
+    // A family with no hashed socket has no listener, hence no request socket and no full
+    // FIN_WAIT2 one; only timewait sockets (counted for both families together) can be
+    // there, and they matter only to a dump of FIN_WAIT2.
+    let families = match in_use {
+        [Some(v4), v6] => {
+            let timewait = !quiet && state.timewait_sockets > 0;
+            [v4 > 0 || timewait, v6.unwrap_or(0) > 0 || (timewait && v6.is_some())]
+        }
+        _ => [true, true],
+    };
+    for socket in sockdiag::dump_families(wanted, families)? {
         match socket.state {
             TcpState::Listen => state.listeners.push(ListenQueue {
                 port: socket.endpoints.sport,

@@ -39,8 +39,18 @@ pub struct DiagSocket {
 
 /// The sockets of both families in `states`, in the calling thread's network namespace.
 pub fn dump_both(states: StateFlags) -> io::Result<Vec<DiagSocket>> {
-    let mut sockets = dump(AF_INET, states.clone())?;
-    sockets.extend(dump(AF_INET6, states)?);
+    dump_families(states, [true, true])
+}
+
+/// The sockets in `states` of the families `[IPv4, IPv6]` asks for: each dump walks the
+/// hash tables whatever it finds, so a family known to have no socket is not dumped.
+pub fn dump_families(states: StateFlags, families: [bool; 2]) -> io::Result<Vec<DiagSocket>> {
+    let mut sockets = Vec::new();
+    for (family, wanted) in [AF_INET, AF_INET6].into_iter().zip(families) {
+        if wanted {
+            sockets.extend(dump(family, states.clone())?);
+        }
+    }
     Ok(sockets)
 }
 

@@ -20,6 +20,8 @@ pub struct ChurnReport {
     pub errors: u64,
     /// Wall time of the run.
     pub elapsed: Duration,
+    /// The echo server's port.
+    pub port: u16,
 }
 
 impl ChurnReport {
@@ -96,5 +98,6 @@ pub fn run(duration: Duration, clients: usize) -> Result<ChurnReport> {
         connections: done.load(Ordering::Relaxed),
         errors: errors.load(Ordering::Relaxed),
         elapsed,
+        port: address.port(),
     })
 }

@@ -18,31 +18,48 @@ use anyhow::{anyhow, bail, Context, Result};
 /// The sysctl that gives new namespaces a TCP hash table of their own.
 const CHILD_EHASH: &str = "/proc/sys/net/ipv4/tcp_child_ehash_entries";
 
+/// The daemon's CPU for a `/metrics` scrape, ms, beyond what it spends idle.
+#[derive(Clone, Copy, Debug)]
+pub struct ScrapeCost {
+    /// The first scrape: every namespace is dumped whole (as one that saw traffic since the
+    /// last scrape is).
+    pub first_ms: f64,
+    /// The scrapes after it, while nothing moves: a quiet namespace's dump of SYN_RECV and
+    /// FIN_WAIT2 is reused, its listeners read afresh.
+    pub idle_ms: f64,
+}
+
+impl std::fmt::Display for ScrapeCost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1} ms (first: {:.1} ms)", self.idle_ms, self.first_ms)
+    }
+}
+
 /// One row: CPU per scrape with `namespaces` namespaces.
 #[derive(Clone, Copy, Debug)]
 pub struct Row {
     /// Namespaces the daemon reads, its own included.
     pub namespaces: usize,
-    /// ms of CPU per scrape when they share the host's TCP hash table (the default).
-    pub shared_ms: f64,
+    /// CPU per scrape when they share the host's TCP hash table (the default).
+    pub shared: ScrapeCost,
     /// The same with a table of their own (`tcp_child_ehash_entries` = 1024); `None` on
     /// kernels without the setting.
-    pub own_ms: Option<f64>,
+    pub own: Option<ScrapeCost>,
 }
 
 /// Measures the rows for `counts` namespaces; `scrape_cost` starts a daemon, measures its CPU
-/// per scrape in ms, and stops it.
-pub fn measure(counts: &[usize], scrape_cost: &dyn Fn() -> Result<f64>) -> Result<Vec<Row>> {
+/// per scrape, and stops it.
+pub fn measure(counts: &[usize], scrape_cost: &dyn Fn() -> Result<ScrapeCost>) -> Result<Vec<Row>> {
     let before = std::fs::read_to_string(CHILD_EHASH).ok();
     let rows = counts
         .iter()
         .map(|&namespaces| -> Result<Row> {
-            let shared_ms = with_namespaces(namespaces - 1, None, scrape_cost)?;
-            let own_ms = match &before {
+            let shared = with_namespaces(namespaces - 1, None, scrape_cost)?;
+            let own = match &before {
                 Some(_) => Some(with_namespaces(namespaces - 1, Some(1024), scrape_cost)?),
                 None => None,
             };
-            Ok(Row { namespaces, shared_ms, own_ms })
+            Ok(Row { namespaces, shared, own })
         })
         .collect();
     if let Some(before) = before {
@@ -56,8 +73,8 @@ pub fn measure(counts: &[usize], scrape_cost: &dyn Fn() -> Result<f64>) -> Resul
 fn with_namespaces(
     extra: usize,
     own_table: Option<u32>,
-    scrape_cost: &dyn Fn() -> Result<f64>,
-) -> Result<f64> {
+    scrape_cost: &dyn Fn() -> Result<ScrapeCost>,
+) -> Result<ScrapeCost> {
     let names: Vec<String> =
         (0..extra).map(|i| format!("tcpmon-bench-{}-{i}", std::process::id())).collect();
     if let Some(buckets) = own_table {
@@ -117,11 +134,11 @@ fn ip_batch(lines: impl Iterator<Item = String>) -> Result<()> {
 /// The report's section.
 pub fn report(rows: &[Row]) -> String {
     let mut text = String::from(
-        "\nScrape cost by network namespaces (CPU per `/metrics` scrape beyond the idle daemon's; the host's namespace and N - 1 made for the run, each with one listener as a pod has; each namespace's `sock_diag` dump walks the TCP established hash its namespace uses, the host's unless `net.ipv4.tcp_child_ehash_entries` gave it one of its own):\n\n| namespaces | shared hash table (default) | own tables (`tcp_child_ehash_entries=1024`) |\n|---:|---:|---:|\n",
+        "\nScrape cost by network namespaces (CPU per `/metrics` scrape beyond the idle daemon's; the host's namespace and N - 1 made for the run, each with one listener as a pod has and no traffic; each namespace's `sock_diag` dump of SYN_RECV and FIN_WAIT2 walks the TCP established hash its namespace uses, the host's unless `net.ipv4.tcp_child_ehash_entries` gave it one of its own. \"First\" is the first scrape, which dumps every namespace whole, as every later scrape does for a namespace that saw a segment since the one before; the other figure is a scrape while nothing moves, which reuses those dumps and reads only the listeners):\n\n| namespaces | shared hash table (default) | own tables (`tcp_child_ehash_entries=1024`) |\n|---:|---:|---:|\n",
     );
     for row in rows {
-        let own = row.own_ms.map_or("not available".to_owned(), |ms| format!("{ms:.1} ms"));
-        text.push_str(&format!("| {} | {:.1} ms | {own} |\n", row.namespaces, row.shared_ms));
+        let own = row.own.map_or("not available".to_owned(), |cost| cost.to_string());
+        text.push_str(&format!("| {} | {} | {own} |\n", row.namespaces, row.shared));
     }
     text
 }
