@@ -421,6 +421,21 @@ pub mod counter {
     pub const SLOTS: u32 = 3;
 }
 
+/// Rare conditions the programs log through aya-log (at most once per CPU per kind per
+/// second: slots of the per-CPU `LOGGED_AT` map, which holds when each was last logged).
+pub mod log_kind {
+    /// A transition's record found its ring full (warn).
+    pub const RING_FULL: u32 = 0;
+    /// A note's record found its ring full (warn).
+    pub const NOTE_RING_FULL: u32 = 1;
+    /// A read of a socket's memory failed, or a state was out of range (debug).
+    pub const ANOMALY: u32 = 2;
+    /// A SYN-ACK retransmission's listener could not be read (debug).
+    pub const SYNACK_LISTENER: u32 = 3;
+    /// Number of slots.
+    pub const SLOTS: u32 = 4;
+}
+
 /// Most ring buffers the programs use: one per CPU up to this many; more CPUs share them.
 pub const MAX_RINGS: usize = 16;
 

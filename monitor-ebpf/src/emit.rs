@@ -1,22 +1,27 @@
 //! What the state program does with a transition: count it, and write and submit its
-//! record (with the socket's counters where they matter); and the notes the small programs
-//! submit.
+//! record (with the socket's counters where they matter); the notes the small programs
+//! submit; and the rare anomalies they log (aya-log, at most once per CPU per kind per
+//! second, only on the paths where something went wrong).
+
+use aya_ebpf::EbpfContext;
+use aya_log_ebpf::{debug, warn};
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
     maps::RingBuf,
 };
 use monitor_common::tcp_state::{
     CLOSE, CLOSE_WAIT, ESTABLISHED, FIN_WAIT1, LAST_ACK, LISTEN, SYN_RECV, SYN_SENT,
 };
 use monitor_common::{
-    counter, is_birth, transition_index, KernelOffsets, SocketNote, StateEvent,
-    StateEventWithStats, SOCK_ERR_UNKNOWN,
+    counter, is_birth, log_kind, transition_index, KernelOffsets, SocketNote, StateEvent,
+    StateEventWithStats, AF_INET, AF_INET6, SOCK_ERR_UNKNOWN,
 };
 
 use crate::maps::{
-    bump, offsets, ring, CHECK_BYTES, EVENT_COUNTERS, TRANSITIONS, UNCHECKED_BYTES, WAKEUP_BYTES,
+    bump, may_log, offsets, ring, ring_slot, CHECK_BYTES, EVENT_COUNTERS, TRANSITIONS,
+    UNCHECKED_BYTES, WAKEUP_BYTES,
 };
 use crate::read::{store16, Reader};
 use crate::socket::{cgroup_id, netns_inum, tcp_stats, Socket};
@@ -88,20 +93,94 @@ pub(crate) fn wakeup_flags(ring: &RingBuf, size: usize, reserved: bool) -> u64 {
 /// written in place instead (reserve, fill, submit): measured cheaper for their 96 and 152
 /// bytes than building them on the stack to copy.
 #[inline(always)]
-pub(crate) fn output<T>(record: &T, lost: u32) {
+pub(crate) fn output<C: EbpfContext, T>(ctx: &C, record: &T, lost: u32) {
     let ring = ring();
     let flags = wakeup_flags(ring, core::mem::size_of::<T>(), false);
     if ring.output::<T>(record, flags).is_err() {
         bump(&EVENT_COUNTERS, lost);
+        if may_log(log_kind::NOTE_RING_FULL) {
+            // SAFETY: no arguments; returns the current CPU's number.
+            let cpu = unsafe { generated::bpf_get_smp_processor_id() };
+            warn!(
+                ctx,
+                "ring EVENTS{} full on CPU {}: a note was lost (tcpmon_notes_lost_total counts \
+                 them; a larger --ring-bytes or a shorter --drain-interval helps)",
+                ring_slot(cpu),
+                cpu
+            );
+        }
     }
+}
+
+/// `address` as a plain number. In the BTF build a socket's address is a typed pointer, and
+/// the verifier refuses the shifts that write a number into a log line ("pointer arithmetic
+/// prohibited"); a copy that a helper makes is untyped. Only on the paths that log.
+#[inline(always)]
+pub(crate) fn as_number(address: u64) -> u64 {
+    let copy = address;
+    // SAFETY: reads 8 bytes of this program's own stack.
+    unsafe { bpf_probe_read_kernel(&raw const copy) }.unwrap_or(0)
+}
+
+/// Logs that a transition of `skaddr` was lost to a full ring.
+#[inline(never)]
+fn log_ring_full<C: EbpfContext>(ctx: &C, skaddr: u64, oldstate: i32, newstate: i32) {
+    if !may_log(log_kind::RING_FULL) {
+        return;
+    }
+    let skaddr = as_number(skaddr);
+    // SAFETY: no arguments; returns the current CPU's number.
+    let cpu = unsafe { generated::bpf_get_smp_processor_id() };
+    warn!(
+        ctx,
+        "ring EVENTS{} full on CPU {}: lost the transition {} -> {} of socket {:x} \
+         (tcpmon_events_lost_total counts them; a larger --ring-bytes or a shorter \
+         --drain-interval helps)",
+        ring_slot(cpu),
+        cpu,
+        oldstate,
+        newstate,
+        skaddr
+    );
+}
+
+/// Logs a record the program could not fill as it should: a read of the socket that failed
+/// (`what`: 1 `sk_err`, 2 the `tcp_sock` counters), or a family or state it does not know (3).
+#[inline(never)]
+fn log_anomaly<C: EbpfContext>(ctx: &C, what: u32, skaddr: u64, family: u16, states: [i32; 2]) {
+    if !may_log(log_kind::ANOMALY) {
+        return;
+    }
+    let skaddr = as_number(skaddr);
+    // SAFETY: no arguments; returns the current CPU's number.
+    let cpu = unsafe { generated::bpf_get_smp_processor_id() };
+    debug!(
+        ctx,
+        "CPU {}: socket {:x} (family {}), transition {} -> {}: anomaly {} (1: sk_err unread, \
+         2: counters unread, 3: family or state unknown)",
+        cpu,
+        skaddr,
+        family,
+        states[0],
+        states[1],
+        what
+    );
 }
 
 /// What both builds do with a TCP transition: count it, and submit its record.
 #[inline(always)]
-pub(crate) unsafe fn on_state_change<S: Socket>(socket: &S, oldstate: i32, newstate: i32) {
+pub(crate) unsafe fn on_state_change<C: EbpfContext, S: Socket>(
+    ctx: &C,
+    socket: &S,
+    oldstate: i32,
+    newstate: i32,
+) {
     match transition_index(oldstate, newstate) {
         Some(index) => bump(&TRANSITIONS, index),
-        None => bump(&EVENT_COUNTERS, counter::STATE_OUT_OF_RANGE),
+        None => {
+            bump(&EVENT_COUNTERS, counter::STATE_OUT_OF_RANGE);
+            log_anomaly(ctx, 3, socket.skaddr(), 0, [oldstate, newstate]);
+        }
     }
 
     let offsets = offsets();
@@ -109,6 +188,7 @@ pub(crate) unsafe fn on_state_change<S: Socket>(socket: &S, oldstate: i32, newst
     if wants_stats(oldstate, newstate) {
         let Some(mut entry) = ring.reserve::<StateEventWithStats>(0) else {
             bump(&EVENT_COUNTERS, counter::RING_RESERVE_FAILED);
+            log_ring_full(ctx, socket.skaddr(), oldstate, newstate);
             return;
         };
         let record = entry.as_mut_ptr();
@@ -120,11 +200,22 @@ pub(crate) unsafe fn on_state_change<S: Socket>(socket: &S, oldstate: i32, newst
                 socket.fix_closing_endpoints(&raw mut (*record).event, &tcp, offsets);
             }
             (*record).stats = tcp_stats(&tcp, offsets, closing);
+            let event = &(*record).event;
+            let what = match ((*record).stats.complete, event.sock_err) {
+                (0, _) => 2,
+                (_, SOCK_ERR_UNKNOWN) => 1,
+                _ if !matches!(event.family, AF_INET | AF_INET6) => 3,
+                _ => 0,
+            };
+            if what != 0 {
+                log_anomaly(ctx, what, event.skaddr, event.family, [oldstate, newstate]);
+            }
         }
         entry.submit(wakeup_flags(ring, core::mem::size_of::<StateEventWithStats>(), true));
     } else {
         let Some(mut entry) = ring.reserve::<StateEvent>(0) else {
             bump(&EVENT_COUNTERS, counter::RING_RESERVE_FAILED);
+            log_ring_full(ctx, socket.skaddr(), oldstate, newstate);
             return;
         };
         unsafe { fill(socket, entry.as_mut_ptr(), oldstate, newstate, offsets) };
@@ -174,8 +265,8 @@ pub(crate) unsafe fn fill<S: Socket>(
 
 /// Submits a [`SocketNote`]; a full ring is counted apart from lost transitions.
 #[inline(always)]
-pub(crate) fn submit_note(skaddr: u64, kind: u32, value: u32) {
+pub(crate) fn submit_note<C: EbpfContext>(ctx: &C, skaddr: u64, kind: u32, value: u32) {
     let timestamp_ns = unsafe { bpf_ktime_get_ns() };
     let note = SocketNote { timestamp_ns, skaddr, kind, value, _reserved: 0 };
-    output(&note, counter::NOTE_RESERVE_FAILED);
+    output(ctx, &note, counter::NOTE_RESERVE_FAILED);
 }

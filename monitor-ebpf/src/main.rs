@@ -25,13 +25,14 @@ use aya_ebpf::{
     macros::{btf_tracepoint, fexit, tracepoint},
     programs::{BtfTracePointContext, FExitContext, TracePointContext},
 };
+use aya_log_ebpf::debug;
 use monitor_common::{
-    counter, note, synack_layout as synack, syscall_exit_layout as syscall_exit,
+    counter, log_kind, note, synack_layout as synack, syscall_exit_layout as syscall_exit,
     tracepoint_layout as tp, SynAckRetransmit, AF_INET, AF_INET6, IPPROTO_TCP,
 };
 
-use emit::{on_state_change, output, submit_note};
-use maps::offsets;
+use emit::{as_number, on_state_change, output, submit_note};
+use maps::{may_log, offsets};
 use read::{copy_addr_2aligned, field, Direct, Probe, Reader};
 use socket::{write_addresses, write_synack_request, TraceRecord};
 
@@ -46,7 +47,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
             return 0;
         }
         let socket = TraceRecord { ctx: &ctx, skaddr: field(&ctx, tp::SKADDR) };
-        on_state_change(&socket, field(&ctx, tp::OLDSTATE), field(&ctx, tp::NEWSTATE));
+        on_state_change(&ctx, &socket, field(&ctx, tp::OLDSTATE), field(&ctx, tp::NEWSTATE));
     }
     0
 }
@@ -67,7 +68,7 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
         if protocol != Some(IPPROTO_TCP) {
             return 0;
         }
-        on_state_change(&socket, ctx.arg(1), ctx.arg(2));
+        on_state_change(&ctx, &socket, ctx.arg(1), ctx.arg(2));
     }
     0
 }
@@ -92,7 +93,7 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
         (*record).family = field(&ctx, synack::FAMILY);
         copy_addr_2aligned(&ctx, synack::SADDR_V6, &mut (*record).saddr);
         copy_addr_2aligned(&ctx, synack::DADDR_V6, &mut (*record).daddr);
-        output(&*record, counter::NOTE_RESERVE_FAILED);
+        output(&ctx, &*record, counter::NOTE_RESERVE_FAILED);
     }
     0
 }
@@ -117,10 +118,20 @@ pub fn tcp_retransmit_synack_btf(ctx: BtfTracePointContext) -> u32 {
         let dport: u16 = req.read(o.skc_dport).unwrap_or(0);
         (*record).sport = req.read(o.skc_num).unwrap_or(0);
         (*record).dport = u16::from_be(dport);
-        (*record).family = Probe(listener).read(o.skc_family).unwrap_or(0);
+        let family = Probe(listener).read(o.skc_family);
+        if family.is_none() && may_log(log_kind::SYNACK_LISTENER) {
+            debug!(
+                &ctx,
+                "the listener {:x} of request {:x} could not be read: its SYN-ACK \
+                 retransmission carries no family",
+                as_number(listener),
+                as_number(req.0)
+            );
+        }
+        (*record).family = family.unwrap_or(0);
         let ipv4 = req.read::<u16>(o.skc_family) == Some(AF_INET);
         write_addresses(&req, ipv4, o, &mut (*record).saddr, &mut (*record).daddr);
-        output(&*record, counter::NOTE_RESERVE_FAILED);
+        output(&ctx, &*record, counter::NOTE_RESERVE_FAILED);
     }
     0
 }
@@ -132,7 +143,7 @@ pub fn tcp_retransmit_synack_btf(ctx: BtfTracePointContext) -> u32 {
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: BtfTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
-    submit_note(sk, note::RESET_SENT, 0);
+    submit_note(&ctx, sk, note::RESET_SENT, 0);
     0
 }
 
@@ -140,7 +151,7 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> u32 {
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
-    submit_note(sk, note::RESET_RECEIVED, 0);
+    submit_note(&ctx, sk, note::RESET_RECEIVED, 0);
     0
 }
 
@@ -151,7 +162,7 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> u32 {
 /// BPF trampolines, which some hosts refuse.
 #[fexit(function = "inet_csk_accept")]
 pub fn inet_csk_accept_exit(ctx: FExitContext) -> u32 {
-    accepted(ctx.arg(2));
+    accepted(&ctx, ctx.arg(2));
     0
 }
 
@@ -159,13 +170,13 @@ pub fn inet_csk_accept_exit(ctx: FExitContext) -> u32 {
 /// return value follows the four arguments.
 #[fexit(function = "inet_csk_accept")]
 pub fn inet_csk_accept_exit_before_6_10(ctx: FExitContext) -> u32 {
-    accepted(ctx.arg(4));
+    accepted(&ctx, ctx.arg(4));
     0
 }
 
 /// Notes the socket `inet_csk_accept()` returned (NULL when it failed).
 #[inline(always)]
-fn accepted(sk: *const u8) {
+fn accepted(ctx: &FExitContext, sk: *const u8) {
     if sk.is_null() {
         return;
     }
@@ -173,7 +184,7 @@ fn accepted(sk: *const u8) {
     // SAFETY: a BTF-typed pointer the verifier checks each load against.
     let protocol: Option<u16> = unsafe { Direct(sk).read(o.sk_protocol) };
     if protocol == Some(IPPROTO_TCP) {
-        submit_note(sk as u64, note::ACCEPTED, 0);
+        submit_note(ctx, sk as u64, note::ACCEPTED, 0);
     }
 }
 
@@ -218,7 +229,7 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
         if !matches!(family, Some(AF_INET | AF_INET6)) || protocol != Some(IPPROTO_TCP) {
             return 0;
         }
-        submit_note(sk.0, note::ACCEPTED, 0);
+        submit_note(&ctx, sk.0, note::ACCEPTED, 0);
     }
     0
 }

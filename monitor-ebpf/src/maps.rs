@@ -3,12 +3,12 @@
 //! thresholds). Their names are `monitor-common`'s, so the two sides cannot drift apart.
 
 use aya_ebpf::{
-    helpers::generated,
+    helpers::{bpf_ktime_get_ns, generated},
     macros::map,
     maps::{PerCpuArray, RingBuf},
     Global,
 };
-use monitor_common::{counter, KernelOffsets, OFFSET_UNKNOWN, TRANSITION_SLOTS};
+use monitor_common::{counter, log_kind, KernelOffsets, OFFSET_UNKNOWN, TRANSITION_SLOTS};
 
 // One ring buffer per CPU (up to `MAX_RINGS`, CPUs beyond share them: `cpu % RINGS`), so
 // CPUs do not contend for one ring's lock and producer position: measured 40 ns/event less
@@ -38,19 +38,26 @@ monitor_common::with_rings!(rings);
 #[unsafe(no_mangle)]
 static RINGS: Global<u32> = Global::new(1);
 
+/// The slot of the ring `cpu` writes to. A CPU has a ring of its own unless there are more
+/// CPUs than rings: no division then (a `%` is an integer division on every run).
+#[inline(always)]
+pub(crate) fn ring_slot(cpu: u32) -> u32 {
+    let rings = RINGS.load();
+    if rings <= 1 {
+        0
+    } else if cpu < rings {
+        cpu
+    } else {
+        cpu % rings
+    }
+}
+
 /// The ring of the CPU this runs on.
 #[inline(always)]
 pub(crate) fn ring() -> &'static RingBuf {
     // SAFETY: no arguments; returns the current CPU's number.
     let cpu = unsafe { generated::bpf_get_smp_processor_id() };
-    let rings = RINGS.load();
-    if rings <= 1 {
-        return &EVENTS0;
-    }
-    // A CPU has a ring of its own unless there are more CPUs than rings: no division then
-    // (a `%` is an integer division on every run).
-    let slot = if cpu < rings { cpu } else { cpu % rings };
-    ring_in(slot)
+    ring_in(ring_slot(cpu))
 }
 
 #[map(name = "TRANSITIONS")]
@@ -102,6 +109,27 @@ pub(crate) static REQ_ACKED_BIT: Global<u32> = Global::new(OFFSET_UNKNOWN);
 /// Bytes this CPU has written since it last looked at its ring's fill (one slot).
 #[map(name = "UNCHECKED_BYTES")]
 pub(crate) static UNCHECKED_BYTES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// When each [`log_kind`] was last logged on this CPU (`bpf_ktime_get_ns`; 0: never).
+#[map(name = "LOGGED_AT")]
+pub(crate) static LOGGED_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(log_kind::SLOTS, 0);
+
+/// Whether `kind` may be logged now: at most once per CPU per kind per second, so a ring
+/// that stays full costs one line a second per CPU, not one per lost record. Called only on
+/// the paths where something went wrong.
+#[inline(always)]
+pub(crate) fn may_log(kind: u32) -> bool {
+    let Some(at) = LOGGED_AT.get_ptr_mut(kind) else { return false };
+    // SAFETY: this CPU's slot; a nested run can at worst log twice in a second.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        if *at != 0 && now.wrapping_sub(*at) < 1_000_000_000 {
+            return false;
+        }
+        *at = now;
+    }
+    true
+}
 
 /// Adds one to slot `index` of a per-CPU counter map.
 #[inline(always)]

@@ -178,8 +178,11 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
     let hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "daemon");
 
     let options = args.pipeline_options();
-    let Loaded { ebpf, rings, ring_bytes, counters, reads_sock_err, enrichments, hook } =
+    let Loaded { ebpf, rings, ring_bytes, counters, reads_sock_err, enrichments, hook, kernel_log } =
         options.load()?;
+    if let Some(kernel_log) = kernel_log {
+        tokio::spawn(kernel_log.forward());
+    }
     let counters = Arc::new(counters);
     let on_thread = CountersOnThread { counters: counters.clone(), reader: reader.clone() };
     let collector = Arc::new(KernelCollector::new(on_thread).context("creating kernel metrics")?);

@@ -299,6 +299,21 @@ pub fn is_transition(record: &[u8]) -> bool {
     matches!(record.len(), STATE_EVENT_SIZE | STATE_EVENT_WITH_STATS_SIZE)
 }
 
+/// What a record that did not decode was about, for the log: its socket and transition when
+/// it is a transition's, else its length (nothing in it is trusted beyond that).
+pub fn describe(bytes: &[u8]) -> String {
+    if bytes.len() == STATE_EVENT_SIZE || bytes.len() == STATE_EVENT_WITH_STATS_SIZE {
+        // SAFETY: at least a StateEvent's bytes; plain integers, read unaligned.
+        let raw: StateEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        format!(
+            "socket {:#x}, transition {} -> {}, family {}",
+            raw.skaddr, raw.oldstate, raw.newstate, raw.family
+        )
+    } else {
+        format!("a record of {} bytes", bytes.len())
+    }
+}
+
 /// Decodes one ring-buffer record; its length tells its type.
 pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     match bytes.len() {

@@ -23,6 +23,9 @@ pub async fn standalone(options: PipelineOptions, client: NewSubscriber) -> anyh
     let hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry)?, "standalone");
     let mut loaded = options.load()?;
     let rings = std::mem::take(&mut loaded.rings);
+    if let Some(kernel_log) = loaded.kernel_log.take() {
+        tokio::spawn(kernel_log.forward());
+    }
     let mut pipeline = Pipeline::attach(rings, loaded.ring_bytes, &options, aggregator, hub)?;
     pipeline.set_accepts_seen(loaded.enrichments.accept.is_some());
     let reader = PrivilegedThread::start().context("starting the snapshot thread")?;

@@ -344,6 +344,7 @@ fn an_overflowing_ring_loses_events_but_every_one_is_counted() {
         return;
     }
     // 4 KiB holds ~39 records: a burst of connections overflows it between two drains.
+    let started = std::time::Instant::now();
     let mut daemon = Daemon::start(&["--ring-bytes", "4096"]);
     let before = daemon.settled_scrape();
     // A deep backlog: std's 128 would overflow in this burst and drop SYNs, making real 1 s
@@ -371,6 +372,15 @@ fn an_overflowing_ring_loses_events_but_every_one_is_counted() {
     );
     let (status, stderr, _) = daemon.stop();
     assert!(status.success(), "{stderr}");
+    // The program said so in the daemon's log (aya-log): which ring, CPU, transition and
+    // socket; at most once per CPU per second however many were lost.
+    let full: Vec<&str> = stderr.lines().filter(|l| l.contains("lost the transition")).collect();
+    let first = full.first().unwrap_or_else(|| panic!("no ring-full line in {stderr}"));
+    assert!(first.contains("WARN") && first.contains("full on CPU"), "{first}");
+    assert!(first.contains("ring EVENTS") && first.contains(" of socket "), "{first}");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let seconds = started.elapsed().as_secs() + 1;
+    assert!(full.len() as u64 <= cpus * seconds, "{} lines in {seconds} s", full.len());
 }
 
 /// One GET on a fresh connection; the status code, or None if the server failed to answer

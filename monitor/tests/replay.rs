@@ -208,3 +208,48 @@ fn the_recorded_loopback_stream_yields_exactly_its_connections() {
         && t["new_state"] == "SYN_SENT"
         && t["local_port"] == 0));
 }
+
+/// The log lines the code under test wrote (this test binary's logger).
+static LOGGED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        let line = format!("{} {}", record.level(), record.args());
+        LOGGED.lock().unwrap().push(line);
+    }
+
+    fn flush(&self) {}
+}
+
+#[test]
+fn a_record_the_kernel_cannot_produce_is_skipped_counted_and_logged_with_its_socket() {
+    let _ = log::set_logger(&Capture);
+    log::set_max_level(log::LevelFilter::Debug);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loopback.rec");
+    let mut recording = read_recording(&path).expect("reading the fixture");
+    // The first transition's family becomes 1 (AF_UNIX): no TCP socket has it.
+    let first = recording.iter_mut().find(|r| r.len() == monitor_common::STATE_EVENT_SIZE);
+    let first = first.expect("a transition");
+    let family = std::mem::offset_of!(monitor_common::StateEvent, family);
+    first[family..family + 2].copy_from_slice(&1u16.to_le_bytes());
+    let skaddr = u64::from_le_bytes(first[8..16].try_into().unwrap());
+    let registry = prometheus::Registry::new();
+    let aggregator = Aggregator::new(&registry).unwrap();
+    let hub = TailHub::new(WallClock::now(), TailMetrics::new(&registry).unwrap(), "replay");
+    let mut pipeline =
+        Pipeline::new(ReplaySource::new(recording), Tracker::default(), aggregator, hub);
+    pipeline.drain_now();
+    let summary = pipeline.finish();
+    assert_eq!((summary.received, summary.undecodable), (58, 1));
+    let logged = LOGGED.lock().unwrap().clone();
+    let line = logged.iter().find(|l| l.contains("undecodable")).expect("a log line");
+    assert!(line.starts_with("WARN"), "{line}");
+    assert!(line.contains("unknown address family 1"), "{line}");
+    assert!(line.contains(&format!("socket {skaddr:#x}, transition ")), "{line}");
+}

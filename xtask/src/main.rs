@@ -183,6 +183,9 @@ fn run(cli: Cli) -> Result<()> {
                 cargo(&["fmt", "--all", "--check"])?;
                 // Default members only: the eBPF crate cannot be built for the host.
                 cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+                // No crate of the workspace, the eBPF one included, depends on a crate it
+                // does not use.
+                cargo(&["machete"])?;
             }
             if quick {
                 // The artefact tests skip themselves without artefacts when told to.

@@ -53,6 +53,9 @@ const PACKAGES: &[&str] = &[
 const LIBLLVM: &str = "/usr/lib/x86_64-linux-gnu/libLLVM.so.22.1";
 const BPF_LINKER_VERSION: &str = "0.10.4";
 const BPF_LINKER_MIN: (u32, u32, u32) = (0, 10, 2);
+/// cargo-machete, which `cargo xtask test` runs so that no crate depends on what it does not
+/// use.
+const MACHETE_VERSION: &str = "0.9.2";
 
 /// Makes the machine ready; prints one line per step it had to take.
 pub fn ensure() -> Result<()> {
@@ -60,6 +63,7 @@ pub fn ensure() -> Result<()> {
     check_kernel()?;
     ensure_packages()?;
     ensure_bpf_linker()?;
+    ensure_machete()?;
     ensure_toolchain()?;
     println!("xtask: setup ok ({:.1}s)", started.elapsed().as_secs_f64());
     Ok(())
@@ -174,6 +178,26 @@ fn ensure_bpf_linker() -> Result<()> {
             BPF_LINKER_VERSION,
         ]),
         "cargo install bpf-linker",
+    )
+}
+
+fn ensure_machete() -> Result<()> {
+    let current = Command::new("cargo-machete").arg("--version").output().ok();
+    let current = current.filter(|out| out.status.success()).map(|out| out.stdout);
+    if current.is_some_and(|out| String::from_utf8_lossy(&out).contains(MACHETE_VERSION)) {
+        return Ok(());
+    }
+    println!("xtask: installing cargo-machete {MACHETE_VERSION}");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(
+        Command::new(cargo).args([
+            "install",
+            "--locked",
+            "cargo-machete",
+            "--version",
+            MACHETE_VERSION,
+        ]),
+        "cargo install cargo-machete",
     )
 }
 

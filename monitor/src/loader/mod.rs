@@ -8,6 +8,7 @@ pub mod btf;
 pub mod counters;
 mod error;
 mod host;
+mod kernel_log;
 pub mod tracefs;
 
 use std::path::Path;
@@ -26,6 +27,7 @@ pub use host::{
     can_load, effective_capabilities, has, kernel_version, seccomp_filtered, CAP_BPF, CAP_PERFMON,
     CAP_SYS_ADMIN, MIN_KERNEL,
 };
+pub use kernel_log::KernelLog;
 use tracefs::{
     Tracepoint, ACCEPT4_TRACEPOINT, ACCEPT_TRACEPOINT, STATE_TRACEPOINT, SYNACK_TRACEPOINT,
 };
@@ -164,6 +166,8 @@ pub struct Loaded {
     pub enrichments: Enrichments,
     /// Which build of the state program is attached.
     pub hook: Hook,
+    /// The programs' own log lines, to forward ([`KernelLog::forward`]).
+    pub kernel_log: Option<KernelLog>,
 }
 
 /// Prepares the kernel, loads the program with `options` and attaches it.
@@ -243,6 +247,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
     enrichments.accept =
         attach_accept(&mut ebpf, btf.as_ref(), &offsets, accept_parameters, options.accept, mount);
 
+    let kernel_log = KernelLog::take(&mut ebpf);
     let mut take = |name: &'static str| {
         ebpf.take_map(name).ok_or(LoadError::NotInObject { kind: "map", name })
     };
@@ -269,6 +274,7 @@ pub fn load(options: LoadOptions) -> Result<Loaded, LoadError> {
         reads_sock_err: report.reads_sock_err(),
         enrichments,
         hook,
+        kernel_log,
     })
 }
 

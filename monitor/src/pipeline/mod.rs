@@ -16,7 +16,7 @@ use log::warn;
 
 use crate::aggregate::Aggregator;
 use crate::clock::unix_seconds;
-use crate::decode::{decode, is_transition};
+use crate::decode::{decode, describe, is_transition};
 use crate::metrics::ScrapeGate;
 use crate::naming::NamingService;
 use crate::source::{Drained, Recorder, Source, BATCH_RECORDS};
@@ -132,7 +132,9 @@ impl Stages {
                 self.aggregator.record_undecodable();
                 if self.summary.undecodable.is_power_of_two() {
                     warn!(
-                        "skipped an undecodable record ({e}); {} so far",
+                        "skipped an undecodable record ({e}: {}); {} so far (only every power \
+                         of two is logged)",
+                        describe(bytes),
                         self.summary.undecodable
                     );
                 }
