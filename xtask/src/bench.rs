@@ -959,7 +959,7 @@ fn targets(
             field("bytes_per_socket").map(|v| format!("{v:.0} B")),
         ),
         (
-            "≤ 20 ms CPU per scrape with 100 k tracked sockets (idle)".to_owned(),
+            "≤ 20 ms CPU per scrape with 100 k tracked sockets (later scrapes)".to_owned(),
             Verdict::single((tracked >= 100_000.0).then_some(scrape.idle_ms <= 20.0)),
             Some(format!("{scrape} at {tracked:.0} sockets")),
         ),
