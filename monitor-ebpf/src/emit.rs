@@ -8,7 +8,7 @@ use aya_log_ebpf::{debug, warn};
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     maps::RingBuf,
 };
 use monitor_common::tcp_state::{
@@ -20,7 +20,7 @@ use monitor_common::{
 };
 
 use crate::maps::{
-    bump, may_log, offsets, ring, ring_slot, CHECK_BYTES, EVENT_COUNTERS, TRANSITIONS,
+    bump, logging_cpu, offsets, ring, ring_slot, CHECK_BYTES, EVENT_COUNTERS, TRANSITIONS,
     UNCHECKED_BYTES, WAKEUP_BYTES,
 };
 use crate::read::{store16, Reader};
@@ -98,9 +98,7 @@ pub(crate) fn output<C: EbpfContext, T>(ctx: &C, record: &T, lost: u32) {
     let flags = wakeup_flags(ring, core::mem::size_of::<T>(), false);
     if ring.output::<T>(record, flags).is_err() {
         bump(&EVENT_COUNTERS, lost);
-        if may_log(log_kind::NOTE_RING_FULL) {
-            // SAFETY: no arguments; returns the current CPU's number.
-            let cpu = unsafe { generated::bpf_get_smp_processor_id() };
+        if let Some(cpu) = logging_cpu(log_kind::NOTE_RING_FULL) {
             warn!(
                 ctx,
                 "ring EVENTS{} full on CPU {}: a note was lost (tcpmon_notes_lost_total counts \
@@ -125,12 +123,8 @@ pub(crate) fn as_number(address: u64) -> u64 {
 /// Logs that a transition of `skaddr` was lost to a full ring.
 #[inline(never)]
 fn log_ring_full<C: EbpfContext>(ctx: &C, skaddr: u64, oldstate: i32, newstate: i32) {
-    if !may_log(log_kind::RING_FULL) {
-        return;
-    }
+    let Some(cpu) = logging_cpu(log_kind::RING_FULL) else { return };
     let skaddr = as_number(skaddr);
-    // SAFETY: no arguments; returns the current CPU's number.
-    let cpu = unsafe { generated::bpf_get_smp_processor_id() };
     warn!(
         ctx,
         "ring EVENTS{} full on CPU {}: lost the transition {} -> {} of socket {:x} \
@@ -148,12 +142,8 @@ fn log_ring_full<C: EbpfContext>(ctx: &C, skaddr: u64, oldstate: i32, newstate: 
 /// (`what`: 1 `sk_err`, 2 the `tcp_sock` counters), or a family or state it does not know (3).
 #[inline(never)]
 fn log_anomaly<C: EbpfContext>(ctx: &C, what: u32, skaddr: u64, family: u16, states: [i32; 2]) {
-    if !may_log(log_kind::ANOMALY) {
-        return;
-    }
+    let Some(cpu) = logging_cpu(log_kind::ANOMALY) else { return };
     let skaddr = as_number(skaddr);
-    // SAFETY: no arguments; returns the current CPU's number.
-    let cpu = unsafe { generated::bpf_get_smp_processor_id() };
     debug!(
         ctx,
         "CPU {}: socket {:x} (family {}), transition {} -> {}: anomaly {} (1: sk_err unread, \

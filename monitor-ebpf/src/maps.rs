@@ -131,6 +131,14 @@ pub(crate) fn may_log(kind: u32) -> bool {
     true
 }
 
+/// This CPU's number, when `kind` may be logged now ([`may_log`]): what every log line
+/// names.
+#[inline(always)]
+pub(crate) fn logging_cpu(kind: u32) -> Option<u32> {
+    // SAFETY: no arguments; returns the current CPU's number.
+    may_log(kind).then(|| unsafe { generated::bpf_get_smp_processor_id() })
+}
+
 /// Adds one to slot `index` of a per-CPU counter map.
 #[inline(always)]
 pub(crate) fn bump(map: &PerCpuArray<u64>, index: u32) {

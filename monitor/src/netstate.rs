@@ -232,17 +232,18 @@ pub fn read_namespace(last: Option<&NamespaceState>) -> io::Result<NamespaceStat
         state.dumped_at = activity;
         return Ok(state);
     }
-    let quiet = match (last, activity) {
-        (Some(last), Some(now)) => last.still_holds(&now),
-        _ => false,
+    let still_holds = match (last, activity) {
+        (Some(last), Some(now)) => last.still_holds(&now).then_some(last),
+        _ => None,
     };
-    let wanted = if quiet {
-        let last = last.expect("quiet only with a last read");
-        (state.syn_recv, state.fin_wait2) = (last.syn_recv, last.fin_wait2);
-        state.fin_wait2_timewait = last.fin_wait2_timewait;
-        StateFlags::LISTEN
-    } else {
-        StateFlags::LISTEN | StateFlags::SYN_RECV | StateFlags::FIN_WAIT2
+    let quiet = still_holds.is_some();
+    let wanted = match still_holds {
+        Some(last) => {
+            (state.syn_recv, state.fin_wait2) = (last.syn_recv, last.fin_wait2);
+            state.fin_wait2_timewait = last.fin_wait2_timewait;
+            StateFlags::LISTEN
+        }
+        None => StateFlags::LISTEN | StateFlags::SYN_RECV | StateFlags::FIN_WAIT2,
     };
     state.dumped_at = activity;
     // A family with no hashed socket has no listener, hence no request socket and no full

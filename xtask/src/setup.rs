@@ -168,17 +168,14 @@ fn ensure_bpf_linker() -> Result<()> {
     println!(
         "xtask: installing bpf-linker {BPF_LINKER_VERSION} (found {current:?}; ≥ 0.10.2 needed)"
     );
+    cargo_install("bpf-linker", BPF_LINKER_VERSION)
+}
+
+/// `cargo install --locked CRATE --version VERSION`.
+fn cargo_install(krate: &str, version: &str) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(
-        Command::new(cargo).args([
-            "install",
-            "--locked",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-        ]),
-        "cargo install bpf-linker",
-    )
+    let args = ["install", "--locked", krate, "--version", version];
+    run(Command::new(cargo).args(args), &format!("cargo install {krate}"))
 }
 
 fn ensure_machete() -> Result<()> {
@@ -188,17 +185,7 @@ fn ensure_machete() -> Result<()> {
         return Ok(());
     }
     println!("xtask: installing cargo-machete {MACHETE_VERSION}");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(
-        Command::new(cargo).args([
-            "install",
-            "--locked",
-            "cargo-machete",
-            "--version",
-            MACHETE_VERSION,
-        ]),
-        "cargo install cargo-machete",
-    )
+    cargo_install("cargo-machete", MACHETE_VERSION)
 }
 
 fn toolchain_dir() -> PathBuf {

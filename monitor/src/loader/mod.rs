@@ -341,16 +341,25 @@ fn attach_classic(
 ) -> Result<(), LoadError> {
     let root = tracefs::ensure_tracefs(mount)?;
     tracepoint.check_format(Path::new(root))?;
+    load_classic(ebpf, name, tracepoint)?
+        .attach(tracepoint.category, tracepoint.name)
+        .map_err(|e| aya_error(format!("attaching to {tracepoint}"), e))?;
+    Ok(())
+}
+
+/// Loads the classic tracepoint program `name`, for `tracepoint` (the first it attaches to).
+fn load_classic<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+    tracepoint: &Tracepoint,
+) -> Result<&'a mut TracePoint, LoadError> {
     let program: &mut TracePoint = ebpf
         .program_mut(name)
         .ok_or(LoadError::NotInObject { kind: "program", name })?
         .try_into()
         .map_err(|e| aya_error(format!("finding the program for {tracepoint}"), e))?;
     program.load().map_err(|e| aya_error(format!("loading the program for {tracepoint}"), e))?;
-    program
-        .attach(tracepoint.category, tracepoint.name)
-        .map_err(|e| aya_error(format!("attaching to {tracepoint}"), e))?;
-    Ok(())
+    Ok(program)
 }
 
 /// Which of the programs beside the state tracepoint are attached.
@@ -492,13 +501,7 @@ fn attach_accept_syscalls(
     let root = Path::new(tracefs::ensure_tracefs(mount)?);
     ACCEPT4_TRACEPOINT.check_format(root)?;
     let with_accept = ACCEPT_TRACEPOINT.check_format(root).is_ok();
-    let name = names::ACCEPT_SYSCALLS_PROGRAM;
-    let program: &mut TracePoint = ebpf
-        .program_mut(name)
-        .ok_or(LoadError::NotInObject { kind: "program", name })?
-        .try_into()
-        .map_err(|e| aya_error("finding the accept program", e))?;
-    program.load().map_err(|e| aya_error("loading the accept program", e))?;
+    let program = load_classic(ebpf, names::ACCEPT_SYSCALLS_PROGRAM, &ACCEPT4_TRACEPOINT)?;
     let tracepoints: &[&Tracepoint] = match with_accept {
         true => &[&ACCEPT4_TRACEPOINT, &ACCEPT_TRACEPOINT],
         false => &[&ACCEPT4_TRACEPOINT],

@@ -237,8 +237,7 @@ impl<S: Source> Pipeline<S> {
             })
             .collect();
         drop(naming);
-        let listed = named.iter().map(|(record, workload)| (*record, workload.as_str())).collect();
-        self.stages.hub.list(subscriber, listed);
+        self.stages.hub.list(subscriber, named);
     }
 
     /// Changes the socket table's cap (config reload).

@@ -277,7 +277,11 @@ impl TailHub {
     /// Answers a `--close-wait` client: `hello`, then `records` (each with its workload)
     /// that its filter passes, oldest wait first, at most [`CLIENT_QUEUE`] (a `missed`
     /// notice counts the rest); then its queue ends, which ends its stream.
-    pub fn list(&mut self, subscriber: NewSubscriber, mut records: Vec<(ConnectionRecord, &str)>) {
+    pub fn list(
+        &mut self,
+        subscriber: NewSubscriber,
+        mut records: Vec<(ConnectionRecord, String)>,
+    ) {
         let NewSubscriber { request, queue, backlog } = subscriber;
         records.retain(|(record, workload)| request.wants_connection(record, workload));
         records.sort_by_key(|(record, _)| std::cmp::Reverse(record.close_wait_ns));
@@ -559,7 +563,7 @@ mod tests {
             ..Subscribe::default()
         };
         let (subscriber, mut client) = queue(request);
-        hub.list(subscriber, records.iter().map(|r| (*r, "app.service")).collect());
+        hub.list(subscriber, records.iter().map(|r| (*r, "app.service".to_owned())).collect());
         let chunk = client.chunks.try_recv().unwrap();
         assert!(client.chunks.try_recv().is_err(), "one chunk, then the queue ends");
         assert_eq!(client.backlog.get(), chunk.records);

@@ -546,27 +546,26 @@ impl Tracker {
     /// Every connection now in CLOSE_WAIT that was seen entering it: whose it is, and since
     /// when (CLOCK_MONOTONIC ns).
     pub fn for_each_close_wait(&self, mut close_wait: impl FnMut(&Attribution, u64)) {
-        for entry in self.table.entries() {
-            if entry.state == TcpState::CloseWait {
-                if let Some(since) = entry.close_wait_ns.get() {
-                    close_wait(&self.attribution(entry), since);
-                }
-            }
+        for (entry, since) in self.close_waits() {
+            close_wait(&self.attribution(entry), since);
         }
     }
 
     /// A record of every connection now in CLOSE_WAIT that was seen entering it, at `now_ns`:
     /// its `close_wait_ns` is how long it has waited so far.
     pub fn close_wait_records(&self, now_ns: u64) -> Vec<ConnectionRecord> {
+        let record = |(entry, since): (&SocketEntry, u64)| {
+            let mut record = entry.connection_record(ConnectionPhase::CloseWait, now_ns, None);
+            record.close_wait_ns = Some(elapsed(since, now_ns));
+            record
+        };
+        self.close_waits().map(record).collect()
+    }
+
+    /// The connections now in CLOSE_WAIT that were seen entering it, with since when.
+    fn close_waits(&self) -> impl Iterator<Item = (&SocketEntry, u64)> {
         let waiting = self.table.entries().filter(|entry| entry.state == TcpState::CloseWait);
-        waiting
-            .filter_map(|entry| {
-                let since = entry.close_wait_ns.get()?;
-                let mut record = entry.connection_record(ConnectionPhase::CloseWait, now_ns, None);
-                record.close_wait_ns = Some(elapsed(since, now_ns));
-                Some(record)
-            })
-            .collect()
+        waiting.filter_map(|entry| Some((entry, entry.close_wait_ns.get()?)))
     }
 
     /// Whose a tracked connection is. The service port of a socket first seen mid-life is
