@@ -37,6 +37,11 @@ fn main() -> anyhow::Result<()> {
     // that crate only. The prebuilt `core` means no `-Z build-std` (aya-build only adds it
     // when RUSTC_BOOTSTRAP names the eBPF package or is "1").
     std::env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf");
+    // The workspace's release profile asks for whole-program LTO for the daemon; the eBPF
+    // object is linked by bpf-linker, which does its own whole-program work: build it with
+    // the default, as it was measured (BENCHMARKS.md). The variable overrides the manifest
+    // for the inner cargo only: this script's environment is that cargo's.
+    std::env::set_var("CARGO_PROFILE_RELEASE_LTO", "false");
     let package = aya_build::Package {
         name: "monitor-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../monitor-ebpf"),

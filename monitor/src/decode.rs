@@ -315,6 +315,7 @@ pub fn describe(bytes: &[u8]) -> String {
 }
 
 /// Decodes one ring-buffer record; its length tells its type.
+#[inline]
 pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     match bytes.len() {
         STATE_EVENT_SIZE => {
@@ -353,6 +354,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
 }
 
 /// Addresses and ports as the kernel records them, for a family we know.
+#[inline]
 fn endpoints(
     family: u16,
     sport: u16,
@@ -378,6 +380,7 @@ pub fn decode_note(raw: &SocketNote) -> Result<Note, DecodeError> {
 }
 
 /// Validates and converts a raw record.
+#[inline]
 pub fn decode_record(raw: &StateEvent) -> Result<Event, DecodeError> {
     let old = TcpState::try_from(raw.oldstate)?;
     let new = TcpState::try_from(raw.newstate)?;

@@ -291,7 +291,19 @@ impl Tracker {
             return;
         }
         let now = event.timestamp_ns;
-        let (mut entry, consistent) = self.entry_for(event);
+        // The usual case (the event follows the tracked state) copies the entry straight
+        // into place: through a returned tuple the 168 bytes were copied twice.
+        let consistent;
+        let mut entry = match self.table.get(event.skaddr) {
+            Some(tracked) if tracked.state == event.old => {
+                consistent = true;
+                *tracked
+            }
+            _ => {
+                consistent = false;
+                self.entry_for_unexpected(event)
+            }
+        };
         // Leaving CLOSE_WAIT for LAST_ACK is reported as its duration (below); any other way
         // out (a reset, lost events) on its own, with the attribution it entered with (before
         // this record's cgroup or namespace, if it carries one, is taken).
@@ -402,20 +414,19 @@ impl Tracker {
         self.put(event.skaddr, entry, sink);
     }
 
-    /// The entry an event continues, and whether the event follows its tracked state.
-    /// Unknown sockets and sockets whose events were lost get an entry that only claims
-    /// what the event shows.
-    #[inline]
-    fn entry_for(&mut self, event: &Event) -> (SocketEntry, bool) {
+    /// The entry an event continues when it does not follow the tracked state. Unknown
+    /// sockets and sockets whose events were lost get an entry that only claims what the
+    /// event shows.
+    #[inline(never)]
+    fn entry_for_unexpected(&mut self, event: &Event) -> SocketEntry {
         use TcpState::*;
         match self.table.get(event.skaddr) {
-            Some(entry) if entry.state == event.old => (*entry, true),
             Some(entry) if phase(event.old) >= phase(entry.state) => {
                 // Events were lost in between; every anchor kept is still a real time.
                 let entry = *entry;
                 self.stats.inconsistent += 1;
                 log_out_of_sequence(self.stats.inconsistent, event, entry.state);
-                (entry, false)
+                entry
             }
             tracked => {
                 // Unknown socket, or a new socket at a reused address whose birth was lost:
@@ -450,7 +461,7 @@ impl Tracker {
                 if side.is_none() {
                     entry.local_listening = Some(self.local_port_listens(&entry));
                 }
-                (entry, false)
+                entry
             }
         }
     }
