@@ -16,12 +16,20 @@ use crate::tracker::{Attribution, Tracker};
 pub(super) const CAPPED: [&str; 3] = ["port", "workload", "pair"];
 
 /// Where an origin's observations go: its series set, and which labels were lumped into
-/// `other` on the way (counted per observation).
+/// `other` on the way (counted per observation). Eight bytes, so it stays in a register: as
+/// `usize` and `[bool; 3]` it went through the stack, and reading the flags back stalled
+/// every observation.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Resolved {
-    pub(super) set: usize,
-    /// `[port, workload, pair]`
-    other: [bool; 3],
+    set: u32,
+    /// Bit `i` set: `CAPPED[i]` (`[port, workload, pair]`) was lumped into `other`.
+    other: u8,
+}
+
+impl Resolved {
+    pub(super) fn set(self) -> usize {
+        self.set as usize
+    }
 }
 
 /// An origin (service port or 0, listening, cgroup id) in one word, which hashes with one
@@ -99,18 +107,20 @@ impl Attributed {
                 None => self.resolve(origin),
             },
         };
-        for (count, lumped) in self.overflow.iter_mut().zip(resolved.other) {
-            *count += u64::from(lumped);
+        if resolved.other != 0 {
+            for (i, count) in self.overflow.iter_mut().enumerate() {
+                *count += u64::from(resolved.other >> i & 1);
+            }
         }
-        self.active[resolved.set] = self.now;
-        &self.sets[resolved.set]
+        self.active[resolved.set()] = self.now;
+        &self.sets[resolved.set()]
     }
 
     /// The set an origin's observations go to, without counting anything.
     pub(super) fn set_of(&mut self, origin: (u16, bool, u64)) -> usize {
         match packed(origin).and_then(|key| self.origins.get(&key)) {
-            Some(resolved) => resolved.set,
-            None => self.resolve(origin).set,
+            Some(resolved) => resolved.set(),
+            None => self.resolve(origin).set(),
         }
     }
 
@@ -133,7 +143,9 @@ impl Attributed {
             }
         }
         drop(naming);
-        let resolved = Resolved { set: named.index, other: named.other };
+        let other = named.other.iter().enumerate().map(|(i, &lumped)| u8::from(lumped) << i);
+        // Set indexes are bounded by the pair cap, far below 2^32.
+        let resolved = Resolved { set: named.index as u32, other: other.sum() };
         // Remembered even when the cgroup had no name (it was gone, or there is no cgroup2
         // mount): an origin's observations must all land in one series, or a gauge raised
         // in one would be lowered in another.
@@ -172,7 +184,7 @@ impl Attributed {
             let origin = (whose.service_port.unwrap_or(0), whose.listening, whose.cgroup_id);
             if let Some(key) = packed(origin) {
                 if let Some(resolved) = self.origins.get(&key) {
-                    used[resolved.set] = true;
+                    used[resolved.set()] = true;
                     kept.insert(key, *resolved);
                 }
             }
@@ -201,6 +213,13 @@ impl Attributed {
         self.origins = kept;
         self.last = None;
         netns
+    }
+
+    /// Adds what the sets recorded since the last flush to the series scrapes read.
+    pub(super) fn flush(&self) {
+        for set in &self.sets {
+            set.flush();
+        }
     }
 
     /// Publishes how many values each capped label has given out, and its overflow.

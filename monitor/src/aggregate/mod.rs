@@ -165,7 +165,7 @@ impl Aggregator {
         let mut attributed = Attributed::new(naming, counts);
         if attributed.counts.is_none() {
             // One set for everything, created at start as tcpmon always did.
-            let index = attributed.resolve((0, false, 0)).set;
+            let index = attributed.resolve((0, false, 0)).set();
             attributed.sets[index].create_all(&families);
         }
 
@@ -317,6 +317,7 @@ impl Aggregator {
     /// Publishes the tracker's gauges and the growth of its counters since the last call,
     /// after a batch; now and then retires label values ([`Attributed::retire`]).
     pub fn publish_tracker(&mut self, tracker: &Tracker, unix_time: f64) {
+        self.attributed.flush();
         let now = Instant::now();
         self.attributed.now = now;
         let idle = {
@@ -490,6 +491,7 @@ mod tests {
             let whose = Attribution { netns, ..Attribution::default() };
             aggregator.observe_in(&Observation::Opened { side: Side::Active }, &whose);
         }
+        aggregator.attributed.flush(); // what the end of a batch does
         let text = scrape(&registry);
         let v = |ns: &str| {
             value(

@@ -2,8 +2,10 @@
 //! created the first time something is recorded in it: a pair that only ever accepts
 //! connections never exports the series of connects.
 
+use std::cell::Cell;
 use std::sync::{Mutex, OnceLock, PoisonError};
 
+use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
@@ -200,32 +202,71 @@ fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
+/// How a [`SeriesSet`] holds a series: counters and histograms as local accumulators (plain
+/// adds on the pipeline's thread, no atomic operation per observation), which
+/// [`SeriesSet::flush`] adds to the shared series once per batch, before a scrape can look
+/// (scrapes wait for the batch: see `ScrapeGate`); gauges as they are.
+trait Held {
+    type Series;
+    fn held(self) -> Self::Series;
+}
+
+impl Held for Histogram {
+    type Series = LocalHistogram;
+    fn held(self) -> LocalHistogram {
+        self.local()
+    }
+}
+
+impl Held for IntCounter {
+    type Series = LocalIntCounter;
+    fn held(self) -> LocalIntCounter {
+        self.local()
+    }
+}
+
+impl Held for IntGauge {
+    type Series = IntGauge;
+    fn held(self) -> IntGauge {
+        self
+    }
+}
+
+impl Held for Gauge {
+    type Series = Gauge;
+    fn held(self) -> Gauge {
+        self
+    }
+}
+
 /// The series of one (port, workload) pair, each resolved once: recording is then a few
-/// atomic adds, with no hashing of label values.
+/// plain adds, with no hashing of label values.
 pub(super) struct SeriesSet {
     /// The values of the extra labels, in the order [`Families::new`] got their names.
     extra: Vec<String>,
-    handshake: [OnceLock<Histogram>; 2],
-    handshake_retransmits: [OnceLock<IntCounter>; 2],
+    handshake: [OnceLock<LocalHistogram>; 2],
+    handshake_retransmits: [OnceLock<LocalIntCounter>; 2],
     /// `[sent, received]`
-    resets: [OnceLock<IntCounter>; 2],
-    teardown: [OnceLock<Histogram>; 2],
-    close_wait: OnceLock<Histogram>,
-    lifetime: [OnceLock<Histogram>; 2],
+    resets: [OnceLock<LocalIntCounter>; 2],
+    teardown: [OnceLock<LocalHistogram>; 2],
+    close_wait: OnceLock<LocalHistogram>,
+    lifetime: [OnceLock<LocalHistogram>; 2],
     /// By [`TIMED_STATES`] index.
-    state_duration: [OnceLock<Histogram>; TIMED_STATES.len()],
-    accept_wait: OnceLock<Histogram>,
+    state_duration: [OnceLock<LocalHistogram>; TIMED_STATES.len()],
+    accept_wait: OnceLock<LocalHistogram>,
     /// By [`AbandonReason::ALL`] index.
-    abandoned: [OnceLock<IntCounter>; AbandonReason::ALL.len()],
-    opened: [OnceLock<IntCounter>; 2],
+    abandoned: [OnceLock<LocalIntCounter>; AbandonReason::ALL.len()],
+    opened: [OnceLock<LocalIntCounter>; 2],
     /// `[side: active, passive, unknown][reason]`
-    closed: [[OnceLock<IntCounter>; REASONS]; 3],
-    connect_failures: [OnceLock<IntCounter>; REASONS],
+    closed: [[OnceLock<LocalIntCounter>; REASONS]; 3],
+    connect_failures: [OnceLock<LocalIntCounter>; REASONS],
     /// `[unacknowledged, accept_queue_full]`
-    synack_retransmits: [OnceLock<IntCounter>; 2],
-    time_wait_entered: OnceLock<IntCounter>,
+    synack_retransmits: [OnceLock<LocalIntCounter>; 2],
+    time_wait_entered: OnceLock<LocalIntCounter>,
     close_wait_sockets: OnceLock<IntGauge>,
     close_wait_oldest: OnceLock<Gauge>,
+    /// Something was recorded since the last [`SeriesSet::flush`].
+    pending: Cell<bool>,
     /// How to remove each series created so far from its family (when the pair retires).
     created: Mutex<Vec<Box<dyn Fn() + Send>>>,
 }
@@ -250,7 +291,7 @@ macro_rules! child {
                     .into_iter()
                     .chain($set.extra.iter().map(String::as_str))
                     .collect();
-                $family.with_label_values(&values)
+                Held::held($family.with_label_values(&values))
             };
             $set.created.lock().unwrap_or_else(PoisonError::into_inner).push(Box::new(remove));
             child
@@ -279,13 +320,38 @@ impl SeriesSet {
             time_wait_entered: Default::default(),
             close_wait_sockets: Default::default(),
             close_wait_oldest: Default::default(),
+            pending: Cell::new(false),
             created: Mutex::default(),
+        }
+    }
+
+    /// Adds what was recorded since the last flush to the shared series, which scrapes read.
+    pub(super) fn flush(&self) {
+        if !self.pending.replace(false) {
+            return;
+        }
+        let histograms = self.handshake.iter().chain(&self.teardown).chain(&self.lifetime);
+        let histograms = histograms.chain(&self.state_duration);
+        for histogram in histograms.chain([&self.close_wait, &self.accept_wait]) {
+            if let Some(histogram) = histogram.get() {
+                histogram.flush();
+            }
+        }
+        let counters = self.handshake_retransmits.iter().chain(&self.resets);
+        let counters = counters.chain(&self.abandoned).chain(&self.opened);
+        let counters = counters.chain(self.closed.iter().flatten()).chain(&self.connect_failures);
+        let counters = counters.chain(&self.synack_retransmits);
+        for counter in counters.chain([&self.time_wait_entered]) {
+            if let Some(counter) = counter.get() {
+                counter.flush();
+            }
         }
     }
 
     /// Removes every series this set created from its family: Prometheus then marks them
     /// stale, as for a deleted pod.
     pub(super) fn remove(&self) {
+        self.flush();
         let created =
             std::mem::take(&mut *self.created.lock().unwrap_or_else(PoisonError::into_inner));
         for remove in created {
@@ -347,6 +413,7 @@ impl SeriesSet {
 
     /// Records one observation.
     pub(super) fn record(&self, f: &Families, observation: &Observation) {
+        self.pending.set(true);
         match *observation {
             Observation::Opened { side } => {
                 child!(self, self.opened[side_index(side)], f.opened, [side.as_str()]).inc()
