@@ -94,7 +94,9 @@ impl<S: CounterSource> KernelCollector<S> {
         let transitions = IntCounterVec::new(
             Opts::new(
                 "tcpmon_state_transitions_total",
-                "TCP state transitions counted in the kernel (exact even when events are lost).",
+                "TCP state transitions tcpmon's program counted in the kernel (exact even when \
+                 the ring buffer is full; the transitions the kernel did not run it for are in \
+                 tcpmon_bpf_recursion_misses_total only).",
             ),
             &["from", "to"],
         )?;
@@ -109,8 +111,11 @@ impl<S: CounterSource> KernelCollector<S> {
         )?;
         let missed = IntCounter::new(
             "tcpmon_bpf_recursion_misses_total",
-            "Transitions the kernel did not run tcpmon's program for, because another BPF \
-             program was running on that CPU at the time (they are in no other count).",
+            "Transitions the kernel did not run tcpmon's program for, because it was already \
+             running on that CPU (a softirq that interrupted it changed sockets' states; the \
+             classic build: any tracing BPF program was running). They are in no other count; \
+             a socket that lost its last ones stays tracked in its old state until a new \
+             socket at its address replaces it.",
         )?;
         let run_seconds = Counter::new(
             "tcpmon_bpf_run_seconds_total",
