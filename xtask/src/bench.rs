@@ -776,7 +776,10 @@ fn interleaved_rounds(
 
 /// The replay microbenchmark's `key=value` line.
 fn replay(root: &Path) -> Result<String> {
+    // 200,000 connections (2 M records), timed over 5 passes: one pass is 0.1 s, where a
+    // scheduler hiccup moves the figure by several per cent.
     let replay_out = Command::new(root.join("target/release/examples/replay"))
+        .args(["200000", "5"])
         .output()
         .context("running the replay benchmark")?;
     let replay = String::from_utf8_lossy(&replay_out.stdout).trim().to_owned();
@@ -828,7 +831,7 @@ fn report(options: &Options, configs: &[Config], measured: &Measured) -> String 
     report.push_str(&crate::namespaces::report(namespaces));
     report.push_str(&crate::accept::report(accept));
     report.push_str(&format!(
-        "\nReplay (the daemon's pipeline: decode → tracker → aggregate, one core, `cargo run --release --example replay`):\n\n```\n{replay}\n```\n\n"
+        "\nReplay (the daemon's pipeline: decode → tracker → aggregate, one core, `cargo run --release --example replay -- 200000 5`, the mean of 5 passes):\n\n```\n{replay}\n```\n\n"
     ));
 
     let bpf = |config: &Config| {
@@ -917,8 +920,8 @@ fn targets(
             tailed.map(|r| shown(r, 3)),
         ),
         (
-            "daemon CPU ≤ 100 ns per transition".to_owned(),
-            Verdict::at_most(user(&Config::Tcpmon), exactly(100.0)),
+            "daemon CPU ≤ 80 ns per transition".to_owned(),
+            Verdict::at_most(user(&Config::Tcpmon), exactly(80.0)),
             user(&Config::Tcpmon).map(|v| format!("{} ns", shown(v, 0))),
         ),
         (
@@ -944,8 +947,8 @@ fn targets(
                 .map(|(o, t)| format!("{} vs {} ns", shown(o, 0), shown(t, 0))),
         ),
         (
-            "replay ≥ 5 M events/s".to_owned(),
-            Verdict::single(field("events_per_sec").map(|v| v >= 5e6)),
+            "replay ≥ 15 M events/s".to_owned(),
+            Verdict::single(field("events_per_sec").map(|v| v >= 15e6)),
             field("events_per_sec").map(|v| format!("{:.1} M/s", v / 1e6)),
         ),
         (
