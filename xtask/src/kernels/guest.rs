@@ -458,8 +458,12 @@ fn snmp_tcp() -> HashMap<String, f64> {
 /// tcpmon, every child it creates (`PassiveOpens`, `tcp_create_openreq_child()`) an accepted
 /// connection or a child discarded before ESTABLISHED (the loser when two CPUs complete one
 /// handshake); `AttemptFails` and `EstabResets` (`tcp_done()`, `tcp_set_state()`) equal the
-/// program's counts of the transitions they count. The two scrapes' own connections (to the
-/// daemon's port) are in the kernel's counts and not in the churn port's series.
+/// program's counts of the transitions they count, except that a discarded duplicate child
+/// goes SYN_RECV -> CLOSE in `inet_ehash_nolisten()` (`inet_sk_set_state()`, not `tcp_done()`),
+/// which counts no `AttemptFails` (5.10 under this churn: 1 such child, 0 AttemptFails): the
+/// SYN_RECV -> CLOSE transitions beyond the kernel's count are at most the children tcpmon
+/// saw discarded. The two scrapes' own connections (to the daemon's port) are in the
+/// kernel's counts and not in the churn port's series.
 fn churn_against_the_kernels_counters() -> Value {
     let mib_before = snmp_tcp();
     let before = scrape();
@@ -486,6 +490,7 @@ fn churn_against_the_kernels_counters() -> Value {
         d("tcpmon_state_transitions_total", &[&from, "to=\"CLOSE\""])
     };
     let failed = transitions("SYN_SENT") + transitions("SYN_RECV");
+    let discarded = d("tcpmon_passive_opens_aborted_total", &[]);
     let reset = transitions("ESTABLISHED") + transitions("CLOSE_WAIT");
     let lost = d("tcpmon_events_lost_total", &[]);
     port_finding(
@@ -495,12 +500,13 @@ fn churn_against_the_kernels_counters() -> Value {
             && report.connections > 0
             && tcpmon_active == active_opens
             && tcpmon_passive == passive_opens
-            && failed == attempt_fails
+            && failed >= attempt_fails
+            && failed - attempt_fails <= discarded
             && reset == estab_resets,
         format!(
             "{} connections; ActiveOpens {active_opens} vs {tcpmon_active}, PassiveOpens \
-             {passive_opens} vs {tcpmon_passive}, AttemptFails {attempt_fails} vs {failed}, \
-             EstabResets {estab_resets} vs {reset}; lost {lost}",
+             {passive_opens} vs {tcpmon_passive}, AttemptFails {attempt_fails} vs {failed} \
+             ({discarded} children discarded), EstabResets {estab_resets} vs {reset}; lost {lost}",
             report.connections
         ),
     )
