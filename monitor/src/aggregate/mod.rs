@@ -845,6 +845,34 @@ mod tests {
         println!("series: realistic {realistic_series}, worst {worst_series}");
     }
 
+    /// A set holds its counters and histograms as local accumulators and `SeriesSet::flush`
+    /// names each of them again: one it missed would read 0 in every scrape. So every
+    /// observation once, one batch's publish, and every counter and histogram series the set
+    /// created must show it.
+    #[test]
+    fn one_batch_publishes_every_observation_a_set_recorded() {
+        let registry = Registry::new();
+        let names = Workloads::new(None, Default::default());
+        let naming = NamingService::new(Naming::new(LabelLimits::DEFAULT, names, 0));
+        let mut aggregator = Aggregator::with_labels(&registry, naming).unwrap();
+        let whose = Attribution { netns: 1, cgroup_id: 0, service_port: Some(80), listening: true };
+        for observation in every_observation() {
+            aggregator.observe_in(&observation, &whose);
+        }
+        assert_eq!(attributed_series(&scrape(&registry)), SERIES_PER_PAIR);
+        aggregator.publish_tracker(&Tracker::default(), 1.0);
+        let text = scrape(&registry);
+        let recorded: Vec<&str> = (text.lines())
+            .filter(|l| l.contains("workload=\"") && !l.starts_with('#'))
+            .filter(|l| l.contains("_total{") || l.contains("_count{"))
+            .collect();
+        assert!(recorded.len() > 40, "{text}");
+        for line in recorded {
+            let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            assert!(value > 0.0, "not published: {line}");
+        }
+    }
+
     #[test]
     fn bucket_bounds_are_increasing() {
         for buckets in [
