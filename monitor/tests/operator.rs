@@ -276,7 +276,26 @@ fn sighup_reloads_the_config_file_without_losing_counts() {
     common::churn_on(listener, 50, 2);
     let before = daemon.settled_scrape();
     let opened = "tcpmon_connections_opened_total{side=\"active\"}";
-    assert!(before[opened] >= 50.0, "{before:?}\ndaemon log:\n{}", daemon.stderr_so_far());
+    // The daemon counted the churn, so that a reload that reset the counters would show. Not
+    // all 50 need be counted: exact counts are tests/kernel.rs's subject, and a transition the
+    // kernel never runs our program for (docs/ARCHITECTURE.md, "Transitions the kernel skips")
+    // is in no count (a fresh CI machine once counted fewer than 50 here). Said first if it
+    // fails, as CI shows a failure's first line: what can explain a shortfall.
+    let series = |name: &str| before.get(name).copied().unwrap_or(0.0);
+    assert!(
+        before[opened] >= 40.0,
+        "{} of 50 active opens; kernel SYN_SENT->ESTABLISHED {}, recursion misses {}, \
+         inconsistent {}, first seen mid-life {}, replaced {}, lost {}\n{before:?}\n\
+         daemon log:\n{}",
+        before[opened],
+        series("tcpmon_state_transitions_total{from=\"SYN_SENT\",to=\"ESTABLISHED\"}"),
+        series("tcpmon_bpf_recursion_misses_total"),
+        series("tcpmon_tracker_inconsistent_transitions_total"),
+        series("tcpmon_tracker_sockets_first_seen_midlife_total"),
+        series("tcpmon_tracker_sockets_replaced_total"),
+        series("tcpmon_events_lost_total"),
+        daemon.stderr_so_far()
+    );
 
     // Changes that apply at once, one that needs a restart, then a broken file.
     std::fs::write(&path, "max-sockets = 500\nlog-level = \"debug\"\nring-bytes = \"1MiB\"\n")
