@@ -126,12 +126,15 @@ fn scenario(hook: &str) -> Value {
     findings.push(churn_against_the_kernels_counters());
     // What explains a failed check: the tracker's anomalies, and the tail's records of our ports.
     let anomalies: serde_json::Map<String, Value> = [
+        "tcpmon_bpf_recursion_misses_total",
         "tcpmon_events_lost_total",
         "tcpmon_notes_lost_total",
         "tcpmon_tracker_inconsistent_transitions_total",
         "tcpmon_tracker_sockets_first_seen_midlife_total",
         "tcpmon_tracker_sockets_replaced_total",
         "tcpmon_tracker_synack_untracked_total",
+        "tcpmon_passive_opens_aborted_total",
+        "tcpmon_tail_records_dropped_total",
     ]
     .iter()
     .map(|name| (name.to_string(), json!(delta(&before, &after, name, &[]))))
