@@ -2,7 +2,7 @@
 //! eviction took before they closed.
 
 use super::entry::{elapsed, SocketEntry, Stamp};
-use super::{CloseReason, ConnectionPhase, Observation, ObservationSink, Side, Tracker};
+use super::{CloseReason, ConnectionPhase, Machine, Observation, ObservationSink, Side, Tracker};
 use crate::decode::{Event, TcpState};
 
 impl Tracker {
@@ -11,10 +11,12 @@ impl Tracker {
     pub(super) fn report_gone_close_waits(&mut self, sink: &mut impl ObservationSink) {
         self.gone_close_waits.extend(self.table.take_evicted_close_waits());
         for gone in std::mem::take(&mut self.gone_close_waits) {
-            sink.observe_in(&Observation::CloseWaitLeft, &self.attribution(&gone));
+            sink.observe_in(&Observation::CloseWaitLeft, &self.machine.attribution(&gone));
         }
     }
+}
 
+impl Machine {
     /// The first FIN of an orderly close: ours (→ FIN_WAIT1) starts an active teardown, the
     /// peer's (→ CLOSE_WAIT) a passive one and the application's close-wait time.
     pub(super) fn first_fin(

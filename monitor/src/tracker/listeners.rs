@@ -5,8 +5,8 @@
 
 use super::entry::{elapsed, AcceptWait, SocketEntry};
 use super::{
-    AbandonReason, Attribution, CloseReason, Observation, ObservationSink, Owner, ResetDirection,
-    Side, Tracker, MAX_PENDING_SYNACKS, SYNACK_HORIZON_NS,
+    AbandonReason, Attribution, CloseReason, Machine, Observation, ObservationSink, Owner,
+    ResetDirection, Side, Tracker, MAX_PENDING_SYNACKS, SYNACK_HORIZON_NS,
 };
 use crate::decode::{Endpoints, Event, Note, NoteKind, SynAckRetransmitted, TcpState, TcpStats};
 
@@ -40,7 +40,7 @@ impl Tracker {
         let port = synack.endpoints.sport;
         let whose = Attribution {
             netns: 0,
-            cgroup_id: self.listener_ports.get(&port).map_or(0, |(_, cgroup)| *cgroup),
+            cgroup_id: self.machine.listener_ports.get(&port).map_or(0, |(_, cgroup)| *cgroup),
             service_port: Some(port),
             listening: true,
         };
@@ -48,23 +48,24 @@ impl Tracker {
         sink.observe_in(&Observation::SynAckRetransmitted { client_acked }, &whose);
         let Some(first) = synack.first_synack_ns else { return };
         let cap = MAX_PENDING_SYNACKS.min(self.table.max_sockets());
-        if self.synack_retransmits.len() >= cap
-            && !self.synack_retransmits.contains_key(&synack.endpoints)
+        if self.machine.synack_retransmits.len() >= cap
+            && !self.machine.synack_retransmits.contains_key(&synack.endpoints)
         {
             // Requests give up after net.ipv4.tcp_synack_retries (5: ~63 s): older ones
             // never become connections. Scan at most once a second, so a sustained flood
             // costs a lookup per record, not a scan.
-            if synack.timestamp_ns >= self.synack_pruned_ns.saturating_add(1_000_000_000) {
-                self.synack_pruned_ns = synack.timestamp_ns;
+            if synack.timestamp_ns >= self.machine.synack_pruned_ns.saturating_add(1_000_000_000) {
+                self.machine.synack_pruned_ns = synack.timestamp_ns;
                 let horizon = synack.timestamp_ns.saturating_sub(SYNACK_HORIZON_NS);
-                self.synack_retransmits.retain(|_, pending| pending.first_ns >= horizon);
+                self.machine.synack_retransmits.retain(|_, pending| pending.first_ns >= horizon);
             }
-            if self.synack_retransmits.len() >= cap {
-                self.stats.synack_untracked += 1;
+            if self.machine.synack_retransmits.len() >= cap {
+                self.machine.stats.synack_untracked += 1;
                 return;
             }
         }
         let pending = self
+            .machine
             .synack_retransmits
             .entry(synack.endpoints)
             .or_insert(PendingSynAck { first_ns: first, client_acked: false });
@@ -86,7 +87,7 @@ impl Tracker {
                     sink.observe(&reset);
                     return;
                 };
-                sink.observe_in(&reset, &self.attribution(&entry));
+                sink.observe_in(&reset, &self.machine.attribution(&entry));
                 // A listener answering a bad segment is not closing: only flag connections.
                 if entry.state != TcpState::Listen {
                     match direction {
@@ -104,7 +105,7 @@ impl Tracker {
     /// ESTABLISHED, microseconds apart, both before accept() can see it), or from its birth
     /// for a TCP Fast Open child, which is queued (and may be accepted) in SYN_RECV.
     fn on_accept(&mut self, note: &Note, sink: &mut impl ObservationSink) {
-        self.accepts_seen = true;
+        self.machine.accepts_seen = true;
         let Some(mut entry) = self.table.get(note.skaddr).copied() else { return };
         if entry.open_side != Some(Side::Passive) || entry.accept_wait.accepted() {
             return;
@@ -112,10 +113,12 @@ impl Tracker {
         let Some(queued) = entry.established_ns.get().or(entry.start_ns.get()) else { return };
         let wait_ns = elapsed(queued, note.timestamp_ns);
         entry.accept_wait = AcceptWait::of(wait_ns);
-        sink.observe_in(&Observation::Accepted { wait_ns }, &self.attribution(&entry));
+        sink.observe_in(&Observation::Accepted { wait_ns }, &self.machine.attribution(&entry));
         self.put(note.skaddr, entry, sink);
     }
+}
 
+impl Machine {
     /// Why an established passive child closing now left its accept queue unaccepted, or
     /// `None` when it was accepted or that is not known: accept() calls are not seen, the
     /// child was first seen mid-life, or the application closed it (a FIN or RST of its

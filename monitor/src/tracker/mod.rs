@@ -47,12 +47,15 @@
 //!
 //! The module's files: [`outcome`] (sides, close reasons, reset directions: the label
 //! vocabulary), [`observation`] (what the tracker emits), `entry` (what it remembers per
-//! socket), `table` (the socket table with its per-state counts and eviction) and this file,
-//! the state machine.
+//! socket), `table` (the socket table with its per-state counts and eviction), `machine`
+//! (what a transition does to its socket's entry), `closing` and `listeners` (the ends of
+//! connections; listeners and accept queues) and this file, the tracker that puts them
+//! together: births, sockets it did not expect, the start-up snapshot.
 
 mod closing;
 mod entry;
 mod listeners;
+mod machine;
 
 pub mod observation;
 pub mod outcome;
@@ -64,7 +67,8 @@ pub use crate::decode::Endpoints;
 use crate::decode::{Event, Record, TcpState};
 use closing::log_out_of_sequence;
 use entry::{elapsed, SocketEntry, Stamp};
-use listeners::{Listener, PendingSynAck};
+use listeners::Listener;
+use machine::{Continuity, Keep, Machine};
 pub use observation::{
     Attribution, ConnectionPhase, ConnectionRecord, Observation, ObservationSink, Owner,
     RecordingSink, TransitionRecord,
@@ -133,33 +137,18 @@ pub const TIMED_STATES: [TcpState; 7] = [
     TcpState::Closing,
 ];
 
-/// The per-socket state machine.
+/// The per-socket state machine: the socket table, and the [`Machine`] that applies each
+/// transition to a socket's entry.
 #[derive(Debug)]
 pub struct Tracker {
     table: SocketTable,
-    /// Listening sockets by network namespace and port: `listen()` runs in the owner's
-    /// context, accepted children are created in softirq context, so the listener is how we
-    /// know a child's owner.
-    listeners: FxHashMap<(u32, u16), Listener>,
+    machine: Machine,
     /// While a snapshot is being taken: the namespace and 4-tuple of every event since the
     /// program was attached, whose sockets the events already describe better than the
     /// snapshot. Namespace 0 (a mid-life event names none) stands for every namespace.
     touched: Option<FxHashSet<(u32, Endpoints)>>,
-    /// First SYN-ACK time of request sockets that retransmitted it, by the 4-tuple their
-    /// child will have; taken when the child is established.
-    synack_retransmits: FxHashMap<Endpoints, PendingSynAck>,
-    /// Listeners per port in any namespace, and the cgroup of the latest: records without a
-    /// namespace (SYN-ACKs, sockets first seen mid-life) are matched by port alone.
-    listener_ports: FxHashMap<u16, (u32, u64)>,
     /// Entries in CLOSE_WAIT dropped without a transition, to report at the next store.
     gone_close_waits: Vec<SocketEntry>,
-    /// When `synack_retransmits` was last pruned.
-    synack_pruned_ns: u64,
-    /// The application's accept() calls are seen (the accept program is attached, or a
-    /// recording carries its notes): an established passive child that closes before one
-    /// took it was abandoned in the accept queue.
-    accepts_seen: bool,
-    stats: TrackerStats,
 }
 
 impl Default for Tracker {
@@ -190,14 +179,16 @@ impl Tracker {
     pub fn new(max_sockets: usize) -> Self {
         Tracker {
             table: SocketTable::new(max_sockets),
-            listeners: FxHashMap::default(),
+            machine: Machine {
+                listeners: FxHashMap::default(),
+                synack_retransmits: FxHashMap::default(),
+                listener_ports: FxHashMap::default(),
+                synack_pruned_ns: 0,
+                accepts_seen: false,
+                stats: TrackerStats::default(),
+            },
             touched: None,
-            synack_retransmits: FxHashMap::default(),
-            listener_ports: FxHashMap::default(),
             gone_close_waits: Vec::new(),
-            synack_pruned_ns: 0,
-            accepts_seen: false,
-            stats: TrackerStats::default(),
         }
     }
 
@@ -205,7 +196,7 @@ impl Tracker {
     /// a connection closed before one is an abandoned one. A recording's first accept note
     /// says so too.
     pub fn set_accepts_seen(&mut self, seen: bool) {
-        self.accepts_seen = seen;
+        self.machine.accepts_seen = seen;
     }
 
     /// Changes the table's cap (config reload); a lower cap takes effect as sockets are added.
@@ -250,9 +241,12 @@ impl Tracker {
                 let listener =
                     Listener { skaddr: 0, owner: socket.owner, cgroup_id: socket.cgroup_id };
                 let key = (socket.netns, socket.endpoints.sport);
-                if let std::collections::hash_map::Entry::Vacant(slot) = self.listeners.entry(key) {
+                let machine = &mut self.machine;
+                if let std::collections::hash_map::Entry::Vacant(slot) =
+                    machine.listeners.entry(key)
+                {
                     slot.insert(listener);
-                    self.count_listener(socket.endpoints.sport, socket.cgroup_id);
+                    machine.count_listener(socket.endpoints.sport, socket.cgroup_id);
                 }
             }
             added += usize::from(self.table.add_existing(*socket));
@@ -267,7 +261,7 @@ impl Tracker {
 
     /// The tracker's own counters.
     pub fn stats(&self) -> TrackerStats {
-        TrackerStats { evicted_capacity: self.table.evicted(), ..self.stats }
+        TrackerStats { evicted_capacity: self.table.evicted(), ..self.machine.stats }
     }
 
     /// Applies one decoded ring record.
@@ -281,91 +275,30 @@ impl Tracker {
 
     /// Applies one transition and reports what it completes to `sink`.
     pub fn on_event(&mut self, event: &Event, sink: &mut impl ObservationSink) {
-        use TcpState::*;
         if let Some(touched) = self.touched.as_mut() {
             touched.insert((event.netns, event.endpoints));
         }
-        self.track_listener(event);
+        self.machine.track_listener(event);
         if is_birth(event) {
             self.on_birth(event, sink);
             return;
         }
-        let now = event.timestamp_ns;
-        // The usual case (the event follows the tracked state) copies the entry straight
-        // into place: through a returned tuple the 168 bytes were copied twice.
-        let consistent;
-        let mut entry = match self.table.get(event.skaddr) {
-            Some(tracked) if tracked.state == event.old => {
-                consistent = true;
-                *tracked
-            }
-            _ => {
-                consistent = false;
-                self.entry_for_unexpected(event)
-            }
-        };
-        // Leaving CLOSE_WAIT for LAST_ACK is reported as its duration (below); any other way
-        // out (a reset, lost events) on its own, with the attribution it entered with (before
-        // this record's cgroup or namespace, if it carries one, is taken).
-        let left_otherwise = (event.old, event.new) != (CloseWait, LastAck);
-        let was_entered = entry.state == CloseWait && !entry.close_wait_ns.is_none();
-        if was_entered && event.new != CloseWait && left_otherwise {
-            sink.observe_in(&Observation::CloseWaitLeft, &self.attribution(&entry));
+        // The usual case: the event follows the tracked state, and the entry changes where
+        // the table holds it.
+        let machine = &mut self.machine;
+        let follows = self.table.change_in_place(event.skaddr, event.old, |entry| {
+            machine.apply(entry, event, Continuity::Follows, sink)
+        });
+        if follows {
+            return;
         }
-        entry.last_seen_ns = now;
-        entry.endpoints = event.endpoints;
-        entry.learn_origin(event);
-        // close() and shutdown() run in the owner's context: the one safe moment to learn
-        // the owner of a socket first seen mid-life.
-        if entry.owner.pid.is_none()
-            && matches!((event.old, event.new), (Established, FinWait1) | (CloseWait, LastAck))
-        {
-            entry.owner = Owner::current(event);
-        }
-        // Time in the state it leaves, when the transition into it was seen.
-        if consistent && TIMED_STATES.contains(&event.old) {
-            if let Some(since) = entry.state_since_ns.get() {
-                let left =
-                    Observation::StateLeft { state: event.old, duration_ns: elapsed(since, now) };
-                sink.observe_in(&left, &self.attribution(&entry));
-            }
-        }
-        if sink.wants_records() {
-            let in_old = entry.state_since_ns.get().filter(|_| consistent);
-            let in_old = in_old.map(|since| elapsed(since, now));
-            sink.observe(&Observation::Transition(entry.transition_record(event, in_old)));
-        }
-
-        match (event.old, event.new) {
-            (_, Established) => self.on_established(&mut entry, event, sink),
-            // TCP Fast Open: an accepted child exists from the SYN on and may see a FIN, or
-            // be closed, before the final ACK; the kernel then counts it as established
-            // (tcp_set_state), and so do we.
-            (SynRecv, FinWait1 | CloseWait) if entry.established_ns.is_none() => {
-                if let Some(side) = entry.open_side {
-                    sink.observe_in(&Observation::Opened { side }, &self.attribution(&entry));
-                }
-                entry.established_ns = Stamp::at(now);
-                self.first_fin(&mut entry, event, sink);
-            }
-            (Established, FinWait1 | CloseWait) => self.first_fin(&mut entry, event, sink),
-            (CloseWait, LastAck) => {
-                if let Some(since) = entry.close_wait_ns.get() {
-                    let close_wait = Observation::CloseWait { duration_ns: elapsed(since, now) };
-                    sink.observe_in(&close_wait, &self.attribution(&entry));
-                    entry.close_wait_until_ns = Stamp::at(now);
-                }
-            }
-            (_, Close) => {
-                self.close(event, &entry, sink);
+        let mut entry = self.entry_for_unexpected(event);
+        match self.machine.apply(&mut entry, event, Continuity::Broken, sink) {
+            Keep::Entry => self.put(event.skaddr, entry, sink),
+            Keep::Nothing => {
                 self.table.remove(event.skaddr);
-                return;
             }
-            _ => {}
         }
-        entry.state = event.new;
-        entry.state_since_ns = Stamp::at(now);
-        self.put(event.skaddr, entry, sink);
     }
 
     /// A socket is born: a fresh entry replaces whatever was tracked at its address or its
@@ -374,9 +307,9 @@ impl Tracker {
     fn on_birth(&mut self, event: &Event, sink: &mut impl ObservationSink) {
         use TcpState::*;
         if let Some(stale) = self.table.remove(event.skaddr) {
-            self.stats.replaced_stale += 1;
+            self.machine.stats.replaced_stale += 1;
             if stale.state == CloseWait && !stale.close_wait_ns.is_none() {
-                sink.observe_in(&Observation::CloseWaitLeft, &self.attribution(&stale));
+                sink.observe_in(&Observation::CloseWaitLeft, &self.machine.attribution(&stale));
             }
         }
         if self.table.has_existing() {
@@ -387,7 +320,7 @@ impl Tracker {
             // connect() and listen() run in the caller's context.
             SynSent => (Some(Side::Active), Owner::current(event), 0),
             Listen => (None, Owner::current(event), 0),
-            SynRecv => match self.listeners.get(&(event.netns, event.endpoints.sport)) {
+            SynRecv => match self.machine.listeners.get(&(event.netns, event.endpoints.sport)) {
                 Some(listener) => (Some(Side::Passive), listener.owner, listener.cgroup_id),
                 None => (Some(Side::Passive), Owner::UNKNOWN, 0),
             },
@@ -406,7 +339,7 @@ impl Tracker {
         }
         if event.new == Listen {
             let listening = Observation::Listening { port: event.endpoints.sport };
-            sink.observe_in(&listening, &self.attribution(&entry));
+            sink.observe_in(&listening, &self.machine.attribution(&entry));
         }
         if sink.wants_records() {
             sink.observe(&Observation::Transition(entry.transition_record(event, None)));
@@ -424,8 +357,8 @@ impl Tracker {
             Some(entry) if phase(event.old) >= phase(entry.state) => {
                 // Events were lost in between; every anchor kept is still a real time.
                 let entry = *entry;
-                self.stats.inconsistent += 1;
-                log_out_of_sequence(self.stats.inconsistent, event, entry.state);
+                self.machine.stats.inconsistent += 1;
+                log_out_of_sequence(self.machine.stats.inconsistent, event, entry.state);
                 entry
             }
             tracked => {
@@ -436,11 +369,11 @@ impl Tracker {
                         self.gone_close_waits.push(tracked);
                     }
                     let tracked = tracked.state;
-                    self.stats.inconsistent += 1;
-                    log_out_of_sequence(self.stats.inconsistent, event, tracked);
-                    self.stats.replaced_stale += 1;
+                    self.machine.stats.inconsistent += 1;
+                    log_out_of_sequence(self.machine.stats.inconsistent, event, tracked);
+                    self.machine.stats.replaced_stale += 1;
                 } else {
-                    self.stats.first_seen_midlife += 1;
+                    self.machine.stats.first_seen_midlife += 1;
                 }
                 let side = match event.old {
                     SynSent => Some(Side::Active),
@@ -459,59 +392,10 @@ impl Tracker {
                     }
                 }
                 if side.is_none() {
-                    entry.local_listening = Some(self.local_port_listens(&entry));
+                    entry.local_listening = Some(self.machine.local_port_listens(&entry));
                 }
                 entry
             }
-        }
-    }
-
-    /// A connection reached ESTABLISHED: it is opened, and its handshake may be complete.
-    fn on_established(
-        &mut self,
-        entry: &mut SocketEntry,
-        event: &Event,
-        sink: &mut impl ObservationSink,
-    ) {
-        use TcpState::*;
-        let now = event.timestamp_ns;
-        let whose = self.attribution(entry);
-        if let Some(side) = entry.open_side {
-            sink.observe_in(&Observation::Opened { side }, &whose);
-        }
-        // total_retrans at SYN_SENT → ESTABLISHED counts SYN retransmissions; a passive
-        // child inherits its request socket's SYN-ACK retransmissions.
-        if let Some(stats) = event.stats.filter(|_| matches!(event.old, SynSent | SynRecv)) {
-            entry.handshake_retransmits = Some(stats.total_retrans);
-            if let Some(side) = entry.open_side.filter(|_| stats.total_retrans > 0) {
-                let count = stats.total_retrans;
-                sink.observe_in(&Observation::HandshakeRetransmits { side, count }, &whose);
-            }
-        }
-        let duration = match entry.open_side {
-            Some(Side::Active) if event.old == SynSent => {
-                entry.syn_sent_ns.get().map(|sent| elapsed(sent, now))
-            }
-            Some(Side::Passive) if event.old == SynRecv => {
-                let (duration, queue_full) =
-                    self.passive_handshake(&entry.endpoints, event.stats.as_ref(), now);
-                entry.accept_queue_full = queue_full;
-                duration
-            }
-            _ => None,
-        };
-        if let (Some(side), Some(duration_ns)) = (entry.open_side, duration) {
-            entry.handshake_ns = Stamp::at(duration_ns);
-            let retransmits = entry.handshake_retransmits;
-            let handshake = Observation::Handshake { side, duration_ns, retransmits };
-            sink.observe_in(&handshake, &whose);
-        }
-        entry.established_ns = Stamp::at(now);
-        // A RST sent while still connecting (e.g. to a bad SYN-ACK) did not end it.
-        entry.resets = Resets::default();
-        if sink.wants_records() {
-            let record = entry.connection_record(ConnectionPhase::Established, now, None);
-            sink.observe(&Observation::Connection(record));
         }
     }
 
@@ -530,11 +414,11 @@ impl Tracker {
     /// values retirement must not take ([`crate::naming::Naming::retire`]).
     pub fn for_each_owner(&self, mut owner: impl FnMut(&Attribution)) {
         for entry in self.table.entries() {
-            owner(&self.attribution(entry));
+            owner(&self.machine.attribution(entry));
         }
         for socket in self.table.existing() {
             let endpoints = &socket.endpoints;
-            let listening = self.listener_ports.contains_key(&endpoints.sport);
+            let listening = self.machine.listener_ports.contains_key(&endpoints.sport);
             let port = if listening { endpoints.sport } else { endpoints.dport };
             owner(&Attribution {
                 netns: socket.netns,
@@ -543,7 +427,7 @@ impl Tracker {
                 listening,
             });
         }
-        for (&(netns, port), listener) in &self.listeners {
+        for (&(netns, port), listener) in &self.machine.listeners {
             let service_port = Some(port);
             owner(&Attribution {
                 netns,
@@ -558,7 +442,7 @@ impl Tracker {
     /// when (CLOCK_MONOTONIC ns).
     pub fn for_each_close_wait(&self, mut close_wait: impl FnMut(&Attribution, u64)) {
         for (entry, since) in self.close_waits() {
-            close_wait(&self.attribution(entry), since);
+            close_wait(&self.machine.attribution(entry), since);
         }
     }
 
@@ -577,24 +461,6 @@ impl Tracker {
     fn close_waits(&self) -> impl Iterator<Item = (&SocketEntry, u64)> {
         let waiting = self.table.entries().filter(|entry| entry.state == TcpState::CloseWait);
         waiting.filter_map(|entry| Some((entry, entry.close_wait_ns.get()?)))
-    }
-
-    /// Whose a tracked connection is. The service port of a socket first seen mid-life is
-    /// the local one when this host listened on it then, else the remote one.
-    fn attribution(&self, entry: &SocketEntry) -> Attribution {
-        let endpoints = &entry.endpoints;
-        let listening = match (entry.open_side, entry.local_listening) {
-            (Some(side), _) => side == Side::Passive,
-            (None, Some(listening)) => listening,
-            (None, None) => self.local_port_listens(entry),
-        };
-        let port = if listening { endpoints.sport } else { endpoints.dport };
-        Attribution {
-            netns: entry.netns,
-            cgroup_id: entry.cgroup_id,
-            service_port: (port != 0).then_some(port),
-            listening,
-        }
     }
 }
 

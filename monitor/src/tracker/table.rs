@@ -8,7 +8,7 @@
 use rustc_hash::FxHashMap;
 
 use super::entry::SocketEntry;
-use super::ExistingSocket;
+use super::{ExistingSocket, Keep};
 use crate::decode::{Endpoints, TcpState};
 
 /// Tracked sockets, at most `max_sockets` of them.
@@ -97,6 +97,31 @@ impl SocketTable {
         }
         self.per_state[entry.state.index()] += 1;
         self.entries.insert(skaddr, entry);
+    }
+
+    /// Lets `change` update the entry at `skaddr` where it is, if that socket is tracked in
+    /// `state`; the per-state counts follow its new state, and an entry `change` says is
+    /// closed is forgotten. Returns false, having done nothing, when no entry at `skaddr`
+    /// is in `state`.
+    #[inline]
+    pub(super) fn change_in_place(
+        &mut self,
+        skaddr: u64,
+        state: TcpState,
+        change: impl FnOnce(&mut SocketEntry) -> Keep,
+    ) -> bool {
+        let Some(entry) = self.entries.get_mut(&skaddr).filter(|entry| entry.state == state) else {
+            return false;
+        };
+        let kept = change(entry);
+        self.per_state[state.index()] -= 1;
+        match kept {
+            Keep::Entry => self.per_state[entry.state.index()] += 1,
+            Keep::Nothing => {
+                self.entries.remove(&skaddr);
+            }
+        }
+        true
     }
 
     /// Forgets the socket at `skaddr`; returns its entry.

@@ -94,7 +94,7 @@ fn passive_handshake_with_a_resent_synack_runs_from_the_first_synack() {
         ],
     );
     assert_eq!(handshakes(&out), [(Side::Passive, 1_000_400_000, Some(1))]);
-    assert!(tracker.synack_retransmits.is_empty(), "taken when established");
+    assert!(tracker.machine.synack_retransmits.is_empty(), "taken when established");
 
     // Another child with a retransmitted SYN-ACK whose note was lost: retries are
     // reported, a duration is not (it would be the wrong one).
@@ -124,12 +124,12 @@ fn pending_synack_retransmissions_are_bounded() {
         let record = crate::decode::decode(&crate::decode::fixture::bytes(&raw)).unwrap();
         tracker.on_record(&record, &mut Vec::new());
     }
-    assert_eq!(tracker.synack_retransmits.len(), MAX_PENDING_SYNACKS);
+    assert_eq!(tracker.machine.synack_retransmits.len(), MAX_PENDING_SYNACKS);
     assert_eq!(tracker.stats().synack_untracked, 10);
     // Requests past the horizon can no longer complete: they make room.
     let late = synack_retransmit(SYNACK_HORIZON_NS + 2 * MS, SYNACK_HORIZON_NS / 1000, 81, 1);
     feed(&mut tracker, &[crate::decode::fixture::bytes(&late)]);
-    assert_eq!(tracker.synack_retransmits.len(), 1);
+    assert_eq!(tracker.machine.synack_retransmits.len(), 1);
 }
 
 #[test]
