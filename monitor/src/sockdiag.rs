@@ -13,12 +13,13 @@ use netlink_packet_core::{
 };
 use netlink_packet_sock_diag::{
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
     SockDiagMessage,
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
 
 use crate::decode::{Endpoints, TcpState};
+use monitor_common::tcp_state::{LISTEN, NEW_SYN_RECV, TIME_WAIT};
 
 /// One socket of a dump.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,7 +28,8 @@ pub struct DiagSocket {
     pub state: TcpState,
     /// Addresses and ports.
     pub endpoints: Endpoints,
-    /// The socket's inode; 0 for request and TIME_WAIT sockets.
+    /// The socket's inode; 0 for request and TIME_WAIT sockets, and for full sockets the
+    /// application closed (orphans, e.g. in FIN_WAIT1 or LAST_ACK).
     pub inode: u32,
     /// `idiag_rqueue`: for a listener, the connections waiting in its accept queue (what
     /// `ss -lnt` shows as Recv-Q).
@@ -54,14 +56,24 @@ pub fn dump_families(states: StateFlags, families: [bool; 2]) -> io::Result<Vec<
     Ok(sockets)
 }
 
-/// One `SOCK_DIAG_BY_FAMILY` dump of TCP sockets of `family` in `states`.
-fn dump(family: u8, states: StateFlags) -> io::Result<Vec<DiagSocket>> {
+/// A `sock_diag` socket of the calling thread's network namespace.
+fn diag_socket_open() -> io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+/// Sends one `SOCK_DIAG_BY_FAMILY` request for TCP sockets of `family`.
+fn send_request(
+    socket: &Socket,
+    flags: u16,
+    family: u8,
+    states: StateFlags,
+    socket_id: SocketId,
+) -> io::Result<()> {
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
+    header.flags = flags;
     let mut request = NetlinkMessage::new(
         header,
         SockDiagMessage::InetRequest(InetRequest {
@@ -77,6 +89,33 @@ fn dump(family: u8, states: StateFlags) -> io::Result<Vec<DiagSocket>> {
     let mut buffer = vec![0; request.buffer_len()];
     request.serialize(&mut buffer);
     socket.send(&buffer, 0)?;
+    Ok(())
+}
+
+/// A socket as a response describes it; `None` for a state or address mix we do not know.
+fn diag_socket(h: &InetResponseHeader) -> Option<DiagSocket> {
+    // Request sockets report TCP_NEW_SYN_RECV: `ss` shows them as SYN-RECV.
+    let state = match i32::from(h.state) {
+        NEW_SYN_RECV => TcpState::SynRecv,
+        state => TcpState::try_from(state).ok()?,
+    };
+    let id = &h.socket_id;
+    let local = SocketAddr::new(id.source_address, id.source_port);
+    let remote = SocketAddr::new(id.destination_address, id.destination_port);
+    (local.is_ipv4() == remote.is_ipv4()).then(|| DiagSocket {
+        state,
+        endpoints: Endpoints::new(local, remote),
+        inode: h.inode,
+        recv_queue: h.recv_queue,
+        send_queue: h.send_queue,
+    })
+}
+
+/// One `SOCK_DIAG_BY_FAMILY` dump of TCP sockets of `family` in `states`.
+fn dump(family: u8, states: StateFlags) -> io::Result<Vec<DiagSocket>> {
+    let socket = diag_socket_open()?;
+    let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
+    send_request(&socket, NLM_F_REQUEST | NLM_F_DUMP, family, states, socket_id)?;
 
     let mut sockets = Vec::new();
     let mut receive = vec![0u8; 1 << 16];
@@ -89,24 +128,7 @@ fn dump(family: u8, states: StateFlags) -> io::Result<Vec<DiagSocket>> {
             let length = message.header.length as usize;
             match message.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    let h = &response.header;
-                    // Request sockets report TCP_NEW_SYN_RECV: `ss` shows them as SYN-RECV.
-                    let state = match i32::from(h.state) {
-                        12 => Ok(TcpState::SynRecv),
-                        state => TcpState::try_from(state),
-                    };
-                    let id = &h.socket_id;
-                    let local = SocketAddr::new(id.source_address, id.source_port);
-                    let remote = SocketAddr::new(id.destination_address, id.destination_port);
-                    if let (Ok(state), true) = (state, local.is_ipv4() == remote.is_ipv4()) {
-                        sockets.push(DiagSocket {
-                            state,
-                            endpoints: Endpoints::new(local, remote),
-                            inode: h.inode,
-                            recv_queue: h.recv_queue,
-                            send_queue: h.send_queue,
-                        });
-                    }
+                    sockets.extend(diag_socket(&response.header));
                 }
                 NetlinkPayload::Done(_) => return Ok(sockets),
                 NetlinkPayload::Error(e) => return Err(e.to_io()),
@@ -116,6 +138,58 @@ fn dump(family: u8, states: StateFlags) -> io::Result<Vec<DiagSocket>> {
                 break;
             }
             offset += length;
+        }
+    }
+}
+
+/// Exact lookups of single TCP sockets in the calling thread's network namespace, one
+/// request each (`inet_diag_find_one_icsk()`: a hash lookup, not a walk of the table).
+pub struct Lookup {
+    socket: Socket,
+    receive: Vec<u8>,
+}
+
+impl Lookup {
+    /// Opens a `sock_diag` socket in the calling thread's network namespace.
+    pub fn open() -> io::Result<Lookup> {
+        Ok(Lookup { socket: diag_socket_open()?, receive: vec![0; 1 << 13] })
+    }
+
+    /// The state of the full socket at exactly `endpoints`, or `None` when there is none: no
+    /// socket at all, or only a TIME_WAIT or request socket there. The kernel looks the
+    /// 4-tuple up as an incoming segment would (`inet_lookup()`), so with no connection it
+    /// may answer with a listener on the local port: that is not the socket either.
+    pub fn state_of(&mut self, endpoints: &Endpoints) -> io::Result<Option<TcpState>> {
+        let (local, remote) = (endpoints.local(), endpoints.remote());
+        let family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
+        let socket_id = SocketId {
+            source_port: local.port(),
+            destination_port: remote.port(),
+            source_address: local.ip(),
+            destination_address: remote.ip(),
+            interface_id: 0,
+            // All ones: no cookie to check (INET_DIAG_NOCOOKIE).
+            cookie: [0xff; 8],
+        };
+        send_request(&self.socket, NLM_F_REQUEST, family, StateFlags::all(), socket_id)?;
+        let size = self.socket.recv(&mut &mut self.receive[..], 0)?;
+        let message = NetlinkMessage::<SockDiagMessage>::deserialize(&self.receive[..size])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        match message.payload {
+            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                // Not a connection's full socket: a listener, a timewait or a request socket
+                // (an orphaned full socket has no inode, so the inode cannot tell).
+                let full =
+                    !matches!(i32::from(response.header.state), LISTEN | TIME_WAIT | NEW_SYN_RECV);
+                let found = diag_socket(&response.header)
+                    .filter(|found| full && found.endpoints == *endpoints);
+                Ok(found.map(|found| found.state))
+            }
+            NetlinkPayload::Error(e) => match e.to_io() {
+                e if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+                e => Err(e),
+            },
+            _ => Err(io::Error::new(io::ErrorKind::InvalidData, "an unexpected sock_diag answer")),
         }
     }
 }
@@ -190,4 +264,54 @@ pub fn in_each<T>(
 /// The inode of the network namespace at `path` (0 if unreadable).
 fn namespace_of(path: &str) -> u32 {
     fs::metadata(path).map(|m| m.ino() as u32).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    /// Asks until `wanted` comes (a peer's segments take a moment), for at most 5 s.
+    fn state_becomes(endpoints: &Endpoints, wanted: Option<TcpState>) -> Option<TcpState> {
+        let mut lookup = Lookup::open().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let state = lookup.state_of(endpoints).unwrap();
+            if state == wanted || Instant::now() > deadline {
+                return state;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn an_exact_lookup_finds_a_connection_and_nothing_else_at_its_4_tuple() {
+        // sock_diag answers unprivileged callers about the sockets of their namespace.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let ours = Endpoints::new(client.local_addr().unwrap(), client.peer_addr().unwrap());
+        let theirs = Endpoints::new(server.local_addr().unwrap(), server.peer_addr().unwrap());
+        let mut lookup = Lookup::open().unwrap();
+        assert_eq!(lookup.state_of(&ours).unwrap(), Some(TcpState::Established));
+        assert_eq!(lookup.state_of(&theirs).unwrap(), Some(TcpState::Established));
+        // No connection from that remote port: the kernel answers with the listener on the
+        // local port, which is not the socket asked for.
+        let mut stranger = theirs;
+        stranger.dport = stranger.dport.wrapping_add(1).max(1);
+        assert_eq!(lookup.state_of(&stranger).unwrap(), None);
+        let mut nowhere = ours;
+        nowhere.sport = 1;
+        assert_eq!(lookup.state_of(&nowhere).unwrap(), None);
+
+        // Our FIN acknowledged: FIN_WAIT2; the peer's FIN too: only a timewait socket is left.
+        client.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(state_becomes(&ours, Some(TcpState::FinWait2)), Some(TcpState::FinWait2));
+        assert_eq!(state_becomes(&theirs, Some(TcpState::CloseWait)), Some(TcpState::CloseWait));
+        drop(server);
+        assert_eq!(state_becomes(&theirs, None), None);
+        drop(client);
+        assert_eq!(state_becomes(&ours, None), None, "a TIME_WAIT socket is no connection");
+    }
 }
