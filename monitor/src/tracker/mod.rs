@@ -56,6 +56,7 @@ mod closing;
 mod entry;
 mod listeners;
 mod machine;
+mod stale;
 
 pub mod observation;
 pub mod outcome;
@@ -74,6 +75,7 @@ pub use observation::{
     RecordingSink, TransitionRecord,
 };
 pub use outcome::{AbandonReason, CloseReason, ResetDirection, Resets, Side};
+pub use stale::{Settled, Suspect, TRANSIENT_STATES};
 use table::SocketTable;
 
 /// A TCP socket that existed before the program was attached (from the start-up snapshot):
@@ -108,6 +110,11 @@ pub struct TrackerStats {
     /// SYN-ACK retransmissions not remembered because the pending table was full (their
     /// connections report retries but no handshake duration).
     pub synack_untracked: u64,
+    /// Quiet sockets the kernel no longer had when asked ([`Tracker::settle`]): their last
+    /// transitions never reached us.
+    pub vanished: u64,
+    /// Quiet sockets the kernel had in a later state than tracked.
+    pub moved: u64,
 }
 
 /// Most request sockets with a resent SYN-ACK remembered at once (a SYN flood makes many; its

@@ -137,6 +137,11 @@ impl SocketTable {
         self.entries.values()
     }
 
+    /// Every tracked entry, with its kernel address.
+    pub(super) fn keyed_entries(&self) -> impl Iterator<Item = (u64, &SocketEntry)> {
+        self.entries.iter().map(|(&skaddr, entry)| (skaddr, entry))
+    }
+
     /// Every snapshot socket not yet seen in an event.
     pub(super) fn existing(&self) -> impl Iterator<Item = &ExistingSocket> {
         self.existing.values().flatten()
