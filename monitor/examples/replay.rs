@@ -122,6 +122,17 @@ fn main() {
             opens.push(fixture::bytes(&fixture::v4(i, sk, old, new, sport, 80, 0)));
         }
     }
+    // One of them closing: the check for quiet sockets then scans the whole table.
+    let closing = fixture::v4(
+        OPEN,
+        0xffff_8890_0000_0000,
+        TcpState::Established,
+        TcpState::FinWait1,
+        40_000,
+        80,
+        0,
+    );
+    opens.push(fixture::bytes(&closing));
     let mut held = pipeline(opens, 1 << 20);
     let before = LIVE_BYTES.load(Ordering::Relaxed);
     held.drain_now();
@@ -135,10 +146,16 @@ fn main() {
         })
         .unwrap_or_default();
     assert_eq!(held.tracker().len() as u64, OPEN);
+    // What a check for quiet sockets costs the pipeline: one scan of the table.
+    let scan = Instant::now();
+    let suspects = held.tracker().suspects(u64::MAX, 0, monitor::pipeline::quiet::MAX_SUSPECTS);
+    let quiet_scan_ms = scan.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(suspects.len(), 1);
 
     println!(
         "replay events={events} seconds={seconds:.4} events_per_sec={:.0} allocations_per_event={:.6} \
-         tracked_sockets={OPEN} bytes_per_socket={bytes_per_socket:.0} peak_rss_kib={rss_kib}",
+         tracked_sockets={OPEN} bytes_per_socket={bytes_per_socket:.0} peak_rss_kib={rss_kib} \
+         quiet_scan_ms={quiet_scan_ms:.2}",
         events / seconds,
         allocations as f64 / events,
     );

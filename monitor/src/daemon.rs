@@ -24,6 +24,7 @@ use crate::metrics::{CounterSource, CountersOnThread, KernelCollector};
 use crate::naming::workload::Workloads;
 use crate::naming::{Naming, NamingService};
 use crate::netstate::NetState;
+use crate::pipeline::quiet::QuietChecks;
 use crate::pipeline::{Controls, Pipeline, Wake};
 use crate::privilege::{self, Capability, PrivilegedThread};
 use crate::source::RingSource;
@@ -269,6 +270,7 @@ pub async fn run(args: RunArgs, values: Values) -> anyhow::Result<()> {
         hangup: Some(hangup),
         subscribers: Some(subscribers),
         until_no_clients: false,
+        quiet: Some(QuietChecks::new(reader.clone())),
     };
     let stop = loop {
         match pipeline.run(&mut controls).await? {

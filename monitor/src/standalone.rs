@@ -36,6 +36,9 @@ pub async fn standalone(options: PipelineOptions, client: NewSubscriber) -> anyh
         hangup: None,
         subscribers: None,
         until_no_clients: true,
+        // A tail shows transitions, not gauges: what the table believes of quiet sockets
+        // does not show.
+        quiet: None,
     };
     pipeline.run(&mut controls).await?;
     drop(loaded);

@@ -383,6 +383,64 @@ fn an_overflowing_ring_loses_events_but_every_one_is_counted() {
     assert!(full.len() as u64 <= cpus * seconds, "{} lines in {seconds} s", full.len());
 }
 
+/// Sockets in `state` (as `ss` names it) in this network namespace, as the kernel lists them.
+fn ss_count(state: &str) -> f64 {
+    let out = Command::new("ss").args(["-Htan", "state", state]).output().unwrap();
+    assert!(out.status.success(), "ss: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().count() as f64
+}
+
+#[test]
+fn quiet_sockets_whose_last_transitions_were_lost_are_forgotten() {
+    let _host = common::exclusive();
+    if !kernel_tests_enabled() {
+        return;
+    }
+    // A 4 KiB ring loses most of a burst's transitions: a socket whose last ones were lost
+    // stays tracked in its old state, as one whose transitions the kernel skipped our
+    // program for does (docs/ARCHITECTURE.md, "Transitions the kernel skips").
+    let mut daemon = Daemon::start(&["--ring-bytes", "4096"]);
+    churn_on(listener_with_deep_backlog(), 2000, 2);
+    // The states the kernel's timers end, which tcpmon counts from its own table.
+    let transient = [
+        ("SYN_SENT", "syn-sent"),
+        ("FIN_WAIT1", "fin-wait-1"),
+        ("CLOSING", "closing"),
+        ("LAST_ACK", "last-ack"),
+    ];
+    let tracked_and_kernel = |m: &common::Metrics| -> Vec<(&str, f64, f64)> {
+        let tracked = |state| m[&format!("tcpmon_connections{{state=\"{state}\"}}")];
+        transient.iter().map(|&(state, ss)| (state, tracked(state), ss_count(ss))).collect()
+    };
+    let after_churn = tracked_and_kernel(&daemon.settled_scrape());
+    let phantoms: f64 = after_churn.iter().map(|(_, tracked, kernel)| tracked - kernel).sum();
+    assert!(phantoms > 0.0, "no socket left behind to forget: {after_churn:?}");
+
+    // Quiet for 15 s, they are asked about at the next check (every 15 s) and forgotten.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let m = loop {
+        let m = daemon.scrape();
+        let now = tracked_and_kernel(&m);
+        if now.iter().all(|(_, tracked, kernel)| tracked == kernel) {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "(state, tracked, the kernel's) {now:?} after {after_churn:?}; vanished {}, moved {}",
+            m["tcpmon_tracker_sockets_vanished_total"],
+            m["tcpmon_tracker_sockets_moved_total"]
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let (vanished, moved) =
+        (m["tcpmon_tracker_sockets_vanished_total"], m["tcpmon_tracker_sockets_moved_total"]);
+    eprintln!("after the churn {after_churn:?}; vanished {vanished}, moved {moved}");
+    assert!(vanished >= phantoms, "every socket left behind was forgotten");
+    let (status, stderr, _) = daemon.stop();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("quiet sockets asked about: the kernel no longer had"), "{stderr}");
+}
+
 /// One GET on a fresh connection; the status code, or None if the server failed to answer
 /// within `timeout`.
 fn get_status(address: std::net::SocketAddr, request: &[u8], timeout: Duration) -> Option<u16> {

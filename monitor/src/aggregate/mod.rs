@@ -108,6 +108,8 @@ pub struct Aggregator {
     replaced_stale: IntCounter,
     passive_open_aborted: IntCounter,
     synack_untracked: IntCounter,
+    vanished: IntCounter,
+    moved: IntCounter,
     last_drain: Gauge,
     /// Per-namespace series, when `--netns-labels` asks for them.
     namespaces: Option<NamespaceMetrics>,
@@ -243,6 +245,17 @@ impl Aggregator {
                 "SYN-ACK retransmissions not remembered because the pending table was full \
                  (a SYN flood); their connections report retries but no handshake duration.",
             )?,
+            vanished: plain_counter(
+                "tcpmon_tracker_sockets_vanished_total",
+                "Tracked sockets quiet in SYN_SENT, SYN_RECV, FIN_WAIT1, CLOSING or LAST_ACK that \
+                 the kernel no longer had when asked: their last transitions never reached \
+                 tcpmon (skipped by the kernel, or lost); forgotten.",
+            )?,
+            moved: plain_counter(
+                "tcpmon_tracker_sockets_moved_total",
+                "Tracked sockets quiet in SYN_SENT, SYN_RECV, FIN_WAIT1, CLOSING or LAST_ACK that \
+                 the kernel had in a later state when asked; now tracked in that state.",
+            )?,
             last_drain,
             namespaces: None,
             gate: ScrapeGate::default(),
@@ -352,6 +365,8 @@ impl Aggregator {
         catch_up(&self.replaced_stale, stats.replaced_stale);
         catch_up(&self.passive_open_aborted, stats.passive_open_aborted);
         catch_up(&self.synack_untracked, stats.synack_untracked);
+        catch_up(&self.vanished, stats.vanished);
+        catch_up(&self.moved, stats.moved);
         self.attributed.publish();
         self.last_drain.set(unix_time);
     }

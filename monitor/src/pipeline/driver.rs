@@ -11,9 +11,10 @@ use log::{info, warn};
 use tokio::signal::unix::Signal;
 use tokio::sync::mpsc;
 
+use super::quiet::{QuietChecks, Step, MAX_SUSPECTS, QUIET_FOR};
 use super::Pipeline;
 use crate::aggregate::Aggregator;
-use crate::clock::unix_seconds;
+use crate::clock::{monotonic_ns, unix_seconds};
 use crate::decode::TcpState;
 use crate::loader::{self, AcceptChoice, HookChoice, LoadOptions, Loaded};
 use crate::privilege::PrivilegedThread;
@@ -65,6 +66,8 @@ pub struct Controls<F> {
     pub subscribers: Option<mpsc::Receiver<NewSubscriber>>,
     /// Return once the last tail client has gone (the stand-alone tail).
     pub until_no_clients: bool,
+    /// Asks the kernel about quiet tracked sockets (see [`super::quiet`]); `None`: never.
+    pub quiet: Option<QuietChecks>,
 }
 
 /// Why [`Pipeline::run`] returned.
@@ -175,6 +178,28 @@ impl Pipeline<RingSource> {
                 reason = &mut controls.stop => return Ok(Wake::Stop(reason)),
                 Some(()) = hangup => return Ok(Wake::Hangup),
                 Some(subscriber) = subscriber => self.add_subscriber(subscriber),
+                step = async {
+                    match controls.quiet.as_mut() {
+                        Some(quiet) => quiet.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    match step {
+                        Step::Due => {
+                            let quiet_ns = QUIET_FOR.as_nanos() as u64;
+                            let tracker = &self.stages.tracker;
+                            let suspects = tracker.suspects(monotonic_ns(), quiet_ns, MAX_SUSPECTS);
+                            if let Some(quiet) = controls.quiet.as_mut() {
+                                quiet.ask(suspects);
+                            }
+                        }
+                        Step::Answered(answers) => {
+                            self.drain_now();
+                            self.settle(&answers);
+                        }
+                    }
+                    continue;
+                }
                 ready = self.source.ready() => ready.context("waiting on the ring buffer")?,
             }
             while let Some(Ok(subscriber)) = controls.subscribers.as_mut().map(|s| s.try_recv()) {

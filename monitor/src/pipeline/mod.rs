@@ -7,12 +7,13 @@
 //! attach, the start-up snapshot, the run loop.
 
 pub mod driver;
+pub mod quiet;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{info, warn};
 
 use crate::aggregate::Aggregator;
 use crate::clock::unix_seconds;
@@ -22,7 +23,9 @@ use crate::naming::NamingService;
 use crate::source::{Drained, Recorder, Source, BATCH_RECORDS};
 use crate::tail::filter::View;
 use crate::tail::hub::{NewSubscriber, TailHub};
-use crate::tracker::{Attribution, ConnectionRecord, Observation, ObservationSink, Tracker};
+use crate::tracker::{
+    Attribution, ConnectionRecord, Observation, ObservationSink, Settled, Tracker,
+};
 
 pub use driver::{Controls, PipelineOptions, Wake};
 
@@ -248,6 +251,31 @@ impl<S: Source> Pipeline<S> {
     /// Says whether the accept program is attached ([`Tracker::set_accepts_seen`]).
     pub fn set_accepts_seen(&mut self, seen: bool) {
         self.stages.tracker.set_accepts_seen(seen);
+    }
+
+    /// Applies the kernel's answers about quiet sockets ([`quiet`]), between batches.
+    fn settle(&mut self, answers: &[quiet::Answer]) {
+        let _batch = self.gate.hold_to_apply();
+        let stages = &mut self.stages;
+        let mut sink = Outputs {
+            aggregator: &mut stages.aggregator,
+            hub: &mut stages.hub,
+            naming: &stages.naming,
+        };
+        let mut vanished = 0;
+        for (suspect, found) in answers {
+            let settled = stages.tracker.settle(suspect, *found, &mut sink);
+            vanished += usize::from(settled == Settled::Vanished);
+        }
+        if vanished > 0 {
+            info!(
+                "forgot {vanished} of {} quiet sockets asked about: the kernel no longer had \
+                 them, their last transitions never reached tcpmon \
+                 (tcpmon_tracker_sockets_vanished_total)",
+                answers.len()
+            );
+        }
+        stages.publish(0);
     }
 
     /// Drains one batch and publishes what it changed.
