@@ -257,14 +257,9 @@ impl<S: Source> Pipeline<S> {
     fn settle(&mut self, answers: &[quiet::Answer]) {
         let _batch = self.gate.hold_to_apply();
         let stages = &mut self.stages;
-        let mut sink = Outputs {
-            aggregator: &mut stages.aggregator,
-            hub: &mut stages.hub,
-            naming: &stages.naming,
-        };
         let mut vanished = 0;
         for (suspect, found) in answers {
-            let settled = stages.tracker.settle(suspect, *found, &mut sink);
+            let settled = stages.tracker.settle(suspect, *found);
             vanished += usize::from(settled == Settled::Vanished);
         }
         if vanished > 0 {

@@ -7,7 +7,7 @@
 
 use super::entry::Stamp;
 use super::machine::Keep;
-use super::{phase, Observation, ObservationSink, Tracker};
+use super::{phase, Tracker};
 use crate::decode::{Endpoints, TcpState};
 
 /// The states a socket leaves within a bounded time on the kernel's own timers (SYN and
@@ -79,12 +79,7 @@ impl Tracker {
     /// stamped before the answer already applied (a socket's CLOSE is committed before the
     /// kernel unhashes it). An entry that changed since is left alone. A socket found in an
     /// earlier phase than tracked is a new one at that 4-tuple: the tracked one is gone.
-    pub fn settle(
-        &mut self,
-        suspect: &Suspect,
-        found: Option<TcpState>,
-        sink: &mut impl ObservationSink,
-    ) -> Settled {
+    pub fn settle(&mut self, suspect: &Suspect, found: Option<TcpState>) -> Settled {
         let unchanged = self.table.get(suspect.skaddr).is_some_and(|entry| {
             entry.state == suspect.state && entry.last_seen_ns == suspect.last_seen_ns
         });
@@ -99,12 +94,8 @@ impl Tracker {
         match settled {
             Settled::Unchanged => {}
             Settled::Vanished => {
-                if let Some(gone) = self.table.remove(suspect.skaddr) {
-                    if gone.state == TcpState::CloseWait && !gone.close_wait_ns.is_none() {
-                        let whose = self.machine.attribution(&gone);
-                        sink.observe_in(&Observation::CloseWaitLeft, &whose);
-                    }
-                }
+                // A transient state: no CLOSE_WAIT time was running, so nothing to report.
+                self.table.remove(suspect.skaddr);
                 self.machine.stats.vanished += 1;
             }
             Settled::Moved(state) => {
@@ -125,7 +116,7 @@ impl Tracker {
 mod tests {
     use super::*;
     use crate::decode::{decode_record, fixture::v4};
-    use crate::tracker::CloseReason;
+    use crate::tracker::{CloseReason, Observation};
     use TcpState::*;
 
     const S: u64 = 1_000_000_000;
@@ -164,16 +155,14 @@ mod tests {
         assert_eq!(suspect.endpoints.sport, 40001);
         assert_eq!(tracker.suspects(25 * S, 15 * S, 1).len(), 1, "at most `max`");
 
-        let mut out = Vec::new();
-        assert_eq!(tracker.settle(&suspect, Some(FinWait1), &mut out), Settled::Unchanged);
+        assert_eq!(tracker.settle(&suspect, Some(FinWait1)), Settled::Unchanged);
         assert_eq!(tracker.len(), 4);
-        assert_eq!(tracker.settle(&suspect, None, &mut out), Settled::Vanished);
+        assert_eq!(tracker.settle(&suspect, None), Settled::Vanished);
         assert_eq!(tracker.len(), 3);
         assert_eq!(tracker.per_state()[FinWait1.index()], 2); // the quiet 4, and 2
         assert_eq!(tracker.stats().vanished, 1);
-        assert!(out.is_empty(), "{out:?}");
         // Asked again, a socket already forgotten changes nothing.
-        assert_eq!(tracker.settle(&suspect, None, &mut out), Settled::Unchanged);
+        assert_eq!(tracker.settle(&suspect, None), Settled::Unchanged);
         assert_eq!(tracker.stats().vanished, 1);
     }
 
@@ -184,8 +173,7 @@ mod tests {
         let suspect = tracker.suspects(25 * S, 15 * S, 100)[0];
         // Its FIN was acknowledged after the suspect was taken, before the answer came.
         feed(&mut tracker, NETNS, &[(26, 1, FinWait1, FinWait2)]);
-        let mut out = Vec::new();
-        assert_eq!(tracker.settle(&suspect, None, &mut out), Settled::Unchanged);
+        assert_eq!(tracker.settle(&suspect, None), Settled::Unchanged);
         assert_eq!(tracker.per_state()[FinWait2.index()], 1);
         assert_eq!(tracker.stats().vanished, 0);
     }
@@ -196,7 +184,7 @@ mod tests {
         feed(&mut tracker, NETNS, &closing_since(1, 2));
         let suspect = tracker.suspects(25 * S, 15 * S, 100)[0];
         let mut out = Vec::new();
-        assert_eq!(tracker.settle(&suspect, Some(FinWait2), &mut out), Settled::Moved(FinWait2));
+        assert_eq!(tracker.settle(&suspect, Some(FinWait2)), Settled::Moved(FinWait2));
         assert_eq!(tracker.per_state()[FinWait1.index()], 0);
         assert_eq!(tracker.per_state()[FinWait2.index()], 1);
         assert_eq!(tracker.stats().moved, 1);
@@ -219,8 +207,7 @@ mod tests {
         let mut tracker = Tracker::default();
         feed(&mut tracker, NETNS, &closing_since(1, 2));
         let suspect = tracker.suspects(25 * S, 15 * S, 100)[0];
-        let mut out = Vec::new();
-        assert_eq!(tracker.settle(&suspect, Some(Established), &mut out), Settled::Vanished);
+        assert_eq!(tracker.settle(&suspect, Some(Established)), Settled::Vanished);
         assert!(tracker.is_empty());
     }
 }
